@@ -62,8 +62,7 @@ def test_bad_shapes_fail_clearly(u_shape, k_shape, match):
     fft_conv(jnp.zeros(u_shape), jnp.zeros(k_shape))
 
 
-def test_pallas_not_yet_available():
-  with pytest.raises(NotImplementedError, match="Pallas"):
-    fft_conv(jnp.zeros((1, 8, 2)), jnp.zeros((2, 8)), impl="pallas")
+def test_unknown_impl_fails_clearly():
+  # (impl="pallas" is tested in tests/test_fft_conv_pallas.py)
   with pytest.raises(ValueError, match="impl"):
     fft_conv(jnp.zeros((1, 8, 2)), jnp.zeros((2, 8)), impl="cuda")

@@ -195,5 +195,5 @@ def test_complex_A_and_pallas_rejected():
   with pytest.raises(ValueError, match="real"):
     selective_scan(jnp.zeros((1, 4, 2)), jnp.zeros((1, 4, 2)), jnp.zeros((2, 3), jnp.complex64),
                    jnp.zeros((1, 4, 3)), jnp.zeros((1, 4, 3)))
-  with pytest.raises(NotImplementedError, match="Pallas"):
+  with pytest.raises(ValueError, match="pallas"):  # N = 4 but 6 channels: not a multiple of 128
     _bad(impl="pallas")()

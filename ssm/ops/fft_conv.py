@@ -5,13 +5,14 @@
 The XLA path zero-pads to an FFT size n >= L + Lk - 1 (so the circular
 convolution has no wrap-around into the first L outputs), multiplies spectra and
 keeps the first L outputs. Computed in float32 whatever the input dtype; the
-output has u's dtype. A Pallas (Monarch-FFT) kernel is a later issue.
+output has u's dtype. The Pallas path (impl="pallas") is the Monarch-FFT kernel in
+ssm/ops/fft_conv_pallas.py; "auto" stays on XLA while that kernel is slower than cuFFT.
 """
 
 import jax
 import jax.numpy as jnp
 
-from ssm.ops._impl import resolve_impl
+from ssm.ops._impl import interpret_mode, resolve_impl
 
 
 def _fft_size(n: int) -> int:
@@ -33,29 +34,53 @@ def check_fft_conv_args(u, k):
         f"fft_conv: kernel length {k.shape[1]} must be in [1, sequence length {seq_len}]")
 
 
-def fft_conv_xla(u, k):
+def fft_conv_xla(u, k, *, circular: bool = False):
   """Reference path: jnp.fft.rfft / irfft. u (b, l, h), k (h, lk) -> (b, l, h)."""
   seq_len = u.shape[1]
-  n = _fft_size(seq_len + k.shape[1] - 1)
+  n = seq_len if circular else _fft_size(seq_len + k.shape[1] - 1)
   u_f = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)  # (b, n//2+1, h)
   k_f = jnp.fft.rfft(k.astype(jnp.float32), n=n, axis=1)  # (h, n//2+1)
   y = jnp.fft.irfft(u_f * k_f.T[None], n=n, axis=1)[:, :seq_len]
   return y.astype(u.dtype)
 
 
-def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto") -> jax.Array:
-  """Causal convolution of each channel of u with its kernel.
+def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array | None = None,
+             circular: bool = False) -> jax.Array:
+  """Causal (or circular) convolution of each channel of u with its kernel.
 
   Args:
     u: (batch, length, channels) input, float32 or bfloat16.
     k: (channels, kernel_length) kernels, kernel_length <= length.
-    impl: "auto" (Pallas on GPU when available, else XLA), "xla" or "pallas".
+    impl: "auto" (the XLA path: the Pallas kernel is not yet faster than cuFFT), "xla" or
+      "pallas" (ssm/ops/fft_conv_pallas.py).
+    gate: optional (batch, length, channels); returns conv(u, k) * gate (on the Pallas
+      path XLA fuses the product into the transpose that unpacks the kernel's output).
+    circular: indices mod length (no zero padding): y[t] = sum_s k[s] u[(t - s) mod L].
+      The Pallas kernel needs a power-of-two length >= 256 for it.
 
   Returns:
     (batch, length, channels), dtype of u.
   """
   check_fft_conv_args(u, k)
-  path = resolve_impl(impl, op="fft_conv", has_pallas=False)
-  if path == "xla":
-    return fft_conv_xla(u, k)
-  raise AssertionError(path)  # unreachable until the Pallas kernel lands
+  if gate is not None and gate.shape != u.shape:
+    raise ValueError(f"fft_conv: gate must have u's shape {u.shape}, got {gate.shape}")
+  path = resolve_impl(impl, op="fft_conv", has_pallas=True)
+  if impl == "auto":
+    # The kernel is correct on an H100 but slower than cuFFT there (results/README.md):
+    # "auto" keeps the XLA path until it is not.
+    path = "xla"
+  if path == "pallas":
+    from ssm.ops import fft_conv_pallas  # deferred: Pallas imports only when used
+    try:
+      fft_conv_pallas.check_supported(u.shape, k.shape, circular)
+    except ValueError:
+      if impl == "pallas":
+        raise
+      path = "xla"  # "auto": a shape the kernel does not take runs on XLA
+    else:
+      return fft_conv_pallas.fft_conv_pallas(
+          u, k, gate=gate, circular=circular, interpret=interpret_mode())
+  y = fft_conv_xla(u, k, circular=circular)
+  if gate is not None:
+    y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)
+  return y

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssm.ops._impl import resolve_impl
+from ssm.ops import _pallas
+from ssm.ops._impl import interpret_mode
 
 
 def _combine(first, second):
@@ -131,16 +132,22 @@ def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
     chunk_size: scan in chunks of this many steps (memory bounded for long
       sequences); None scans the whole length at once.
     return_state: also return the final state (h[length-1], or h[0] when reverse).
-    impl: "auto", "xla" or "pallas" (no Pallas kernel yet).
+    impl: "auto" (the Pallas kernel on a Hopper GPU when it takes the inputs, else
+      XLA), "xla" or "pallas" (ssm/ops/scan_pallas.py: features a multiple of 128,
+      float32/bfloat16/complex64; chunk_size does not apply to it).
 
   Returns:
     h (batch, length, features) with the dtype of a * b; and, when return_state,
     the final state (batch, features) in float32/complex64 (or wider).
   """
   check_linear_scan_args(a, b, h0, chunk_size)
-  path = resolve_impl(impl, op="linear_scan", has_pallas=False)
-  if path != "xla":
-    raise AssertionError(path)  # unreachable until the Pallas kernel lands
+  from ssm.ops import scan_pallas  # pylint: disable=import-outside-toplevel
+  path = _pallas.choose_impl(impl, op="linear_scan",
+                             check=lambda: scan_pallas.check_linear_scan_pallas(a, b))
+  if path == "pallas":
+    h, last = scan_pallas.linear_scan_pallas(a, b, h0, reverse=reverse,
+                                             interpret=interpret_mode())
+    return (h, last) if return_state else h
   return _linear_scan(a, b, h0, reverse=reverse, chunk_size=chunk_size,
                       return_state=return_state)
 

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssm.ops._impl import resolve_impl
+from ssm.ops import _pallas
+from ssm.ops._impl import interpret_mode
 from ssm.ops.linear_scan import scan_with_vjp
 
 DEFAULT_CHUNK_SIZE = 128
@@ -132,16 +133,23 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
     h0: (batch, D, N) initial state, zeros when None.
     return_state: also return the last state.
     chunk_size: steps per chunk (bounds the (batch, chunk, D, N) working set).
-    impl: "auto", "xla" or "pallas" (no Pallas kernel yet).
+    impl: "auto" (the Pallas kernel on a Hopper GPU when it takes the inputs, else
+      XLA), "xla" or "pallas" (ssm/ops/scan_pallas.py: N in {4, 8, 16}, each group
+      of channels a multiple of 128, float32/bfloat16; chunk_size does not apply).
 
   Returns:
     y (batch, length, D) with u's dtype; and, when return_state, the last state
     (batch, D, N) float32.
   """
   B, C = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, h0, chunk_size)
-  path = resolve_impl(impl, op="selective_scan", has_pallas=False)
-  if path != "xla":
-    raise AssertionError(path)  # unreachable until the Pallas kernel lands
+  from ssm.ops import scan_pallas  # pylint: disable=import-outside-toplevel
+  path = _pallas.choose_impl(impl, op="selective_scan",
+                             check=lambda: scan_pallas.check_selective_scan_pallas(u, A, B))
+  if path == "pallas":
+    y, last = scan_pallas.selective_scan_pallas(
+        u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        h0=h0, interpret=interpret_mode())
+    return (y, last) if return_state else y
   return _selective_scan(u, delta, A, B, C, D, z, delta_bias, h0,
                          delta_softplus=delta_softplus, return_state=return_state,
                          chunk_size=chunk_size)

@@ -1,0 +1,88 @@
+"""Plumbing shared by the Pallas Mosaic GPU kernels in ssm/ops.
+
+Every kernel is written once for Mosaic GPU (`plgpu.kernel`: a grid of CTAs,
+one warpgroup each, TMA copies into shared memory completing on barriers,
+warpgroup arrays with explicit layouts, wgmma for matrix products) and runs in
+two places:
+
+* on a Hopper GPU, compiled by Mosaic GPU;
+* on the CPU in Mosaic GPU *interpret mode* (JAX's GPU interpreter, which
+  simulates shared memory, barriers, TMA copies and wgmma), used by the tests.
+
+The interpreter has no rule for register-layout casts (`plgpu.layout_cast`) or
+for `plgpu.load` with a layout, and layouts mean nothing on the CPU, so kernels
+go through `cast` and `load` below, which drop the layout when interpreting.
+The interpreter lives under `jax._src` in jax 0.10 (the local/CI version); the
+import is guarded so that a JAX without it fails only when a test asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.experimental.pallas as pl  # noqa: F401  (re-exported for kernels)
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ssm.ops._impl import interpret_mode, resolve_impl
+
+
+@functools.cache
+def _interpret_params():
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  except ImportError as e:  # pragma: no cover - depends on the JAX version
+    raise NotImplementedError(
+        "this JAX has no Mosaic GPU interpret mode; the Pallas kernels need a Hopper GPU "
+        f"here (jax {jax.__version__})") from e
+  return InterpretGPUParams()
+
+
+def kernel(body, *, interpret: bool | None = None, **kwargs):
+  """plgpu.kernel, interpreted on the CPU (interpret=None: off the GPU)."""
+  if interpret is None:
+    interpret = interpret_mode()
+  if interpret:
+    kwargs["interpret"] = _interpret_params()
+  return plgpu.kernel(body, **kwargs)
+
+
+def cast(x, layout, interpret: bool):
+  """plgpu.layout_cast on the GPU, identity in interpret mode."""
+  return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def load(ref, layout, interpret: bool) -> Any:
+  """Load a whole ref into registers with `layout` (plain ref[...] when interpreting)."""
+  if interpret:
+    return ref[...]
+  return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def on_hopper() -> bool:
+  """True on an sm_90 GPU (the kernels use Hopper-only TMA and wgmma)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def choose_impl(impl: str, *, op: str, check) -> str:
+  """resolve_impl for an op with a kernel whose `check()` raises ValueError on inputs it
+  cannot take: impl="pallas" raises that error, impl="auto" then takes the XLA path (as it
+  does off Hopper GPUs)."""
+  path = resolve_impl(impl, op=op, has_pallas=True)
+  if path != "pallas":
+    return path
+  if impl == "auto":
+    if not on_hopper():
+      return "xla"
+    try:
+      check()
+    except ValueError:
+      return "xla"
+    return "pallas"
+  check()
+  return "pallas"

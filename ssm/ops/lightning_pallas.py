@@ -1,0 +1,490 @@
+"""Lightning attention as Pallas Mosaic GPU kernels (Hopper): forward and backward.
+
+Same math as `ssm/ops/lightning_attention.py` (per-head decay lambda = exp(log_decay)):
+
+    S_t = lambda S_{t-1} + k_t v_t^T,  o_t = q_t^T S_t,  S_{-1} = h0.
+
+One CTA (one warpgroup) per (batch, head, 64 value columns) walks the sequence in
+blocks of C = 64 tokens; the (Dk, 64) float32 state stays in registers across
+blocks; block n + 1's tiles arrive by TMA (double-buffered) while block n
+computes. With i, j positions in a block of nv valid tokens,
+M[i, j] = lambda^(i-j) (i >= j, else 0), qdec_i = lambda^(i+1),
+kdec_j = lambda^(nv-1-j) (0 past nv) and sdec = lambda^nv:
+
+  forward (per block, four wgmma):
+    P = (Q K^T) o M                                 (C, C)   K = Dk
+    O = qdec o (Q S) + P V                          (C, 64)  K = Dk, K = C
+    S <- sdec S + K^T (kdec o V)                    (Dk, 64) K = C
+  backward, dq (forward sweep, the state recomputed as above):
+    dQ = qdec o (dO S^T) + ((dO V^T) o M) K
+  backward, dk and dv (reverse sweep over the state gradient E, from E = dht):
+    dV = ((K Q^T) o M^T) dO + kdec o (K E)
+    dK = ((V dO^T) o M^T) Q + kdec o (V E^T)
+    E <- sdec E + (qdec o Q)^T dO;   dh0 = E after block 0.
+  d log_decay (XLA, from the kernels' gradients): with per-token log gates the
+  gradient of the cumulative gate at t is q_t.dq_t - k_t.dk_t (+ <dht, S_final> at
+  the last token); a constant per-head gate sums these with weight t + 1.
+
+Nothing per block is stored between the passes: the backward recomputes the
+states (one extra forward-sized sweep) instead of writing B H (L/64) Dk Dv floats.
+
+Numerics: matmul operands are bf16 with float32 accumulation; float32 inputs are
+rounded to bf16 first (wgmma's tf32 mode takes no transposed operands, which
+three of the products need), so float32 calls carry bf16 rounding (about 3e-3
+relative). Masks, decays and the carried states are float32; the state is rounded
+to bf16 only as an operand of Q S / dO S^T / K E / V E^T.
+
+Lengths that are not a multiple of 64 are zero-padded at the end; the last block
+uses its true length nv in kdec and sdec, so padding never reaches the state.
+With Dv = 128 two CTAs share a (batch, head): dq and dk are partial sums over the
+value tiles (float32, summed in XLA); dv, dh0 and the state are exact per tile.
+
+Cost per CTA and block (Dk = Dv = 64): 5 products of 64x64x64 forward, 5 (dq) + 7
+(dk, dv) backward; HBM traffic = reading q, k, v (+ do) once per pass plus writing
+the outputs, no intermediates. SMEM (bf16, Dk = 64): 2 x (q, k, v) 48 KiB + 4
+scratch tiles 32 KiB + output staging 8-16 KiB.
+
+In interpret mode (CPU tests) products with a transposed operand run as jnp.dot on
+the SMEM contents (the interpreter's wgmma has no transposes); the rest (TMA,
+barriers, plain wgmma) is simulated as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ssm.ops import _pallas
+from ssm.ops._impl import interpret_mode
+
+F32 = jnp.float32
+MM = jnp.bfloat16  # matmul operand dtype
+C = 64  # tokens per block
+BV = 64  # value columns per CTA
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+WGMMA = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
+
+
+def unsupported_reason(q, k, v) -> str | None:
+  """Why the kernel cannot take this call (None if it can); shapes already checked."""
+  dk, dv = q.shape[3], v.shape[3]
+  if dk not in HEAD_DIMS or dv not in HEAD_DIMS:
+    return f"head dims dk={dk}, dv={dv} must be in {HEAD_DIMS}"
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+    return f"q, k, v must share a dtype in (float32, bfloat16), got {q.dtype}, {k.dtype}, {v.dtype}"
+  return None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _smem(shape, dtype=MM):
+  """SMEM tile tiled and swizzled for TMA and wgmma (all bf16 tiles here: 128 B swizzle)."""
+  dtype = jnp.dtype(dtype)
+  swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _stage(shape, dtype):
+  """Output staging tile: swizzled for 16-bit dtypes, plain for float32."""
+  return _smem(shape, dtype) if jnp.dtype(dtype).itemsize == 2 else plgpu.SMEM(shape, dtype)
+
+
+def _mm(a, b, shape, *, interpret, ta=False, tb=False):
+  """float32 (a^T if ta) @ (b^T if tb) from bf16 SMEM refs, on the tensor cores.
+
+  The optimization barrier keeps the compiler from reading the accumulator before
+  the wgmma wait (a known hazard of inline wgmma waits).
+  """
+  if interpret and (ta or tb):
+    x, y = a[...], b[...]
+    return jnp.dot(x.T if ta else x, y.T if tb else y, preferred_element_type=F32)
+  if ta:
+    a = plgpu.transpose_ref(a, (1, 0))
+  if tb:
+    b = plgpu.transpose_ref(b, (1, 0))
+
+  def scoped(acc):
+    plgpu.wgmma(acc, a, b)
+    return acc[...]
+
+  return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, F32)))
+
+
+def _rows(vec, shape):
+  """vec[i] along row i."""
+  return lax.broadcast_in_dim(vec, shape, [0])
+
+
+class _Decays:
+  """Per-block decays from the head's log decay `ld` and the block's valid length `nv`."""
+
+  def __init__(self, ld, nv, interpret):
+    pos = _pallas.cast(lax.broadcasted_iota(jnp.int32, (C,), 0), ROWS, interpret)
+    self.valid = pos < nv
+    posf = pos.astype(F32)
+    nvf = nv.astype(F32)
+    self.q = jnp.exp(ld * (posf + 1.0))                                   # lambda^(i+1)
+    self.k = jnp.where(self.valid, jnp.exp(ld * jnp.maximum(nvf - 1.0 - posf, 0.0)), 0.0)
+    self.s = jnp.exp(ld * nvf)                                            # lambda^nv
+    r = _pallas.cast(lax.broadcasted_iota(jnp.int32, (C, C), 0), WGMMA, interpret)
+    c = _pallas.cast(lax.broadcasted_iota(jnp.int32, (C, C), 1), WGMMA, interpret)
+    self._rc = (r, c)
+    self._ld = ld
+
+  def mask(self, transposed=False):
+    """M[i, j] = lambda^(i-j) on i >= j (transposed: M^T[j, i]), zero elsewhere."""
+    r, c = self._rc
+    diff = (c - r) if transposed else (r - c)
+    keep = diff >= 0
+    return jnp.where(keep, jnp.exp(self._ld * jnp.where(keep, diff, 0).astype(F32)), 0.0)
+
+
+def _pipeline(n_blocks, *, reverse, sources, buffers, barrier, step, init):
+  """fori_loop over blocks with the next block's tiles prefetched by TMA.
+
+  sources[i](n) is the GMEM view of block n's tile i, buffers[i] its (2, ...) SMEM
+  ring; step(n, slot, carry) -> carry runs once the slot's tiles have landed.
+  """
+  order = (lambda i: n_blocks - 1 - i) if reverse else (lambda i: i)
+
+  def issue(i, slot):
+    n = order(i)
+    for src, buf in zip(sources, buffers):
+      plgpu.copy_gmem_to_smem(src(n), buf.at[slot], barrier.at[slot])
+
+  issue(0, 0)
+
+  def body(i, carry):
+    slot = lax.rem(i, 2)
+    plgpu.barrier_wait(barrier.at[slot])
+
+    @pl.when(i + 1 < n_blocks)
+    def _prefetch():  # the other slot was last read by block i - 1, finished in order
+      plgpu.commit_smem()
+      issue(i + 1, 1 - slot)
+
+    return step(order(i), slot, carry)
+
+  return lax.fori_loop(0, n_blocks, body, init)
+
+
+def _store(pairs):
+  """Write register tiles to SMEM staging and start their TMA stores to GMEM."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's stores read the staging
+  for stage, value, _ in pairs:
+    stage[...] = value.astype(stage.dtype)
+  plgpu.commit_smem()
+  for stage, _, dst in pairs:
+    plgpu.copy_smem_to_gmem(stage, dst)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  seq_len: int        # true length L
+  out_dtype: jnp.dtype
+  has_h0: bool
+  interpret: bool
+
+
+def _kernel(body, cfg, out_type, scratch, grid, name):
+  return _pallas.kernel(
+      body, interpret=cfg.interpret, out_type=out_type, scratch_types=scratch, grid=grid,
+      grid_names=("b", "h", "v"), compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _forward(q, k, v, ld, h0, cfg: _Cfg):
+  """q, k: (B, Lp, H, Dk) bf16; v: (B, Lp, H, Dv) bf16; ld: (H, C) float32 (log decay
+  repeated); h0: (B, H, Dk, Dv) float32 or None. Returns o (B, Lp, H, Dv) out_dtype and
+  the final state (B, H, Dk, Dv) float32."""
+  b, lp, h, dk = q.shape
+  dv = v.shape[3]
+  n_blocks, nvt = lp // C, dv // BV
+  seq_len, interpret, has_h0 = cfg.seq_len, cfg.interpret, cfg.has_h0
+
+  def body(*refs, q_s, k_s, v_s, vd_s, p_s, st_lo, st_f32, o_stage, ld_s, in_bar, misc_bar):
+    q_ref, k_ref, v_ref, ld_ref = refs[:4]
+    h0_ref = refs[4] if has_h0 else None
+    o_ref, ht_ref = refs[-2:]
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    cols = pl.ds(vi * BV, BV)
+    plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
+    if has_h0:
+      plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], st_f32, misc_bar)
+    plgpu.barrier_wait(misc_bar)
+    ld = ld_s[0]
+    if has_h0:
+      s0 = _pallas.load(st_f32, WGMMA, interpret)
+    else:
+      s0 = _pallas.cast(jnp.zeros((dk, BV), F32), WGMMA, interpret)
+
+    def step(n, slot, s):
+      rows = pl.ds(n * C, C)
+      dec = _Decays(ld, jnp.minimum(C, seq_len - n * C), interpret)
+      qt, kt, vt = q_s.at[slot], k_s.at[slot], v_s.at[slot]
+      vv = _pallas.load(vt, WGMMA, interpret).astype(F32)
+      vd_s[...] = (vv * _rows(dec.k, (C, BV))).astype(MM)
+      st_lo[...] = s.astype(MM)
+      plgpu.commit_smem()
+      scores = _mm(qt, kt, (C, C), tb=True, interpret=interpret)
+      p_s[...] = (scores * dec.mask()).astype(MM)
+      plgpu.commit_smem()
+      inter = _mm(qt, st_lo, (C, BV), interpret=interpret)
+      intra = _mm(p_s, vt, (C, BV), interpret=interpret)
+      o = inter * _rows(dec.q, (C, BV)) + intra
+      _store([(o_stage, o, o_ref.at[bi, rows, hi, cols])])
+      return s * dec.s + _mm(kt, vd_s, (dk, BV), ta=True, interpret=interpret)
+
+    s = _pipeline(
+        n_blocks, reverse=False,
+        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
+                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
+                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        buffers=[q_s, k_s, v_s], barrier=in_bar, step=step, init=s0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    st_f32[...] = s
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(st_f32, ht_ref.at[bi, hi, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      q_s=_smem((2, C, dk)), k_s=_smem((2, C, dk)), v_s=_smem((2, C, BV)),
+      vd_s=_smem((C, BV)), p_s=_smem((C, C)), st_lo=_smem((dk, BV)),
+      st_f32=plgpu.SMEM((dk, BV), F32), o_stage=_stage((C, BV), cfg.out_dtype),
+      ld_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=3, num_barriers=2),
+      misc_bar=plgpu.Barrier(num_arrivals=1 + has_h0))
+  out_type = (jax.ShapeDtypeStruct((b, lp, h, dv), cfg.out_dtype),
+              jax.ShapeDtypeStruct((b, h, dk, dv), F32))
+  args = (q, k, v, ld) + ((h0,) if has_h0 else ())
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), "lightning_fwd")(*args)
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward_dq(q, k, v, do, ld, h0, cfg: _Cfg):
+  """dq (nvt, B, Lp, H, Dk): one partial per value tile (float32 when nvt > 1), and the
+  float32 row sums q_t . dq_t (nvt, B, H, Lp) for d log_decay."""
+  b, lp, h, dk = k.shape
+  dv = v.shape[3]
+  n_blocks, nvt = lp // C, dv // BV
+  dq_dtype = F32 if nvt > 1 else cfg.out_dtype
+  seq_len, interpret, has_h0 = cfg.seq_len, cfg.interpret, cfg.has_h0
+
+  def body(*refs, q_s, k_s, v_s, do_s, vd_s, ds_s, st_lo, st_f32, dq_stage, dg_stage, ld_s,
+           in_bar, misc_bar):
+    q_ref, k_ref, v_ref, do_ref, ld_ref = refs[:5]
+    h0_ref = refs[5] if has_h0 else None
+    dq_ref, dg_ref = refs[-2:]
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    cols = pl.ds(vi * BV, BV)
+    plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
+    if has_h0:
+      plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], st_f32, misc_bar)
+    plgpu.barrier_wait(misc_bar)
+    ld = ld_s[0]
+    if has_h0:
+      s0 = _pallas.load(st_f32, WGMMA, interpret)
+    else:
+      s0 = _pallas.cast(jnp.zeros((dk, BV), F32), WGMMA, interpret)
+
+    def step(n, slot, s):
+      rows = pl.ds(n * C, C)
+      dec = _Decays(ld, jnp.minimum(C, seq_len - n * C), interpret)
+      kt, vt, dot = k_s.at[slot], v_s.at[slot], do_s.at[slot]
+      vv = _pallas.load(vt, WGMMA, interpret).astype(F32)
+      vd_s[...] = (vv * _rows(dec.k, (C, BV))).astype(MM)
+      st_lo[...] = s.astype(MM)
+      plgpu.commit_smem()
+      dp = _mm(dot, vt, (C, C), tb=True, interpret=interpret)          # do_i . v_j
+      ds_s[...] = (dp * dec.mask()).astype(MM)
+      plgpu.commit_smem()
+      inter = _mm(dot, st_lo, (C, dk), tb=True, interpret=interpret)   # do S^T
+      intra = _mm(ds_s, kt, (C, dk), interpret=interpret)
+      dq = inter * _rows(dec.q, (C, dk)) + intra
+      qq = _pallas.load(q_s.at[slot], WGMMA, interpret).astype(F32)
+      _store([(dq_stage, dq, dq_ref.at[vi, bi, rows, hi]),
+              (dg_stage, (dq * qq).sum(axis=1), dg_ref.at[vi, bi, hi, rows])])
+      return s * dec.s + _mm(kt, vd_s, (dk, BV), ta=True, interpret=interpret)
+
+    _pipeline(
+        n_blocks, reverse=False,
+        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
+                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
+                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols],
+                 lambda n: do_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        buffers=[q_s, k_s, v_s, do_s], barrier=in_bar, step=step, init=s0)
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      q_s=_smem((2, C, dk)), k_s=_smem((2, C, dk)), v_s=_smem((2, C, BV)),
+      do_s=_smem((2, C, BV)), vd_s=_smem((C, BV)), ds_s=_smem((C, C)), st_lo=_smem((dk, BV)),
+      st_f32=plgpu.SMEM((dk, BV), F32), dq_stage=_stage((C, dk), dq_dtype),
+      dg_stage=plgpu.SMEM((C,), F32), ld_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=4, num_barriers=2),
+      misc_bar=plgpu.Barrier(num_arrivals=1 + has_h0))
+  out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, dk), dq_dtype),
+              jax.ShapeDtypeStruct((nvt, b, h, lp), F32))
+  args = (q, k, v, do, ld) + ((h0,) if has_h0 else ())
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), "lightning_bwd_dq")(*args)
+
+
+def _backward_dkv(q, k, v, do, ld, dht, cfg: _Cfg):
+  """Reverse sweep: dk (nvt, B, Lp, H, Dk) partials, dv (B, Lp, H, Dv), dh0 (B, H, Dk, Dv)
+  and the float32 row sums k_t . dk_t (nvt, B, H, Lp) for d log_decay."""
+  b, lp, h, dk = q.shape
+  dv = v.shape[3]
+  n_blocks, nvt = lp // C, dv // BV
+  dk_dtype = F32 if nvt > 1 else cfg.out_dtype
+  seq_len, interpret = cfg.seq_len, cfg.interpret
+
+  def body(q_ref, k_ref, v_ref, do_ref, ld_ref, dht_ref, dk_ref, dv_ref, dh0_ref, dg_ref, *,
+           q_s, k_s, v_s, do_s, qd_s, pm_s, dpm_s, e_lo, e_f32, dk_stage, dv_stage, dg_stage,
+           ld_s, in_bar, misc_bar):
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    cols = pl.ds(vi * BV, BV)
+    plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
+    plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi, :, cols], e_f32, misc_bar)
+    plgpu.barrier_wait(misc_bar)
+    ld = ld_s[0]
+    e0 = _pallas.load(e_f32, WGMMA, interpret)
+
+    def step(n, slot, e):
+      rows = pl.ds(n * C, C)
+      dec = _Decays(ld, jnp.minimum(C, seq_len - n * C), interpret)
+      qt, kt, vt, dot = q_s.at[slot], k_s.at[slot], v_s.at[slot], do_s.at[slot]
+      qq = _pallas.load(qt, WGMMA, interpret).astype(F32)
+      qd_s[...] = (qq * _rows(dec.q, (C, dk))).astype(MM)
+      e_lo[...] = e.astype(MM)
+      plgpu.commit_smem()
+      mt = dec.mask(transposed=True)
+      pt = _mm(kt, qt, (C, C), tb=True, interpret=interpret)          # k_j . q_i
+      pm_s[...] = (pt * mt).astype(MM)
+      dpt = _mm(vt, dot, (C, C), tb=True, interpret=interpret)        # v_j . do_i
+      dpm_s[...] = (dpt * mt).astype(MM)
+      plgpu.commit_smem()
+      dv_t = (_mm(pm_s, dot, (C, BV), interpret=interpret)
+              + _rows(dec.k, (C, BV)) * _mm(kt, e_lo, (C, BV), interpret=interpret))
+      dk_t = (_mm(dpm_s, qt, (C, dk), interpret=interpret)
+              + _rows(dec.k, (C, dk)) * _mm(vt, e_lo, (C, dk), tb=True, interpret=interpret))
+      kk = _pallas.load(kt, WGMMA, interpret).astype(F32)
+      _store([(dk_stage, dk_t, dk_ref.at[vi, bi, rows, hi]),
+              (dv_stage, dv_t, dv_ref.at[bi, rows, hi, cols]),
+              (dg_stage, (dk_t * kk).sum(axis=1), dg_ref.at[vi, bi, hi, rows])])
+      return e * dec.s + _mm(qd_s, dot, (dk, BV), ta=True, interpret=interpret)
+
+    e = _pipeline(
+        n_blocks, reverse=True,
+        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
+                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
+                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols],
+                 lambda n: do_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        buffers=[q_s, k_s, v_s, do_s], barrier=in_bar, step=step, init=e0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    e_f32[...] = e
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(e_f32, dh0_ref.at[bi, hi, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      q_s=_smem((2, C, dk)), k_s=_smem((2, C, dk)), v_s=_smem((2, C, BV)), do_s=_smem((2, C, BV)),
+      qd_s=_smem((C, dk)), pm_s=_smem((C, C)), dpm_s=_smem((C, C)), e_lo=_smem((dk, BV)),
+      e_f32=plgpu.SMEM((dk, BV), F32), dk_stage=_stage((C, dk), dk_dtype),
+      dv_stage=_stage((C, BV), cfg.out_dtype), dg_stage=plgpu.SMEM((C,), F32),
+      ld_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=4, num_barriers=2),
+      misc_bar=plgpu.Barrier(num_arrivals=2))
+  out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, dk), dk_dtype),
+              jax.ShapeDtypeStruct((b, lp, h, dv), cfg.out_dtype),
+              jax.ShapeDtypeStruct((b, h, dk, dv), F32),
+              jax.ShapeDtypeStruct((nvt, b, h, lp), F32))
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), "lightning_bwd_dkv")(
+      q, k, v, do, ld, dht)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+def _prep(q, k, v, log_decay):
+  """bf16 operands padded to a multiple of C, and the (H, C) log-decay table."""
+  l = q.shape[1]
+  pad = (-l) % C
+  padt = lambda x: jnp.pad(x.astype(MM), [(0, 0), (0, pad), (0, 0), (0, 0)])
+  ld = jnp.broadcast_to(log_decay.astype(F32)[:, None], (q.shape[2], C))
+  return padt(q), padt(k), padt(v), ld
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(q, k, v, log_decay, h0, cfg: _Cfg):
+  (o, state), _ = _core_fwd(q, k, v, log_decay, h0, cfg)
+  return o, state
+
+
+def _core_fwd(q, k, v, log_decay, h0, cfg: _Cfg):
+  qp, kp, vp, ld = _prep(q, k, v, log_decay)
+  o, state = _forward(qp, kp, vp, ld, h0, cfg)
+  o = o[:, :cfg.seq_len]
+  res = (qp, kp, vp, ld, log_decay, h0, state)
+  return (o, state), res
+
+
+def _core_bwd(cfg: _Cfg, res, cts):
+  qp, kp, vp, ld, log_decay, h0, state = res
+  q_dtype = v_dtype = cfg.out_dtype  # q, k, v share a dtype (unsupported_reason)
+  do, dht = cts
+  l = cfg.seq_len
+  do = jnp.pad(do.astype(MM), [(0, 0), (0, qp.shape[1] - l), (0, 0), (0, 0)])
+  dht = jnp.zeros_like(state) if dht is None else dht.astype(F32)
+  dq, dgq = _backward_dq(qp, kp, vp, do, ld, h0, cfg)
+  dk, dv, dh0, dgk = _backward_dkv(qp, kp, vp, do, ld, dht, cfg)
+  dq = (dq[0] if dq.shape[0] == 1 else dq.sum(0, dtype=F32))[:, :l]
+  dk = (dk[0] if dk.shape[0] == 1 else dk.sum(0, dtype=F32))[:, :l]
+  dv = dv[:, :l]
+  # d log_decay: sum over t of (t + 1) (q_t.dq_t - k_t.dk_t), plus L <dht, S_final>
+  # (module docstring), from the kernels' float32 row sums: rounding dq, dk to bf16
+  # first would cost ~9% relative error at L = 4096 (the terms cancel).
+  w = jnp.arange(1, l + 1, dtype=F32)
+  dg = (dgq.sum(0) - dgk.sum(0))[:, :, :l]
+  dld = jnp.einsum("bhl,l->h", dg, w) + l * jnp.einsum("bhkv,bhkv->h", dht, state)
+  dh0 = None if h0 is None else dh0.astype(h0.dtype)
+  return (dq.astype(q_dtype), dk.astype(q_dtype), dv.astype(v_dtype),
+          dld.astype(log_decay.dtype), dh0)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=None):
+  """The Pallas kernel path (arguments checked by `lightning_attention`).
+
+  Args:
+    q, k: (B, L, H, Dk); v: (B, L, H, Dv); float32 or bf16, Dk, Dv in {64, 128}.
+    log_decay: (H,) <= 0 or None; h0: (B, H, Dk, Dv) or None.
+    interpret: run the Mosaic GPU interpreter (default: off the GPU).
+
+  Returns:
+    o (B, L, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) float32.
+  """
+  reason = unsupported_reason(q, k, v)
+  if reason is not None:
+    raise ValueError(f"lightning_attention(impl='pallas'): {reason}")
+  if interpret is None:
+    interpret = interpret_mode()
+  h = q.shape[2]
+  log_decay = jnp.zeros((h,), F32) if log_decay is None else jnp.asarray(log_decay, F32)
+  if h0 is not None:
+    h0 = h0.astype(F32)
+  cfg = _Cfg(seq_len=q.shape[1], out_dtype=jnp.dtype(q.dtype), has_h0=h0 is not None,
+             interpret=bool(interpret))
+  return _core(q, k, v, log_decay, h0, cfg)

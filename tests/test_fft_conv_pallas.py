@@ -1,0 +1,136 @@
+"""The Monarch-FFT Pallas kernel (interpret mode on the CPU) against a direct float64
+convolution: outputs and the gradients for u, k and gate, every size class."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from ssm.ops import fft_conv
+from ssm.ops import fft_conv_pallas as fcp
+
+
+def direct(u, k, gate=None, circular=False):
+  """float64 y[b, t, h] = gate * sum_s k[h, s] u[b, t - s, h] (t - s mod L if circular)."""
+  u, k = np.asarray(u, np.float64), np.asarray(k, np.float64)
+  _, seq_len, _ = u.shape
+  y = np.zeros_like(u)
+  for s in range(k.shape[1]):
+    shifted = np.roll(u, s, axis=1)
+    if not circular:
+      shifted[:, :s] = 0
+    y += k[:, s][None, None] * shifted
+  return y if gate is None else y * np.asarray(gate, np.float64)
+
+
+def direct_grads(u, k, w, gate=None, circular=False):
+  """Gradients of sum(w * y) in float64: (du, dk, dgate)."""
+  u, k, w = (np.asarray(a, np.float64) for a in (u, k, w))
+  conv = direct(u, k, circular=circular)
+  dgate = None if gate is None else w * conv
+  dy = w if gate is None else w * np.asarray(gate, np.float64)
+  du = np.zeros_like(u)
+  dk = np.zeros(k.shape)
+  for s in range(k.shape[1]):
+    # y[t] += k[s] u[t - s]  =>  du[t - s] += k[s] dy[t],  dk[s] += sum dy[t] u[t - s]
+    back = np.roll(dy, -s, axis=1)
+    shifted = np.roll(u, s, axis=1)
+    if not circular:
+      back[:, u.shape[1] - s:] = 0
+      shifted[:, :s] = 0
+    du += k[:, s][None, None] * back
+    dk[:, s] = np.sum(dy * shifted, axis=(0, 1))
+  return du, dk, dgate
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def run(u, k, w, gate=None, circular=False):
+  """Forward and all gradients of sum(w * y) through fft_conv(impl="pallas")."""
+  args = (u, k) if gate is None else (u, k, gate)
+  f = lambda *a: fft_conv(a[0], a[1], impl="pallas", circular=circular,
+                          gate=a[2] if len(a) > 2 else None)
+  y, vjp = jax.vjp(f, *args)
+  return y, vjp(w.astype(y.dtype))
+
+
+def inputs(seed, b, seq_len, h, k_len, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  u = jnp.asarray(rng.standard_normal((b, seq_len, h)), dtype)
+  k = jnp.asarray(rng.standard_normal((h, k_len)) / np.sqrt(k_len), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((b, seq_len, h)), jnp.float32)
+  return u, k, w
+
+
+def test_plan_covers_every_size_class():
+  # (p outer, q inner, rows, cols, sequences per tile)
+  assert fcp.plan(256) == (1, 256, 16, 16, 4)
+  assert fcp.plan(512) == (1, 512, 32, 16, 2)
+  assert fcp.plan(2048) == (1, 2048, 64, 32, 1)
+  assert fcp.plan(4096) == (1, 4096, 64, 64, 1)
+  assert fcp.plan(131072) == (32, 4096, 64, 64, 1)
+  assert fcp.fft_size(100, False) == 256 and fcp.fft_size(3000, False) == 8192
+  with pytest.raises(ValueError, match="power of two"):
+    fcp.plan(3000)
+
+
+# Causal: stacked tiles (n = 256, odd batch, channels padded to the 4-per-tile stack),
+# one sequence per tile (n = 2048), and order 3 (n = 8192: outer factor 2).
+@pytest.mark.parametrize("b,seq_len,h,k_len", [(3, 100, 5, 33), (2, 1024, 1, 1000),
+                                               (2, 4096, 1, 300)])
+def test_causal_forward_and_gradients(b, seq_len, h, k_len):
+  u, k, w = inputs(seq_len, b, seq_len, h, k_len)
+  y, (du, dk) = run(u, k, w)
+  assert y.shape == u.shape and y.dtype == u.dtype
+  du_ref, dk_ref, _ = direct_grads(u, k, w)
+  assert rel(y, direct(u, k)) < 3e-5
+  assert rel(du, du_ref) < 3e-5
+  assert rel(dk, dk_ref) < 3e-5
+
+
+def test_gated_forward_and_gradients():
+  u, k, w = inputs(7, 2, 200, 3, 50)
+  gate = jnp.asarray(np.random.default_rng(8).standard_normal(u.shape), jnp.float32)
+  y, (du, dk, dgate) = run(u, k, w, gate=gate)
+  du_ref, dk_ref, dgate_ref = direct_grads(u, k, w, gate=gate)
+  assert rel(y, direct(u, k, gate)) < 3e-5
+  assert rel(du, du_ref) < 3e-5
+  assert rel(dk, dk_ref) < 3e-5
+  assert rel(dgate, dgate_ref) < 3e-5
+
+
+def test_circular_forward_and_gradients():
+  u, k, w = inputs(9, 2, 512, 2, 40)
+  y, (du, dk) = run(u, k, w, circular=True)
+  du_ref, dk_ref, _ = direct_grads(u, k, w, circular=True)
+  assert rel(y, direct(u, k, circular=True)) < 3e-5
+  assert rel(du, du_ref) < 3e-5
+  assert rel(dk, dk_ref) < 3e-5
+
+
+def test_bfloat16_input():
+  u, k, w = inputs(11, 2, 100, 4, 100, dtype=jnp.bfloat16)
+  y, (du, dk) = run(u, k, w)
+  assert y.dtype == du.dtype == jnp.bfloat16
+  du_ref, dk_ref, _ = direct_grads(u, k, w)
+  # bf16 operands on the matrix units over 4 DFT stages (and a bf16 output)
+  assert rel(y, direct(u, k)) < 3e-2
+  assert rel(du, du_ref) < 3e-2
+  assert rel(dk, dk_ref) < 3e-2
+
+
+def test_unsupported_shapes():
+  u = jnp.zeros((1, 300, 2))
+  k = jnp.zeros((2, 4))
+  with pytest.raises(ValueError, match="circular"):
+    fft_conv(u, k, impl="pallas", circular=True)
+  with pytest.raises(ValueError, match="power of two"):
+    fft_conv(jnp.zeros((1, 70000, 1)), jnp.zeros((1, 4)), impl="pallas")
+  with pytest.raises(ValueError, match="gate"):
+    fft_conv(u, k, gate=jnp.zeros((1, 300, 3)))
+  # "auto" off the GPU is the XLA path, circular included
+  y = fft_conv(u + 1.0, k + 1.0, impl="auto", circular=True)
+  np.testing.assert_allclose(y, direct(u + 1.0, k + 1.0, circular=True), rtol=1e-5)
