@@ -93,3 +93,36 @@ def test_dispatch_and_errors():
                         impl="pallas")
   with pytest.raises(ValueError, match="share a dtype"):
     lightning_attention(q, k, v.astype(jnp.bfloat16), impl="pallas")
+
+
+@pytest.mark.slow  # ~25 s: the interpreter runs the three kernels on four segments
+def test_sequence_segments_match_xla():
+  """Splitting the sequence into segments (states entering each from the XLA pre-pass,
+  the kernel on the segments as a larger batch) gives the same output, final state and
+  gradients as the XLA path, h0 and decay included."""
+  from ssm.ops import lightning_pallas as lp  # pylint: disable=import-outside-toplevel
+  q, k, v, log_decay, h0 = inputs(3, 1, 256, 2, 64, 64, jnp.bfloat16)
+
+  def loss(q, k, v, log_decay, h0):
+    o, s = lp.lightning_attention_pallas(q, k, v, log_decay, h0, interpret=True, segments=4)
+    o = o.astype(jnp.float32)
+    return jnp.sum(o * jnp.sin(o)) + 0.3 * jnp.sum(s * jnp.cos(s)), (o, s)
+
+  args = (q, k, v, log_decay, h0)
+  (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4),
+                                                  has_aux=True))(*args)
+  o_ref, s_ref = lightning_attention_xla(*(x.astype(jnp.float32) for x in (q, k, v)),
+                                         log_decay, h0)
+  assert rel(o, o_ref) < 1e-2 and rel(s, s_ref) < 1e-2
+  grads_ref = jax.grad(loss_fn("xla"), argnums=(0, 1, 2, 3, 4))(*args)
+  for name, g, g_ref in zip("q k v log_decay h0".split(), grads, grads_ref):
+    assert rel(g, g_ref) < 3e-2, (name, rel(g, g_ref))
+
+
+def test_segment_count_fills_the_gpu():
+  from ssm.ops.lightning_pallas import num_segments  # pylint: disable=import-outside-toplevel
+  assert num_segments(8, 4096, 16, 64) == 1      # 128 CTAs already
+  assert num_segments(4, 8192, 16, 64) == 2
+  assert num_segments(1, 32768, 16, 64) == 8     # 16 CTAs -> 128
+  assert num_segments(1, 1000, 16, 64) == 1      # not whole blocks: no split
+  assert num_segments(1, 2048, 16, 64) == 2      # segments of at least 1024 tokens

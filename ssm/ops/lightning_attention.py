@@ -24,7 +24,8 @@ masks, decays and the state are float32. Memory: O(L B H) for the intra scores
 and O(L/B H Dk Dv) for the block states. Gradients by autodiff of this path.
 
 impl="pallas" runs the Mosaic GPU kernels of `ssm/ops/lightning_pallas.py` (blocks of
-64 whatever chunk_size says; bf16 operands); "auto" keeps this XLA path for now.
+64 whatever chunk_size says; bf16 operands); "auto" takes them for bf16 inputs on a
+Hopper GPU (float32 inputs stay here, where the products are float32).
 """
 
 import jax
@@ -33,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from ssm.ops._impl import interpret_mode, on_gpu, resolve_impl
-from ssm.ops import lightning_pallas
+from ssm.ops import _pallas, lightning_pallas
 
 
 def check_lightning_args(q, k, v, log_decay, h0, chunk_size):
@@ -184,7 +185,7 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay=None
     h0: (batch, heads, dk, dv) initial state (float32), or None (zeros).
     return_state: also return the state after the last token.
     chunk_size: block length B (any length L works; the last block is masked).
-    impl: "auto" (XLA for now: the kernel is not yet shown faster), "xla" or
+    impl: "auto" (the Pallas kernel for bf16 inputs on a Hopper GPU, else XLA), "xla" or
       "pallas" (ValueError if the kernel cannot take the call: head dims other than 64/128,
       dtypes other than float32/bf16).
 
@@ -194,8 +195,10 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay=None
   """
   check_lightning_args(q, k, v, log_decay, h0, chunk_size)
   path = resolve_impl(impl, op="lightning_attention", has_pallas=True)
-  if impl == "auto":
-    # Not yet shown faster than this path on an H100 (results/README.md): "auto" stays on XLA.
+  if impl == "auto" and (q.dtype != jnp.bfloat16 or not _pallas.on_hopper()
+                         or lightning_pallas.unsupported_reason(q, k, v)):
+    # The kernel feeds bf16 to the matrix units: "auto" gives it bf16 calls only (float32
+    # calls keep float32 products here), on a Hopper GPU, in the shapes it takes.
     path = "xla"
   if path == "pallas":
     o, state = lightning_pallas.lightning_attention_pallas(q, k, v, log_decay, h0,

@@ -465,13 +465,58 @@ def _core_bwd(cfg: _Cfg, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=None):
+NUM_SMS = 132  # H100 SXM: the segment split aims for about one CTA per SM
+MIN_SEGMENT = 1024  # shorter segments spend more on the pre-pass than they save
+
+
+def num_segments(b, l, h, dv, *, num_sms: int = NUM_SMS) -> int:
+  """Sequence segments that run as separate CTAs (a power of two dividing L into whole
+  64-token blocks of at least MIN_SEGMENT tokens) so that B * S * H * Dv / 64 CTAs
+  fill the GPU; 1 when the batch and heads already do."""
+  ctas = b * h * max(1, dv // 64)
+  s = 1
+  while (ctas * s * 2 <= num_sms and l % (2 * s * 64) == 0
+         and l // (2 * s) >= MIN_SEGMENT):
+    s *= 2
+  return s
+
+
+def segment_starts(k, v, log_decay, h0, segments: int):
+  """States entering each of `segments` equal segments, and the final state (XLA).
+
+  Each segment's own contribution, sum_j lambda^(n-1-j) k_j v_j^T over its n tokens, is
+  one batched matrix product (bf16 operands as in the kernel, float32 accumulation);
+  a sequential scan over the few segments chains them from h0. Differentiable.
+  k (B, L, H, Dk), v (B, L, H, Dv), log_decay (H,), h0 (B, H, Dk, Dv) float32
+  -> starts (B, S, H, Dk, Dv), final (B, H, Dk, Dv), float32.
+  """
+  b, l, h, dk = k.shape
+  dv = v.shape[-1]
+  n = l // segments
+  w = jnp.exp(log_decay[None, :] * (n - 1 - jnp.arange(n, dtype=F32))[:, None])  # (n, h)
+  kw = (k.reshape(b, segments, n, h, dk).astype(F32) * w[None, None, :, :, None]).astype(MM)
+  vs = v.reshape(b, segments, n, h, dv).astype(MM)
+  local = jnp.einsum("bsnhk,bsnhv->sbhkv", kw, vs, preferred_element_type=F32)
+  seg_decay = jnp.exp(log_decay * n)[None, :, None, None]
+
+  def step(state, contribution):
+    return seg_decay * state + contribution, state
+
+  final, starts = lax.scan(step, h0, local)
+  return jnp.moveaxis(starts, 0, 1), final
+
+
+def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=None,
+                               segments: int | None = None):
   """The Pallas kernel path (arguments checked by `lightning_attention`).
 
   Args:
     q, k: (B, L, H, Dk); v: (B, L, H, Dv); float32 or bf16, Dk, Dv in {64, 128}.
     log_decay: (H,) <= 0 or None; h0: (B, H, Dk, Dv) or None.
     interpret: run the Mosaic GPU interpreter (default: off the GPU).
+    segments: split the sequence into this many segments run as separate CTAs, their
+      entering states from `segment_starts` (None: `num_segments`, which splits only
+      when B * H * Dv / 64 leaves SMs idle; it must divide L into 64-token blocks).
 
   Returns:
     o (B, L, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) float32.
@@ -481,10 +526,25 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
     raise ValueError(f"lightning_attention(impl='pallas'): {reason}")
   if interpret is None:
     interpret = interpret_mode()
-  h = q.shape[2]
+  b, l, h, dk = q.shape
+  dv = v.shape[-1]
   log_decay = jnp.zeros((h,), F32) if log_decay is None else jnp.asarray(log_decay, F32)
   if h0 is not None:
     h0 = h0.astype(F32)
-  cfg = _Cfg(seq_len=q.shape[1], out_dtype=jnp.dtype(q.dtype), has_h0=h0 is not None,
+  if segments is None:
+    segments = num_segments(b, l, h, dv)
+  if segments < 1 or l % (segments * 64):
+    raise ValueError(f"lightning_attention(impl='pallas'): {segments} segments must divide "
+                     f"the length {l} into whole 64-token blocks")
+  if segments > 1:
+    h0_full = jnp.zeros((b, h, dk, dv), F32) if h0 is None else h0
+    starts, final = segment_starts(k, v, log_decay, h0_full, segments)
+    n = l // segments
+    split = lambda x: x.reshape(b * segments, n, *x.shape[2:])
+    cfg = _Cfg(seq_len=n, out_dtype=jnp.dtype(q.dtype), has_h0=True, interpret=bool(interpret))
+    o, _ = _core(split(q), split(k), split(v), log_decay,
+                 starts.reshape(b * segments, h, dk, dv), cfg)
+    return o.reshape(b, l, h, dv), final
+  cfg = _Cfg(seq_len=l, out_dtype=jnp.dtype(q.dtype), has_h0=h0 is not None,
              interpret=bool(interpret))
   return _core(q, k, v, log_decay, h0, cfg)
