@@ -472,12 +472,12 @@ MIN_SEGMENT = 1024  # shorter segments spend more on the pre-pass than they save
 def num_segments(b, l, h, dv, *, num_sms: int = NUM_SMS) -> int:
   """Sequence segments that run as separate CTAs (a power of two dividing L into whole
   64-token blocks of at least MIN_SEGMENT tokens), doubled while B * S * H * Dv / 64
-  CTAs fill less than half the GPU; 1 when the batch and heads already do. (On an H100,
+  CTAs fill at most a quarter of the GPU; 1 when the batch and heads already do. (On an H100,
   64 CTAs unsplit ran faster than 128 after the pre-pass; 16 CTAs split 8 ways ran 1.7x
   faster than unsplit.)"""
   ctas = b * h * max(1, dv // 64)
   s = 1
-  while (ctas * s < num_sms // 2 and ctas * s * 2 <= num_sms and l % (2 * s * 64) == 0
+  while (ctas * s <= num_sms // 4 and ctas * s * 2 <= num_sms and l % (2 * s * 64) == 0
          and l // (2 * s) >= MIN_SEGMENT):
     s *= 2
   return s
