@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +64,6 @@ BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup
 CHUNK = 32  # tokens per TMA tile
 SUB = 8  # tokens per history sub-tile in the selective-scan backward
 ROWS = 64  # rows of the dB/dC reduction tile
-# Floats of padding per row of that tile: its rows are 512 bytes apart, so the
-# warpgroup-matrix layout's reads (8 rows per warp access) would all hit the same banks.
-PROD_PAD = int(os.environ.get("SSM_SCAN_PROD_PAD", "8"))
 SS_STATES = (4, 8, 16)
 _LINE = plgpu.Layout.WG_STRIDED((BLOCK_D,), vec_size=1)  # thread i holds channel i
 _WGMMA = plgpu.Layout.WGMMA
@@ -557,7 +553,7 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
   interp = cfg.interpret
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else []) + ["dout"]
   arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
-  fixed = (CHUNK // SUB + SUB) * N * BLOCK_D * 4 + ROWS * (BLOCK_D + PROD_PAD) * 4 + CHUNK * width * 4
+  fixed = (CHUNK // SUB + SUB) * N * BLOCK_D * 4 + ROWS * BLOCK_D * 4 + CHUNK * width * 4
   per_stage = sum(CHUNK * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * CHUNK * N * 4
   stages = _stages(nt, per_stage, fixed, most=2)
   big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), _F32)
@@ -572,7 +568,7 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
   scratch += [plgpu.SMEM((stages, CHUNK, N), _F32)] * 2
   scratch += [plgpu.SMEM((CHUNK // SUB, N, BLOCK_D), _F32),  # state entering each sub-tile
               plgpu.SMEM((SUB, N, BLOCK_D), _F32),  # state entering each token of a sub-tile
-              plgpu.SMEM((ROWS, BLOCK_D + PROD_PAD), _F32),  # dC/dB terms of `group` tokens
+              plgpu.SMEM((ROWS, BLOCK_D), _F32),  # dC/dB terms of `group` tokens
               plgpu.SMEM((CHUNK * width,), _F32),  # their channel sums for the tile
               plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
   in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "states", "dfin"]
@@ -650,8 +646,8 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
         d_dec_a = zero  # sum_j d(dec_j) dec_j a2_j, the delta term of the decays
         for j in range(N):
           gh = g[j] + dy * ct[j]  # total cotangent of h_t[j]
-          prod[row + j, pl.ds(0, BLOCK_D)] = dy * ht[j]  # dC_t[j] term
-          prod[row + N + j, pl.ds(0, BLOCK_D)] = gh * du  # dB_t[j] term
+          prod[row + j, :] = dy * ht[j]  # dC_t[j] term
+          prod[row + N + j, :] = gh * du  # dB_t[j] term
           d_du = d_du + gh * bt[j]
           gdec = gh * hp[j] * dec[j]
           da[j] = da[j] + gdec * delta
@@ -681,7 +677,7 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
           for q in reversed(range(group)):
             carry = back_token(s, r0 + q, q * width, carry)
           plgpu.commit_smem()
-          sums = _pallas.load(prod.at[:, pl.ds(0, BLOCK_D)], _WGMMA, interp).sum(axis=1)
+          sums = _pallas.load(prod, _WGMMA, interp).sum(axis=1)
           red[pl.ds((s * SUB + r0) * width, ROWS)] = sums
           plgpu.commit_smem()
           return carry
