@@ -1,6 +1,7 @@
-"""Sequence primitives, each with an XLA reference path and (later) Pallas kernels.
+"""Sequence primitives, each with an XLA reference path and a Pallas Mosaic GPU kernel.
 
-impl="auto" picks the Pallas kernel on a GPU and the XLA path elsewhere.
+impl="xla" is the reference path; impl="pallas" the kernel (interpreted on the CPU);
+impl="auto" the kernel on a Hopper GPU where it is faster and takes the call, else XLA.
 """
 
 from ssm.ops.fft_conv import fft_conv

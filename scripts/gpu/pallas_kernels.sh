@@ -1,5 +1,5 @@
 #!/bin/bash
-# First GPU pass over the three Pallas kernel issues: compile, check, time.
+# The Pallas kernels on a GPU: compile, check at full size, time (one device call).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache
 python3 -c "import jax; print(jax.__version__, jax.devices())"
