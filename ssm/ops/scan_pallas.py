@@ -225,7 +225,8 @@ def _lin_fwd_call(cfg: _LinCfg, a_planes, b_planes, h0_planes):
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params())
+                        scratch_types=scratch, compiler_params=_params(),
+                        kernel_name="linear_scan_fwd")
   outs = call(*a_planes, *b_planes, *h0_planes)
   return outs[:npl], outs[npl:]
 
@@ -325,7 +326,8 @@ def _lin_bwd_call(cfg: _LinCfg, a_planes, h_planes, g_planes, h0_planes, dlast_p
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params())
+                        scratch_types=scratch, compiler_params=_params(),
+                        kernel_name="linear_scan_bwd")
   outs = call(*a_planes, *h_planes, *g_planes, *h0_planes, *dlast_planes)
   return outs[:npl], outs[npl:2 * npl], outs[2 * npl:]
 
@@ -532,7 +534,8 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params())
+                        scratch_types=scratch, compiler_params=_params(),
+                        kernel_name="selective_scan_fwd")
   arrays.update(bias=bias, dskip=dskip, a2t=a2t, h0t=h0t)
   return call(*(arrays[k] for k in in_names))
 
@@ -703,7 +706,8 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(dim // BLOCK_D, bsz), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params())
+                        scratch_types=scratch, compiler_params=_params(),
+                        kernel_name="selective_scan_bwd")
   arrays.update(bias=bias, dskip=dskip, a2t=a2t, states=states, dfin=dfin_t)
   return call(*(arrays[k] for k in in_names))
 
