@@ -127,3 +127,10 @@ def test_segment_count_fills_the_gpu():
   assert num_segments(1, 32768, 16, 64) == 4     # 16 CTAs -> 64
   assert num_segments(1, 1000, 16, 64) == 1      # not whole blocks: no split
   assert num_segments(1, 2048, 16, 64) == 2      # segments of at least 1024 tokens
+
+
+def test_segment_split_must_divide_the_length():
+  from ssm.ops import lightning_pallas as lp  # pylint: disable=import-outside-toplevel
+  q, k, v, _, _ = inputs(0, 1, 256, 1, 64, 64, jnp.bfloat16)
+  with pytest.raises(ValueError, match="3 segments must divide the length 256"):
+    lp.lightning_attention_pallas(q, k, v, segments=3, interpret=True)

@@ -535,7 +535,7 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
     h0 = h0.astype(F32)
   if segments is None:
     segments = num_segments(b, l, h, dv)
-  if segments < 1 or l % (segments * 64):
+  if segments < 1 or (segments > 1 and l % (segments * 64)):
     raise ValueError(f"lightning_attention(impl='pallas'): {segments} segments must divide "
                      f"the length {l} into whole 64-token blocks")
   if segments > 1:
