@@ -205,6 +205,21 @@ def _kernel(body, cfg, out_type, scratch, grid, name):
 
 # ----------------------------------------------------------------------------- forward
 
+def _head_start(ld_ref, h0_ref, ld_s, st_f32, bar, bi, hi, cols, dk, interpret):
+  """The head's log-decay (a scalar) and the state entering the sweep, (dk, BV) float32 in
+  the WGMMA layout: h0's value columns when h0_ref is given, else zeros. Shared by the
+  forward and the dq kernel, which both sweep forward from h0."""
+  plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, bar)
+  if h0_ref is not None:
+    plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], st_f32, bar)
+  plgpu.barrier_wait(bar)
+  if h0_ref is not None:
+    s0 = _pallas.load(st_f32, WGMMA, interpret)
+  else:
+    s0 = _pallas.cast(jnp.zeros((dk, BV), F32), WGMMA, interpret)
+  return ld_s[0], s0
+
+
 def _forward(q, k, v, ld, h0, cfg: _Cfg):
   """q, k: (B, Lp, H, Dk) bf16; v: (B, Lp, H, Dv) bf16; ld: (H, C) float32 (log decay
   repeated); h0: (B, H, Dk, Dv) float32 or None. Returns o (B, Lp, H, Dv) out_dtype and
@@ -220,15 +235,7 @@ def _forward(q, k, v, ld, h0, cfg: _Cfg):
     o_ref, ht_ref = refs[-2:]
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(vi * BV, BV)
-    plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
-    if has_h0:
-      plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], st_f32, misc_bar)
-    plgpu.barrier_wait(misc_bar)
-    ld = ld_s[0]
-    if has_h0:
-      s0 = _pallas.load(st_f32, WGMMA, interpret)
-    else:
-      s0 = _pallas.cast(jnp.zeros((dk, BV), F32), WGMMA, interpret)
+    ld, s0 = _head_start(ld_ref, h0_ref, ld_s, st_f32, misc_bar, bi, hi, cols, dk, interpret)
 
     def step(n, slot, s):
       rows = pl.ds(n * C, C)
@@ -290,15 +297,7 @@ def _backward_dq(q, k, v, do, ld, h0, cfg: _Cfg):
     dq_ref, dg_ref = refs[-2:]
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(vi * BV, BV)
-    plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
-    if has_h0:
-      plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], st_f32, misc_bar)
-    plgpu.barrier_wait(misc_bar)
-    ld = ld_s[0]
-    if has_h0:
-      s0 = _pallas.load(st_f32, WGMMA, interpret)
-    else:
-      s0 = _pallas.cast(jnp.zeros((dk, BV), F32), WGMMA, interpret)
+    ld, s0 = _head_start(ld_ref, h0_ref, ld_s, st_f32, misc_bar, bi, hi, cols, dk, interpret)
 
     def step(n, slot, s):
       rows = pl.ds(n * C, C)
