@@ -7,7 +7,8 @@
    random inputs, relative error ||x - ref|| / ||ref|| of the output, the final
    state and every gradient (a NaN fails the run).
 2. Timings (median ms of the forward and of forward + backward, i.e. the VJP with a
-   random cotangent and the gradients of every input), achieved GB/s against the
+   random cotangent and the gradients of every input; each call waited for, and
+   pipelined: ms per call of back-to-back calls, which hides the host's launch cost), achieved GB/s against the
    bytes a fused kernel must move (each input read once and each output written
    once; the backward reads the inputs and the cotangent again and writes one
    gradient per input), the speed-up over XLA, and the ratio to the peer:
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_name, print_table, time_fn
+from benchmarks.common import device_name, print_table, time_fn, time_fn_pipelined
 from ssm.ops import linear_scan, selective_scan
 
 WARMUP, ITERS = 3, 20
@@ -120,9 +121,13 @@ def check(name, f, ref, args, ct):
 
 
 def timings(f, args, ct):
+  """ms: (fwd, fwd+bwd) each waited for, then the same pipelined (launch cost hidden)."""
   fj, gj = jitted(f)
+  pipe = dict(calls=ITERS, repeats=3, warmup=1)
   return (1e3 * time_fn(fj, *args, warmup=WARMUP, iters=ITERS),
-          1e3 * time_fn(gj, ct, *args, warmup=WARMUP, iters=ITERS))
+          1e3 * time_fn(gj, ct, *args, warmup=WARMUP, iters=ITERS),
+          1e3 * time_fn_pipelined(fj, *args, **pipe),
+          1e3 * time_fn_pipelined(gj, ct, *args, **pipe))
 
 
 def bench_rows(op, shape, dtype, impls, args, ct, fwd_bytes, bwd_bytes):
@@ -132,7 +137,7 @@ def bench_rows(op, shape, dtype, impls, args, ct, fwd_bytes, bwd_bytes):
       rows.append(dict(op=op, impl=name, shape=shape, dtype=dtype, fwd_ms="n/a"))
       continue
     try:
-      t_f, t_b = timings(f, args, ct)
+      t_f, t_b, p_f, p_b = timings(f, args, ct)
     except Exception as e:  # pylint: disable=broad-except  (a peer that cannot run this call)
       rows.append(dict(op=op, impl=name, shape=shape, dtype=dtype,
                        fwd_ms=f"error: {type(e).__name__}"))
@@ -140,6 +145,7 @@ def bench_rows(op, shape, dtype, impls, args, ct, fwd_bytes, bwd_bytes):
       continue
     base[name] = (t_f, t_b)
     rows.append(dict(op=op, impl=name, shape=shape, dtype=dtype, fwd_ms=t_f, fwdbwd_ms=t_b,
+                     pipe_fwd=p_f, pipe_fwdbwd=p_b,
                      fwd_GBs=fwd_bytes / t_f / 1e6, fwdbwd_GBs=(fwd_bytes + bwd_bytes) / t_b / 1e6))
   for r in rows:
     if "fwdbwd_ms" in r:
@@ -205,7 +211,7 @@ def main():
       args = ss_inputs(1, 65536, 1536, 16, jnp.float32)
       ct = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32)
       try:
-        t_f, t_b = timings(ss_fn(impl), args, ct)
+        t_f, t_b = timings(ss_fn(impl), args, ct)[:2]
         stats = jax.devices()[0].memory_stats() or {}
         long_rows.append(dict(impl=impl, shape="B1 L65536 D1536 N16 f32", fwd_ms=t_f,
                               fwdbwd_ms=t_b, peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30))
@@ -214,10 +220,11 @@ def main():
                               fwd_ms=f"error: {type(e).__name__}"))
   print_table(checks, ["check", "out", "grads", "worst"],
               title="kernel vs XLA at the benchmark sizes (relative error; grads in argument order)")
-  print_table(rows, ["op", "impl", "shape", "dtype", "fwd_ms", "fwdbwd_ms", "fwd_GBs",
-                     "fwdbwd_GBs", "x_vs_xla", "x_vs_jla"],
-              title=f"scans on {device_name()} (x_vs_*: speed-up fwd / fwd+bwd; GB/s vs the "
-                    "minimum bytes)")
+  print_table(rows, ["op", "impl", "shape", "dtype", "fwd_ms", "fwdbwd_ms", "pipe_fwd",
+                     "pipe_fwdbwd", "fwd_GBs", "fwdbwd_GBs", "x_vs_xla", "x_vs_jla"],
+              title=f"scans on {device_name()} (ms per call waited for; pipe_*: ms per call of "
+                    f"{ITERS} queued calls; x_vs_*: speed-up fwd / fwd+bwd; GB/s vs the minimum "
+                    "bytes)")
   if long_rows:
     print_table(long_rows, ["impl", "shape", "fwd_ms", "fwdbwd_ms", "peak_GiB"],
                 title="long sequence")

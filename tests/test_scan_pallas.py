@@ -84,7 +84,7 @@ def _ss_inputs(rng, bsz, seq_len, dim, n, groups):
               delta_bias=0.3 * f(dim), h0=f(bsz, dim, n))
 
 
-def _ss_check(x, softplus, use_z, use_h0):
+def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
   names = ["u", "delta", "A", "B", "C", "D", "delta_bias"] + (["z"] if use_z else []) + (
       ["h0"] if use_h0 else [])
   if not softplus:  # dt = delta + bias must stay >= 0 (else exp(dt A) > 1 and the state explodes)
@@ -93,6 +93,10 @@ def _ss_check(x, softplus, use_z, use_h0):
   def run(impl):
     def fn(*args):
       kw = dict(zip(names, args))
+      if impl == "pallas" and bwd_segments:
+        return sp.selective_scan_pallas(
+            kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), kw.pop("D"),
+            delta_softplus=softplus, interpret=True, bwd_segments=bwd_segments, **kw)
       return selective_scan(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
                             kw.pop("D"), delta_softplus=softplus, return_state=True,
                             chunk_size=16, impl=impl, **kw)
@@ -116,6 +120,13 @@ def test_selective_scan_kernel_matches_xla():
   """Three tiles (odd length), softplus, z gate, D skip, bias, h0, N = 4."""
   x = _ss_inputs(np.random.default_rng(5), 1, 70, 128, 4, 1)
   _ss_check(x, softplus=True, use_z=True, use_h0=True)
+
+
+def test_selective_scan_kernel_backward_in_segments():
+  """The backward split into 3 parallel pieces per sequence (96 tokens, N = 8: two tokens per
+  row of warp sums) equals the XLA gradients: the pre-pass adjoints chain exactly."""
+  x = _ss_inputs(np.random.default_rng(7), 2, 96, 128, 8, 1)
+  _ss_check(x, softplus=True, use_z=True, use_h0=True, bwd_segments=3)
 
 
 @pytest.mark.slow
@@ -145,11 +156,15 @@ def test_selective_scan_kernel_bf16():
     (dict(n=32), "N = 32"),
     (dict(dim=192), "multiple of 128"),
     (dict(dim=256, groups=4), "multiple of 128"),
+    (dict(bwd_segments=2), "must divide"),
 ])
 def test_selective_scan_kernel_rejects_unsupported_shapes(kw, match):
   dim, n, groups = kw.get("dim", 128), kw.get("n", 4), kw.get("groups", 1)
   x = _ss_inputs(np.random.default_rng(0), 1, 8, dim, n, groups)
   with pytest.raises(ValueError, match=match):
+    if "bwd_segments" in kw:  # one tile of 32 tokens cannot be split in two
+      sp.selective_scan_pallas(x["u"], x["delta"], x["A"], x["B"], x["C"], interpret=True,
+                               bwd_segments=kw["bwd_segments"])
     selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="pallas")
   # "auto" takes the XLA path for them (and everywhere off a Hopper GPU).
   y = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="auto")

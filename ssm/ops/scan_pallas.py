@@ -57,16 +57,21 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental import mosaic as _mosaic  # noqa: F401  (jax.experimental.mosaic.gpu below)
+import jax.experimental.mosaic.gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, memref, vector
 
 from ssm.ops import _pallas
 
 BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup
 CHUNK = 32  # tokens per TMA tile
 SUB = 8  # tokens per history sub-tile in the selective-scan backward
-ROWS = 64  # rows of the dB/dC reduction tile
 SS_STATES = (4, 8, 16)
 _LINE = plgpu.Layout.WG_STRIDED((BLOCK_D,), vec_size=1)  # thread i holds channel i
-_WGMMA = plgpu.Layout.WGMMA
+_WARP = 32
+_WARPS = BLOCK_D // _WARP
 _F32 = jnp.float32
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -432,6 +437,8 @@ class _SSCfg:
   has_z: bool
   save_states: bool
   interpret: bool
+  bwd_segments: int = 1  # parallel pieces of each sequence in the backward
+  true_len: int = 0  # the unpadded length (0: seq_len)
 
   @property
   def n_tiles(self) -> int:
@@ -540,62 +547,272 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
   return call(*(arrays[k] for k in in_names))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, dfin_t):
+# -- channel sums of the backward's dB/dC terms: a butterfly across each warp's 32 lanes ---------
+#
+# A thread holds one channel's 32 products of a row (2N per token, 32 / 2N tokens). Five
+# reduce-scatter steps over lanes 16, 8, 4, 2, 1 apart each halve the values a lane keeps and
+# add its partner's other half; lane l then holds its warp's sum of product l (31 shuffles
+# per row instead of 32 x 32 shared-memory round trips). The four warps' rows are added once
+# per tile. In interpret mode the same steps run on the (128,) value arrays, lane exchange
+# by reshaping, so the bookkeeping is tested on the CPU.
+
+
+def _lane_swap(x, dist: int):
+  """x[i ^ dist] for a (128,) array (interpret mode's shfl.bfly)."""
+  return x.reshape(-1, 2, dist)[:, ::-1, :].reshape(x.shape)
+
+
+def _bfly_interp(dist: int, vals):
+  upper = (jnp.arange(BLOCK_D) & dist) != 0
+  m = len(vals) // 2
+  return [jnp.where(upper, hi, lo) + _lane_swap(jnp.where(upper, lo, hi), dist)
+          for lo, hi in zip(vals[:m], vals[m:])]
+
+
+def _mgpu_bfly(dist: int, vals):
+  """One step on MLIR scalars (one per thread): lanes with bit `dist` keep the upper half."""
+  i32 = ir.IntegerType.get_signless(32)
+  lane = arith.andi(mgpu_utils.thread_idx(), mgpu_utils.c(_WARP - 1, i32))
+  upper = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, mgpu_utils.c(dist, i32)),
+                     mgpu_utils.c(0, i32))
+  m = len(vals) // 2
+  out = []
+  for lo, hi in zip(vals[:m], vals[m:]):
+    mine, theirs = arith.select(upper, hi, lo), arith.select(upper, lo, hi)
+    out.append(arith.addf(mine, mgpu_utils.shfl_bfly(theirs, dist)))
+  return out
+
+
+def _one_reg(x):  # the thread's single element of a (128,) _LINE array
+  return vector.extract(x.registers.flat[0], dynamic_position=[],
+                        static_position=ir.DenseI64ArrayAttr.get([0]))
+
+
+@plgpu.inline_mgpu(arg_types=(_LINE, _LINE),
+                   return_type=plgpu.ShapeDtypeStruct((BLOCK_D,), _F32, layout=_LINE))
+def _first_step_gpu(ctx, lo, hi):
+  del ctx
+  (v,) = _mgpu_bfly(_WARP // 2, [_one_reg(lo), _one_reg(hi)])
+  regs = lo.registers.copy()
+  regs.flat[0] = vector.broadcast(regs.flat[0].type, v)
+  return mgpu.FragmentedArray(_registers=regs, _layout=lo.layout, _is_signed=None)
+
+
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) + (_LINE,) * (_WARP // 2))
+def _finish_gpu(ctx, row_ref, *parts):
+  """Steps 8..1, then lane l of warp w stores its sum of product l at row_ref[w, l]."""
+  del ctx
+  vals = [_one_reg(p) for p in parts]
+  dist = _WARP // 4
+  while dist:
+    vals = _mgpu_bfly(dist, vals)
+    dist //= 2
+  i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+  tid = mgpu_utils.thread_idx()
+  lane = arith.andi(tid, mgpu_utils.c(_WARP - 1, i32))
+  warp = arith.andi(arith.shrui(tid, mgpu_utils.c(5, i32)), mgpu_utils.c(_WARPS - 1, i32))
+  memref.store(vals[0], row_ref, [arith.index_cast(index, warp), arith.index_cast(index, lane)])
+
+
+class _WarpRow:
+  """Collects the 32 products of one row; pairs 16 apart take the first step as soon as both
+  exist (16 partial sums live instead of 32)."""
+
+  def __init__(self, interp: bool):
+    self.interp, self.waiting, self.firsts = interp, {}, [None] * (_WARP // 2)
+
+  def put(self, i: int, v):
+    other = self.waiting.pop(i ^ (_WARP // 2), None)
+    if other is None:
+      self.waiting[i] = v
+      return
+    lo, hi = (v, other) if i < _WARP // 2 else (other, v)
+    k = i % (_WARP // 2)
+    if self.interp:
+      (self.firsts[k],) = _bfly_interp(_WARP // 2, [lo, hi])
+    else:
+      self.firsts[k] = _first_step_gpu(lo, hi)
+
+  def store(self, row_ref):
+    """row_ref: (warps, 32) shared ref; row_ref[w, l] = warp w's sum of product l."""
+    assert not self.waiting and all(f is not None for f in self.firsts)
+    if self.interp:
+      vals, dist = self.firsts, _WARP // 4
+      while dist:
+        vals = _bfly_interp(dist, vals)
+        dist //= 2
+      row_ref[...] = vals[0].reshape(_WARPS, _WARP)
+    else:
+      _finish_gpu(row_ref, *self.firsts)
+    self.firsts = [None] * (_WARP // 2)
+
+
+def bwd_segments_for(batch: int, dim: int, n_tiles: int, num_sms: int) -> int:
+  """Segments per sequence for the selective-scan backward: (D / 128) * batch CTAs alone can
+  leave SMs idle (48 of 132 at B 4, D 1536). Minimises the estimated time in units of an
+  unsplit row: waves of the main kernel over S and the adjoint pre-pass on S - 1 segments
+  (about a fifth of the main kernel's cost per token). S divides the tiles; S <= 8."""
+  ctas = (dim // BLOCK_D) * batch
+
+  def cost(s):
+    return (-(-ctas * s // num_sms) + 0.2 * -(-ctas * (s - 1) // num_sms)) / s
+
+  best = 1
+  for s in range(2, 9):
+    if n_tiles % s == 0 and cost(s) < cost(best) - 1e-9:
+      best = s
+  return best
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
+  """The adjoint over segments 1 .. S-1 of each sequence from a zero cotangent at the
+  segment's end, and the segment's decay exp2(a2 * sum(delta)) (B, S - 1, N, D) each: the
+  cotangent entering segment s is gloc[s - 1] + decay[s - 1] * (the one at its end)."""
+  N, per = cfg.n_state, cfg.n_tiles // segments
+  interp = cfg.interpret
+  tile_names = ["dt", "dout"] + (["z"] if cfg.has_z else [])
+  arrays = dict(dt=dt, z=z, dout=dout, cm=cm)
+  per_stage = sum(CHUNK * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + CHUNK * N * 4
+  stages = _stages(per, per_stage)
+  shape = jax.ShapeDtypeStruct((cfg.batch, segments - 1, N, cfg.dim), _F32)
+  smem_names = tile_names + ["cm"]
+  scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
+  scratch += [plgpu.SMEM((stages, CHUNK, N), _F32),
+              plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
+  in_names = tile_names + ["cm", "bias", "a2t"]
+
+  def body(*all_refs):
+    refs = dict(zip(in_names + ["gloc", "decay"], all_refs))
+    smem = dict(zip(smem_names, all_refs[len(in_names) + 2:]))
+    bars = all_refs[-1]
+    di, bi, sp = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
+    gi = di // cfg.group_blocks
+    cols = pl.ds(di * BLOCK_D, BLOCK_D)
+    last = (sp + 1) * per + per - 1  # this segment's last tile
+
+    def fetch(step, slot):
+      rows = pl.ds((last - step) * CHUNK, CHUNK)
+      for name in tile_names:
+        plgpu.copy_gmem_to_smem(refs[name].at[bi, rows, cols], smem[name].at[slot], bars.at[slot])
+      plgpu.copy_gmem_to_smem(refs["cm"].at[bi, gi, rows], smem["cm"].at[slot], bars.at[slot])
+
+    for i in range(stages):
+      fetch(i, i)
+    vec = lambda r: _pallas.load(r, _LINE, interp)
+    bias = vec(refs["bias"].at[cols])
+    a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
+    zero = 0.0 * bias
+
+    def tile(step, carry):
+      slot = lax.rem(step, stages)
+      plgpu.barrier_wait(bars.at[slot])
+
+      def token(k, carry):
+        g, sumd = carry
+        t = CHUNK - 1 - k
+        x = vec(smem["dt"].at[slot, t]).astype(_F32) + bias
+        delta = _softplus(x) if cfg.softplus else x
+        dy = vec(smem["dout"].at[slot, t]).astype(_F32)
+        if cfg.has_z:
+          zz = vec(smem["z"].at[slot, t]).astype(_F32)
+          dy = dy * (zz * jax.nn.sigmoid(zz))
+        g = tuple((g[j] + dy * smem["cm"][slot, t, j]) * jnp.exp2(delta * a2[j]) for j in range(N))
+        return g, sumd + delta
+
+      carry = _unrolled(CHUNK, token, carry)
+      plgpu.commit_smem()  # every thread is done with the slot
+
+      @pl.when(step + stages < per)
+      def _():
+        fetch(step + stages, slot)
+
+      return carry
+
+    g, sumd = lax.fori_loop(0, per, tile, (tuple(zero for _ in range(N)), zero))
+    for j in range(N):
+      refs["gloc"][bi, sp, j, cols] = g[j]
+      refs["decay"][bi, sp, j, cols] = jnp.exp2(a2[j] * sumd)
+
+  call = _pallas.kernel(body, interpret=interp, out_type=(shape, shape),
+                        grid=(cfg.dim // BLOCK_D, cfg.batch, segments - 1),
+                        grid_names=("d", "b", "s"), scratch_types=scratch,
+                        compiler_params=_params(), kernel_name="selective_scan_bwd_segments")
+  arrays.update(bias=bias, a2t=a2t)
+  return call(*(arrays[k] for k in in_names))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip, a2t, states,
+                 dfin_t):
   """Cotangents of the padded kernel inputs of `_ss_fwd_call`.
 
   dout (B, Lp, D) (u's dtype); states (B, Lp / CHUNK, N, D) from the forward; dfin_t (B, N, D).
-  Returns du, ddt (B, Lp, D) f32 [, dz], dbc (B, D / 128, Lp * 2N) (per channel block and token:
-  N terms of dC then N of dB), ddskip (B, D), dA (B, N, D), dh0 (B, N, D), all float32.
-  ddt is w.r.t. the pre-softplus delta + bias (dbias = its sum over batch and time).
+  Each sequence runs as `segments` parallel pieces; the cotangent entering each comes from
+  `_ss_seg_call` chained here (the adjoint is linear in it).
+  Returns du, ddt (B, Lp, D) [, dz] in u's dtype, then float32: dbc (B, D / 128, Lp * 2N) (per
+  channel block and token: N terms of dC then N of dB), ddskip, dbias (B, D), dA (B, N, D),
+  dh0 (B, N, D). ddt is w.r.t. the pre-softplus delta + bias; dbias is its sum over time.
   """
   N, nt, bsz, dim = cfg.n_state, cfg.n_tiles, cfg.batch, cfg.dim
+  per = nt // segments
   width = 2 * N
-  group = ROWS // width  # tokens per channel reduction
-  assert ROWS % width == 0 and SUB % group == 0, (N, group)
+  group = _WARP // width  # tokens per row of 32 products
+  assert _WARP % width == 0 and SUB % group == 0 and nt % segments == 0, (N, segments)
   interp = cfg.interpret
+  if segments > 1:
+    gloc, decay = _ss_seg_call(cfg, segments, dt, z, dout, cm, bias, a2t)
+    g_in = [dfin_t]  # the cotangent leaving each segment, last segment first
+    for s in range(segments - 2, -1, -1):
+      g_in.append(gloc[:, s] + decay[:, s] * g_in[-1])
+    g_in = jnp.stack(g_in[::-1], axis=1)
+  else:
+    g_in = dfin_t[:, None]
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else []) + ["dout"]
   arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
-  fixed = (CHUNK // SUB + SUB) * N * BLOCK_D * 4 + ROWS * BLOCK_D * 4 + CHUNK * width * 4
+  red_len = CHUNK * width
+  fixed = (CHUNK // SUB + SUB) * N * BLOCK_D * 4 + (_WARPS + 1) * red_len * 4
   per_stage = sum(CHUNK * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * CHUNK * N * 4
-  stages = _stages(nt, per_stage, fixed, most=2)
-  big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), _F32)
-  out_names = ["du", "ddt"] + (["dz"] if cfg.has_z else []) + ["dbc", "ddskip", "da", "dh0"]
+  stages = _stages(per, per_stage, fixed, most=2)
+  big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), u.dtype)  # written once, in u's dtype
+  per_seg = lambda *shape: jax.ShapeDtypeStruct((bsz, segments) + shape, _F32)
+  out_names = ["du", "ddt"] + (["dz"] if cfg.has_z else []) + ["dbc", "ddskip", "dbias", "da",
+                                                                 "dh0"]
   out_type = [big, big] + ([big] if cfg.has_z else []) + [
       jax.ShapeDtypeStruct((bsz, dim // BLOCK_D, cfg.seq_len * width), _F32),
-      jax.ShapeDtypeStruct((bsz, dim), _F32),
-      jax.ShapeDtypeStruct((bsz, N, dim), _F32),
-      jax.ShapeDtypeStruct((bsz, N, dim), _F32)]
+      per_seg(dim), per_seg(dim), per_seg(N, dim), per_seg(N, dim)]
   smem_names = tile_names + ["bm", "cm"]
   scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
   scratch += [plgpu.SMEM((stages, CHUNK, N), _F32)] * 2
   scratch += [plgpu.SMEM((CHUNK // SUB, N, BLOCK_D), _F32),  # state entering each sub-tile
               plgpu.SMEM((SUB, N, BLOCK_D), _F32),  # state entering each token of a sub-tile
-              plgpu.SMEM((ROWS, BLOCK_D), _F32),  # dC/dB terms of `group` tokens
-              plgpu.SMEM((CHUNK * width,), _F32),  # their channel sums for the tile
+              plgpu.SMEM((_WARPS, red_len), _F32),  # per-warp channel sums of the tile's rows
+              plgpu.SMEM((red_len,), _F32),  # the CTA's sums for the tile
               plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
-  in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "states", "dfin"]
+  in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "states", "g_in"]
+  red_line = plgpu.Layout.WG_STRIDED((red_len,), vec_size=1)
 
   def body(*all_refs):
     refs = dict(zip(in_names + out_names, all_refs))
     rest = all_refs[len(in_names) + len(out_names):]
     smem = dict(zip(smem_names, rest))
-    subs, hist, prod, red, bars = rest[len(smem_names):]
-    di, bi = lax.axis_index("d"), lax.axis_index("b")
+    subs, hist, part, red, bars = rest[len(smem_names):]
+    di, bi, sg = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
     gi = di // cfg.group_blocks
     cols = pl.ds(di * BLOCK_D, BLOCK_D)
+    last = sg * per + per - 1  # the segment's last tile
     fetch = functools.partial(_ss_tiles, cfg, tile_names, refs, smem, bars, bi, gi, cols)
     for i in range(stages):
-      fetch(nt - 1 - i, i)
+      fetch(last - i, i)
     vec = lambda r: _pallas.load(r, _LINE, interp)
     bias, dskip = vec(refs["bias"].at[cols]), vec(refs["dskip"].at[cols])
     a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
     zero = 0.0 * bias
-    g0 = tuple(vec(refs["dfin"].at[bi, j, cols]) for j in range(N))
-    acc0 = (tuple(zero for _ in range(N)), zero)  # dA terms, dD
+    g0 = tuple(vec(refs["g_in"].at[bi, sg, j, cols]) for j in range(N))
+    acc0 = (tuple(zero for _ in range(N)), zero, zero)  # dA terms, dD, dbias
 
     def tile(step, carry):
-      n = nt - 1 - step
+      n = last - step
       slot = lax.rem(step, stages)
       plgpu.barrier_wait(bars.at[slot])
       tiles = {k: smem[k].at[slot] for k in smem_names}
@@ -620,12 +837,14 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
       for j in range(N):
         subs[CHUNK // SUB - 1, j, :] = h[j]
 
-      def back_token(s, r, row, carry):
-        """The adjoint step at token t = s * SUB + r; its dC/dB terms go to prod[row:]."""
-        g, (da, dd) = carry
+      def back_token(s, r, k, row, carry):
+        """The adjoint step at token t = s * SUB + r; its dC/dB terms go to `row` (a _WarpRow)
+        from position k * 2N on (k: the token's static place in the row)."""
+        g, (da, dd, db) = carry
         g, da = list(g), list(da)
         t = s * SUB + r
         pos = n * CHUNK + t
+        q = k * width
         x, delta, uu = inputs(t)
         du = delta * uu
         hp = [vec(hist.at[r, j]) for j in range(N)]
@@ -639,9 +858,10 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
           for j in range(N):
             y = y + ht[j] * ct[j]
           zz = vec(tiles["z"].at[t]).astype(_F32)
-          sg = jax.nn.sigmoid(zz)
-          dy = dout * (zz * sg)
-          refs["dz"][bi, pos, cols] = dout * y * (sg * (1.0 + zz * (1.0 - sg)))
+          sgm = jax.nn.sigmoid(zz)
+          dy = dout * (zz * sgm)
+          refs["dz"][bi, pos, cols] = (dout * y * (sgm * (1.0 + zz * (1.0 - sgm)))).astype(
+              refs["dz"].dtype)
         else:
           dy = dout
         dd = dd + dy * uu
@@ -649,8 +869,8 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
         d_dec_a = zero  # sum_j d(dec_j) dec_j a2_j, the delta term of the decays
         for j in range(N):
           gh = g[j] + dy * ct[j]  # total cotangent of h_t[j]
-          prod[row + j, :] = dy * ht[j]  # dC_t[j] term
-          prod[row + N + j, :] = gh * du  # dB_t[j] term
+          row.put(q + j, dy * ht[j])  # dC_t[j] term
+          row.put(q + N + j, gh * du)  # dB_t[j] term
           d_du = d_du + gh * bt[j]
           gdec = gh * hp[j] * dec[j]
           da[j] = da[j] + gdec * delta
@@ -659,9 +879,12 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
         ddelta = d_dec_a * _LN2 + d_du * uu
         if cfg.softplus:
           ddelta = ddelta * jnp.where(x > 20.0, 1.0, jax.nn.sigmoid(x))
-        refs["ddt"][bi, pos, cols] = ddelta
-        refs["du"][bi, pos, cols] = dy * dskip + d_du * delta
-        return tuple(g), (tuple(da), dd)
+        refs["ddt"][bi, pos, cols] = ddelta.astype(refs["ddt"].dtype)
+        refs["du"][bi, pos, cols] = (dy * dskip + d_du * delta).astype(refs["du"].dtype)
+        if not cfg.softplus and 0 < cfg.true_len < cfg.seq_len:
+          # a padded step (delta = 0) still sees the final state's cotangent: not part of dbias
+          ddelta = ddelta * (pos < cfg.true_len).astype(_F32)
+        return tuple(g), (tuple(da), dd, db + ddelta)
 
       def sub_back(k, carry):  # pass 2, sub-tiles last first
         s = CHUNK // SUB - 1 - k
@@ -675,41 +898,48 @@ def _ss_bwd_call(cfg: _SSCfg, u, dt, z, dout, bm, cm, bias, dskip, a2t, states, 
         for j in range(N):
           hist[SUB - 1, j, :] = h[j]
 
-        def token_group(i, carry):  # `group` tokens, last first, then their channel sums
+        def token_row(i, carry):  # `group` tokens (one row of 32 products), last first
           r0 = (SUB // group - 1 - i) * group
+          row = _WarpRow(interp)
           for q in reversed(range(group)):
-            carry = back_token(s, r0 + q, q * width, carry)
-          plgpu.commit_smem()
-          sums = _pallas.load(prod, _WGMMA, interp).sum(axis=1)
-          red[pl.ds((s * SUB + r0) * width, ROWS)] = sums
-          plgpu.commit_smem()
+            carry = back_token(s, r0 + q, q, row, carry)
+          row.store(part.at[:, pl.ds((s * SUB + r0) * width, _WARP)])
           return carry
 
-        return lax.fori_loop(0, SUB // group, token_group, carry)
+        return lax.fori_loop(0, SUB // group, token_row, carry)
 
       carry = lax.fori_loop(0, CHUNK // SUB, sub_back, carry)
-      plgpu.copy_smem_to_gmem(red, refs["dbc"].at[bi, di, pl.ds(n * CHUNK * width, CHUNK * width)])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.commit_smem()  # the slot is read and every warp's row sums are stored
 
-      @pl.when(step + stages < nt)
+      @pl.when(step + stages < per)
       def _():
         fetch(n - stages, slot)
 
+      total = _pallas.load(part.at[0], red_line, interp)
+      for w in range(1, _WARPS):
+        total = total + _pallas.load(part.at[w], red_line, interp)
+      red[...] = total
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(red, refs["dbc"].at[bi, di, pl.ds(n * red_len, red_len)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       return carry
 
-    g, (da, dd) = lax.fori_loop(0, nt, tile, (g0, acc0))
+    g, (da, dd, db) = lax.fori_loop(0, per, tile, (g0, acc0))
     plgpu.wait_smem_to_gmem(0)
     for j in range(N):
-      refs["dh0"][bi, j, cols] = g[j]
-      refs["da"][bi, j, cols] = da[j]
-    refs["ddskip"][bi, cols] = dd
+      refs["dh0"][bi, sg, j, cols] = g[j]
+      refs["da"][bi, sg, j, cols] = da[j]
+    refs["ddskip"][bi, sg, cols] = dd
+    refs["dbias"][bi, sg, cols] = db
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
-                        grid=(dim // BLOCK_D, bsz), grid_names=("d", "b"),
+                        grid=(dim // BLOCK_D, bsz, segments), grid_names=("d", "b", "s"),
                         scratch_types=scratch, compiler_params=_params(),
                         kernel_name="selective_scan_bwd")
-  arrays.update(bias=bias, dskip=dskip, a2t=a2t, states=states, dfin=dfin_t)
-  return call(*(arrays[k] for k in in_names))
+  arrays.update(bias=bias, dskip=dskip, a2t=a2t, states=states, g_in=g_in)
+  outs = list(call(*(arrays[k] for k in in_names)))
+  ddskip, dbias, da, dh0 = outs[-4:]
+  return outs[:-4] + [ddskip.sum(axis=1), dbias.sum(axis=1), da.sum(axis=1), dh0[:, 0]]
 
 
 def _ss_prepare(cfg: _SSCfg, seq_len, u, delta, z, B, C, bias, dskip, A, h0):
@@ -750,11 +980,11 @@ def _ss_bwd(cfg, seq_len, res, cts):
   u_p, dt_p, z_p, bm, cm, bias_f, dskip_f, a2t, _ = ops
   dy, dfinal = cts
   dy_p = _pad_time(dy.astype(u.dtype), cfg.seq_len)
-  outs = _ss_bwd_call(cfg, u_p, dt_p, z_p, dy_p, bm, cm, bias_f, dskip_f, a2t, states,
+  outs = _ss_bwd_call(cfg, cfg.bwd_segments, u_p, dt_p, z_p, dy_p, bm, cm, bias_f, dskip_f, a2t, states,
                       jnp.swapaxes(dfinal.astype(_F32), 1, 2))
   du, ddt = outs[0], outs[1]
   dz = outs[2] if cfg.has_z else None
-  dbc, ddskip, da, dh0 = outs[3:] if cfg.has_z else outs[2:]
+  dbc, ddskip, dbias, da, dh0 = outs[3:] if cfg.has_z else outs[2:]
   sl = slice(0, seq_len)
   bsz, N, G = cfg.batch, cfg.n_state, cfg.groups
   # (b, blocks, Lp * 2N) -> sum the channel blocks of each group -> (b, Lp, g, 2N)
@@ -766,18 +996,21 @@ def _ss_bwd(cfg, seq_len, res, cts):
           jnp.sum(da, axis=0).T.astype(A.dtype), dB.astype(B.dtype), dC.astype(C.dtype),
           jnp.sum(ddskip, axis=0).astype(D.dtype),
           None if z is None else dz[:, sl].astype(z.dtype),
-          jnp.sum(ddt, axis=(0, 1)).astype(bias.dtype), jnp.swapaxes(dh0, 1, 2).astype(h0.dtype))
+          jnp.sum(dbias, axis=0).astype(bias.dtype), jnp.swapaxes(dh0, 1, 2).astype(h0.dtype))
 
 
 _ss.defvjp(_ss_fwd, _ss_bwd)
 
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
-                          delta_softplus=False, h0=None, interpret: bool = False):
+                          delta_softplus=False, h0=None, interpret: bool = False,
+                          bwd_segments: int | None = None):
   """Mamba-1 selective scan by the kernels; returns (y, last state (b, D, N) float32).
 
   B, C: (b, l, g, n) (the op's public wrapper reshapes (b, l, n)). Same semantics as
-  ssm.ops.selective_scan.
+  ssm.ops.selective_scan. bwd_segments: parallel pieces per sequence in the backward
+  (None: `bwd_segments` for the device's SM count on a GPU, 1 when interpreting); it must
+  divide the number of CHUNK-token tiles.
   """
   check_selective_scan_pallas(u, A, B)
   bsz, seq_len, dim = u.shape
@@ -789,7 +1022,15 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
   D = jnp.zeros((dim,), _F32) if D is None else D
   bias = jnp.zeros((dim,), _F32) if delta_bias is None else delta_bias
   h0 = jnp.zeros((bsz, dim, n_state), _F32) if h0 is None else h0
+  n_tiles = _pad_len(seq_len) // CHUNK
+  if bwd_segments is None:
+    sms = getattr(jax.devices()[0], "core_count", 0) if not interpret else 0
+    bwd_segments = bwd_segments_for(bsz, dim, n_tiles, sms) if sms else 1
+  if bwd_segments < 1 or n_tiles % bwd_segments:
+    raise ValueError(f"selective_scan (pallas): bwd_segments = {bwd_segments} must divide the "
+                     f"{n_tiles} tiles of {CHUNK} tokens")
   cfg = _SSCfg(batch=bsz, seq_len=_pad_len(seq_len), dim=dim, n_state=n_state,
                groups=B.shape[2], softplus=bool(delta_softplus), has_z=z is not None,
-               save_states=False, interpret=interpret)
+               save_states=False, interpret=interpret, bwd_segments=bwd_segments,
+               true_len=seq_len)
   return _ss(cfg, seq_len, u, delta, A, B, C, D, z, bias, h0)
