@@ -156,13 +156,13 @@ def test_selective_scan_kernel_bf16():
     (dict(n=32), "N = 32"),
     (dict(dim=192), "multiple of 128"),
     (dict(dim=256, groups=4), "multiple of 128"),
-    (dict(bwd_segments=2), "must divide"),
+    (dict(bwd_segments=3), "must divide"),
 ])
 def test_selective_scan_kernel_rejects_unsupported_shapes(kw, match):
   dim, n, groups = kw.get("dim", 128), kw.get("n", 4), kw.get("groups", 1)
   x = _ss_inputs(np.random.default_rng(0), 1, 8, dim, n, groups)
   with pytest.raises(ValueError, match=match):
-    if "bwd_segments" in kw:  # one tile of 32 tokens cannot be split in two
+    if "bwd_segments" in kw:  # two backward tiles of 16 tokens cannot be split in three
       sp.selective_scan_pallas(x["u"], x["delta"], x["A"], x["B"], x["C"], interpret=True,
                                bwd_segments=kw["bwd_segments"])
     selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="pallas")

@@ -34,7 +34,7 @@ def main(counts):
       print(rows[-1], flush=True)
   print_table(rows, ["dtype", "segments", "fwdbwd_ms"],
               title=f"{jax.devices()[0].device_kind}: auto picks "
-                    f"{sp.bwd_segments_for(b, d, l // sp.CHUNK, sms)} ({sms} SMs)")
+                    f"{sp.bwd_segments_for(b, d, l // sp.BWD_TILE, sms)} ({sms} SMs)")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ from ssm.ops import _pallas
 
 BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup
 CHUNK = 32  # tokens per TMA tile
-SUB = 8  # tokens per history sub-tile in the selective-scan backward
+BWD_TILE = 16  # tokens per tile of the selective-scan backward (the forward saves a state each)
+SUB = 4  # tokens per history sub-tile in the selective-scan backward
+_BWD_SMEM = 110 * 1024  # two backward CTAs per SM (228 KB, 1 KB reserved per CTA)
 SS_STATES = (4, 8, 16)
 _LINE = plgpu.Layout.WG_STRIDED((BLOCK_D,), vec_size=1)  # thread i holds channel i
 _WARP = 32
@@ -104,10 +106,11 @@ def _unrolled(n: int, step, carry, unroll: int = 4):
   return lax.fori_loop(0, n // unroll, group, carry)
 
 
-def _stages(n_tiles: int, bytes_per_stage: int, fixed: int = 0, most: int = 3) -> int:
-  """Prefetch depth: as deep as `most` while the stages fit the shared memory."""
+def _stages(n_tiles: int, bytes_per_stage: int, fixed: int = 0, most: int = 3,
+            budget: int = _SMEM_BYTES) -> int:
+  """Prefetch depth: as deep as `most` while the stages fit `budget` bytes of shared memory."""
   s = most
-  while s > 1 and fixed + s * bytes_per_stage > _SMEM_BYTES:
+  while s > 1 and fixed + s * bytes_per_stage > budget:
     s -= 1
   return max(1, min(s, n_tiles))
 
@@ -457,8 +460,8 @@ def _softplus(x):
   return jnp.where(x > 20.0, x, lp)
 
 
-def _ss_tiles(cfg: _SSCfg, names, refs, smem, bars, bi, gi, cols, n, slot):
-  rows = pl.ds(n * CHUNK, CHUNK)
+def _ss_tiles(cfg: _SSCfg, names, refs, smem, bars, bi, gi, cols, n, slot, size=CHUNK):
+  rows = pl.ds(n * size, size)
   for name in names:
     plgpu.copy_gmem_to_smem(refs[name].at[bi, rows, cols], smem[name].at[slot], bars.at[slot])
   for name in ("bm", "cm"):
@@ -469,7 +472,7 @@ def _ss_tiles(cfg: _SSCfg, names, refs, smem, bars, bi, gi, cols, n, slot):
 def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
   """u, dt, z (B, Lp, D); bm, cm (B, G, Lp, N) f32; bias, dskip (D,); a2t (N, D) = A log2(e)
   transposed; h0t (B, N, D). Returns y (B, Lp, D) u.dtype, final (B, N, D) f32 and, with
-  save_states, the state entering every tile (B, Lp / CHUNK, N, D) f32."""
+  save_states, the state entering every BWD_TILE tokens (B, Lp / BWD_TILE, N, D) f32."""
   N, nt = cfg.n_state, cfg.n_tiles
   interp = cfg.interpret
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else [])
@@ -479,7 +482,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
   out_type = [jax.ShapeDtypeStruct(u.shape, u.dtype),
               jax.ShapeDtypeStruct((cfg.batch, N, cfg.dim), _F32)]
   if cfg.save_states:
-    out_type.append(jax.ShapeDtypeStruct((cfg.batch, nt, N, cfg.dim), _F32))
+    out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len // BWD_TILE, N, cfg.dim), _F32))
   smem_names = tile_names + ["bm", "cm"]
   scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
   scratch += [plgpu.SMEM((stages, CHUNK, N), _F32)] * 2
@@ -504,9 +507,6 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
 
     def tile(n, h):
       slot = lax.rem(n, stages)
-      if cfg.save_states:
-        for j in range(N):
-          refs["states"][bi, n, j, cols] = h[j]
       plgpu.barrier_wait(bars.at[slot])
       bm_s, cm_s = smem["bm"].at[slot], smem["cm"].at[slot]
 
@@ -526,7 +526,11 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
         refs["y"][bi, n * CHUNK + t, cols] = y.astype(refs["y"].dtype)
         return tuple(h)
 
-      h = _unrolled(CHUNK, token, h)
+      for part in range(CHUNK // BWD_TILE):
+        if cfg.save_states:
+          for j in range(N):
+            refs["states"][bi, n * (CHUNK // BWD_TILE) + part, j, cols] = h[j]
+        h = _unrolled(BWD_TILE, lambda t, h, o=part * BWD_TILE: token(o + t, h), h)
       plgpu.commit_smem()
 
       @pl.when(n + stages < nt)
@@ -651,14 +655,15 @@ def bwd_segments_for(batch: int, dim: int, n_tiles: int, num_sms: int) -> int:
   """Segments per sequence for the selective-scan backward: (D / 128) * batch CTAs alone can
   leave SMs idle (48 of 132 at B 4, D 1536). Minimises the estimated time in units of an
   unsplit row: waves of the main kernel over S and the adjoint pre-pass on S - 1 segments
-  (about a fifth of the main kernel's cost per token). S divides the tiles; S <= 8."""
-  ctas = (dim // BLOCK_D) * batch
+  (about a fifth of the main kernel's cost per token). S divides the BWD_TILE-token tiles;
+  S <= 16."""
+  ctas, slots = (dim // BLOCK_D) * batch, 2 * num_sms  # two backward CTAs fit an SM
 
   def cost(s):
-    return (-(-ctas * s // num_sms) + 0.2 * -(-ctas * (s - 1) // num_sms)) / s
+    return (-(-ctas * s // slots) + 0.2 * -(-ctas * (s - 1) // slots)) / s
 
   best = 1
-  for s in range(2, 9):
+  for s in range(2, 17):
     if n_tiles % s == 0 and cost(s) < cost(best) - 1e-9:
       best = s
   return best
@@ -669,16 +674,16 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
   """The adjoint over segments 1 .. S-1 of each sequence from a zero cotangent at the
   segment's end, and the segment's decay exp2(a2 * sum(delta)) (B, S - 1, N, D) each: the
   cotangent entering segment s is gloc[s - 1] + decay[s - 1] * (the one at its end)."""
-  N, per = cfg.n_state, cfg.n_tiles // segments
+  N, per = cfg.n_state, cfg.seq_len // BWD_TILE // segments
   interp = cfg.interpret
   tile_names = ["dt", "dout"] + (["z"] if cfg.has_z else [])
   arrays = dict(dt=dt, z=z, dout=dout, cm=cm)
-  per_stage = sum(CHUNK * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + CHUNK * N * 4
+  per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + BWD_TILE * N * 4
   stages = _stages(per, per_stage)
   shape = jax.ShapeDtypeStruct((cfg.batch, segments - 1, N, cfg.dim), _F32)
   smem_names = tile_names + ["cm"]
-  scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
-  scratch += [plgpu.SMEM((stages, CHUNK, N), _F32),
+  scratch = [plgpu.SMEM((stages, BWD_TILE, BLOCK_D), arrays[k].dtype) for k in tile_names]
+  scratch += [plgpu.SMEM((stages, BWD_TILE, N), _F32),
               plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
   in_names = tile_names + ["cm", "bias", "a2t"]
 
@@ -692,7 +697,7 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
     last = (sp + 1) * per + per - 1  # this segment's last tile
 
     def fetch(step, slot):
-      rows = pl.ds((last - step) * CHUNK, CHUNK)
+      rows = pl.ds((last - step) * BWD_TILE, BWD_TILE)
       for name in tile_names:
         plgpu.copy_gmem_to_smem(refs[name].at[bi, rows, cols], smem[name].at[slot], bars.at[slot])
       plgpu.copy_gmem_to_smem(refs["cm"].at[bi, gi, rows], smem["cm"].at[slot], bars.at[slot])
@@ -710,7 +715,7 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
 
       def token(k, carry):
         g, sumd = carry
-        t = CHUNK - 1 - k
+        t = BWD_TILE - 1 - k
         x = vec(smem["dt"].at[slot, t]).astype(_F32) + bias
         delta = _softplus(x) if cfg.softplus else x
         dy = vec(smem["dout"].at[slot, t]).astype(_F32)
@@ -720,7 +725,7 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
         g = tuple((g[j] + dy * smem["cm"][slot, t, j]) * jnp.exp2(delta * a2[j]) for j in range(N))
         return g, sumd + delta
 
-      carry = _unrolled(CHUNK, token, carry)
+      carry = _unrolled(BWD_TILE, token, carry)
       plgpu.commit_smem()  # every thread is done with the slot
 
       @pl.when(step + stages < per)
@@ -747,14 +752,14 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
                  dfin_t):
   """Cotangents of the padded kernel inputs of `_ss_fwd_call`.
 
-  dout (B, Lp, D) (u's dtype); states (B, Lp / CHUNK, N, D) from the forward; dfin_t (B, N, D).
+  dout (B, Lp, D) (u's dtype); states (B, Lp / BWD_TILE, N, D) from the forward; dfin_t (B, N, D).
   Each sequence runs as `segments` parallel pieces; the cotangent entering each comes from
   `_ss_seg_call` chained here (the adjoint is linear in it).
   Returns du, ddt (B, Lp, D) [, dz] in u's dtype, then float32: dbc (B, D / 128, Lp * 2N) (per
   channel block and token: N terms of dC then N of dB), ddskip, dbias (B, D), dA (B, N, D),
   dh0 (B, N, D). ddt is w.r.t. the pre-softplus delta + bias; dbias is its sum over time.
   """
-  N, nt, bsz, dim = cfg.n_state, cfg.n_tiles, cfg.batch, cfg.dim
+  N, nt, bsz, dim = cfg.n_state, cfg.seq_len // BWD_TILE, cfg.batch, cfg.dim
   per = nt // segments
   width = 2 * N
   group = _WARP // width  # tokens per row of 32 products
@@ -770,10 +775,10 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
     g_in = dfin_t[:, None]
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else []) + ["dout"]
   arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
-  red_len = CHUNK * width
-  fixed = (CHUNK // SUB + SUB) * N * BLOCK_D * 4 + (_WARPS + 1) * red_len * 4
-  per_stage = sum(CHUNK * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * CHUNK * N * 4
-  stages = _stages(per, per_stage, fixed, most=2)
+  red_len = BWD_TILE * width
+  fixed = (BWD_TILE // SUB + SUB) * N * BLOCK_D * 4 + (_WARPS + 1) * red_len * 4
+  per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * BWD_TILE * N * 4
+  stages = _stages(per, per_stage, fixed, most=2, budget=_BWD_SMEM)
   big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), u.dtype)  # written once, in u's dtype
   per_seg = lambda *shape: jax.ShapeDtypeStruct((bsz, segments) + shape, _F32)
   out_names = ["du", "ddt"] + (["dz"] if cfg.has_z else []) + ["dbc", "ddskip", "dbias", "da",
@@ -782,9 +787,9 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
       jax.ShapeDtypeStruct((bsz, dim // BLOCK_D, cfg.seq_len * width), _F32),
       per_seg(dim), per_seg(dim), per_seg(N, dim), per_seg(N, dim)]
   smem_names = tile_names + ["bm", "cm"]
-  scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
-  scratch += [plgpu.SMEM((stages, CHUNK, N), _F32)] * 2
-  scratch += [plgpu.SMEM((CHUNK // SUB, N, BLOCK_D), _F32),  # state entering each sub-tile
+  scratch = [plgpu.SMEM((stages, BWD_TILE, BLOCK_D), arrays[k].dtype) for k in tile_names]
+  scratch += [plgpu.SMEM((stages, BWD_TILE, N), _F32)] * 2
+  scratch += [plgpu.SMEM((BWD_TILE // SUB, N, BLOCK_D), _F32),  # state entering each sub-tile
               plgpu.SMEM((SUB, N, BLOCK_D), _F32),  # state entering each token of a sub-tile
               plgpu.SMEM((_WARPS, red_len), _F32),  # per-warp channel sums of the tile's rows
               plgpu.SMEM((red_len,), _F32),  # the CTA's sums for the tile
@@ -803,7 +808,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
     last = sg * per + per - 1  # the segment's last tile
     fetch = functools.partial(_ss_tiles, cfg, tile_names, refs, smem, bars, bi, gi, cols)
     for i in range(stages):
-      fetch(last - i, i)
+      fetch(last - i, i, size=BWD_TILE)
     vec = lambda r: _pallas.load(r, _LINE, interp)
     bias, dskip = vec(refs["bias"].at[cols]), vec(refs["dskip"].at[cols])
     a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
@@ -833,9 +838,9 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
         return _unrolled(SUB, lambda r, h: tuple(advance(h, s * SUB + r)), h, unroll=2)
 
       h = tuple(vec(refs["states"].at[bi, n, j, cols]) for j in range(N))
-      h = lax.fori_loop(0, CHUNK // SUB - 1, entry, h)
+      h = lax.fori_loop(0, BWD_TILE // SUB - 1, entry, h)
       for j in range(N):
-        subs[CHUNK // SUB - 1, j, :] = h[j]
+        subs[BWD_TILE // SUB - 1, j, :] = h[j]
 
       def back_token(s, r, k, row, carry):
         """The adjoint step at token t = s * SUB + r; its dC/dB terms go to `row` (a _WarpRow)
@@ -843,7 +848,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
         g, (da, dd, db) = carry
         g, da = list(g), list(da)
         t = s * SUB + r
-        pos = n * CHUNK + t
+        pos = n * BWD_TILE + t
         q = k * width
         x, delta, uu = inputs(t)
         du = delta * uu
@@ -887,7 +892,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
         return tuple(g), (tuple(da), dd, db + ddelta)
 
       def sub_back(k, carry):  # pass 2, sub-tiles last first
-        s = CHUNK // SUB - 1 - k
+        s = BWD_TILE // SUB - 1 - k
 
         def remember(r, h):  # the state entering each token of the sub-tile
           for j in range(N):
@@ -908,12 +913,12 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
 
         return lax.fori_loop(0, SUB // group, token_row, carry)
 
-      carry = lax.fori_loop(0, CHUNK // SUB, sub_back, carry)
+      carry = lax.fori_loop(0, BWD_TILE // SUB, sub_back, carry)
       plgpu.commit_smem()  # the slot is read and every warp's row sums are stored
 
       @pl.when(step + stages < per)
       def _():
-        fetch(n - stages, slot)
+        fetch(n - stages, slot, size=BWD_TILE)
 
       total = _pallas.load(part.at[0], red_line, interp)
       for w in range(1, _WARPS):
@@ -1010,7 +1015,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
   B, C: (b, l, g, n) (the op's public wrapper reshapes (b, l, n)). Same semantics as
   ssm.ops.selective_scan. bwd_segments: parallel pieces per sequence in the backward
   (None: `bwd_segments` for the device's SM count on a GPU, 1 when interpreting); it must
-  divide the number of CHUNK-token tiles.
+  divide the number of BWD_TILE-token tiles.
   """
   check_selective_scan_pallas(u, A, B)
   bsz, seq_len, dim = u.shape
@@ -1022,13 +1027,13 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
   D = jnp.zeros((dim,), _F32) if D is None else D
   bias = jnp.zeros((dim,), _F32) if delta_bias is None else delta_bias
   h0 = jnp.zeros((bsz, dim, n_state), _F32) if h0 is None else h0
-  n_tiles = _pad_len(seq_len) // CHUNK
+  n_tiles = _pad_len(seq_len) // BWD_TILE
   if bwd_segments is None:
     sms = getattr(jax.devices()[0], "core_count", 0) if not interpret else 0
     bwd_segments = bwd_segments_for(bsz, dim, n_tiles, sms) if sms else 1
   if bwd_segments < 1 or n_tiles % bwd_segments:
     raise ValueError(f"selective_scan (pallas): bwd_segments = {bwd_segments} must divide the "
-                     f"{n_tiles} tiles of {CHUNK} tokens")
+                     f"{n_tiles} backward tiles of {BWD_TILE} tokens")
   cfg = _SSCfg(batch=bsz, seq_len=_pad_len(seq_len), dim=dim, n_state=n_state,
                groups=B.shape[2], softplus=bool(delta_softplus), has_z=z is not None,
                save_states=False, interpret=interpret, bwd_segments=bwd_segments,
