@@ -19,7 +19,8 @@ kernels):
 
 Costs per token and thread: linear_scan one FMA (four for complex); the
 selective scan forward N exp2 and about 4N FMAs, the backward about 3N exp2 (the
-states are recomputed twice, see below) and 12N other operations.
+states are recomputed twice, see below), 12N other operations and 31 shuffles per
+32 dB/dC products, plus N exp2 in the segment pre-pass.
 
 Backward passes (custom_vjp), also kernels:
 
@@ -27,15 +28,20 @@ Backward passes (custom_vjp), also kernels:
   other direction of time; da[t] = lam[t] h[t-1] uses the forward output h as its
   only residual besides a (h is stored in the output dtype: with bf16 inputs da
   sees h rounded to bf16, an error of the order of the inputs' own rounding).
-* selective_scan: the forward also writes the state at the start of every tile
-  (batch, L / CHUNK, N, D) float32 (1/CHUNK of the states, 1/8 of u's bytes at
-  N = 16); the backward walks the tiles in reverse, rebuilds the states entering
-  each sub-tile of `SUB` tokens, then per sub-tile (last first) the state
-  entering each token into a shared-memory history, and runs the adjoint
-  backwards over it. dB and dC are sums over channels: each thread writes its 2N
-  products of a token to a (64, 128) shared tile, a row reduction in the
-  warpgroup-matrix layout sums the CTA's 128 channels, and XLA adds the channel
-  blocks of a group (deterministic, no atomics).
+* selective_scan: the forward also writes the state entering every BWD_TILE
+  tokens (batch, L / 16, N, D) float32 (1/16 of the states). The backward walks
+  16-token tiles in reverse: it rebuilds the state entering each sub-tile of SUB
+  tokens, then per sub-tile (last first) the state entering each token into a
+  shared-memory history, and runs the adjoint backwards over it. dB and dC are
+  sums over channels: each warp sums its 32 channels' products with a butterfly
+  of lane shuffles (`_WarpRow`), the four warps' rows are added once per tile,
+  and XLA adds the channel blocks (deterministic, no atomics). The tiles are
+  small so that two CTAs share an SM (about 110 KB of shared memory each), and
+  each sequence is split into `bwd_segments_for` pieces that run in parallel
+  CTAs: the (D / 128) * batch CTAs alone leave most SMs idle. The cotangent
+  entering each piece comes from a pre-pass kernel (the adjoint over the piece
+  from a zero end cotangent, and the piece's total decay) chained in XLA; the
+  adjoint is linear in it, so this is exact up to rounding.
 
 Lengths that are not a multiple of CHUNK are padded at the end with identity
 steps (a = 1, b = 0; dt = 0), so padding never changes a state. Inputs are read
@@ -57,7 +63,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.experimental import mosaic as _mosaic  # noqa: F401  (jax.experimental.mosaic.gpu below)
 import jax.experimental.mosaic.gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
