@@ -1,0 +1,201 @@
+"""train.lra_table: collecting runs and printing the LRA table beside the published numbers.
+
+Fake run directories (results.json, config.json) cover the bookkeeping; one real tiny run
+of train.trainer.run checks that the table reads what the trainer writes.
+"""
+
+import json
+import pathlib
+
+import pytest
+
+from tests.test_train import data_cache, jax_cache, tiny_config  # noqa: F401
+from train import lra_table
+from train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_run(workdir: pathlib.Path, config_name: str, *, steps: int, test: float,
+             val: float | None = None, config: dict | None = None, **extra) -> pathlib.Path:
+  """A run directory as train.trainer.run leaves it (only the files the table reads)."""
+  workdir.mkdir(parents=True)
+  results = dict(config_name=config_name, steps=steps, test_accuracy=test, test_loss=1.0,
+                 val_accuracy=val if val is not None else test, best_val_accuracy=val,
+                 best_val_step=steps, device_kind="cpu", device_count=1, **extra)
+  (workdir / "results.json").write_text(json.dumps(results))
+  if config is not None:
+    (workdir / "config.json").write_text(json.dumps(config))
+  return workdir / "results.json"
+
+
+def rows(text: str) -> dict[str, list[str]]:
+  """Markdown table rows: first cell -> the other cells."""
+  out = {}
+  for line in text.splitlines():
+    if line.startswith("| ") and not line.startswith("| Model"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      out[cells[0]] = cells[1:]
+  return out
+
+
+COLUMNS = list(lra_table.TASKS) + ["avg"]
+
+
+def cell(table_rows, label, column):
+  return table_rows[label][COLUMNS.index(column)]
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+  """Two ListOps S4D runs (a full and a shorter one), Image S4 (short), Text S4D and
+  Retrieval S4 named only by their configs, an MQAR run (not LRA), and two unreadable
+  results.json files."""
+  root = tmp_path / "runs"
+  make_run(root / "listops_full", "listops:s4d", steps=80_000, test=0.58, val=0.57)
+  make_run(root / "listops_short", "listops:s4d", steps=12_000, test=0.50, val=0.59)
+  make_run(root / "image_s4", "image:s4", steps=45_000, test=0.80, val=0.81)
+  make_run(root / "text" / "nested", "", steps=50_000, test=0.85, val=0.86,
+           config=dict(name="", data=dict(task="text"), model=dict(name="s4d")))
+  # Named only by its config.py (the trainer also writes config.json; this one has none).
+  py = make_run(root / "retrieval_py", "", steps=50_000, test=0.90, val=0.91)
+  (py.parent / "config.py").write_text(
+      "import ml_collections\n\n\ndef get_config():\n  return ml_collections.ConfigDict("
+      "dict(name='', data=dict(task='retrieval'), model=dict(name='s4')))\n")
+  make_run(root / "mqar", "mqar:mamba", steps=100, test=0.9)
+  (root / "broken").mkdir()
+  (root / "broken" / "results.json").write_text('{"steps": 3, "test_acc')
+  make_run(root / "no_test", "pathfinder:s4", steps=10, test=None)
+  return root
+
+
+def test_collect_identifies_runs_and_warns_about_bad_files(runs_dir):
+  with pytest.warns(UserWarning) as caught:
+    runs = lra_table.collect(str(runs_dir))
+  messages = " ".join(str(w.message) for w in caught)
+  assert str(runs_dir / "broken" / "results.json") in messages and "not valid JSON" in messages
+  assert str(runs_dir / "no_test" / "results.json") in messages and "test_accuracy" in messages
+  got = {(r.task, r.model, r.size, r.steps) for r in runs}
+  assert got == {("listops", "s4d", "", 80_000), ("listops", "s4d", "", 12_000),
+                 ("image", "s4", "", 45_000), ("text", "s4d", "", 50_000),
+                 ("retrieval", "s4", "", 50_000)}
+  by_path = {pathlib.Path(r.path).parent.name: r for r in runs}
+  # The recipes' schedules (configs/lra/*.py get_config(model).train.num_steps).
+  assert by_path["listops_full"].schedule_steps == 80_000 and not by_path["listops_full"].partial
+  assert by_path["listops_short"].partial
+  assert by_path["image_s4"].schedule_steps == 180_000 and by_path["image_s4"].partial
+  assert by_path["nested"].task == "text" and not by_path["nested"].partial
+
+
+def test_table_values_marks_and_footnotes(runs_dir):
+  with pytest.warns(UserWarning):
+    runs = lra_table.collect(str(runs_dir))
+  text = lra_table.table(runs, "markdown")
+  table_rows = rows(text)
+  assert list(table_rows) == ["S4 (ours)", "S4 (published)", "S4D (ours)", "S4D-LegS (published)"]
+  # Best of the two ListOps runs by validation accuracy: the shorter one (59 > 57), marked.
+  assert cell(table_rows, "S4D (ours)", "listops") == "50.00†"
+  assert "12k/80k steps" in text and "best of 2 runs by validation accuracy" in text
+  assert str(runs_dir / "listops_full" / "results.json") in text  # the other run is named
+  assert cell(table_rows, "S4D (ours)", "text") == "85.00"
+  assert cell(table_rows, "S4D (ours)", "image") == "–"
+  assert cell(table_rows, "S4D (ours)", "avg") == "67.50"  # mean of ListOps and Text
+  # Published rows: every task, the average over the tasks our row has.
+  assert cell(table_rows, "S4D-LegS (published)", "listops") == "60.47"
+  assert cell(table_rows, "S4D-LegS (published)", "avg") == f"{(60.47 + 86.18) / 2:.2f}"
+  assert cell(table_rows, "S4 (ours)", "image") == "80.00†" and "45k/180k steps" in text
+  assert cell(table_rows, "S4 (ours)", "retrieval") == "90.00"  # 50k = the full schedule
+  assert cell(table_rows, "S4 (ours)", "avg") == "85.00"
+  assert cell(table_rows, "S4 (published)", "avg") == f"{(88.65 + 90.90) / 2:.2f}"
+  assert "mqar" not in text.lower()
+
+
+def test_plain_format_aligns_columns(runs_dir):
+  with pytest.warns(UserWarning):
+    runs = lra_table.collect(str(runs_dir))
+  lines = lra_table.table(runs, "plain").splitlines()
+  assert lines[0].split() == ["Model", "ListOps", "Text", "Retrieval", "Image", "Pathfinder",
+                              "Path-X", "Avg"]
+  body = lines[:6]  # header, rule, 4 rows
+  assert len({len(line) for line in body}) == 1
+  assert lines[1].replace(" ", "").strip("-") == ""
+  with pytest.raises(ValueError, match="unknown format"):
+    lra_table.table(runs, "html")
+
+
+def test_published_averages_match_their_rows():
+  for pub in lra_table.PUBLISHED.values():
+    values = [v for v in pub.accuracy.values() if v != lra_table.FAIL]
+    assert set(pub.accuracy) == set(lra_table.TASKS)
+    assert sum(values) / len(values) == pytest.approx(pub.average, abs=0.006), pub.label
+
+
+def test_transformer_path_x_failed_and_unfinished_runs(tmp_path):
+  root = tmp_path / "runs"
+  make_run(root / "tr", "pathx:transformer", steps=5_000, test=0.5)
+  # A halted run: config and curves, no results.json.
+  halted = root / "halted"
+  halted.mkdir(parents=True)
+  (halted / "config.json").write_text(json.dumps(
+      dict(name="retrieval:s4d", data=dict(task="retrieval"), model=dict(name="s4d"))))
+  (halted / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+      dict(step=1000, split="train", loss=0.7, accuracy=0.5),
+      dict(step=1000, split="val", loss=0.6, accuracy=0.61),
+      dict(step=2000, split="val", loss=0.5, accuracy=0.70),
+      dict(step=2500, split="train", loss=0.4, accuracy=0.8)]) + "\n")
+  assert len(lra_table.collect(str(root))) == 1
+  runs = lra_table.collect(str(root), include_unfinished=True)
+  text = lra_table.table(runs)
+  table_rows = rows(text)
+  assert cell(table_rows, "Transformer (published)", "pathx") == "✗"
+  assert cell(table_rows, "Transformer (published)", "avg") == "–"  # no number for Path-X
+  assert cell(table_rows, "S4D (ours)", "retrieval") == "70.00†‡"
+  assert "2.5k/50k steps" in text and "best validation accuracy (step 2000)" in text
+
+
+def test_committed_curves(tmp_path):
+  run = lra_table.run_from_metrics(str(REPO / "results" / "listops_s4d_h100_metrics.jsonl"),
+                                   "listops", "s4d")
+  assert run.best_val_accuracy == pytest.approx(0.5415) and run.best_val_step == 23_000
+  assert run.partial and run.schedule_steps == 80_000 and run.test_accuracy is None
+  text = lra_table.table([run])
+  assert f"{_k(run.steps)}/80k steps" in text and "54.15†‡" in text
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"step": 1, "split": "val"}\nnot json\n')
+  with pytest.raises(ValueError, match="line 2"):
+    lra_table.run_from_metrics(str(bad), "listops", "s4d")
+  with pytest.raises(ValueError, match="unknown LRA task"):
+    lra_table.run_from_metrics(str(bad), "mnist", "s4d")
+
+
+def _k(steps):
+  return lra_table._steps_text(steps)  # noqa: SLF001
+
+
+def test_errors(tmp_path, capsys):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    lra_table.collect(str(tmp_path / "nothing_here"))
+  with pytest.raises(FileNotFoundError, match="no results.json found"):
+    lra_table.collect(str(tmp_path))
+  assert lra_table.main([str(tmp_path)]) == 1
+  assert "lra_table: error: no results.json found" in capsys.readouterr().err
+  (tmp_path / "only").mkdir()
+  (tmp_path / "only" / "results.json").write_text("[1, 2]")
+  assert lra_table.main([str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  assert "warning: skipping" in err and "only/results.json" in err and "no readable" in err
+
+
+@pytest.mark.slow
+def test_real_tiny_run(jax_cache, data_cache, tmp_path, capsys):
+  workdir = tmp_path / "runs" / "listops_tiny"
+  results = trainer.run(tiny_config(data_cache, **{"train.num_steps": 4, "train.eval_every": 2,
+                                                   "train.checkpoint_every": 4}), str(workdir))
+  (run,) = lra_table.collect(str(tmp_path / "runs"))
+  assert (run.task, run.model, run.size, run.steps) == ("listops", "s4d", "tiny", 4)
+  assert run.test_accuracy == results["test_accuracy"]
+  assert run.best_val_accuracy == results["best_val_accuracy"] and run.partial
+  assert lra_table.main([str(tmp_path / "runs"), "--format=plain"]) == 0
+  out = capsys.readouterr().out
+  assert "S4D (ours, tiny)" in out and f"{100 * results['test_accuracy']:.2f}†" in out
+  assert "4/80k steps" in out
