@@ -120,14 +120,17 @@ def check(name, f, ref, args, ct):
               worst=max(errs))
 
 
-def timings(f, args, ct):
-  """ms: (fwd, fwd+bwd) each waited for, then the same pipelined (launch cost hidden)."""
+def timings(f, args, ct, pipelined=True):
+  """ms: (fwd, fwd+bwd) each waited for, then (with `pipelined`) the same pipelined (launch
+  cost hidden)."""
   fj, gj = jitted(f)
   pipe = dict(calls=ITERS, repeats=3, warmup=1)
-  return (1e3 * time_fn(fj, *args, warmup=WARMUP, iters=ITERS),
-          1e3 * time_fn(gj, ct, *args, warmup=WARMUP, iters=ITERS),
-          1e3 * time_fn_pipelined(fj, *args, **pipe),
-          1e3 * time_fn_pipelined(gj, ct, *args, **pipe))
+  out = (1e3 * time_fn(fj, *args, warmup=WARMUP, iters=ITERS),
+         1e3 * time_fn(gj, ct, *args, warmup=WARMUP, iters=ITERS))
+  if pipelined:
+    out += (1e3 * time_fn_pipelined(fj, *args, **pipe),
+            1e3 * time_fn_pipelined(gj, ct, *args, **pipe))
+  return out
 
 
 def bench_rows(op, shape, dtype, impls, args, ct, fwd_bytes, bwd_bytes):
@@ -162,7 +165,7 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--skip-long", action="store_true")
   parser.add_argument("--skip-peer", action="store_true", help="do not time jla")
-  parser.add_argument("--only", choices=("selective", "linear"), default=None)
+  parser.add_argument("--only", choices=("selective", "linear", "long"), default=None)
   opts = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device_name()}",
         flush=True)
@@ -206,12 +209,12 @@ def main():
                          [("xla", ref), ("pallas", kern)],
                          args, ct, fwd, bwd)
   long_rows = []
-  if not opts.quick and not opts.skip_long and opts.only in (None, "selective"):
+  if not opts.quick and not opts.skip_long and opts.only in (None, "selective", "long"):
     for impl in ("pallas", "xla"):
       args = ss_inputs(1, 65536, 1536, 16, jnp.float32)
       ct = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32)
       try:
-        t_f, t_b = timings(ss_fn(impl), args, ct)[:2]
+        t_f, t_b = timings(ss_fn(impl), args, ct, pipelined=False)
         stats = jax.devices()[0].memory_stats() or {}
         long_rows.append(dict(impl=impl, shape="B1 L65536 D1536 N16 f32", fwd_ms=t_f,
                               fwdbwd_ms=t_b, peak_GiB=stats.get("peak_bytes_in_use", 0) / 2**30))
