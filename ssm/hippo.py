@@ -67,7 +67,8 @@ def _transition(measure: str, N: int):
     B = r.copy()
   elif measure == "legt":
     sign = np.where(row >= col, 1.0, (-1.0) ** (row - col))
-    # Halved (the repo's "timescale correctness"): the window has length 1 in time units.
+    # Halved (the S4 repo's "timescale correctness"): theta = 2, so the sliding window spans
+    # 2 time units (the impulse response is 1/2 on [0, 2]; notebook 01 checks it).
     A = -0.5 * r[:, None] * r[None, :] * sign
     B = 0.5 * r
   elif measure == "lagt":
@@ -82,7 +83,8 @@ def _transition(measure: str, N: int):
     B = np.zeros(N)
     B[0::2] = np.sqrt(2.0)
     B[0] = 1.0
-    # The rank-one term reads off the other end of the window, u(t - 1).
+    # The rank-one term reads off the other end of the window (frequencies pi k: the window
+    # spans 2 time units, as LegT's).
     A = A - np.outer(B, B)
   return _readonly(A, B)
 
