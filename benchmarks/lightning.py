@@ -11,6 +11,10 @@ chunk_lightning_attn).
 2. B=8, H=16, L=4096, Dk=Dv=64, bf16 and float32: forward and forward + backward ms.
 3. The 32k-token sweep, L = 2k .. 64k with B = 32k / L, bf16 (flat is the goal).
 
+JAX rows are timed pipelined (`benchmarks.common.time_fn_pipelined`: `--iters` calls queued
+back to back, waited for once, median of 5): device time per call, without the 0.1-0.2 ms of
+host launch cost that a single waited Mosaic call shows. fla's rows use triton's do_bench.
+
 Rows: ours ("pallas"), the XLA block form, jax.nn.dot_product_attention(is_causal=True)
 (cuDNN on a GPU), jla simple_gla (impl "mosaic_gpu") with g = log_decay per token and
 scale 1, fla chunk_lightning_attn (torch, timed with triton's do_bench; its decay comes
@@ -29,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import device_name, print_table, time_fn  # noqa: E402
+from benchmarks.common import device_name, print_table, time_fn_pipelined  # noqa: E402
 from benchmarks.lightning_xla import fwd_and_grad, is_oom, qkv, temp_mb  # noqa: E402
 from ssm.lightning import lightning_log_decay  # noqa: E402
 from ssm.ops import lightning_attention  # noqa: E402
@@ -99,7 +103,7 @@ def jax_pair(f, args, iters, warmup, keep_output=None):
     _OUTPUTS[keep_output] = fwd(*args)
   for key, fn in (("fwd ms", fwd), ("fwd+bwd ms", bwd)):
     try:
-      row[key] = 1e3 * time_fn(fn, *args, warmup=warmup, iters=iters)
+      row[key] = 1e3 * time_fn_pipelined(fn, *args, calls=iters, warmup=warmup)
     except Exception as err:  # pylint: disable=broad-except
       row[key] = "OOM" if is_oom(err) else f"failed: {type(err).__name__}"
       print(f"  {key}: {type(err).__name__}: {str(err)[:300]}")

@@ -123,8 +123,8 @@ def test_segment_count_fills_the_gpu():
   from ssm.ops.lightning_pallas import num_segments  # pylint: disable=import-outside-toplevel
   assert num_segments(8, 4096, 16, 64) == 1      # 128 CTAs already
   assert num_segments(4, 8192, 16, 64) == 1      # 64 CTAs: the pre-pass costs more
-  assert num_segments(2, 16384, 16, 64) == 2
-  assert num_segments(1, 32768, 16, 64) == 4     # 16 CTAs -> 64
+  assert num_segments(2, 16384, 16, 64) == 4     # 32 CTAs -> 128
+  assert num_segments(1, 32768, 16, 64) == 8     # 16 CTAs -> 128
   assert num_segments(1, 1000, 16, 64) == 1      # not whole blocks: no split
   assert num_segments(1, 2048, 16, 64) == 2      # segments of at least 1024 tokens
 

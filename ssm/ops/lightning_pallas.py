@@ -220,63 +220,197 @@ def _head_start(ld_ref, h0_ref, ld_s, st_f32, bar, bi, hi, cols, dk, interpret):
   return ld_s[0], s0
 
 
-def _forward(q, k, v, ld, h0, cfg: _Cfg):
-  """q, k: (B, Lp, H, Dk) bf16; v: (B, Lp, H, Dv) bf16; ld: (H, C) float32 (log decay
-  repeated); h0: (B, H, Dk, Dv) float32 or None. Returns o (B, Lp, H, Dv) out_dtype and
-  the final state (B, H, Dk, Dv) float32."""
+SMEM_BUDGET = 220 * 1024  # of the 227 KiB an H100 CTA may use (barriers and slack aside)
+
+
+def _mm_init(a, b, shape, *, init=None, tb=False, interpret):
+  """float32 init + a @ (b^T if tb): `a` a bf16 register array or SMEM ref, `b` an SMEM ref.
+
+  Register operands keep the A tile out of SMEM (no store, commit and reload on the
+  forward's serial chain); `init` seeds the accumulator, so the product and the sum
+  finish in one wgmma wait. The interpreter takes neither (its wgmma wants refs and a
+  zero accumulator): there the product is a jnp.dot.
+  """
+  if interpret:
+    x = a[...] if hasattr(a, "at") else a
+    y = b[...]
+    out = jnp.dot(x, y.T if tb else y, preferred_element_type=F32)
+    return out if init is None else out + init
+  if tb:
+    b = plgpu.transpose_ref(b, (1, 0))
+  if init is None:
+    def scoped(acc):
+      plgpu.wgmma(acc, a, b)
+      return acc[...]
+    out = pl.run_scoped(scoped, plgpu.ACC(shape, F32))
+  else:
+    out = pl.run_state(lambda acc: plgpu.wgmma(acc, a, b))(plgpu.ACC.init(init))
+  return lax.optimization_barrier(out)
+
+
+def _load_t(ref, layout, interpret):
+  """ref^T (a 2-D SMEM tile) in registers."""
+  if interpret:
+    return ref[...].T
+  return plgpu.load(ref.T, (), layout=layout, optimized=False)
+
+
+def _fwd_stages(dk, out_dtype):
+  """Input pipeline depth (2 to 4 blocks in flight) that fits SMEM_BUDGET."""
+  per_stage = 2 * (2 * C * dk + C * BV)                       # q, k, v tiles, bf16
+  fixed = 2 * 2 * BV * dk + 2 * C * BV * jnp.dtype(out_dtype).itemsize + 4 * BV * dk + 1024
+  for stages in (4, 3, 2):
+    if stages * per_stage + fixed <= SMEM_BUDGET:
+      return stages
+  raise ValueError(f"lightning forward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+
+
+def _forward(q, k, v, ld, h0t, cfg: _Cfg):
+  """Warp-specialised forward. q, k: (B, Lp, H, Dk) bf16; v: (B, Lp, H, Dv) bf16; ld: (H, C)
+  float32 (log decay repeated); h0t: the initial state transposed, (B, H, Dv, Dk) float32,
+  or None. Returns o (B, Lp, H, Dv) out_dtype and the final state transposed,
+  (B, H, Dv, Dk) float32.
+
+  Three warpgroups per CTA, so that the serial state chain never waits on the output:
+    WG0 (state)  keeps S^T (64 value columns x Dk, float32) in registers; per block it
+                 publishes S^T in bf16 to a double-buffered SMEM tile, then runs
+                 S^T <- sdec S^T + (kdec o V)^T K as one wgmma with the A operand in
+                 registers and the accumulator seeded with sdec S^T;
+    WG1 (output) P = (Q K^T) o M while WG0 works, then O = qdec o (Q S) + P V from the
+                 published tile (again one seeded wgmma for the sum) and its TMA store;
+    WG2 (memory) streams the q, k, v tiles into `stages` SMEM slots by TMA.
+  Barriers: in_bar[slot] (tiles landed), in_free[slot] (WG0 and WG1 done with them),
+  s_ready[half] / s_free[half] (the published state tile of block n, n mod 2).
+  """
   b, lp, h, dk = q.shape
   dv = v.shape[3]
   n_blocks, nvt = lp // C, dv // BV
   seq_len, interpret, has_h0 = cfg.seq_len, cfg.interpret, cfg.has_h0
+  stages = _fwd_stages(dk, cfg.out_dtype)
+  cols_l = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA tile
 
-  def body(*refs, q_s, k_s, v_s, vd_s, p_s, st_lo, st_f32, o_stage, ld_s, in_bar, misc_bar):
+  def body(*refs, q_s, k_s, v_s, s_pub, o_out, st_f32, ld_s, in_bar, in_free, s_ready, s_free,
+           misc_bar, done):
     q_ref, k_ref, v_ref, ld_ref = refs[:4]
     h0_ref = refs[4] if has_h0 else None
     o_ref, ht_ref = refs[-2:]
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(vi * BV, BV)
-    ld, s0 = _head_start(ld_ref, h0_ref, ld_s, st_f32, misc_bar, bi, hi, cols, dk, interpret)
+    wg = lax.axis_index("wg")
 
-    def step(n, slot, s):
-      rows = pl.ds(n * C, C)
-      dec = _Decays(ld, jnp.minimum(C, seq_len - n * C), interpret)
-      qt, kt, vt = q_s.at[slot], k_s.at[slot], v_s.at[slot]
-      vv = _pallas.load(vt, WGMMA, interpret).astype(F32)
-      vd_s[...] = (vv * _rows(dec.k, (C, BV))).astype(MM)
-      st_lo[...] = s.astype(MM)
-      plgpu.commit_smem()
-      scores = _mm(qt, kt, (C, C), tb=True, interpret=interpret)
-      p_s[...] = (scores * dec.mask()).astype(MM)
-      plgpu.commit_smem()
-      inter = _mm(qt, st_lo, (C, BV), interpret=interpret)
-      intra = _mm(p_s, vt, (C, BV), interpret=interpret)
-      o = inter * _rows(dec.q, (C, BV)) + intra
-      _store([(o_stage, o, o_ref.at[bi, rows, hi, cols])])
-      return s * dec.s + _mm(kt, vd_s, (dk, BV), ta=True, interpret=interpret)
+    @pl.when(wg == 2)
+    def _memory():
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
 
-    s = _pipeline(
-        n_blocks, reverse=False,
-        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols]],
-        buffers=[q_s, k_s, v_s], barrier=in_bar, step=step, init=s0)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    st_f32[...] = s
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(st_f32, ht_ref.at[bi, hi, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+      def issue(n, slot):
+        rows = pl.ds(n * C, C)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s.at[slot], in_bar.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], in_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], in_bar.at[slot])
+
+      for n in range(min(stages, n_blocks)):
+        issue(n, n)
+
+      @pl.loop(stages, n_blocks)
+      def _refill(n):
+        slot = lax.rem(n, stages)
+        plgpu.barrier_wait(in_free.at[slot])  # block n - stages is done with the slot
+        issue(n, slot)
+
+      for n in range(max(n_blocks - stages, 0), n_blocks):  # the last releases
+        plgpu.barrier_wait(in_free.at[n % stages])
+
+    @pl.when(wg == 0)
+    def _state():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
+      if has_h0:
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, cols], st_f32, misc_bar)
+      plgpu.barrier_wait(misc_bar)
+      ld = ld_s[0]
+      if has_h0:
+        s0 = _pallas.load(st_f32, WGMMA, interpret)
+      else:
+        s0 = _pallas.cast(jnp.zeros((BV, dk), F32), WGMMA, interpret)
+      pos = _pallas.cast(lax.broadcasted_iota(jnp.int32, (C,), 0), cols_l, interpret)
+
+      def step(n, st):
+        slot, half = lax.rem(n, stages), lax.rem(n, 2)
+        nv = jnp.minimum(C, seq_len - n * C)
+        plgpu.barrier_wait(in_bar.at[slot])
+
+        @pl.when(n >= 2)
+        def _():  # WG1 has read the tile published two blocks ago
+          plgpu.barrier_wait(s_free.at[half])
+
+        s_pub.at[half][...] = st.astype(MM)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(s_ready.at[half])
+        kdec = jnp.where(pos < nv, jnp.exp(ld * jnp.maximum(nv - 1 - pos, 0).astype(F32)), 0.0)
+        vt = _load_t(v_s.at[slot], WGMMA, interpret).astype(F32)               # (BV, C)
+        vd = (vt * lax.broadcast_in_dim(kdec, (BV, C), [1])).astype(MM)
+        st = _mm_init(vd, k_s.at[slot], (BV, dk), init=st * jnp.exp(ld * nv.astype(F32)),
+                      interpret=interpret)
+        plgpu.barrier_arrive(in_free.at[slot])
+        return st
+
+      st = lax.fori_loop(0, n_blocks, step, s0)
+      for n in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
+        plgpu.barrier_wait(s_free.at[n % 2])
+      st_f32[...] = st
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(st_f32, ht_ref.at[bi, hi, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _output():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      plgpu.barrier_wait(misc_bar)  # ld_s, loaded by WG0
+      ld = ld_s[0]
+
+      def step(n, carry):
+        slot, half = lax.rem(n, stages), lax.rem(n, 2)
+        rows = pl.ds(n * C, C)
+        plgpu.barrier_wait(in_bar.at[slot])
+        dec = _Decays(ld, jnp.minimum(C, seq_len - n * C), interpret)
+        scores = _mm_init(q_s.at[slot], k_s.at[slot], (C, C), tb=True, interpret=interpret)
+        p = (scores * dec.mask()).astype(MM)
+        plgpu.barrier_wait(s_ready.at[half])
+        inter = _mm_init(q_s.at[slot], s_pub.at[half], (C, BV), tb=True, interpret=interpret)
+        o = _mm_init(p, v_s.at[slot], (C, BV), init=inter * _rows(dec.q, (C, BV)),
+                     interpret=interpret)
+        plgpu.barrier_arrive(s_free.at[half])
+        plgpu.barrier_arrive(in_free.at[slot])
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of block n - 2 was sent
+        o_out.at[half][...] = o.astype(o_out.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[bi, rows, hi, cols])
+        return carry
+
+      lax.fori_loop(0, n_blocks, step, None)
+      plgpu.wait_smem_to_gmem(0)
+
+    plgpu.barrier_arrive(done)  # no warpgroup exits while another still issues wgmma
+    plgpu.barrier_wait(done)
 
   scratch = dict(
-      q_s=_smem((2, C, dk)), k_s=_smem((2, C, dk)), v_s=_smem((2, C, BV)),
-      vd_s=_smem((C, BV)), p_s=_smem((C, C)), st_lo=_smem((dk, BV)),
-      st_f32=plgpu.SMEM((dk, BV), F32), o_stage=_stage((C, BV), cfg.out_dtype),
-      ld_s=plgpu.SMEM((C,), F32),
-      in_bar=plgpu.Barrier(num_arrivals=3, num_barriers=2),
-      misc_bar=plgpu.Barrier(num_arrivals=1 + has_h0))
+      q_s=_smem((stages, C, dk)), k_s=_smem((stages, C, dk)), v_s=_smem((stages, C, BV)),
+      s_pub=_smem((2, BV, dk)), o_out=_stage((2, C, BV), cfg.out_dtype),
+      st_f32=plgpu.SMEM((BV, dk), F32), ld_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      s_ready=plgpu.Barrier(num_barriers=2), s_free=plgpu.Barrier(num_barriers=2),
+      misc_bar=plgpu.Barrier(num_arrivals=1 + has_h0), done=plgpu.Barrier(num_arrivals=3))
   out_type = (jax.ShapeDtypeStruct((b, lp, h, dv), cfg.out_dtype),
-              jax.ShapeDtypeStruct((b, h, dk, dv), F32))
-  args = (q, k, v, ld) + ((h0,) if has_h0 else ())
-  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), "lightning_fwd")(*args)
+              jax.ShapeDtypeStruct((b, h, dv, dk), F32))
+  args = (q, k, v, ld) + ((h0t,) if has_h0 else ())
+  return _pallas.kernel(
+      body, interpret=interpret, out_type=out_type, scratch_types=scratch, grid=(b, h, nvt),
+      grid_names=("b", "h", "v"), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))(*args)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -432,7 +566,9 @@ def _core(q, k, v, log_decay, h0, cfg: _Cfg):
 
 def _core_fwd(q, k, v, log_decay, h0, cfg: _Cfg):
   qp, kp, vp, ld = _prep(q, k, v, log_decay)
-  o, state = _forward(qp, kp, vp, ld, h0, cfg)
+  h0t = None if h0 is None else jnp.swapaxes(h0, 2, 3)
+  o, state_t = _forward(qp, kp, vp, ld, h0t, cfg)
+  state = jnp.swapaxes(state_t, 2, 3)
   o = o[:, :cfg.seq_len]
   res = (qp, kp, vp, ld, log_decay, h0, state)
   return (o, state), res
@@ -464,26 +600,30 @@ def _core_bwd(cfg: _Cfg, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-NUM_SMS = 132  # H100 SXM: the segment split aims for about one CTA per SM
+NUM_SMS = 132  # H100 SXM
+SPLIT_MAX_CTAS = 32  # split only at or below this many CTAs (64 unsplit ran 0.12 ms, split 0.20)
 MIN_SEGMENT = 1024  # shorter segments spend more on the pre-pass than they save
 
 
 def num_segments(b, l, h, dv, *, num_sms: int = NUM_SMS) -> int:
-  """Sequence segments that run as separate CTAs (a power of two dividing L into whole
-  64-token blocks of at least MIN_SEGMENT tokens), doubled while B * S * H * Dv / 64
-  CTAs fill at most a quarter of the GPU; 1 when the batch and heads already do. (On an H100,
-  64 CTAs unsplit ran faster than 128 after the pre-pass; 16 CTAs split 8 ways ran 1.7x
-  faster than unsplit.)"""
+  """Sequence segments that run as separate CTAs: 1 while B * H * Dv / 64 > SPLIT_MAX_CTAS
+  (the warp-specialised forward then fills the GPU well enough that the pre-pass costs
+  more than it saves), else the smallest power of two that brings the CTAs to about
+  num_sms, keeping whole 64-token blocks of at least MIN_SEGMENT tokens. Measured on an
+  H100 (32k tokens, H=16, bf16, pipelined): 32 CTAs 0.234 ms unsplit -> 0.200 ms with 4;
+  16 CTAs 0.441 -> 0.178 ms with 8."""
   ctas = b * h * max(1, dv // 64)
   s = 1
-  while (ctas * s <= num_sms // 4 and ctas * s * 2 <= num_sms and l % (2 * s * 64) == 0
-         and l // (2 * s) >= MIN_SEGMENT):
+  if ctas > SPLIT_MAX_CTAS:
+    return s
+  while (ctas * s * 2 <= num_sms and l % (2 * s * 64) == 0 and l // (2 * s) >= MIN_SEGMENT):
     s *= 2
   return s
 
 
-def segment_starts(k, v, log_decay, h0, segments: int):
-  """States entering each of `segments` equal segments, and the final state (XLA).
+def segment_starts_xla(k, v, log_decay, h0, segments: int):
+  """States entering each of `segments` equal segments, and the final state (XLA reference;
+  its VJP is the backward of `segment_starts`).
 
   Each segment's own contribution, sum_j lambda^(n-1-j) k_j v_j^T over its n tokens, is
   one batched matrix product (bf16 operands as in the kernel, float32 accumulation);
@@ -505,6 +645,113 @@ def segment_starts(k, v, log_decay, h0, segments: int):
 
   final, starts = lax.scan(step, h0, local)
   return jnp.moveaxis(starts, 0, 1), final
+
+
+def _piece_sums(k, v, ld, pieces: int, interpret: bool):
+  """Each piece's own state contribution, transposed: for the m tokens of piece p,
+  sum_j lambda^(m-1-j) v_j k_j^T, (B, P, H, Dv, Dk) float32. k (B, L, H, Dk) and
+  v (B, L, H, Dv) bf16 with L a multiple of P * 64; ld (H, C) float32.
+
+  One warpgroup per (batch, piece, head, 64 value columns). The weights are absolute
+  within the piece (lambda^(m-1-j) <= 1, underflowing to 0 far back, as the terms do),
+  so there is no serial chain: every block's product adds into one accumulator (A
+  operand (w o V)^T in registers, K from SMEM), and the kernel streams k and v once.
+  """
+  b, l, h, dk = k.shape
+  dv = v.shape[3]
+  nvt, m = dv // BV, l // pieces
+  n_blocks = m // C
+  cols_l = plgpu.Layout.WGMMA.reduce(0)
+
+  def body(k_ref, v_ref, ld_ref, out_ref, k_s, v_s, acc_s, ld_s, in_bar, misc_bar):
+    bp, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    bi, pi = lax.div(bp, pieces), lax.rem(bp, pieces)
+    cols = pl.ds(vi * BV, BV)
+    plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
+    plgpu.barrier_wait(misc_bar)
+    ld = ld_s[0]
+    pos = _pallas.cast(lax.broadcasted_iota(jnp.int32, (C,), 0), cols_l, interpret)
+    t0 = pi * m
+
+    def step(n, slot, acc):
+      w = jnp.exp(ld * (m - 1 - n * C - pos).astype(F32))
+      vt = _load_t(v_s.at[slot], WGMMA, interpret).astype(F32)                 # (BV, C)
+      vw = (vt * lax.broadcast_in_dim(w, (BV, C), [1])).astype(MM)
+      return _mm_init(vw, k_s.at[slot], (BV, dk), init=acc, interpret=interpret)
+
+    acc = _pipeline(
+        n_blocks, reverse=False,
+        sources=[lambda n: k_ref.at[bi, pl.ds(t0 + n * C, C), hi],
+                 lambda n: v_ref.at[bi, pl.ds(t0 + n * C, C), hi, cols]],
+        buffers=[k_s, v_s], barrier=in_bar, step=step,
+        init=_pallas.cast(jnp.zeros((BV, dk), F32), WGMMA, interpret))
+    acc_s[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(acc_s, out_ref.at[bi, pi, hi, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(k_s=_smem((2, C, dk)), v_s=_smem((2, C, BV)), acc_s=plgpu.SMEM((BV, dk), F32),
+                 ld_s=plgpu.SMEM((C,), F32),
+                 in_bar=plgpu.Barrier(num_arrivals=2, num_barriers=2), misc_bar=plgpu.Barrier())
+  out_type = jax.ShapeDtypeStruct((b, pieces, h, dv, dk), F32)
+  return _pallas.kernel(
+      body, interpret=interpret, out_type=out_type, scratch_types=scratch,
+      grid=(b * pieces, h, nvt), grid_names=("b", "h", "v"),
+      compiler_params=plgpu.CompilerParams(approx_math=True))(k, v, ld)
+
+
+def _combine_pieces(sums_t, log_decay, h0, segments: int, piece_len: int):
+  """Segment entering states and the final state from the pieces' contributions:
+  state before token t0 = lambda^t0 h0 + sum over pieces p ending at e_p <= t0 of
+  lambda^(t0 - e_p) c_p, as one float32 product per head. sums_t (B, P, H, Dv, Dk)."""
+  b, p_count, h = sums_t.shape[:3]
+  per_seg = p_count // segments
+  ends = piece_len * (jnp.arange(p_count) + 1)                                  # (P,)
+  starts = piece_len * per_seg * jnp.arange(segments + 1)                       # (S + 1,)
+  dist = starts[:, None] - ends[None, :]                                        # (S + 1, P)
+  keep = dist >= 0
+  wts = jnp.where(keep[None], jnp.exp(log_decay[:, None, None]
+                                      * jnp.where(keep, dist, 0)[None].astype(F32)), 0.0)
+  states = jnp.einsum("hsp,bphvk->bshkv", wts, sums_t, precision=lax.Precision.HIGHEST)
+  states = states + jnp.exp(log_decay[None, None, :, None, None]
+                            * starts[None, :, None, None, None].astype(F32)) * h0[:, None]
+  return states[:, :segments], states[:, segments]
+
+
+PIECE_BLOCKS = 8  # 64-token blocks per pre-pass piece: ~4 waves of CTAs at 32k tokens, H=16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def segment_starts(k, v, log_decay, h0, segments: int, interpret: bool = False):
+  """States entering each of `segments` equal segments, and the final state.
+
+  Forward: `_piece_sums` (a Pallas pass that reads k and v once, split into pieces of
+  PIECE_BLOCKS blocks for parallelism) and `_combine_pieces`; backward: the VJP of
+  `segment_starts_xla`, the same function in XLA. Shapes as `segment_starts_xla`.
+  """
+  return _segment_starts_fwd(k, v, log_decay, h0, segments, interpret)[0]
+
+
+def _segment_starts_fwd(k, v, log_decay, h0, segments, interpret):
+  b, l, h, _ = k.shape
+  blocks = l // C
+  pieces = segments
+  while pieces * 2 * PIECE_BLOCKS <= blocks and blocks % (pieces * 2) == 0:
+    pieces *= 2
+  ld = jnp.broadcast_to(log_decay.astype(F32)[:, None], (h, C))
+  sums = _piece_sums(k.astype(MM), v.astype(MM), ld, pieces, interpret)
+  return _combine_pieces(sums, log_decay.astype(F32), h0, segments, l // pieces), (
+      k, v, log_decay, h0)
+
+
+def _segment_starts_bwd(segments, interpret, res, cts):
+  del interpret
+  k, v, log_decay, h0 = res
+  _, vjp = jax.vjp(lambda *a: segment_starts_xla(*a, segments), k, v, log_decay, h0)
+  return vjp(cts)
+
+
+segment_starts.defvjp(_segment_starts_fwd, _segment_starts_bwd)
 
 
 def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=None,
@@ -539,7 +786,7 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
                      f"the length {l} into whole 64-token blocks")
   if segments > 1:
     h0_full = jnp.zeros((b, h, dk, dv), F32) if h0 is None else h0
-    starts, final = segment_starts(k, v, log_decay, h0_full, segments)
+    starts, final = segment_starts(k, v, log_decay, h0_full, segments, bool(interpret))
     n = l // segments
     split = lambda x: x.reshape(b * segments, n, *x.shape[2:])
     cfg = _Cfg(seq_len=n, out_dtype=jnp.dtype(q.dtype), has_h0=True, interpret=bool(interpret))
