@@ -151,11 +151,14 @@ class _Decays:
 
 
 def _pipeline(n_blocks, *, reverse, sources, buffers, barrier, step, init):
-  """fori_loop over blocks with the next block's tiles prefetched by TMA.
+  """fori_loop over blocks with the next blocks' tiles prefetched by TMA.
 
-  sources[i](n) is the GMEM view of block n's tile i, buffers[i] its (2, ...) SMEM
-  ring; step(n, slot, carry) -> carry runs once the slot's tiles have landed.
+  sources[i](n) is the GMEM view of block n's tile i, buffers[i] its (stages, ...) SMEM
+  ring (barrier: `stages` barriers); step(n, slot, carry) -> carry runs once the slot's
+  tiles have landed and must be done reading them when it returns. stages - 1 blocks are
+  in flight while one is computed. n_blocks is a Python int.
   """
+  stages = buffers[0].shape[0]  # >= 2
   order = (lambda i: n_blocks - 1 - i) if reverse else (lambda i: i)
 
   def issue(i, slot):
@@ -163,16 +166,17 @@ def _pipeline(n_blocks, *, reverse, sources, buffers, barrier, step, init):
     for src, buf in zip(sources, buffers):
       plgpu.copy_gmem_to_smem(src(n), buf.at[slot], barrier.at[slot])
 
-  issue(0, 0)
+  for i in range(min(stages - 1, n_blocks)):
+    issue(i, i)
 
   def body(i, carry):
-    slot = lax.rem(i, 2)
+    slot = lax.rem(i, stages)
     plgpu.barrier_wait(barrier.at[slot])
 
-    @pl.when(i + 1 < n_blocks)
-    def _prefetch():  # the other slot was last read by block i - 1, finished in order
+    @pl.when(i + stages - 1 < n_blocks)
+    def _prefetch():  # the slot refilled was last read by block i - 1, finished in order
       plgpu.commit_smem()
-      issue(i + 1, 1 - slot)
+      issue(i + stages - 1, lax.rem(i + stages - 1, stages))
 
     return step(order(i), slot, carry)
 
@@ -647,10 +651,11 @@ def segment_starts_xla(k, v, log_decay, h0, segments: int):
   return jnp.moveaxis(starts, 0, 1), final
 
 
-def _piece_sums(k, v, ld, pieces: int, interpret: bool):
+def _piece_sums(k, v, ld, pieces: int, used: int, interpret: bool):
   """Each piece's own state contribution, transposed: for the m tokens of piece p,
-  sum_j lambda^(m-1-j) v_j k_j^T, (B, P, H, Dv, Dk) float32. k (B, L, H, Dk) and
-  v (B, L, H, Dv) bf16 with L a multiple of P * 64; ld (H, C) float32.
+  sum_j lambda^(m-1-j) v_j k_j^T, (B, used, H, Dv, Dk) float32 for the first `used` of
+  `pieces` equal pieces. k (B, L, H, Dk) and v (B, L, H, Dv) bf16 with L a multiple of
+  pieces * 64; ld (H, C) float32.
 
   One warpgroup per (batch, piece, head, 64 value columns). The weights are absolute
   within the piece (lambda^(m-1-j) <= 1, underflowing to 0 far back, as the terms do),
@@ -665,7 +670,7 @@ def _piece_sums(k, v, ld, pieces: int, interpret: bool):
 
   def body(k_ref, v_ref, ld_ref, out_ref, k_s, v_s, acc_s, ld_s, in_bar, misc_bar):
     bp, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    bi, pi = lax.div(bp, pieces), lax.rem(bp, pieces)
+    bi, pi = lax.div(bp, used), lax.rem(bp, used)
     cols = pl.ds(vi * BV, BV)
     plgpu.copy_gmem_to_smem(ld_ref.at[hi], ld_s, misc_bar)
     plgpu.barrier_wait(misc_bar)
@@ -690,65 +695,70 @@ def _piece_sums(k, v, ld, pieces: int, interpret: bool):
     plgpu.copy_smem_to_gmem(acc_s, out_ref.at[bi, pi, hi, cols])
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = dict(k_s=_smem((2, C, dk)), v_s=_smem((2, C, BV)), acc_s=plgpu.SMEM((BV, dk), F32),
-                 ld_s=plgpu.SMEM((C,), F32),
-                 in_bar=plgpu.Barrier(num_arrivals=2, num_barriers=2), misc_bar=plgpu.Barrier())
-  out_type = jax.ShapeDtypeStruct((b, pieces, h, dv, dk), F32)
+  stages = max(2, min(PIECE_STAGES, n_blocks))  # the ring needs two slots
+  scratch = dict(k_s=_smem((stages, C, dk)), v_s=_smem((stages, C, BV)),
+                 acc_s=plgpu.SMEM((BV, dk), F32), ld_s=plgpu.SMEM((C,), F32),
+                 in_bar=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                 misc_bar=plgpu.Barrier())
+  out_type = jax.ShapeDtypeStruct((b, used, h, dv, dk), F32)
   return _pallas.kernel(
       body, interpret=interpret, out_type=out_type, scratch_types=scratch,
-      grid=(b * pieces, h, nvt), grid_names=("b", "h", "v"),
+      grid=(b * used, h, nvt), grid_names=("b", "h", "v"),
       compiler_params=plgpu.CompilerParams(approx_math=True))(k, v, ld)
 
 
 def _combine_pieces(sums_t, log_decay, h0, segments: int, piece_len: int):
-  """Segment entering states and the final state from the pieces' contributions:
-  state before token t0 = lambda^t0 h0 + sum over pieces p ending at e_p <= t0 of
-  lambda^(t0 - e_p) c_p, as one float32 product per head. sums_t (B, P, H, Dv, Dk)."""
-  b, p_count, h = sums_t.shape[:3]
-  per_seg = p_count // segments
+  """Segment entering states from the pieces' contributions: the state before token t0 =
+  lambda^t0 h0 + sum over pieces p ending at e_p <= t0 of lambda^(t0 - e_p) c_p, as one
+  float32 product per head. sums_t (B, P, H, Dv, Dk) holds the pieces of the first
+  S - 1 segments (the last segment's pieces enter no start) -> (B, S, H, Dk, Dv)."""
+  p_count = sums_t.shape[1]
+  per_seg = p_count // (segments - 1)
   ends = piece_len * (jnp.arange(p_count) + 1)                                  # (P,)
-  starts = piece_len * per_seg * jnp.arange(segments + 1)                       # (S + 1,)
-  dist = starts[:, None] - ends[None, :]                                        # (S + 1, P)
+  starts = piece_len * per_seg * jnp.arange(segments)                           # (S,)
+  dist = starts[:, None] - ends[None, :]                                        # (S, P)
   keep = dist >= 0
   wts = jnp.where(keep[None], jnp.exp(log_decay[:, None, None]
                                       * jnp.where(keep, dist, 0)[None].astype(F32)), 0.0)
   states = jnp.einsum("hsp,bphvk->bshkv", wts, sums_t, precision=lax.Precision.HIGHEST)
-  states = states + jnp.exp(log_decay[None, None, :, None, None]
-                            * starts[None, :, None, None, None].astype(F32)) * h0[:, None]
-  return states[:, :segments], states[:, segments]
+  return states + jnp.exp(log_decay[None, None, :, None, None]
+                          * starts[None, :, None, None, None].astype(F32)) * h0[:, None]
 
 
-PIECE_BLOCKS = 8  # 64-token blocks per pre-pass piece: ~4 waves of CTAs at 32k tokens, H=16
+PIECE_BLOCKS = 16  # 64-token blocks per pre-pass piece: about one wave of CTAs at 32k, H=16
+PIECE_STAGES = 4   # TMA ring depth of the pre-pass (3 blocks in flight)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def segment_starts(k, v, log_decay, h0, segments: int, interpret: bool = False):
-  """States entering each of `segments` equal segments, and the final state.
+  """States entering each of `segments` (> 1) equal segments, (B, S, H, Dk, Dv) float32.
 
-  Forward: `_piece_sums` (a Pallas pass that reads k and v once, split into pieces of
-  PIECE_BLOCKS blocks for parallelism) and `_combine_pieces`; backward: the VJP of
-  `segment_starts_xla`, the same function in XLA. Shapes as `segment_starts_xla`.
+  Forward: `_piece_sums` (a Pallas pass that reads the k and v of the first S - 1
+  segments once, split into pieces of PIECE_BLOCKS blocks for parallelism) and
+  `_combine_pieces`; backward: the VJP of `segment_starts_xla`, the same function in XLA.
+  Argument shapes as `segment_starts_xla`.
   """
   return _segment_starts_fwd(k, v, log_decay, h0, segments, interpret)[0]
 
 
 def _segment_starts_fwd(k, v, log_decay, h0, segments, interpret):
-  b, l, h, _ = k.shape
+  _, l, h, _ = k.shape
   blocks = l // C
   pieces = segments
   while pieces * 2 * PIECE_BLOCKS <= blocks and blocks % (pieces * 2) == 0:
     pieces *= 2
+  used = pieces // segments * (segments - 1)
   ld = jnp.broadcast_to(log_decay.astype(F32)[:, None], (h, C))
-  sums = _piece_sums(k.astype(MM), v.astype(MM), ld, pieces, interpret)
+  sums = _piece_sums(k.astype(MM), v.astype(MM), ld, pieces, used, interpret)
   return _combine_pieces(sums, log_decay.astype(F32), h0, segments, l // pieces), (
       k, v, log_decay, h0)
 
 
-def _segment_starts_bwd(segments, interpret, res, cts):
+def _segment_starts_bwd(segments, interpret, res, ct):
   del interpret
   k, v, log_decay, h0 = res
-  _, vjp = jax.vjp(lambda *a: segment_starts_xla(*a, segments), k, v, log_decay, h0)
-  return vjp(cts)
+  _, vjp = jax.vjp(lambda *a: segment_starts_xla(*a, segments)[0], k, v, log_decay, h0)
+  return vjp(ct)
 
 
 segment_starts.defvjp(_segment_starts_fwd, _segment_starts_bwd)
@@ -786,13 +796,14 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
                      f"the length {l} into whole 64-token blocks")
   if segments > 1:
     h0_full = jnp.zeros((b, h, dk, dv), F32) if h0 is None else h0
-    starts, final = segment_starts(k, v, log_decay, h0_full, segments, bool(interpret))
+    starts = segment_starts(k, v, log_decay, h0_full, segments, bool(interpret))
     n = l // segments
     split = lambda x: x.reshape(b * segments, n, *x.shape[2:])
     cfg = _Cfg(seq_len=n, out_dtype=jnp.dtype(q.dtype), has_h0=True, interpret=bool(interpret))
-    o, _ = _core(split(q), split(k), split(v), log_decay,
-                 starts.reshape(b * segments, h, dk, dv), cfg)
-    return o.reshape(b, l, h, dv), final
+    o, ends = _core(split(q), split(k), split(v), log_decay,
+                    starts.reshape(b * segments, h, dk, dv), cfg)
+    # The last segment's end state, from its entering state, is the final state.
+    return o.reshape(b, l, h, dv), ends.reshape(b, segments, h, dk, dv)[:, -1]
   cfg = _Cfg(seq_len=l, out_dtype=jnp.dtype(q.dtype), has_h0=h0 is not None,
              interpret=bool(interpret))
   return _core(q, k, v, log_decay, h0, cfg)
