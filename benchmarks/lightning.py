@@ -190,6 +190,8 @@ def main(argv=None):
                       help="no correctness pass (each check compiles three kernels)")
   parser.add_argument("--lengths", type=str, default=None,
                       help="comma-separated sweep lengths (default 2048..65536)")
+  parser.add_argument("--sweep-only", action="store_true",
+                      help="only the length sweep (no checks, no B=8 L=4096 tables)")
   args = parser.parse_args(argv)
   quick = args.quick
   on_gpu = jax.default_backend() == "gpu"
@@ -209,7 +211,7 @@ def main(argv=None):
               (2, 1000, 4, 128, 128, jnp.bfloat16, True),
               (1, 32768, 16, 64, 64, jnp.bfloat16, True)]   # the sequence split in 8 segments
   rows, failed = [], False
-  for cfg in ([] if args.skip_checks else checks):
+  for cfg in ([] if args.skip_checks or args.sweep_only else checks):
     row, bad, finite = check(*cfg)
     rows.append(row)
     failed |= bad
@@ -226,7 +228,7 @@ def main(argv=None):
           "err o"]
   tables = []
   b, l, h, d = (1, 256, 2, 64) if quick else (8, 4096, 16, 64)
-  for dtype in (jnp.bfloat16,) if quick else (jnp.bfloat16, jnp.float32):
+  for dtype in () if args.sweep_only else (jnp.bfloat16,) if quick else (jnp.bfloat16, jnp.float32):
     tables.append((f"\nB={b} H={h} L={l} Dk=Dv={d} {jnp.dtype(dtype).name}",
                    rows_for(b, l, h, d, dtype, iters, warmup, peers, on_gpu)))
   total = 512 if quick else 32768
