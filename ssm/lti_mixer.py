@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm.ops import fft_conv
+from ssm.ops.fft_conv import fft_conv_bank_xla
 from ssm.ops._impl import IMPLS
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
@@ -61,16 +62,20 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
     x: (b, l, h).
     kernel_chl: (c, h, l) for causal; (2c, h, l) for bidirectional, the last c
       applied to the time-reversed sequence.
+    impl: "auto"/"xla": every channel and both directions from one FFT of x and one
+      inverse (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel
+      and direction (the reversed sequence for the backward half).
 
   Returns:
     (b, l, c, h).
   """
-  def causal(k_hl):
-    return fft_conv(x, k_hl, impl=impl)
-
+  c = kernel_chl.shape[0] // 2 if bidirectional else kernel_chl.shape[0]
+  if impl not in IMPLS:
+    raise ValueError(f"lti_conv: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "pallas":
+    return fft_conv_bank_xla(x, kernel_chl[:c], kernel_chl[c:] if bidirectional else None)
   if not bidirectional:
-    return jnp.stack([causal(k) for k in kernel_chl], axis=2)
-  c = kernel_chl.shape[0] // 2
+    return jnp.stack([fft_conv(x, k, impl=impl) for k in kernel_chl], axis=2)
   x_rev = x[:, ::-1]
   outs = []
   for i in range(c):

@@ -66,3 +66,44 @@ def test_unknown_impl_fails_clearly():
   # (impl="pallas" is tested in tests/test_fft_conv_pallas.py)
   with pytest.raises(ValueError, match="impl"):
     fft_conv(jnp.zeros((1, 8, 2)), jnp.zeros((2, 8)), impl="cuda")
+
+
+def direct_anticausal(u, k):
+  """y[b, t, h] = sum_{s < lk} k[h, s] u[b, t + s, h], in float64."""
+  u = np.asarray(u, np.float64)
+  k = np.asarray(k, np.float64)
+  y = np.zeros(u.shape)
+  for s in range(k.shape[1]):
+    y[:, : u.shape[1] - s] += k[:, s][None, None] * u[:, s:]
+  return y
+
+
+@pytest.mark.parametrize("seq_len,k_len,two_sided", [(37, 37, True), (64, 9, True), (50, 50, False)])
+def test_kernel_bank_matches_direct_convolutions(seq_len, k_len, two_sided):
+  """One FFT pair for c kernels and both directions = the direct sums, values and grads."""
+  from ssm.ops.fft_conv import fft_conv_bank_xla  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seq_len + k_len)
+  c, h = 2, 3
+  u = rng.standard_normal((2, seq_len, h))
+  kc, ka = rng.standard_normal((2, c, h, k_len))
+  ref = np.stack([direct_conv(u, kc[i]) + (direct_anticausal(u, ka[i]) if two_sided else 0)
+                  for i in range(c)], axis=2)
+  f = lambda u, kc, ka: fft_conv_bank_xla(u, kc, ka if two_sided else None)
+  y = f(*(jnp.asarray(x, jnp.float32) for x in (u, kc, ka)))
+  assert y.shape == (2, seq_len, c, h)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  # gradients against the same sums written as shifted products (autodiff, float32)
+  w = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+
+  def direct(u, kc, ka):
+    shift = lambda x, s: jnp.pad(x, ((0, 0), (s, 0), (0, 0)))[:, :seq_len]
+    back = lambda x, s: jnp.pad(x, ((0, 0), (0, s), (0, 0)))[:, s:]
+    ys = [sum(kc[i, :, s] * shift(u, s) + (ka[i, :, s] * back(u, s) if two_sided else 0)
+              for s in range(k_len)) for i in range(c)]
+    return jnp.sum(w * jnp.stack(ys, axis=2))
+
+  args = tuple(jnp.asarray(x, jnp.float32) for x in (u, kc, ka))
+  g = jax.grad(lambda *a: jnp.sum(w * f(*a)), argnums=(0, 1, 2))(*args)
+  g_ref = jax.grad(direct, argnums=(0, 1, 2))(*args)
+  for a, b in zip(g[: 3 if two_sided else 2], g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

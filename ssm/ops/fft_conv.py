@@ -44,6 +44,44 @@ def fft_conv_xla(u, k, *, circular: bool = False):
   return y.astype(u.dtype)
 
 
+def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
+  """A bank of c kernels per channel, causal plus optional anti-causal, in one FFT pair.
+
+      y[b, t, i, h] = sum_{s < lk} k_causal[i, h, s] u[b, t - s, h]
+                    + sum_{s < lk} k_anticausal[i, h, s] u[b, t + s, h]
+
+  u's spectrum is taken once for all c kernels and both directions: the anti-causal
+  kernel sits at the end of the same length-n circular kernel (index n - s), and n >=
+  L + lk - 1 keeps both halves from wrapping into the first L outputs. This halves the
+  FFTs of a bidirectional S4 layer against convolving the reversed sequence separately.
+
+  Args:
+    u: (b, l, h); k_causal: (c, h, lk); k_anticausal: None or (c, h, lk); lk <= l.
+
+  Returns:
+    (b, l, c, h) float32.
+  """
+  if u.ndim != 3 or k_causal.ndim != 3 or k_causal.shape[1] != u.shape[2]:
+    raise ValueError(f"fft_conv_bank_xla: u (b, l, h) and kernels (c, h, lk) expected, got "
+                     f"{u.shape} and {k_causal.shape}")
+  if k_anticausal is not None and k_anticausal.shape != k_causal.shape:
+    raise ValueError(f"fft_conv_bank_xla: anti-causal kernels {k_anticausal.shape} must match "
+                     f"the causal ones {k_causal.shape}")
+  seq_len, lk = u.shape[1], k_causal.shape[2]
+  if not 1 <= lk <= seq_len:
+    raise ValueError(f"fft_conv_bank_xla: kernel length {lk} must be in [1, {seq_len}]")
+  n = _fft_size(seq_len + lk - 1)
+  kern = jnp.pad(k_causal.astype(jnp.float32), ((0, 0), (0, 0), (0, n - lk)))
+  if k_anticausal is not None:
+    ka = k_anticausal.astype(jnp.float32)
+    # index 0 <- ka[0]; index n - s <- ka[s] for s = 1 .. lk - 1
+    kern = kern + jnp.concatenate(
+        [ka[..., :1], jnp.zeros(ka.shape[:2] + (n - lk,), jnp.float32), ka[..., :0:-1]], axis=-1)
+  u_f = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)              # (b, nf, h)
+  k_f = jnp.moveaxis(jnp.fft.rfft(kern, axis=-1), -1, 0)              # (nf, c, h)
+  return jnp.fft.irfft(u_f[:, :, None, :] * k_f[None], n=n, axis=1)[:, :seq_len]
+
+
 def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array | None = None,
              circular: bool = False) -> jax.Array:
   """Causal (or circular) convolution of each channel of u with its kernel.

@@ -1,0 +1,108 @@
+r"""Time one config's train step and list where the device time goes (run on a GPU).
+
+    python scripts/gpu/profile_train_step.py --config=configs/lra/listops.py:s4d \
+        --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25]
+
+Builds the trainer exactly as `python -m train` does (same model, optimizer, jitted
+step), takes one batch from the training loader, and reports:
+  * the train step, pipelined (`--steps` steps queued, waited once), and the eval step;
+  * with --trace_dir: a jax.profiler trace of 5 steps, whose Perfetto export is summed
+    per device op name (ms per step, share of the device time), the top `--top` printed.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "steps per timing")
+_TRACE = flags.DEFINE_string("trace_dir", None, "write a profiler trace here and summarise it")
+_TOP = flags.DEFINE_integer("top", 25, "device ops listed from the trace")
+
+
+def _summarise(trace_dir: str, steps: int, top: int) -> None:
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not paths:
+    print(f"no perfetto_trace.json.gz under {trace_dir}")
+    return
+  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n or "device" in n.lower()}
+  device = device or set(names)  # CPU: the XLA ops run on the host's threads
+  totals, counts = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      totals[e["name"]] += e.get("dur", 0.0)
+      counts[e["name"]] += 1
+  whole = sum(totals.values())
+  print(f"\ndevice processes: {sorted(names[p] for p in device)}")
+  print(f"device op time: {whole / 1e3 / steps:.3f} ms per step (summed over streams)")
+  print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
+  for name, dur in totals.most_common(top):
+    print(f"{dur / 1e3 / steps:8.3f} {dur / whole:6.1%} {counts[name] / steps:10.1f}  {name[:110]}")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+
+  import data  # pylint: disable=import-outside-toplevel
+  from data.pipeline import make_loader  # pylint: disable=import-outside-toplevel
+  from train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from train.trainer import Trainer, validate_config  # pylint: disable=import-outside-toplevel
+
+  config = _CONFIG.value
+  validate_config(config)
+  mesh = sharding_lib.make_mesh(config.train.mesh)
+  task, splits = data.load_task(config.data)
+  trainer = Trainer(config, task, mesh)
+  bs = sharding_lib.per_host_batch(config.train.batch_size, mesh)
+  batch = next(iter(make_loader(splits["train"], batch_size=bs, shuffle=False, seed=0,
+                                drop_remainder=True, prefetch=0)))
+  state, rngs = trainer.init_state()
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"{jax.devices()[0].device_kind}; task {task.name} seq_len {task.seq_len}; "
+        f"batch {bs}; {n_params:,} parameters")
+
+  def run(n):
+    nonlocal state
+    for _ in range(n):
+      state, out = trainer.train_step(state, rngs, batch)
+    jax.block_until_ready(out)
+
+  t = time.perf_counter()
+  run(1)
+  print(f"compile + first step: {time.perf_counter() - t:.1f} s")
+  run(3)
+  times = []
+  for _ in range(3):
+    t = time.perf_counter()
+    run(_STEPS.value)
+    times.append((time.perf_counter() - t) / _STEPS.value)
+  print(f"train step: {1e3 * min(times):.2f} ms (best of 3 x {_STEPS.value} pipelined steps), "
+        f"{bs / min(times):,.0f} examples/s")
+  jax.block_until_ready(trainer.eval_step(state.params, state.rest, rngs, batch))
+  t = time.perf_counter()
+  for _ in range(_STEPS.value):
+    sums = trainer.eval_step(state.params, state.rest, rngs, batch)
+  jax.block_until_ready(sums)
+  print(f"eval step (forward): {1e3 * (time.perf_counter() - t) / _STEPS.value:.2f} ms")
+  if _TRACE.value:
+    with jax.profiler.trace(_TRACE.value, create_perfetto_trace=True):
+      run(5)
+    _summarise(_TRACE.value, 5, _TOP.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
