@@ -152,6 +152,15 @@ class Checkpointer:
       raise CorruptCheckpointError("array fingerprints differ from the saved ones")
     return state, dict(restored["loader"]), meta
 
+  def restore(self, step: int, abstract_state, *, best: bool = False):
+    """Restores one checkpoint (under checkpoints/, or best/ with best=True), with the
+    fingerprint check and no fallback: any failure raises.
+
+    Returns:
+      (state, loader_state, meta).
+    """
+    return self._restore_step(self._best if best else self._latest, step, abstract_state)
+
   def restore_latest(self, abstract_state):
     """Restores the newest readable checkpoint; unreadable ones are moved to corrupt/.
 

@@ -162,11 +162,10 @@ def evaluate(workdir: str, split: str = "test", step: int | str | None = None, *
 
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=max(1, config.train.keep_checkpoints))
   path = os.path.join(workdir, folder, str(step))
-  manager = ckpt._latest if folder == "checkpoints" else ckpt._best  # noqa: SLF001
   try:
     # The trainer's own restore (same item layout and fingerprint check), with the
     # target shardings of this mesh; no quarantine and no fallback here.
-    state, _, _ = ckpt._restore_step(manager, step, trainer.abstract_state)  # noqa: SLF001
+    state, _, _ = ckpt.restore(step, trainer.abstract_state, best=folder != "checkpoints")
   except Exception as e:  # noqa: BLE001 -- any failure: the checkpoint is unusable
     others = [s for s in _steps_in(os.path.join(workdir, "checkpoints")) if s != step]
     raise checkpoint_lib.CorruptCheckpointError(
