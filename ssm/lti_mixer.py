@@ -5,7 +5,9 @@ parameters and produces a convolution kernel and, for the causal recurrent mode,
 a state and a step. `LTIMixer` wraps any kernel module into the layer the papers
 use:
 
-    y = act(K * x + D x)          K * x by `ssm.ops.fft_conv`, per channel
+    y = act(K * x + D x)          K * x by FFT: all channels (and both directions) from
+                                  one transform of x (`fft_conv_bank_xla`), or per channel
+                                  by `ssm.ops.fft_conv` with impl="pallas"
     y = dropout(y)
     out = output projection(y)    "glu": Linear(c*h -> 2h) then GLU, "linear": Linear(c*h -> h)
 
