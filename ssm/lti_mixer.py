@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm.ops import fft_conv
-from ssm.ops.fft_conv import fft_conv_bank_xla
+from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
 from ssm.ops._impl import IMPLS
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
@@ -65,8 +65,8 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
     kernel_chl: (c, h, l) for causal; (2c, h, l) for bidirectional, the last c
       applied to the time-reversed sequence.
     impl: "auto"/"xla": every channel and both directions from one FFT of x and one
-      inverse (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel
-      and direction (the reversed sequence for the backward half).
+      inverse (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel,
+      both directions as one circular convolution with the two-sided kernel.
 
   Returns:
     (b, l, c, h).
@@ -78,13 +78,14 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
     return fft_conv_bank_xla(x, kernel_chl[:c], kernel_chl[c:] if bidirectional else None)
   if not bidirectional:
     return jnp.stack([fft_conv(x, k, impl=impl) for k in kernel_chl], axis=2)
-  x_rev = x[:, ::-1]
-  outs = []
-  for i in range(c):
-    fwd = fft_conv(x, kernel_chl[i], impl=impl)
-    bwd = fft_conv(x_rev, kernel_chl[c + i], impl=impl)[:, ::-1]
-    outs.append(fwd + bwd)
-  return jnp.stack(outs, axis=2)
+  # Both directions in one kernel call: a circular convolution of x zero-padded to n with
+  # the two-sided kernel (the kernel's circular mode needs a power-of-two n).
+  l, lk = x.shape[1], kernel_chl.shape[-1]
+  n = max(256, 1 << (l + lk - 2).bit_length())
+  x_pad = jnp.pad(x, ((0, 0), (0, n - l), (0, 0)))
+  kern = two_sided_kernel(kernel_chl[:c], kernel_chl[c:], n)               # (c, h, n)
+  return jnp.stack([fft_conv(x_pad, kern[i], impl=impl, circular=True)[:, :l]
+                    for i in range(c)], axis=2)
 
 
 class LTIMixer(nnx.Module):

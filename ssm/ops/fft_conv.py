@@ -44,6 +44,20 @@ def fft_conv_xla(u, k, *, circular: bool = False):
   return y.astype(u.dtype)
 
 
+def two_sided_kernel(k_causal, k_anticausal, n: int):
+  """(..., lk) causal and anti-causal kernels -> one length-n circular kernel (float32):
+  index s <- k_causal[s], index (n - s) mod n <- k_anticausal[s]. Circular convolution of
+  a sequence zero-padded to n >= L + lk - 1 with it gives both sums without wrap-around."""
+  lk = k_causal.shape[-1]
+  pad = [(0, 0)] * (k_causal.ndim - 1) + [(0, n - lk)]
+  kern = jnp.pad(k_causal.astype(jnp.float32), pad)
+  if k_anticausal is None:
+    return kern
+  ka = k_anticausal.astype(jnp.float32)
+  return kern + jnp.concatenate(
+      [ka[..., :1], jnp.zeros(ka.shape[:-1] + (n - lk,), jnp.float32), ka[..., :0:-1]], axis=-1)
+
+
 def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
   """A bank of c kernels per channel, causal plus optional anti-causal, in one FFT pair.
 
@@ -71,12 +85,7 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
   if not 1 <= lk <= seq_len:
     raise ValueError(f"fft_conv_bank_xla: kernel length {lk} must be in [1, {seq_len}]")
   n = _fft_size(seq_len + lk - 1)
-  kern = jnp.pad(k_causal.astype(jnp.float32), ((0, 0), (0, 0), (0, n - lk)))
-  if k_anticausal is not None:
-    ka = k_anticausal.astype(jnp.float32)
-    # index 0 <- ka[0]; index n - s <- ka[s] for s = 1 .. lk - 1
-    kern = kern + jnp.concatenate(
-        [ka[..., :1], jnp.zeros(ka.shape[:2] + (n - lk,), jnp.float32), ka[..., :0:-1]], axis=-1)
+  kern = two_sided_kernel(k_causal, k_anticausal, n)
   u_f = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)              # (b, nf, h)
   k_f = jnp.moveaxis(jnp.fft.rfft(kern, axis=-1), -1, 0)              # (nf, c, h)
   return jnp.fft.irfft(u_f[:, :, None, :] * k_f[None], n=n, axis=1)[:, :seq_len]
