@@ -19,10 +19,12 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   inverse (conj stages in reverse) never permute. Sequences with r < 64 (q = 256,
   512) are stacked G = 64 // r to a 64-row tile with a block-diagonal F_r.
 * Outer factor (order 3, n > 4096): n = p * 4096 with p = n / 4096 <= 32; the p-point
-  DFT over the slow index and its twiddle w_n^(j kp) run in XLA (jnp.fft over an axis
-  of length p, one HBM round trip), each of the p rows then goes through the fused
-  inner kernel, and XLA undoes the outer step. (FlashFFTConv does the same split for
-  sequences that do not fit on chip.)
+  DFT over the slow index and its twiddle w_n^(j kp) run in XLA as unrolled real-plane
+  arithmetic that fuses with the layout transpose (one HBM round trip; it reads only
+  the outer rows that hold data, half of them for a zero-padded causal input), each of
+  the p rows then goes through the fused inner kernel, and XLA undoes the outer step for
+  the output rows that are kept. (FlashFFTConv does the same split for sequences that
+  do not fit on chip.) Data between XLA and the kernel stays as float32 re/im planes.
 * Complex products as 4 real products ((A+iB)(X+iY)); every real product on the
   matrix units in bf16 with f32 accumulation. f32 inputs: bf16x3 (A_hi B_hi + A_hi B_lo
   + A_lo B_hi, about 1e-5 relative error); bf16 inputs: one bf16 product (about 1e-2).
@@ -302,35 +304,69 @@ def check_supported(u_shape, k_shape, circular: bool) -> None:
   plan(fft_size(seq_len, circular))
 
 
-def _outer_twiddle(p: int, q: int, n: int):
+def _outer_factors(p: int, q: int, n: int, rows: int, inverse: bool):
+  """Outer DFT step as real planes (float32 NumPy):
+  forward  W[kp, j] = w_p^(j kp) (j < rows) and twiddle T[kp, i] = w_n^(i kp);
+  inverse  W[j, kp] = conj(w_p^(j kp)) / p (j < rows) and T = conj(twiddle) (p, q)."""
   kp = np.arange(p)[:, None]
-  j = np.arange(q)[None, :]
-  return jnp.asarray(np.exp(-2j * np.pi * kp * j / n), jnp.complex64)  # (p, q)
+  w = np.exp(-2j * np.pi * kp * np.arange(rows)[None, :] / p)          # (p, rows)
+  t = np.exp(-2j * np.pi * kp * np.arange(q)[None, :] / n)             # (p, q)
+  if inverse:
+    w, t = np.conj(w).T / p, np.conj(t)                                # (rows, p), (p, q)
+  f = lambda x: (np.real(x).astype(np.float32), np.imag(x).astype(np.float32))
+  return f(w), f(t)
 
 
-def _to_rows(z, n: int, h_pad: int):
-  """Complex sequences z (P, H, n) -> kernel tiles (re, im) (P, T, 64, c), natural order
-  inside each inner sequence, after the outer DFT step when n > 4096."""
+def _small_cmatmul(wr, wi, xr, xi):
+  """sum_j W[a, j] x[..., j, :] for a small constant complex W (a few rows), unrolled so
+  that XLA fuses it with its neighbours instead of calling a GEMM (or cuFFT with
+  transposes, as jnp.fft over a middle axis does). x (..., J, q) -> (..., A, q)."""
+  out_r, out_i = [], []
+  for a in range(wr.shape[0]):
+    acc_r = acc_i = 0.0
+    for j in range(wr.shape[1]):
+      if wr[a, j] == 0 and wi[a, j] == 0:
+        continue
+      acc_r = acc_r + float(wr[a, j]) * xr[..., j, :] - float(wi[a, j]) * xi[..., j, :]
+      acc_i = acc_i + float(wr[a, j]) * xi[..., j, :] + float(wi[a, j]) * xr[..., j, :]
+    out_r.append(acc_r)
+    out_i.append(acc_i)
+  return jnp.stack(out_r, axis=-2), jnp.stack(out_i, axis=-2)
+
+
+def _to_rows(xr, xi, n: int, h_pad: int):
+  """Complex sequences as planes xr, xi (P, H, m), m <= n, zero beyond m -> kernel tiles
+  (re, im) (P, T, 64, c), natural order inside each inner sequence, after the outer DFT
+  step when n > 4096 (which reads only the outer rows that hold data: half of them for a
+  zero-padded causal input)."""
   p, q, r, c, g = plan(n)
-  pairs, h = z.shape[:2]
+  pairs, h, m = xr.shape
+  rows = -(-m // q)
+  pad = lambda x, to: jnp.pad(x, ((0, 0), (0, h_pad - h), (0, to - m)))
   if p > 1:
-    z = z.reshape(pairs, h, p, q)
-    z = jnp.fft.fft(z, axis=2) * _outer_twiddle(p, q, n)
-  z = z.reshape(pairs, h, p * q)
-  if h_pad != h:
-    z = jnp.pad(z, ((0, 0), (0, h_pad - h), (0, 0)))
-  z = z.reshape(pairs, h_pad * p * q // (TILE_M * c), TILE_M, c)
-  return jnp.real(z).astype(jnp.float32), jnp.imag(z).astype(jnp.float32)
+    xr, xi = (pad(x, rows * q).reshape(pairs, h_pad, rows, q) for x in (xr, xi))
+    (wr, wi), (tr, ti) = _outer_factors(p, q, n, rows, inverse=False)
+    zr, zi = _small_cmatmul(wr, wi, xr, xi)                            # (P, Hp, p, q)
+    xr, xi = zr * tr - zi * ti, zr * ti + zi * tr
+  else:
+    xr, xi = pad(xr, n), pad(xi, n)
+  shape = (pairs, h_pad * p * q // (TILE_M * c), TILE_M, c)
+  return xr.reshape(shape), xi.reshape(shape)
 
 
-def _from_rows(re, im, n: int, h: int):
-  """Inverse of _to_rows: tiles (..., T, 64, c) -> complex (..., H, n), outer step undone."""
+def _from_rows(re, im, n: int, h: int, length: int):
+  """Inverse of _to_rows: tiles (..., T, 64, c) -> planes (re, im) (..., H, length), the
+  outer step undone for the outer rows that reach `length` only."""
   p, q, r, c, g = plan(n)
   lead = re.shape[:-3]
-  z = lax.complex(re, im).reshape(*lead, -1, p, q)[..., :h, :, :]
+  re, im = (x.reshape(*lead, -1, p, q)[..., :h, :, :] for x in (re, im))
   if p > 1:
-    z = jnp.fft.ifft(z * jnp.conj(_outer_twiddle(p, q, n)), axis=-2)
-  return z.reshape(*lead, h, n)
+    rows = -(-length // q)
+    (wr, wi), (tr, ti) = _outer_factors(p, q, n, rows, inverse=True)
+    re, im = re * tr - im * ti, re * ti + im * tr
+    re, im = _small_cmatmul(wr, wi, re, im)                            # (..., H, rows, q)
+  re, im = (x.reshape(*lead, h, -1)[..., :length] for x in (re, im))
+  return re, im
 
 
 def _spectrum(k, n: int, h_pad: int, conj: bool):
@@ -350,21 +386,18 @@ def _spectrum(k, n: int, h_pad: int, conj: bool):
   return jnp.real(kf).astype(jnp.float32), jnp.imag(kf).astype(jnp.float32)
 
 
-def _pack(u, n: int):
-  """u (B, L, H) real -> complex (P, H, n): batch b + i * batch b + P, zero-padded."""
-  b, seq_len, _ = u.shape
+def _pack(u):
+  """u (B, L, H) real -> planes (P, H, L): batch b is the real part, b + P the imaginary."""
   x = jnp.transpose(u.astype(jnp.float32), (0, 2, 1))              # (B, H, L)
-  if b % 2:
+  if x.shape[0] % 2:
     x = jnp.pad(x, ((0, 1), (0, 0), (0, 0)))
   pairs = x.shape[0] // 2
-  z = lax.complex(x[:pairs], x[pairs:])
-  return jnp.pad(z, ((0, 0), (0, 0), (0, n - seq_len)))
+  return x[:pairs], x[pairs:]
 
 
-def _unpack(z, batch: int, seq_len: int, dtype):
-  """complex (P, H, n) -> real (B, L, H)."""
-  z = z[:, :, :seq_len]
-  x = jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=0)[:batch]
+def _unpack(re, im, batch: int, dtype):
+  """planes (P, H, L) -> real (B, L, H)."""
+  x = jnp.concatenate([re, im], axis=0)[:batch]
   return jnp.transpose(x, (0, 2, 1)).astype(dtype)
 
 
@@ -373,32 +406,33 @@ def _h_pad(h: int, n: int) -> int:
   return -(-h // g) * g
 
 
-def _filter(z, k, n: int, *, conj: bool, nsplit: int, interpret: bool):
-  """IFFT_n(FFT_n(z) * K (or conj K)) for complex rows z (P, H, n)."""
+def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool):
+  """IFFT_n(FFT_n(z) * K (or conj K))[:length] for complex rows z as planes (P, H, m)."""
   p, q, r, c, g = plan(n)
-  h = z.shape[1]
+  h = zr.shape[1]
   hp = _h_pad(h, n)
-  xr, xi = _to_rows(z, n, hp)
+  xr, xi = _to_rows(zr, zi, n, hp)
   sr, si = _spectrum(k, n, hp, conj)
   left, right, tw = _constants(q, r, c, nsplit)
   call = _make_kernel("filter", n_pairs=xr.shape[0], n_tiles=xr.shape[1], q=q, r=r, c=c,
                       nsplit=nsplit, interpret=interpret)
   yr, yi = call(xr, xi, sr, si, left, right, tw)
-  return _from_rows(yr, yi, n, h)
+  return _from_rows(yr, yi, n, h, length)
 
 
-def _correlate(za, zb, n: int, *, nsplit: int, interpret: bool):
-  """IFFT_n(sum_p FFT_n(za_p) conj FFT_n(zb_p)) -> complex (H, n)."""
+def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
+  """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
+  -> (H, length)."""
   p, q, r, c, g = plan(n)
-  h = za.shape[1]
+  h = a[0].shape[1]
   hp = _h_pad(h, n)
-  ar, ai = _to_rows(za, n, hp)
-  br, bi = _to_rows(zb, n, hp)
+  ar, ai = _to_rows(*a, n, hp)
+  br, bi = _to_rows(*b, n, hp)
   left, right, tw = _constants(q, r, c, nsplit)
   call = _make_kernel("correlate", n_pairs=ar.shape[0], n_tiles=ar.shape[1], q=q, r=r, c=c,
                       nsplit=nsplit, interpret=interpret)
   cr, ci = call(ar, ai, br, bi, left, right, tw)
-  return _from_rows(cr, ci, n, h)
+  return _from_rows(cr, ci, n, h, length)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -416,8 +450,9 @@ def _conv(u, k, circular: bool, interpret: bool):
 def _conv_fwd(u, k, circular, interpret):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
-  z = _filter(_pack(u, n), k, n, conj=False, nsplit=_nsplit(u.dtype), interpret=interpret)
-  return _unpack(z, batch, seq_len, u.dtype), (u, k)
+  yr, yi = _filter(*_pack(u), k, n, seq_len, conj=False, nsplit=_nsplit(u.dtype),
+                   interpret=interpret)
+  return _unpack(yr, yi, batch, u.dtype), (u, k)
 
 
 def _conv_bwd(circular, interpret, res, dy):
@@ -425,12 +460,11 @@ def _conv_bwd(circular, interpret, res, dy):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   ns = _nsplit(u.dtype)
-  zdy = _pack(dy, n)
-  du = _filter(zdy, k, n, conj=True, nsplit=ns, interpret=interpret)
-  du = _unpack(du, batch, seq_len, u.dtype)
-  corr = _correlate(zdy, _pack(u, n), n, nsplit=ns, interpret=interpret)   # (H, n)
-  dk = jnp.real(corr[:, :k.shape[1]]).astype(k.dtype)
-  return du, dk
+  zdy = _pack(dy)
+  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
+               batch, u.dtype)
+  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)  # (H, Lk)
+  return du, dk.astype(k.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
