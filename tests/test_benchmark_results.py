@@ -84,7 +84,7 @@ def test_committed_lightning_sweep():
   ours = sweep.where(op="lightning pallas")
   assert [r["L"] for r in ours] == [2048, 4096, 8192, 16384, 32768, 65536]
   assert all(r["B"] * r["L"] == 32768 for r in ours if r["L"] <= 32768)
-  assert len(sweep.rows) == 30 and ours[0]["fwd ms"] == 0.199
+  assert len(sweep.rows) == 30 and ours[0]["fwd ms"] == 0.114
 
 
 def test_resolve_and_date(tmp_path, monkeypatch):
