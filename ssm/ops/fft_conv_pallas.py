@@ -317,18 +317,30 @@ def _outer_factors(p: int, q: int, n: int, rows: int, inverse: bool):
   return f(w), f(t)
 
 
-def _small_cmatmul(wr, wi, xr, xi):
+def _small_cmatmul(wr, wi, xr, xi, post=None, pre=None):
   """sum_j W[a, j] x[..., j, :] for a small constant complex W (a few rows), unrolled so
   that XLA fuses it with its neighbours instead of calling a GEMM (or cuFFT with
-  transposes, as jnp.fft over a middle axis does). x (..., J, q) -> (..., A, q)."""
+  transposes, as jnp.fft over a middle axis does). x (..., J, q) -> (..., A, q).
+  post (re, im) (A, q): multiply output row a by post[a]; pre (re, im) (J, q): multiply
+  input row j by pre[j] first. Both inside the same fusion as the sums and the stack.
+  """
+  rows_r = [xr[..., j, :] for j in range(xr.shape[-2])]
+  rows_i = [xi[..., j, :] for j in range(xi.shape[-2])]
+  if pre is not None:
+    pr, pi = pre
+    rows_r, rows_i = ([r * pr[j] - i * pi[j] for j, (r, i) in enumerate(zip(rows_r, rows_i))],
+                      [r * pi[j] + i * pr[j] for j, (r, i) in enumerate(zip(rows_r, rows_i))])
   out_r, out_i = [], []
   for a in range(wr.shape[0]):
     acc_r = acc_i = 0.0
     for j in range(wr.shape[1]):
       if wr[a, j] == 0 and wi[a, j] == 0:
         continue
-      acc_r = acc_r + float(wr[a, j]) * xr[..., j, :] - float(wi[a, j]) * xi[..., j, :]
-      acc_i = acc_i + float(wr[a, j]) * xi[..., j, :] + float(wi[a, j]) * xr[..., j, :]
+      acc_r = acc_r + float(wr[a, j]) * rows_r[j] - float(wi[a, j]) * rows_i[j]
+      acc_i = acc_i + float(wr[a, j]) * rows_i[j] + float(wi[a, j]) * rows_r[j]
+    if post is not None:
+      tr, ti = post[0][a], post[1][a]
+      acc_r, acc_i = acc_r * tr - acc_i * ti, acc_r * ti + acc_i * tr
     out_r.append(acc_r)
     out_i.append(acc_i)
   return jnp.stack(out_r, axis=-2), jnp.stack(out_i, axis=-2)
@@ -345,9 +357,8 @@ def _to_rows(xr, xi, n: int, h_pad: int):
   pad = lambda x, to: jnp.pad(x, ((0, 0), (0, h_pad - h), (0, to - m)))
   if p > 1:
     xr, xi = (pad(x, rows * q).reshape(pairs, h_pad, rows, q) for x in (xr, xi))
-    (wr, wi), (tr, ti) = _outer_factors(p, q, n, rows, inverse=False)
-    zr, zi = _small_cmatmul(wr, wi, xr, xi)                            # (P, Hp, p, q)
-    xr, xi = zr * tr - zi * ti, zr * ti + zi * tr
+    (wr, wi), tw = _outer_factors(p, q, n, rows, inverse=False)
+    xr, xi = _small_cmatmul(wr, wi, xr, xi, post=tw)                   # (P, Hp, p, q)
   else:
     xr, xi = pad(xr, n), pad(xi, n)
   shape = (pairs, h_pad * p * q // (TILE_M * c), TILE_M, c)
@@ -362,9 +373,8 @@ def _from_rows(re, im, n: int, h: int, length: int):
   re, im = (x.reshape(*lead, -1, p, q)[..., :h, :, :] for x in (re, im))
   if p > 1:
     rows = -(-length // q)
-    (wr, wi), (tr, ti) = _outer_factors(p, q, n, rows, inverse=True)
-    re, im = re * tr - im * ti, re * ti + im * tr
-    re, im = _small_cmatmul(wr, wi, re, im)                            # (..., H, rows, q)
+    (wr, wi), tw = _outer_factors(p, q, n, rows, inverse=True)
+    re, im = _small_cmatmul(wr, wi, re, im, pre=tw)                    # (..., H, rows, q)
   re, im = (x.reshape(*lead, h, -1)[..., :length] for x in (re, im))
   return re, im
 
