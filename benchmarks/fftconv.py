@@ -8,14 +8,16 @@ First correctness at benchmark size: relative error ||x - ref|| / ||ref|| of y, 
 for the Pallas path against the XLA path (f32 reference; bf16 inputs are compared with
 the f32 convolution of the same bf16 values); NaN fails loudly. Then, for each L (B * H
 = 8192 channels: B = 8, H = 1024), forward and forward+backward (du, dk from one vjp)
-times, with the achieved bandwidth against the bytes that must move:
+device times (calls queued back to back, waited for once: time_fn_pipelined), with the
+achieved bandwidth against the bytes that must move:
 
     fwd       read u, write y                  2 B L H itemsize
     fwd+bwd   fwd + read dy, u, write du       5 B L H itemsize   (k, dk are H L: ignored)
 
 torch.fft.rfft/irfft (autograd for the backward) runs where PyTorch with CUDA imports;
-bf16 inputs go through float32 there (torch's FFT has no bf16). Last, an LRA-size S4D
-layer (models.build_mixer("s4d", ...)) forward+backward with impl "xla" vs "pallas".
+bf16 inputs go through float32 there (torch's FFT has no bf16). Last, S4D layers
+(models.build_mixer("s4d", ...)) forward+backward with impl "xla" vs "pallas": a causal
+B16 L4096 H256 one and the ListOps recipe's bidirectional B50 L2000 H128 N64 one.
 Targets on an H100 at B=8, H=1024, L=8192 f32: fwd <= 1.0 ms, fwd+bwd <= 2.0 ms.
 """
 
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_name, print_table, time_fn
+from benchmarks.common import device_name, print_table, time_fn_pipelined
 from ssm.ops import fft_conv
 
 COLUMNS = ["L", "dtype", "impl", "fwd ms", "fwd GB/s", "fwd+bwd ms", "fwd+bwd GB/s",
@@ -91,8 +93,8 @@ def bench_jax(b, seq_len, h, dtype, warmup, iters, impls=("pallas", "xla")) -> l
     fwd, fwd_bwd = make_fns(impl)
     out = fwd_bwd(u, k, dy)
     errs = [rel(o, r) for o, r in zip(out, ref)]
-    t_f = time_fn(fwd, u, k, warmup=warmup, iters=iters)
-    t_fb = time_fn(fwd_bwd, u, k, dy, warmup=warmup, iters=iters)
+    t_f = time_fn_pipelined(fwd, u, k, calls=iters, repeats=3, warmup=warmup)
+    t_fb = time_fn_pipelined(fwd_bwd, u, k, dy, calls=iters, repeats=3, warmup=warmup)
     rows.append({"L": seq_len, "dtype": jnp.dtype(dtype).name, "impl": impl,
                  "fwd ms": 1e3 * t_f, "fwd GB/s": bytes_fwd / t_f / 1e9,
                  "fwd+bwd ms": 1e3 * t_fb, "fwd+bwd GB/s": bytes_fb / t_fb / 1e9,
@@ -123,16 +125,17 @@ def bench_torch(torch, b, seq_len, h, dtype, warmup, iters) -> dict:
     kk = k.detach().requires_grad_(True)
     return torch.autograd.grad(conv(uu, kk), (uu, kk), dy)
 
-  def timed(fn):
+  def timed(fn):  # as time_fn_pipelined: `iters` calls queued, waited for once
     for _ in range(warmup):
       fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(3):
       t0 = time.perf_counter()
-      fn()
+      for _ in range(iters):
+        fn()
       torch.cuda.synchronize()
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / iters)
     return statistics.median(times)
 
   t_f, t_fb = timed(fwd), timed(fwd_bwd)
@@ -144,14 +147,14 @@ def bench_torch(torch, b, seq_len, h, dtype, warmup, iters) -> dict:
   return row
 
 
-def bench_layer(b, seq_len, d_model, warmup, iters) -> list[dict]:
-  """S4D layer (models.build_mixer) forward+backward, impl xla vs pallas."""
+def bench_layer(b, seq_len, d_model, warmup, iters, **options) -> list[dict]:
+  """S4D layer (models.build_mixer) forward+backward, impl xla vs pallas (device time)."""
   from flax import nnx
   from models import build_mixer
   x = jax.random.normal(jax.random.key(3), (b, seq_len, d_model), jnp.float32)
   rows, outs = [], {}
   for impl in ("xla", "pallas"):
-    mixer = build_mixer("s4d", d_model, rngs=nnx.Rngs(0), impl=impl)
+    mixer = build_mixer("s4d", d_model, rngs=nnx.Rngs(0), impl=impl, **options)
     graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
 
     @jax.jit
@@ -162,11 +165,10 @@ def bench_layer(b, seq_len, d_model, warmup, iters) -> list[dict]:
       return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
     outs[impl] = fwd_bwd(params, x)
-    ms = 1e3 * time_fn(fwd_bwd, params, x, warmup=warmup, iters=iters)
-    rows.append({"layer": "s4d", "B": b, "L": seq_len, "H": d_model, "impl": impl,
-                 "fwd+bwd ms": ms})
-  gx = [rel(outs["pallas"][1][1], outs["xla"][1][1])]
-  rows[-1]["err dx"] = gx[0]
+    ms = 1e3 * time_fn_pipelined(fwd_bwd, params, x, calls=iters, repeats=3, warmup=warmup)
+    rows.append({"layer": "s4d" + ("-bidir" if options.get("bidirectional") else ""),
+                 "B": b, "L": seq_len, "H": d_model, "impl": impl, "fwd+bwd ms": ms})
+  rows[-1]["err dx"] = rel(outs["pallas"][1][1], outs["xla"][1][1])
   return rows
 
 
@@ -226,6 +228,10 @@ def main(argv=None):
   # 3. an LRA-size layer before / after
   layer_rows = bench_layer(2 if quick else 16, 128 if quick else 4096, 8 if quick else 256,
                            warmup, iters)
+  # the ListOps S4D recipe's layer (configs/lra/listops.py): batch 50, L 2000, H 128, N 64,
+  # bidirectional (one circular convolution of size 4096 per channel on the Pallas path)
+  layer_rows += bench_layer(2 if quick else 50, 100 if quick else 2000, 8 if quick else 128,
+                            warmup, iters, d_state=64, bidirectional=True)
 
   print()
   print_table(rows, COLUMNS, title=f"fft_conv, B={b}, H={h}, {device_name()}")
