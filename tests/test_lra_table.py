@@ -153,13 +153,43 @@ def test_transformer_path_x_failed_and_unfinished_runs(tmp_path):
   assert "2.5k/50k steps" in text and "best validation accuracy (step 2000)" in text
 
 
-def test_committed_curves(tmp_path):
-  run = lra_table.run_from_metrics(str(REPO / "results" / "listops_s4d_h100_metrics.jsonl"),
-                                   "listops", "s4d")
-  assert run.best_val_accuracy == pytest.approx(0.5415) and run.best_val_step == 23_000
-  assert run.partial and run.schedule_steps == 80_000 and run.test_accuracy is None
+def test_test_accuracy_of_the_best_validation_checkpoint(tmp_path):
+  path = make_run(tmp_path / "r", "listops:s4d", steps=80_000, test=0.55, val=0.60)
+  results = json.loads(path.read_text())
+  results["best_val_step"] = 60_000
+  path.write_text(json.dumps(results))
+  ev = dict(split="test", step=50_000, accuracy=0.70)  # another step: ignored
+  (tmp_path / "r" / "eval_test_8dev.json").write_text(json.dumps(ev))
+  (tmp_path / "r" / "eval_validation_1dev.json").write_text(
+      json.dumps(dict(ev, split="validation", step=60_000)))  # another split: ignored
+  assert lra_table.load_run(str(path)).test_accuracy == pytest.approx(0.55)
+  (tmp_path / "r" / "eval_test_1dev.json").write_text(json.dumps(dict(ev, step=60_000)))
+  (tmp_path / "r" / "eval_test_0dev.json").write_text("{broken")
+  with pytest.warns(UserWarning, match="eval_test_0dev.json"):
+    run = lra_table.load_run(str(path))
+  assert run.test_accuracy == pytest.approx(0.70)
+  assert run.final_test_accuracy == pytest.approx(0.55)
+
+
+def test_committed_runs(tmp_path):
+  # the finished ListOps S4D run (results/lra/): a complete schedule with a test result
+  [run] = lra_table.collect(str(REPO / "results" / "lra"))
+  assert (run.task, run.model, run.steps, run.schedule_steps) == ("listops", "s4d", 80_000, 80_000)
+  assert not run.partial and run.best_val_step == 67_000
+  # test of the best-validation checkpoint (eval_test_1dev.json, evaluated on a CPU) beside
+  # the final state's (results.json)
+  assert run.test_accuracy == pytest.approx(0.585)
+  assert run.final_test_accuracy == pytest.approx(0.57)
   text = lra_table.table([run])
-  assert f"{_k(run.steps)}/80k steps" in text and "54.15†‡" in text
+  assert cell(rows(text), "S4D (ours)", "listops") == "58.50"  # no partial or validation mark
+  assert "best-validation checkpoint (step 67k); the final state's: 57.00" in text
+  # a curve that stopped early, read from its metrics.jsonl alone
+  run = lra_table.run_from_metrics(str(REPO / "results" / "lra_s4d_text_h100_metrics.jsonl"),
+                                   "text", "s4d")
+  assert run.partial and run.schedule_steps == 50_000 and run.test_accuracy is None
+  text = lra_table.table([run])
+  assert f"{_k(run.steps)}/50k steps" in text
+  assert f"{100 * run.best_val_accuracy:.2f}†‡" in text
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"step": 1, "split": "val"}\nnot json\n')
   with pytest.raises(ValueError, match="line 2"):

@@ -18,6 +18,11 @@ same tasks). Marks:
   ‡  no test result: the cell is the best validation accuracy (unfinished runs, or
      curves read with `run_from_metrics`).
 
+Test accuracy: of the best-validation checkpoint when `python -m train.evaluate
+--workdir=W --step=best` has written W/eval_test_<n>dev.json at the run's best_val_step
+(the papers' protocol; a footnote gives the final state's number too), else the final
+state's (results.json).
+
 Several runs of one (task, model, size): the one with the best validation accuracy is
 shown, and a footnote says so and names the others. An unreadable results.json is
 skipped with a warning naming the file; the others are still tabulated.
@@ -110,6 +115,8 @@ class Run:
   best_val_step: int | None = None
   config_name: str = ""
   finished: bool = True           # False: no results.json (halted or a bare curve)
+  final_test_accuracy: float | None = None  # the final state's, when test_accuracy is the
+                                            # best-validation checkpoint's (see load_run)
 
   @property
   def partial(self) -> bool:
@@ -229,12 +236,36 @@ def load_run(results_path: str) -> Run:
   steps = _number(results, "steps", required=True)
   test = _number(results, "test_accuracy", required=True)
   best_step = results.get("best_val_step")
+  best_step = int(best_step) if isinstance(best_step, (int, float)) else None
+  best_test = _best_checkpoint_test(workdir, best_step)
   return Run(path=results_path, task=task, model=model, size=size, steps=int(steps),
-             schedule_steps=schedule_steps(task, model), test_accuracy=test,
+             schedule_steps=schedule_steps(task, model),
+             test_accuracy=test if best_test is None else best_test,
              val_accuracy=_number(results, "val_accuracy"),
              best_val_accuracy=_number(results, "best_val_accuracy"),
-             best_val_step=int(best_step) if isinstance(best_step, (int, float)) else None,
-             config_name=results.get("config_name", ""))
+             best_val_step=best_step, config_name=results.get("config_name", ""),
+             final_test_accuracy=None if best_test is None else test)
+
+
+def _best_checkpoint_test(workdir: str, best_step: int | None) -> float | None:
+  """Test accuracy of the best-validation checkpoint, when `python -m train.evaluate
+  --workdir=W --step=best` has written it (W/eval_test_<n>dev.json at that step): the
+  papers' protocol (S4's repo reports test at the best validation epoch). None if absent."""
+  if best_step is None or not os.path.isdir(workdir):
+    return None
+  for name in sorted(os.listdir(workdir)):
+    if not (name.startswith("eval_test_") and name.endswith(".json")):
+      continue
+    try:
+      with open(os.path.join(workdir, name)) as f:
+        ev = json.load(f)
+    except (OSError, ValueError) as e:
+      warnings.warn(f"skipping {os.path.join(workdir, name)}: {e}", stacklevel=3)
+      continue
+    if (isinstance(ev, dict) and ev.get("split") == "test" and ev.get("step") == best_step
+        and isinstance(ev.get("accuracy"), (int, float))):
+      return float(ev["accuracy"])
+  return None
 
 
 def run_from_metrics(path: str, task: str, model: str, *, size: str = "",
@@ -366,6 +397,10 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
       marks += PARTIAL_MARK
       said.append(f"{_steps_text(best.steps)}/{_steps_text(best.schedule_steps)} steps of "
                   f"the published schedule")
+    if best.final_test_accuracy is not None:
+      said.append(f"test accuracy of the best-validation checkpoint (step "
+                  f"{_steps_text(best.best_val_step)}); the final state's: "
+                  f"{100 * best.final_test_accuracy:.2f}")
     if best.test_accuracy is None:
       marks += VAL_MARK
       step = f" (step {best.best_val_step})" if best.best_val_step is not None else ""
@@ -406,9 +441,11 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
                                          if PUBLISHED[m].accuracy.get("pathx") == FAIL
                                          else "") + ")"
         for m in pubs) + ".")
-  if notes:
-    legend += [f"{PARTIAL_MARK} shorter than the published schedule; {VAL_MARK} validation "
-               "accuracy (no test result)."] + notes
+  if any(PARTIAL_MARK in c or VAL_MARK in c for cells in rows_by_key.values()
+         for c in cells.values()):
+    legend.append(f"{PARTIAL_MARK} shorter than the published schedule; {VAL_MARK} validation "
+                  "accuracy (no test result).")
+  legend += notes
   bullet = "- " if fmt == "markdown" else ""  # one markdown paragraph per note
   return "\n".join(lines + [""] + [bullet + line for line in legend]) + "\n"
 
