@@ -175,3 +175,26 @@ def test_outer_step_is_the_first_fft_factor(n, m):
                           n, 2, length)
   assert yr.shape == (1, 2, length)
   assert crel(np.asarray(yr) + 1j * np.asarray(yi), (x[0] + 1j * x[1])[..., :length]) < 1e-5
+
+
+@pytest.mark.parametrize("warpgroups", [1, 2])
+def test_warpgroups_share_the_constants_and_split_the_pairs(warpgroups):
+  """One or two warpgroups per CTA, 3 batch pairs (the second warpgroup has one pair fewer
+  and, in correlate mode, a spare iteration that must add nothing): the filter and the
+  correlation equal NumPy's FFT in float64. The I/O's bf16 hi/lo planes are part of it."""
+  n, h, m = 1024, 2, 600
+  rng = np.random.default_rng(warpgroups)
+  a = rng.standard_normal((2, 3, h, m))        # (re/im, P, H, m)
+  b = rng.standard_normal((2, 3, h, m))
+  k = rng.standard_normal((h, 300)) / 20
+  planes = lambda x: tuple(jnp.asarray(v, jnp.float32) for v in x)
+  yr, yi = fcp._filter(*planes(a), jnp.asarray(k, jnp.float32), n, m, conj=False, nsplit=2,
+                       interpret=True, warpgroups=warpgroups)
+  za, zb = a[0] + 1j * a[1], b[0] + 1j * b[1]
+  ref = np.fft.ifft(np.fft.fft(za, n) * np.fft.fft(k, n)[None], n)[..., :m]
+  crel = lambda x, y: np.linalg.norm(x - y) / np.linalg.norm(y)  # complex-aware
+  assert crel(np.asarray(yr) + 1j * np.asarray(yi), ref) < 2e-5
+  got = fcp._correlate(planes(a), planes(b), n, 300, nsplit=2, interpret=True,
+                       warpgroups=warpgroups)
+  ref = np.real(np.fft.ifft(np.sum(np.fft.fft(za, n) * np.conj(np.fft.fft(zb, n)), 0), n))
+  assert got.shape == (h, 300) and rel(got, ref[:, :300]) < 2e-5
