@@ -131,6 +131,8 @@ def test_unsupported_shapes():
     fft_conv(jnp.zeros((1, 70000, 1)), jnp.zeros((1, 4)), impl="pallas")
   with pytest.raises(ValueError, match="gate"):
     fft_conv(u, k, gate=jnp.zeros((1, 300, 3)))
+  with pytest.raises(ValueError, match="warpgroups"):
+    fcp.fft_conv_pallas(u, k, warpgroups=3)
   # "auto" off the GPU is the XLA path, circular included
   y = fft_conv(u + 1.0, k + 1.0, impl="auto", circular=True)
   np.testing.assert_allclose(y, direct(u + 1.0, k + 1.0, circular=True), rtol=1e-5)

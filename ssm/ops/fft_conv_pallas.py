@@ -560,45 +560,50 @@ def _nsplit(dtype) -> int:
   return 1 if jnp.dtype(dtype) == jnp.bfloat16 else 2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(u, k, circular: bool, interpret: bool):
-  return _conv_fwd(u, k, circular, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(u, k, circular: bool, interpret: bool, warpgroups: int | None):
+  return _conv_fwd(u, k, circular, interpret, warpgroups)[0]
 
 
-def _conv_fwd(u, k, circular, interpret):
+def _conv_fwd(u, k, circular, interpret, warpgroups):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   yr, yi = _filter(*_pack(u), k, n, seq_len, conj=False, nsplit=_nsplit(u.dtype),
-                   interpret=interpret)
+                   interpret=interpret, warpgroups=warpgroups)
   return _unpack(yr, yi, batch, u.dtype), (u, k)
 
 
-def _conv_bwd(circular, interpret, res, dy):
+def _conv_bwd(circular, interpret, warpgroups, res, dy):
   u, k = res
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   ns = _nsplit(u.dtype)
   zdy = _pack(dy)
-  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
-               batch, u.dtype)
-  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)  # (H, Lk)
+  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret,
+                        warpgroups=warpgroups), batch, u.dtype)
+  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret,
+                  warpgroups=warpgroups)                                # (H, Lk)
   return du, dk.astype(k.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool | None = None):
+def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool | None = None,
+                    warpgroups: int | None = None):
   """Monarch-FFT convolution kernel. u (B, L, H), k (H, Lk), gate (B, L, H) or None.
 
   Causal: y[t] = sum_{s <= t} k[s] u[t - s]; circular: indices mod L (L a power of two).
   Output dtype of u; y * gate when gate is given (the product is fused by XLA into the
   transpose that unpacks the kernel's output). Shapes are checked by ssm.ops.fft_conv.
+  warpgroups: 1 or 2 per CTA (None: two where shared memory allows); for benchmarks.
   """
   if interpret is None:
     interpret = _pallas.interpret_mode()
+  if warpgroups not in (None, 1, 2):
+    raise ValueError(f"fft_conv pallas: warpgroups must be None, 1 or 2, got {warpgroups!r}")
   check_supported(u.shape, k.shape, circular)
-  y = _conv(u, k, circular, interpret)
+  y = _conv(u, k, circular, interpret, warpgroups)
   if gate is not None:
     y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)
   return y
