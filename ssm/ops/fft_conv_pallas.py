@@ -122,10 +122,10 @@ def _constants(q: int, r: int, c: int, nsplit: int):
   return mats[0], mats[1], twid
 
 
-def _swizzled(shape, dtype):
-  """SMEM operand of a wgmma: tiled and swizzled on the last (minor) dimension."""
-  minor_bytes = shape[-1] * jnp.dtype(dtype).itemsize
-  swizzle = min(128, minor_bytes)
+def _swizzled(shape, dtype, swizzle: int):
+  """SMEM operand of a wgmma: tiled and swizzled on the last (minor) dimension. Both
+  operands of one wgmma need the same swizzle, so every operand of the kernel takes the
+  data tile's (min(128, 2 c) bytes: 32 at c = 16, 64 at c = 32)."""
   elems = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(
       plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
@@ -351,13 +351,14 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)
 
+  sw = min(128, 2 * c)
   scratch = [
-      _swizzled((3 * ns, TILE_M, TILE_M), jnp.bfloat16),           # left DFT (block-diag F_r)
-      _swizzled((3 * ns, c, c), jnp.bfloat16) if not shared        # right DFT F_c
+      _swizzled((3 * ns, TILE_M, TILE_M), jnp.bfloat16, sw),       # left DFT (block-diag F_r)
+      _swizzled((3 * ns, c, c), jnp.bfloat16, sw) if not shared    # right DFT F_c
       else plgpu.SMEM((1, 8, 8), f32),                             # (shared: unused)
       plgpu.SMEM((2, TILE_M, c), f32),                             # twiddle
       plgpu.SMEM((2, TILE_M, c) if mode == "filter" else (1, 8, 8), f32),  # spectrum
-      _swizzled((wgs, n_in, 4, TILE_M, c), jnp.bfloat16),          # operand tiles
+      _swizzled((wgs, n_in, 4, TILE_M, c), jnp.bfloat16, sw),      # operand tiles
       plgpu.Barrier(num_barriers=5),
       plgpu.Barrier(num_arrivals=2 * ns, num_barriers=wgs * n_in),
       plgpu.Barrier(),                                             # correlate hand-over
