@@ -3,7 +3,11 @@ platforms=["cuda"]): Mosaic GPU's lowering runs, so layout, transform and shape 
 the CPU interpreter cannot see show up before a GPU call. Compilation to machine code
 still happens only on the GPU.
 
-    python scripts/export_pallas_cuda.py [fftconv]
+    python scripts/export_pallas_cuda.py [--lightning]
+
+Cases: the FFT convolution (every size class, f32/bf16, causal/circular, one and two
+warpgroups) and the linear and selective scans, forward and forward+backward;
+--lightning adds lightning attention (needs jax >= 0.11, see scan_cases).
 """
 import sys
 
@@ -12,6 +16,7 @@ import jax.numpy as jnp
 from jax import export
 
 from ssm.ops import fft_conv_pallas as fcp
+from ssm.ops import lightning_pallas, scan_pallas
 
 
 def fftconv_cases():
@@ -35,9 +40,39 @@ def fftconv_cases():
       yield f"fft_conv {tag} fwd+bwd", grad, shapes
 
 
+def _loss_grad(fn, argnums):
+  return jax.grad(lambda *a: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in
+                                 jax.tree_util.tree_leaves(fn(*a))), argnums=argnums)
+
+
+def scan_cases():
+  """The scan and lightning kernels, forward and forward+backward (small shapes)."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  s = jax.ShapeDtypeStruct
+  lin = lambda a, b: scan_pallas.linear_scan_pallas(a, b, interpret=False)
+  yield "linear_scan f32 fwd", lin, (s((2, 256, 128), f32), s((2, 256, 128), f32))
+  yield "linear_scan f32 fwd+bwd", _loss_grad(lin, (0, 1)), (s((2, 256, 128), f32),
+                                                           s((2, 256, 128), f32))
+  sel = lambda u, dt, a, b, c: scan_pallas.selective_scan_pallas(
+      u, dt, a, b, c, delta_softplus=True, interpret=False, bwd_segments=2)
+  shapes = (s((2, 256, 128), f32), s((2, 256, 128), f32), s((128, 16), f32),
+            s((2, 256, 1, 16), f32), s((2, 256, 1, 16), f32))
+  yield "selective_scan f32 fwd", sel, shapes
+  yield "selective_scan f32 fwd+bwd", _loss_grad(sel, (0, 1, 2, 3, 4)), shapes
+  if "--lightning" in sys.argv:
+    # jax 0.10's Mosaic GPU cannot load a transposed swizzled tile ("Can't transpose the
+    # swizzled dimension"), which lightning's kernels do; jax 0.11 (the GPU machine) can.
+    light = lambda q, k, v, ld: lightning_pallas.lightning_attention_pallas(
+        q, k, v, ld, interpret=False, segments=2)
+    shapes = (s((1, 256, 2, 64), bf16),) * 3 + (s((2,), f32),)
+    yield "lightning bf16 fwd", light, shapes
+    yield "lightning bf16 fwd+bwd", _loss_grad(light, (0, 1, 2, 3)), shapes
+
+
 def main(argv):
   failed = 0
-  for name, fn, shapes in fftconv_cases():
+  cases = list(fftconv_cases()) + list(scan_cases())
+  for name, fn, shapes in cases:
     try:
       export.export(jax.jit(fn), platforms=["cuda"])(*shapes)
       print(f"ok    {name}", flush=True)

@@ -1,4 +1,4 @@
-"""Mosaic GPU lowering of the FFT-convolution kernel for CUDA, on the CPU.
+"""Mosaic GPU lowering of the FFT-convolution and scan kernels for CUDA, on the CPU.
 
 The interpreter that runs the kernels in the other tests ignores layouts, swizzles and
 SMEM transforms; jax.export(platforms=["cuda"]) runs Mosaic GPU's own lowering without a
@@ -22,6 +22,7 @@ _spec.loader.exec_module(export_pallas_cuda)
 # circular), with the default two warpgroups; one warpgroup at the largest tile.
 CASES = [(name, fn, shapes) for name, fn, shapes in export_pallas_cuda.fftconv_cases()
          if name.endswith("fwd+bwd") and ("wg2" in name or "L2048 H8 float32 wg1" in name)]
+CASES += [c for c in export_pallas_cuda.scan_cases() if c[0].endswith("fwd+bwd")]
 
 
 @pytest.mark.parametrize("name,fn,shapes", CASES, ids=[c[0] for c in CASES])
