@@ -178,6 +178,10 @@ def main(argv=None):
   parser.add_argument("--lengths", default=None, help="comma-separated L (default sweep)")
   parser.add_argument("--dtypes", default=None, help="default float32,bfloat16 (--quick: float32)")
   parser.add_argument("--iters", type=int, default=None)
+  parser.add_argument("--layers", choices=("on", "off", "only"), default="on",
+                      help="the S4D layer comparison (split a GPU session across calls)")
+  parser.add_argument("--check-len", type=int, default=None,
+                      help="length of the full-size correctness check (0: skip; default 8192)")
   args = parser.parse_args(argv)
 
   quick = args.quick
@@ -197,10 +201,13 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {device_name()}; B={b}, H={h}; torch "
         f"{'n/a' if torch is None else torch.__version__}", flush=True)
 
+  if args.layers == "only":
+    lengths, dtypes = {}, []
   # 1. correctness at benchmark size (the headline shape), loud on NaN
-  check_len = 256 if quick else 8192
-  print(f"correctness at B={b}, L={check_len}, H={h} (Pallas vs XLA f32):")
-  for dtype in dtypes:
+  check_len = args.check_len if args.check_len is not None else (256 if quick else 8192)
+  if check_len:
+    print(f"correctness at B={b}, L={check_len}, H={h} (Pallas vs XLA f32):")
+  for dtype in (dtypes if check_len else []):
     row = bench_jax(b, check_len, h, dtype, warmup=0, iters=1, impls=("pallas",))[0]
     print(f"  {dtype.name}: rel err y {row['err y']:.2e}  du {row['err du']:.2e}  "
           f"dk {row['err dk']:.2e}", flush=True)
@@ -223,21 +230,28 @@ def main(argv=None):
           rows.append({"L": seq_len, "dtype": dtype.name, "impl": f"torch.fft failed: {e}"[:60]})
       else:
         rows.append({"L": seq_len, "dtype": dtype.name, "impl": "torch.fft n/a"})
-      print(f"  done L={seq_len} {dtype.name}", flush=True)
+      for r in rows[-3:]:   # each row as it lands: a timeout loses nothing
+        if r["L"] == seq_len and "fwd ms" in r:
+          print(f"  L={seq_len} {dtype.name} {r['impl']}: fwd {r['fwd ms']:.3f} ms, "
+                f"fwd+bwd {r['fwd+bwd ms']:.3f} ms", flush=True)
 
   # 3. an LRA-size layer before / after
-  layer_rows = bench_layer(2 if quick else 16, 128 if quick else 4096, 8 if quick else 256,
-                           warmup, iters)
-  # the ListOps S4D recipe's layer (configs/lra/listops.py): batch 50, L 2000, H 128, N 64,
-  # bidirectional (one circular convolution of size 4096 per channel on the Pallas path)
-  layer_rows += bench_layer(2 if quick else 50, 100 if quick else 2000, 8 if quick else 128,
-                            warmup, iters, d_state=64, bidirectional=True)
+  layer_rows = []
+  if args.layers != "off":
+    layer_rows = bench_layer(2 if quick else 16, 128 if quick else 4096, 8 if quick else 256,
+                             warmup, iters)
+    # the ListOps S4D recipe's layer (configs/lra/listops.py): batch 50, L 2000, H 128, N 64,
+    # bidirectional (one circular convolution of size 4096 per channel on the Pallas path)
+    layer_rows += bench_layer(2 if quick else 50, 100 if quick else 2000, 8 if quick else 128,
+                              warmup, iters, d_state=64, bidirectional=True)
 
-  print()
-  print_table(rows, COLUMNS, title=f"fft_conv, B={b}, H={h}, {device_name()}")
-  print()
-  print_table(layer_rows, ["layer", "B", "L", "H", "impl", "fwd+bwd ms", "err dx"],
-              title="S4D mixer (build_mixer('s4d', H, impl=...)), forward+backward")
+  if rows:
+    print()
+    print_table(rows, COLUMNS, title=f"fft_conv, B={b}, H={h}, {device_name()}")
+  if layer_rows:
+    print()
+    print_table(layer_rows, ["layer", "B", "L", "H", "impl", "fwd+bwd ms", "err dx"],
+                title="S4D mixer (build_mixer('s4d', H, impl=...)), forward+backward")
   head = [r for r in rows if r["L"] == 8192 and r["dtype"] == "float32" and r["impl"] == "pallas"]
   if head:
     print(f"\nheadline B=8 H=1024 L=8192 f32: fwd {head[0]['fwd ms']:.3f} ms (target <= 1.0), "

@@ -5,9 +5,8 @@ still happens only on the GPU.
 
     python scripts/export_pallas_cuda.py [--lightning]
 
-Cases: the FFT convolution (every size class, f32/bf16, causal/circular, one and two
-warpgroups) and the linear and selective scans, forward and forward+backward;
---lightning adds lightning attention (needs jax >= 0.11, see scan_cases).
+Cases: the FFT convolution (every size class, f32/bf16, causal/circular) and the linear
+and selective scans, forward and forward+backward; --lightning adds lightning attention (needs jax >= 0.11, see scan_cases).
 """
 import sys
 
@@ -29,15 +28,13 @@ def fftconv_cases():
                                    (3, 8192, 4, jnp.float32, False),    # order 3, odd pairs
                                    (4, 2048, 8, jnp.bfloat16, False),
                                    (4, 4096, 8, jnp.float32, True)]:
-    for wgs in (1, 2):
-      conv = lambda u, k, c=circular, w=wgs: fcp.fft_conv_pallas(u, k, circular=c,
-                                                                interpret=False, warpgroups=w)
-      grad = jax.grad(lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32) ** 2),
-                      argnums=(0, 1))
-      shapes = (jax.ShapeDtypeStruct((b, l, h), dtype), jax.ShapeDtypeStruct((h, l), jnp.float32))
-      tag = f"B{b} L{l} H{h} {jnp.dtype(dtype).name}{' circular' if circular else ''} wg{wgs}"
-      yield f"fft_conv {tag} fwd", conv, shapes
-      yield f"fft_conv {tag} fwd+bwd", grad, shapes
+    conv = lambda u, k, c=circular: fcp.fft_conv_pallas(u, k, circular=c, interpret=False)
+    grad = jax.grad(lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32) ** 2),
+                    argnums=(0, 1))
+    shapes = (jax.ShapeDtypeStruct((b, l, h), dtype), jax.ShapeDtypeStruct((h, l), jnp.float32))
+    tag = f"B{b} L{l} H{h} {jnp.dtype(dtype).name}{' circular' if circular else ''}"
+    yield f"fft_conv {tag} fwd", conv, shapes
+    yield f"fft_conv {tag} fwd+bwd", grad, shapes
 
 
 def _loss_grad(fn, argnums):

@@ -131,8 +131,6 @@ def test_unsupported_shapes():
     fft_conv(jnp.zeros((1, 70000, 1)), jnp.zeros((1, 4)), impl="pallas")
   with pytest.raises(ValueError, match="gate"):
     fft_conv(u, k, gate=jnp.zeros((1, 300, 3)))
-  with pytest.raises(ValueError, match="warpgroups"):
-    fcp.fft_conv_pallas(u, k, warpgroups=3)
   # "auto" off the GPU is the XLA path, circular included
   y = fft_conv(u + 1.0, k + 1.0, impl="auto", circular=True)
   np.testing.assert_allclose(y, direct(u + 1.0, k + 1.0, circular=True), rtol=1e-5)
@@ -179,24 +177,49 @@ def test_outer_step_is_the_first_fft_factor(n, m):
   assert crel(np.asarray(yr) + 1j * np.asarray(yi), (x[0] + 1j * x[1])[..., :length]) < 1e-5
 
 
-@pytest.mark.parametrize("warpgroups", [1, 2])
-def test_warpgroups_share_the_constants_and_split_the_pairs(warpgroups):
-  """One or two warpgroups per CTA, 3 batch pairs (the second warpgroup has one pair fewer
-  and, in correlate mode, a spare iteration that must add nothing): the filter and the
-  correlation equal NumPy's FFT in float64. The I/O's bf16 hi/lo planes are part of it."""
-  n, h, m = 1024, 2, 600
-  rng = np.random.default_rng(warpgroups)
-  a = rng.standard_normal((2, 3, h, m))        # (re/im, P, H, m)
-  b = rng.standard_normal((2, 3, h, m))
-  k = rng.standard_normal((h, 300)) / 20
-  planes = lambda x: tuple(jnp.asarray(v, jnp.float32) for v in x)
-  yr, yi = fcp._filter(*planes(a), jnp.asarray(k, jnp.float32), n, m, conj=False, nsplit=2,
-                       interpret=True, warpgroups=warpgroups)
-  za, zb = a[0] + 1j * a[1], b[0] + 1j * b[1]
-  ref = np.fft.ifft(np.fft.fft(za, n) * np.fft.fft(k, n)[None], n)[..., :m]
-  crel = lambda x, y: np.linalg.norm(x - y) / np.linalg.norm(y)  # complex-aware
-  assert crel(np.asarray(yr) + 1j * np.asarray(yi), ref) < 2e-5
-  got = fcp._correlate(planes(a), planes(b), n, 300, nsplit=2, interpret=True,
-                       warpgroups=warpgroups)
-  ref = np.real(np.fft.ifft(np.sum(np.fft.fft(za, n) * np.conj(np.fft.fft(zb, n)), 0), n))
-  assert got.shape == (h, 300) and rel(got, ref[:, :300]) < 2e-5
+@pytest.mark.parametrize("seq_len,circular,kernel", [
+    (300, False, False),     # n 1024: the backward loses to cuFFT there
+    (1000, False, True),     # n 2048
+    (2048, False, True),     # n 4096
+    (4096, True, True),      # circular n 4096
+    (3000, False, False),    # n 8192: order 3, slower than cuFFT
+    (300, True, False),      # circular needs a power of two: unsupported
+])
+def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch, seq_len, circular,
+                                                             kernel):
+  """On a Hopper GPU (simulated) fft_conv(impl="auto") calls the kernel at the FFT sizes of
+  AUTO_FFT_SIZES and the XLA path elsewhere; off Hopper always XLA."""
+  from ssm.ops import _impl, _pallas
+  calls = []
+  monkeypatch.setattr(fcp, "fft_conv_pallas", lambda u, k, **kw: calls.append(kw) or u)
+  u, k = jnp.ones((1, seq_len, 1)), jnp.ones((1, 8))
+  fft_conv(u, k, impl="auto", circular=circular)
+  assert calls == []                                        # the CPU is not Hopper
+  monkeypatch.setattr(_impl, "on_gpu", lambda: True)
+  monkeypatch.setattr(_pallas, "on_hopper", lambda: True)
+  fft_conv(u, k, impl="auto", circular=circular)
+  assert len(calls) == int(kernel)
+  if kernel:
+    assert calls[0]["circular"] == circular
+
+
+@pytest.mark.parametrize("seq_len,bidirectional,channels,path", [
+    (2000, True, 1, "pallas"),    # the ListOps S4D layer: circular n 4096
+    (1024, False, 1, "pallas"),   # causal n 2048
+    (4096, False, 1, "xla"),      # causal n 8192
+    (2000, True, 2, "xla"),       # several channels: the bank's one transform
+    (100, True, 1, "xla"),        # n 256
+])
+def test_lti_conv_auto_path(monkeypatch, seq_len, bidirectional, channels, path):
+  from ssm import lti_mixer
+  from ssm.ops import _pallas
+  shape_k = ((2 if bidirectional else 1) * channels, 4, seq_len)
+  assert lti_mixer.lti_path((2, seq_len, 4), shape_k, bidirectional=bidirectional,
+                            impl="auto") == "xla"           # off Hopper
+  monkeypatch.setattr(_pallas, "on_hopper", lambda: True)
+  assert lti_mixer.lti_path((2, seq_len, 4), shape_k, bidirectional=bidirectional,
+                            impl="auto") == path
+  assert lti_mixer.lti_path((2, seq_len, 4), shape_k, bidirectional=bidirectional,
+                            impl="xla") == "xla"
+  with pytest.raises(ValueError, match="impl"):
+    lti_mixer.lti_path((2, seq_len, 4), shape_k, bidirectional=bidirectional, impl="cuda")

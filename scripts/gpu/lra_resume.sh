@@ -3,7 +3,9 @@
 # is there, trains until step HALT (config.train.halt_at_step: the run stops checkpointed)
 # or until SECONDS pass, then packs the newest complete checkpoint, the best one, the
 # metrics and results.json into $OUT/NAME.tgz (bring it back as runs/NAME.tgz for the
-# next call).
+# next call). An archive over 15 MiB (the device tool returns files of 16 MiB at most)
+# comes back in pieces $OUT/NAME.tgz.part_aa, _ab, ...: join them with
+#   cat NAME.tgz.part_* > runs/NAME.tgz
 #   usage (GPU machine, repo root):
 #     bash scripts/gpu/lra_resume.sh CONFIG NAME HALT SECONDS [--config.x=y ...]
 #   e.g. bash scripts/gpu/lra_resume.sh configs/lra/listops.py:s4d listops_s4d 40000 540
@@ -30,6 +32,11 @@ files="$name/metrics.jsonl $name/config.json"
 latest=$(pick $name/checkpoints); [ -n "$latest" ] && files="$files $name/checkpoints/$latest"
 best=$(pick $name/best); [ -n "$best" ] && files="$files $name/best/$best"
 [ -f $name/results.json ] && files="$files $name/results.json" && cp $name/results.json $OUT/
-tar czf $OUT/$name.tgz $files && echo "packed: $files"
+tar czf /tmp/$name.tgz $files && echo "packed: $files"
+if [ $(stat -c %s /tmp/$name.tgz) -gt $((15 * 1024 * 1024)) ]; then
+  split -b 15m /tmp/$name.tgz $OUT/$name.tgz.part_ && echo "split: $(ls $OUT | grep part_)"
+else
+  cp /tmp/$name.tgz $OUT/
+fi
 cp $name/metrics.jsonl $OUT/${name}_metrics.jsonl
 grep -E "val|test|halted" $OUT/$name.log | tail -6

@@ -2,10 +2,6 @@
 forward+backward, summed per device op, beside jnp.fft (run on a GPU).
 
     python scripts/gpu/profile_fftconv.py [--b 8] [--h 1024] [--lengths 2048,8192] [--dtype float32]
-        [--impls xla,pallas,pallas-wg1]
-
-"pallas" is fft_conv(impl="pallas") (two warpgroups per CTA where they fit); "pallas-wg1"
-forces one warpgroup (ssm.ops.fft_conv_pallas.fft_conv_pallas(warpgroups=1)).
 """
 import argparse
 import functools
@@ -19,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from profile_train_step import _summarise  # noqa: E402  (the trace summariser)
 
 from benchmarks.common import time_fn_pipelined  # noqa: E402
-from ssm.ops import fft_conv, fft_conv_pallas  # noqa: E402
+from ssm.ops import fft_conv  # noqa: E402
 
 
 def main():
@@ -29,17 +25,13 @@ def main():
   ap.add_argument("--lengths", default="2048,8192")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--top", type=int, default=12)
-  ap.add_argument("--impls", default="xla,pallas,pallas-wg1")
   args = ap.parse_args()
   for l in map(int, args.lengths.split(",")):
     ku, kk = jax.random.split(jax.random.key(l))
     u = jax.random.normal(ku, (args.b, l, args.h)).astype(args.dtype)
     k = jax.random.normal(kk, (args.h, l)) / l
-    for impl in args.impls.split(","):
-      if impl == "pallas-wg1":
-        f = jax.jit(functools.partial(fft_conv_pallas.fft_conv_pallas, warpgroups=1))
-      else:
-        f = jax.jit(functools.partial(fft_conv, impl=impl))
+    for impl in ("xla", "pallas"):
+      f = jax.jit(functools.partial(fft_conv, impl=impl))
       g = jax.jit(jax.grad(lambda u, k, f=f: jnp.sum(f(u, k).astype(jnp.float32) ** 2),
                            argnums=(0, 1)))
       tf, tg = (1e3 * time_fn_pipelined(fn, u, k, calls=10) for fn in (f, g))

@@ -6,13 +6,15 @@ The XLA path zero-pads to an FFT size n >= L + Lk - 1 (so the circular
 convolution has no wrap-around into the first L outputs), multiplies spectra and
 keeps the first L outputs. Computed in float32 whatever the input dtype; the
 output has u's dtype. The Pallas path (impl="pallas") is the Monarch-FFT kernel in
-ssm/ops/fft_conv_pallas.py; "auto" stays on XLA while that kernel is slower than cuFFT.
+ssm/ops/fft_conv_pallas.py; "auto" takes it on a Hopper GPU at the FFT sizes where it
+measured faster than cuFFT (`fft_conv_pallas.AUTO_FFT_SIZES`), else XLA.
 """
 
 import jax
 import jax.numpy as jnp
 
-from ssm.ops._impl import interpret_mode, resolve_impl
+from ssm.ops._impl import interpret_mode
+from ssm.ops._pallas import choose_impl
 
 
 def _fft_size(n: int) -> int:
@@ -98,8 +100,9 @@ def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array 
   Args:
     u: (batch, length, channels) input, float32 or bfloat16.
     k: (channels, kernel_length) kernels, kernel_length <= length.
-    impl: "auto" (the XLA path: the Pallas kernel is not yet faster than cuFFT), "xla" or
-      "pallas" (ssm/ops/fft_conv_pallas.py).
+    impl: "auto" (the Pallas kernel on a Hopper GPU at the FFT sizes where it measured
+      faster than cuFFT, `fft_conv_pallas.AUTO_FFT_SIZES`; else XLA), "xla" or "pallas"
+      (ssm/ops/fft_conv_pallas.py; ValueError for shapes it cannot take).
     gate: optional (batch, length, channels); returns conv(u, k) * gate (on the Pallas
       path XLA fuses the product into the transpose that unpacks the kernel's output).
     circular: indices mod length (no zero padding): y[t] = sum_s k[s] u[(t - s) mod L].
@@ -111,22 +114,15 @@ def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array 
   check_fft_conv_args(u, k)
   if gate is not None and gate.shape != u.shape:
     raise ValueError(f"fft_conv: gate must have u's shape {u.shape}, got {gate.shape}")
-  path = resolve_impl(impl, op="fft_conv", has_pallas=True)
-  if impl == "auto":
-    # The kernel is correct on an H100 but slower than cuFFT there (results/README.md):
-    # "auto" keeps the XLA path until it is not.
-    path = "xla"
-  if path == "pallas":
+  def check():
     from ssm.ops import fft_conv_pallas  # deferred: Pallas imports only when used
-    try:
-      fft_conv_pallas.check_supported(u.shape, k.shape, circular)
-    except ValueError:
-      if impl == "pallas":
-        raise
-      path = "xla"  # "auto": a shape the kernel does not take runs on XLA
-    else:
-      return fft_conv_pallas.fft_conv_pallas(
-          u, k, gate=gate, circular=circular, interpret=interpret_mode())
+    take = fft_conv_pallas.check_supported if impl == "pallas" else fft_conv_pallas.check_auto
+    take(u.shape, k.shape, circular)
+
+  if choose_impl(impl, op="fft_conv", check=check) == "pallas":
+    from ssm.ops import fft_conv_pallas
+    return fft_conv_pallas.fft_conv_pallas(
+        u, k, gate=gate, circular=circular, interpret=interpret_mode())
   y = fft_conv_xla(u, k, circular=circular)
   if gate is not None:
     y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)

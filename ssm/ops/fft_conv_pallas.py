@@ -24,26 +24,16 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   the outer rows that hold data, half of them for a zero-padded causal input), each of
   the p rows then goes through the fused inner kernel, and XLA undoes the outer step for
   the output rows that are kept. (FlashFFTConv does the same split for sequences that
-  do not fit on chip.)
-* Complex products as 4 real products ((A+iB)(X+iY)), -Im(F) kept as a third constant so
-  that all of them accumulate into two accumulators (re, im) issued back to back, with one
-  wait per complex product. Every real product on the matrix units in bf16 with f32
-  accumulation. f32 inputs: bf16x3 (A_hi B_hi + A_hi B_lo + A_lo B_hi, about 1e-5
-  relative error); bf16 inputs: one bf16 product (about 1e-2). bf16 (not tf32) because
-  Mosaic GPU's wgmma only transposes 16-bit operands and stage 1 contracts the slow (row)
-  axis of the tile.
-* I/O as bf16 planes: XLA writes each value as hi (+ lo for f32) bf16 planes, the bytes of
-  f32, so TMA loads a pair straight into the matmul operand tile (no f32 staging and no
-  split in the kernel); outputs leave the same way as hi + lo (~16 significant bits,
-  below the bf16x3 products' error), recombined by XLA in the fusion that follows.
-* Two warpgroups per CTA (when shared memory allows, `default_warpgroups`) share the
-  DFT matrices, twiddles and spectrum and take alternate batch pairs, so one's matrix
-  products overlap the other's loads and elementwise work (one warpgroup alone waits on
-  every product). In correlate mode the second hands its partial sum to the first.
-* SMEM per CTA at c = 64, two warpgroups, f32: DFT matrix (re, im, -im) x (hi, lo) 48 KiB
-  (F_r = F_c = F_64 at q = 4096: one copy), twiddle and spectrum tiles (f32 re/im)
-  2 x 32 KiB, operand tiles (re, im) x (hi, lo) 32 KiB per warpgroup and input: filter
-  176 KiB, correlate (two inputs, no spectrum) 208 KiB (`smem_bytes`).
+  do not fit on chip.) Data between XLA and the kernel stays as float32 re/im planes.
+* Complex products as 4 real products ((A+iB)(X+iY)); every real product on the
+  matrix units in bf16 with f32 accumulation. f32 inputs: bf16x3 (A_hi B_hi + A_hi B_lo
+  + A_lo B_hi, about 1e-5 relative error); bf16 inputs: one bf16 product (about 1e-2).
+  bf16 (not tf32) because Mosaic GPU's wgmma only transposes 16-bit operands and
+  stage 1 contracts the slow (row) axis of the tile.
+* SMEM per CTA at c = 64: DFT matrices 2 x (re, im) x (hi, lo) x 8 KiB = 64 KiB, twiddle
+  and spectrum tiles (f32 re/im) 2 x 32 KiB, matmul operand tile (bf16 re/im hi/lo)
+  32 KiB, I/O staging (f32 re/im) 32 KiB: 192 KiB (correlate mode: no spectrum, two
+  inputs, same total).
 
 Kernels ("filter" and "correlate"), grid over tiles of sequences, loop over batch pairs:
   filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S)
@@ -102,22 +92,15 @@ def _constants_np(q: int, r: int, c: int):
   return left, right, tw
 
 
-def _shared_dft(q: int) -> bool:
-  """The left and right DFT matrices are the same F_64 (q = 4096): one SMEM copy."""
-  return q == TILE_M * TILE_M
-
-
 def _constants(q: int, r: int, c: int, nsplit: int):
-  """(left (3*ns, 64, 64) bf16, right (3*ns, c, c) bf16, twiddle (2, 64, c) f32).
+  """(left (2*ns, 64, 64) bf16, right (2*ns, c, c) bf16, twiddle (2, 64, c) f32).
 
-  Index part * ns + split, part 0 = real, 1 = imaginary, 2 = minus the imaginary part (so
-  that every complex product is a sum of real products into two accumulators).
+  Index part * ns + split, part 0 = real, 1 = imaginary.
   """
   left, right, tw = _constants_np(q, r, c)
   mats = []
   for m in (left, right):
-    mats.append(jnp.concatenate([_split(m.real, nsplit), _split(m.imag, nsplit),
-                                 _split(-m.imag, nsplit)]))
+    mats.append(jnp.concatenate([_split(m.real, nsplit), _split(m.imag, nsplit)]))
   twid = jnp.asarray(np.stack([tw.real, tw.imag]), jnp.float32)
   return mats[0], mats[1], twid
 
@@ -125,61 +108,39 @@ def _constants(q: int, r: int, c: int, nsplit: int):
 def _swizzled(shape, dtype, swizzle: int):
   """SMEM operand of a wgmma: tiled and swizzled on the last (minor) dimension. Both
   operands of one wgmma need the same swizzle, so every operand of the kernel takes the
-  data tile's (min(128, 2 c) bytes: 32 at c = 16, 64 at c = 32)."""
+  data tile's (min(128, 2 c) bytes: 32 at c = 16, 64 at c = 32); with each operand's own
+  widest swizzle, FFT sizes below 4096 do not lower for CUDA."""
   elems = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(
       plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
-
-
-def smem_bytes(mode: str, q: int, c: int, nsplit: int, warpgroups: int) -> int:
-  """Shared memory of one CTA (the kernel's scratch, barriers aside)."""
-  bf, f4 = 2, 4
-  left = 3 * nsplit * TILE_M * TILE_M * bf
-  right = 0 if _shared_dft(q) else 3 * nsplit * c * c * bf
-  tiles = TILE_M * c
-  tw = 2 * tiles * f4
-  spec = 2 * tiles * f4 if mode == "filter" else 0
-  ops = (1 if mode == "filter" else 2) * 4 * tiles * bf    # per warpgroup
-  return left + right + tw + spec + warpgroups * ops
-
-
-SMEM_LIMIT = 227 * 1024   # an H100 CTA's dynamic shared memory
-
-
-def default_warpgroups(mode: str, q: int, c: int, nsplit: int) -> int:
-  """Two warpgroups (two batch pairs in flight on an SM, sharing the constants) when they
-  fit in shared memory with room for barriers, else one."""
-  return 2 if smem_bytes(mode, q, c, nsplit, 2) + 4096 <= SMEM_LIMIT else 1
 
 
 # ----------------------------------------------------------------------------
 # The kernel body.
 # ----------------------------------------------------------------------------
 def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: int,
-                 nsplit: int, warpgroups: int, interpret: bool):
+                 nsplit: int, interpret: bool):
   """Build the plgpu kernel; mode "filter" or "correlate".
 
-  Data tiles are bf16 planes: index part * ns + split of (re, im) x (hi[, lo]) on input,
-  part * 2 + split of (re, im) x (hi, lo) on output (hi + lo keeps ~16 bits: f32 I/O at
-  the bytes of f32, straight into and out of the matmul operand tile by TMA).
-
-  filter:    (x (P, T, 2ns, 64, c), s_re, s_im (T, 64, c), left, right, tw)
-             -> y (P, T, 4, 64, c)
-  correlate: (a, b (P, T, 2ns, 64, c), left, right, tw) -> c (T, 4, 64, c)
-
-  `warpgroups` (1 or 2) warpgroups per CTA share the constants (and the spectrum) and
-  take alternate batch pairs, so that one's matrix products overlap the other's loads
-  and elementwise work; in correlate mode the second one's sum joins the first's at the
-  end.
+  filter:    (x_re, x_im (P, T, 64, c), s_re, s_im (T, 64, c), left, right, tw)
+             -> y_re, y_im (P, T, 64, c)
+  correlate: (a_re, a_im, b_re, b_im (P, T, 64, c), left, right, tw)
+             -> c_re, c_im (T, 64, c)
   """
-  ns, wgs = nsplit, warpgroups
-  wg_layout = plgpu.Layout.WGMMA
+  ns = nsplit
+  wg = plgpu.Layout.WGMMA
   shape = (TILE_M, c)
   f32 = jnp.float32
+  n_io = 2 if mode == "filter" else 4
   inv_q = 1.0 / q
-  shared = _shared_dft(q)
-  n_in = 2 if mode == "correlate" else 1   # operand tiles per warpgroup (a and b)
-  iters = -(-n_pairs // wgs)
+
+  def mm(pairs):
+    """Sum of real matrix products a @ b over (a_ref, b_ref) pairs, f32 accumulation."""
+    def body(acc_ref):
+      for a, b in pairs:
+        plgpu.wgmma(acc_ref, a, b)
+      return acc_ref[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, f32))
 
   def real_pairs(a, b):
     """a, b: lists of split refs [hi, lo]; bf16x3 (or bf16x1) pairs of one real product."""
@@ -187,36 +148,28 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
       return [(a[0], b[0])]
     return [(a[0], b[0]), (a[0], b[1]), (a[1], b[0])]
 
-  def cmul_mm(f, x, *, conj: bool, const_left: bool):
+  def cmul_mm(fr, fi, xr, xi, *, conj: bool, const_left: bool):
     """Complex product of a constant DFT matrix F and the data tile X (split refs).
 
-    f: [re, im, -im] lists of split refs; x: [re, im]. const_left: F @ X, else X @ F.
-    conj: use conj(F). Every real product is issued into one of two accumulators before
-    either is read (one wait per complex product). Returns (re, im) f32 values.
+    const_left: F @ X, else X @ F. conj: use conj(F). Returns (re, im) f32 values.
     """
-    fr, fi, fn = f
-    xr, xi = x
-    def p(fm, xm):
-      return real_pairs(fm, xm) if const_left else real_pairs(xm, fm)
+    def p(f, x):
+      return real_pairs(f, x) if const_left else real_pairs(x, f)
     if not conj:   # (Fr + iFi)(Xr + iXi)
-      re_pairs, im_pairs = p(fr, xr) + p(fn, xi), p(fr, xi) + p(fi, xr)
+      re = mm(p(fr, xr)) - mm(p(fi, xi))
+      im = mm(p(fr, xi) + p(fi, xr))
     else:          # (Fr - iFi)(Xr + iXi)
-      re_pairs, im_pairs = p(fr, xr) + p(fi, xi), p(fr, xi) + p(fn, xr)
+      re = mm(p(fr, xr) + p(fi, xi))
+      im = mm(p(fr, xi)) - mm(p(fi, xr))
+    return re, im
 
-    def body(acc_re, acc_im):
-      for acc, pairs in ((acc_re, re_pairs), (acc_im, im_pairs)):
-        for a, b in pairs:
-          plgpu.wgmma(acc, a, b)
-      return acc_re[...], acc_im[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, f32), plgpu.ACC(shape, f32))
-
-  def store_split(ops, re, im, nsplit_out):
-    """f32 (re, im) -> the operand tile's planes part * 2 + split, hi (and lo)."""
+  def store_split(ops, re, im):
+    """Write f32 (re, im) values to the bf16 operand tile as hi (and lo) parts."""
     for part, v in enumerate((re, im)):
       hi = v.astype(jnp.bfloat16)
-      ops.at[2 * part][...] = hi
-      if nsplit_out == 2:
-        ops.at[2 * part + 1][...] = (v - hi.astype(f32)).astype(jnp.bfloat16)
+      ops[part * ns][...] = hi
+      if ns == 2:
+        ops[part * ns + 1][...] = (v - hi.astype(f32)).astype(jnp.bfloat16)
     plgpu.commit_smem()
 
   def cmul(ar, ai, br, bi, conj_b=False):
@@ -226,152 +179,113 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
 
   def kernel(*refs):
     if mode == "filter":
-      x_ref, s_re, s_im, left_h, right_h, tw_h, y_ref = refs[:7]
-      in_refs = (x_ref,)
+      x_re, x_im, s_re, s_im, left_h, right_h, tw_h, y_re, y_im = refs[:9]
+      scratch = refs[9:]
+      in_refs = (x_re, x_im)
     else:
-      a_ref, b_ref, left_h, right_h, tw_h, c_ref = refs[:6]
-      in_refs = (a_ref, b_ref)
-    left_s, right_s, tw_s, spec_s, ops_s, const_bar, io_bar, join_bar, done = refs[-9:]
+      a_re, a_im, b_re, b_im, left_h, right_h, tw_h, c_re, c_im = refs[:9]
+      scratch = refs[9:]
+      in_refs = (a_re, a_im, b_re, b_im)
+    left_s, right_s, tw_s, spec_s, ops_s, io_s, const_bar, io_bar = scratch
     tile = lax.axis_index("tile")
-    wg = lax.axis_index("wg") if wgs > 1 else 0
-    n_const = (2 if shared else 3) + (2 if mode == "filter" else 0)
 
-    # Constants (and this tile's spectrum) once per CTA, shared by the warpgroups.
-    @pl.when(wg == 0)
-    def _load_constants():
-      plgpu.copy_gmem_to_smem(left_h, left_s, const_bar.at[0])
-      plgpu.copy_gmem_to_smem(tw_h, tw_s, const_bar.at[1])
-      if not shared:
-        plgpu.copy_gmem_to_smem(right_h, right_s, const_bar.at[2])
-      if mode == "filter":
-        plgpu.copy_gmem_to_smem(s_re.at[tile], spec_s.at[0], const_bar.at[n_const - 2])
-        plgpu.copy_gmem_to_smem(s_im.at[tile], spec_s.at[1], const_bar.at[n_const - 1])
-    for i in range(n_const):
+    # Constants (and this tile's spectrum) once per CTA.
+    plgpu.copy_gmem_to_smem(left_h, left_s, const_bar.at[0])
+    plgpu.copy_gmem_to_smem(right_h, right_s, const_bar.at[1])
+    plgpu.copy_gmem_to_smem(tw_h, tw_s, const_bar.at[2])
+    if mode == "filter":
+      plgpu.copy_gmem_to_smem(s_re.at[tile], spec_s.at[0], const_bar.at[3])
+      plgpu.copy_gmem_to_smem(s_im.at[tile], spec_s.at[1], const_bar.at[4])
+    for i in range(5 if mode == "filter" else 3):
       plgpu.barrier_wait(const_bar.at[i])
 
-    right_ref = left_s if shared else right_s
-    lft = [[left_s.at[part * ns + j] for j in range(ns)] for part in range(3)]
-    rgt = [[right_ref.at[part * ns + j] for j in range(ns)] for part in range(3)]
-    mine = ops_s.at[wg]                                  # (n_in, 4, 64, c)
+    lft = [[left_s.at[part * ns + s] for s in range(ns)] for part in range(2)]
+    rgt = [[right_s.at[part * ns + s] for s in range(ns)] for part in range(2)]
+    ops = [ops_s.at[i] for i in range(2 * ns)]
+    opr, opi = ops[:ns], ops[ns:]
 
-    def planes(t):  # operand tile t of this warpgroup as [re splits, im splits]
-      return [[mine.at[t, 2 * part + j] for j in range(ns)] for part in range(2)]
-
-    def forward(t):
-      """Operand tile t (natural order) -> spectrum in [k2, k1] order (f32 values)."""
-      re, im = cmul_mm(lft, planes(t), conj=False, const_left=True)
-      twr = _pallas.load(tw_s.at[0], wg_layout, interpret)
-      twi = _pallas.load(tw_s.at[1], wg_layout, interpret)
+    def forward(re, im):
+      """(re, im) f32 tile in natural order -> spectrum in [k2, k1] order."""
+      store_split(ops, re, im)
+      re, im = cmul_mm(lft[0], lft[1], opr, opi, conj=False, const_left=True)
+      twr = _pallas.load(tw_s.at[0], wg, interpret)
+      twi = _pallas.load(tw_s.at[1], wg, interpret)
       re, im = cmul(re, im, twr, twi)
-      store_split(mine.at[t], re, im, ns)
-      return cmul_mm(rgt, planes(t), conj=False, const_left=False)
+      store_split(ops, re, im)
+      return cmul_mm(rgt[0], rgt[1], opr, opi, conj=False, const_left=False)
 
-    def inverse(re, im, t):
-      """Spectrum [k2, k1] -> sequence (unnormalised: the 1/q is in the spectrum), through
-      operand tile t."""
-      store_split(mine.at[t], re, im, ns)
-      re, im = cmul_mm(rgt, planes(t), conj=True, const_left=False)
-      twr = _pallas.load(tw_s.at[0], wg_layout, interpret)
-      twi = _pallas.load(tw_s.at[1], wg_layout, interpret)
+    def inverse(re, im):
+      """Spectrum [k2, k1] -> sequence (unnormalised: the 1/q is in the spectrum)."""
+      store_split(ops, re, im)
+      re, im = cmul_mm(rgt[0], rgt[1], opr, opi, conj=True, const_left=False)
+      twr = _pallas.load(tw_s.at[0], wg, interpret)
+      twi = _pallas.load(tw_s.at[1], wg, interpret)
       re, im = cmul(re, im, twr, twi, conj_b=True)
-      store_split(mine.at[t], re, im, ns)
-      return cmul_mm(lft, planes(t), conj=True, const_left=True)
+      store_split(ops, re, im)
+      return cmul_mm(lft[0], lft[1], opr, opi, conj=True, const_left=True)
 
     def load_inputs(pair):
-      """TMA the pair's data tiles into this warpgroup's operand tiles."""
-      for t, src in enumerate(in_refs):
-        bar = io_bar.at[wg * n_in + t]
-        for part in range(2):
-          for j in range(ns):
-            plgpu.copy_gmem_to_smem(src.at[pair, tile, part * ns + j],
-                                    mine.at[t, 2 * part + j], bar)
-      for t in range(n_in):
-        plgpu.barrier_wait(io_bar.at[wg * n_in + t])
-
-    def store_tile(t, dst):
-      """Operand tile t (hi/lo planes, already committed) -> dst (4, 64, c) in HBM."""
-      for j in range(4):
-        plgpu.copy_smem_to_gmem(mine.at[t, j], dst.at[j])
-      plgpu.wait_smem_to_gmem(0)   # the tile is reloaded by the next pair
+      for j, src in enumerate(in_refs):
+        plgpu.copy_gmem_to_smem(src.at[pair, tile], io_s.at[j], io_bar.at[j])
+      vals = []
+      for j in range(len(in_refs)):
+        plgpu.barrier_wait(io_bar.at[j])
+        vals.append(_pallas.load(io_s.at[j], wg, interpret))
+      return vals
 
     if mode == "filter":
-      def body(it, carry):
-        pair = it * wgs + wg
-
-        @pl.when(pair < n_pairs)
-        def _():
-          load_inputs(pair)
-          re, im = forward(0)
-          sr = _pallas.load(spec_s.at[0], wg_layout, interpret)
-          si = _pallas.load(spec_s.at[1], wg_layout, interpret)
-          re, im = cmul(re, im, sr, si)
-          re, im = inverse(re, im, 0)
-          store_split(mine.at[0], re, im, 2)
-          store_tile(0, y_ref.at[pair, tile])
+      def body(pair, carry):
+        xr, xi = load_inputs(pair)
+        re, im = forward(xr, xi)
+        sr = _pallas.load(spec_s.at[0], wg, interpret)
+        si = _pallas.load(spec_s.at[1], wg, interpret)
+        re, im = cmul(re, im, sr, si)
+        re, im = inverse(re, im)
+        io_s[0] = re
+        io_s[1] = im
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(io_s.at[0], y_re.at[pair, tile])
+        plgpu.copy_smem_to_gmem(io_s.at[1], y_im.at[pair, tile])
+        plgpu.wait_smem_to_gmem(0)   # io_s is reloaded by the next pair
         return carry
-      lax.fori_loop(0, iters, body, 0)
+      lax.fori_loop(0, n_pairs, body, 0)
     else:
-      def body(it, acc):
-        pair = it * wgs + wg
+      def body(pair, acc):
         acc_r, acc_i = acc
-        valid = pair < n_pairs
-        load_inputs(jnp.minimum(pair, n_pairs - 1))   # a spare iteration adds zero
-        ar, ai = forward(0)
-        br, bi = forward(1)
+        ar, ai, br, bi = load_inputs(pair)
+        ar, ai = forward(ar, ai)
+        br, bi = forward(br, bi)
         pr, pi = cmul(ar, ai, br, bi, conj_b=True)
-        keep = jnp.where(valid, 1.0, 0.0).astype(f32)
-        return acc_r + keep * pr, acc_i + keep * pi
-      zero = _pallas.cast(jnp.zeros(shape, f32), wg_layout, interpret)
-      acc_r, acc_i = lax.fori_loop(0, iters, body, (zero, zero))
-      if wgs > 1:
-        # The second warpgroup hands its sum to the first through its operand tile 1
-        # (hi/lo, ~16 bits), which nobody reads any more.
-        @pl.when(wg == 1)
-        def _hand_over():
-          store_split(mine.at[1], acc_r, acc_i, 2)
-          plgpu.barrier_arrive(join_bar)
-
-        @pl.when(wg == 0)
-        def _finish():
-          plgpu.barrier_wait(join_bar)
-          other = ops_s.at[1, 1]
-          part = [_pallas.load(other.at[j], wg_layout, interpret).astype(f32)
-                  for j in range(4)]
-          sum_r = acc_r + (part[0] + part[1])
-          sum_i = acc_i + (part[2] + part[3])
-          re, im = inverse(sum_r * inv_q, sum_i * inv_q, 0)
-          store_split(mine.at[0], re, im, 2)
-          store_tile(0, c_ref.at[tile])
-      else:
-        re, im = inverse(acc_r * inv_q, acc_i * inv_q, 0)
-        store_split(mine.at[0], re, im, 2)
-        store_tile(0, c_ref.at[tile])
-
-    if wgs > 1:  # no warpgroup exits while the other still issues wgmma on shared tiles
-      plgpu.barrier_arrive(done)
-      plgpu.barrier_wait(done)
+        return acc_r + pr, acc_i + pi
+      zero = _pallas.cast(jnp.zeros(shape, f32), wg, interpret)
+      acc_r, acc_i = lax.fori_loop(0, n_pairs, body, (zero, zero))
+      re, im = inverse(acc_r * inv_q, acc_i * inv_q)
+      io_s[0] = re
+      io_s[1] = im
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(io_s.at[0], c_re.at[tile])
+      plgpu.copy_smem_to_gmem(io_s.at[1], c_im.at[tile])
+      plgpu.wait_smem_to_gmem(0)
 
   sw = min(128, 2 * c)
   scratch = [
-      _swizzled((3 * ns, TILE_M, TILE_M), jnp.bfloat16, sw),       # left DFT (block-diag F_r)
-      _swizzled((3 * ns, c, c), jnp.bfloat16, sw) if not shared    # right DFT F_c
-      else plgpu.SMEM((1, 8, 8), f32),                             # (shared: unused)
-      plgpu.SMEM((2, TILE_M, c), f32),                             # twiddle
-      plgpu.SMEM((2, TILE_M, c) if mode == "filter" else (1, 8, 8), f32),  # spectrum
-      _swizzled((wgs, n_in, 4, TILE_M, c), jnp.bfloat16, sw),      # operand tiles
+      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, sw),   # left DFT (block-diag F_r)
+      _swizzled((2 * ns, c, c), jnp.bfloat16, sw),             # right DFT F_c
+      plgpu.SMEM((2, TILE_M, c), f32),                         # twiddle
+      plgpu.SMEM((2, TILE_M, c), f32),                         # spectrum tile (filter)
+      _swizzled((2 * ns, TILE_M, c), jnp.bfloat16, sw),        # matmul operand tile
+      plgpu.SMEM((n_io, TILE_M, c), f32),                  # I/O staging
       plgpu.Barrier(num_barriers=5),
-      plgpu.Barrier(num_arrivals=2 * ns, num_barriers=wgs * n_in),
-      plgpu.Barrier(),                                             # correlate hand-over
-      plgpu.Barrier(num_arrivals=wgs),                             # done
+      plgpu.Barrier(num_barriers=n_io),
   ]
   if mode == "filter":
-    out = jax.ShapeDtypeStruct((n_pairs, n_tiles, 4, TILE_M, c), jnp.bfloat16)
+    out = jax.ShapeDtypeStruct((n_pairs, n_tiles, TILE_M, c), f32)
   else:
-    out = jax.ShapeDtypeStruct((n_tiles, 4, TILE_M, c), jnp.bfloat16)
-  extra = dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}
+    scratch[3] = plgpu.SMEM((1, 8, 8), f32)  # unused placeholder
+    out = jax.ShapeDtypeStruct((n_tiles, TILE_M, c), f32)
   return _pallas.kernel(
-      kernel, out_type=out, grid=(n_tiles,), grid_names=("tile",),
-      scratch_types=scratch, interpret=interpret, **extra)
+      kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
+      scratch_types=scratch, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------
@@ -390,6 +304,24 @@ def check_supported(u_shape, k_shape, circular: bool) -> None:
     raise ValueError(f"fft_conv pallas: circular needs a power-of-two length >= {MIN_FFT}, "
                      f"got {seq_len}")
   plan(fft_size(seq_len, circular))
+
+
+# FFT sizes at which "auto" takes the kernel: where it measured faster than jnp.fft both
+# forward and forward+backward on an H100 (f32, B 8, H 1024: results/pallas_fftconv_h100.txt).
+# Order 2 at n = 2048 and 4096 (L 1024 and 2048 causal, 1.1-1.4x). At n <= 1024 the forward
+# wins but the backward's correlation loses; from n = 8192 the order-3 step's HBM passes in
+# XLA cost more than the kernel saves.
+AUTO_FFT_SIZES = (2048, 4096)
+
+
+def check_auto(u_shape, k_shape, circular: bool) -> None:
+  """check_supported, and ValueError where the kernel measured slower than jnp.fft (so
+  fft_conv's "auto" takes the XLA path there)."""
+  check_supported(u_shape, k_shape, circular)
+  n = fft_size(u_shape[1], circular)
+  if n not in AUTO_FFT_SIZES:
+    raise ValueError(f"fft_conv pallas: FFT size {n} is not one where the kernel beats "
+                     f"jnp.fft ({AUTO_FFT_SIZES})")
 
 
 def _outer_factors(p: int, q: int, n: int, rows: int, inverse: bool):
@@ -504,54 +436,33 @@ def _h_pad(h: int, n: int) -> int:
   return -(-h // g) * g
 
 
-def _to_operands(xr, xi, nsplit: int):
-  """f32 planes (..., T, 64, c) -> the kernel's bf16 input (..., T, 2 nsplit, 64, c):
-  re hi[, re lo], im hi[, im lo] (hi + lo carries ~16 bits of each value)."""
-  out = []
-  for v in (xr, xi):
-    hi = v.astype(jnp.bfloat16)
-    out.append(hi)
-    if nsplit == 2:
-      out.append((v - hi.astype(jnp.float32)).astype(jnp.bfloat16))
-  return jnp.stack(out, axis=-3)
-
-
-def _from_operands(y):
-  """The kernel's output (..., T, 4, 64, c) bf16 (re hi, re lo, im hi, im lo) -> f32
-  planes (re, im) (..., T, 64, c)."""
-  y = y.astype(jnp.float32)
-  return y[..., 0, :, :] + y[..., 1, :, :], y[..., 2, :, :] + y[..., 3, :, :]
-
-
-def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool,
-            warpgroups: int | None = None):
+def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool):
   """IFFT_n(FFT_n(z) * K (or conj K))[:length] for complex rows z as planes (P, H, m)."""
   p, q, r, c, g = plan(n)
   h = zr.shape[1]
   hp = _h_pad(h, n)
-  x = _to_operands(*_to_rows(zr, zi, n, hp), nsplit)
+  xr, xi = _to_rows(zr, zi, n, hp)
   sr, si = _spectrum(k, n, hp, conj)
   left, right, tw = _constants(q, r, c, nsplit)
-  wgs = warpgroups or default_warpgroups("filter", q, c, nsplit)
-  call = _make_kernel("filter", n_pairs=x.shape[0], n_tiles=x.shape[1], q=q, r=r, c=c,
-                      nsplit=nsplit, warpgroups=wgs, interpret=interpret)
-  return _from_rows(*_from_operands(call(x, sr, si, left, right, tw)), n, h, length)
+  call = _make_kernel("filter", n_pairs=xr.shape[0], n_tiles=xr.shape[1], q=q, r=r, c=c,
+                      nsplit=nsplit, interpret=interpret)
+  yr, yi = call(xr, xi, sr, si, left, right, tw)
+  return _from_rows(yr, yi, n, h, length)
 
 
-def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool,
-               warpgroups: int | None = None):
+def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
   """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
   -> (H, length)."""
   p, q, r, c, g = plan(n)
   h = a[0].shape[1]
   hp = _h_pad(h, n)
-  xa = _to_operands(*_to_rows(*a, n, hp), nsplit)
-  xb = _to_operands(*_to_rows(*b, n, hp), nsplit)
+  ar, ai = _to_rows(*a, n, hp)
+  br, bi = _to_rows(*b, n, hp)
   left, right, tw = _constants(q, r, c, nsplit)
-  wgs = warpgroups or default_warpgroups("correlate", q, c, nsplit)
-  call = _make_kernel("correlate", n_pairs=xa.shape[0], n_tiles=xa.shape[1], q=q, r=r, c=c,
-                      nsplit=nsplit, warpgroups=wgs, interpret=interpret)
-  return _from_rows(*_from_operands(call(xa, xb, left, right, tw)), n, h, length)[0]
+  call = _make_kernel("correlate", n_pairs=ar.shape[0], n_tiles=ar.shape[1], q=q, r=r, c=c,
+                      nsplit=nsplit, interpret=interpret)
+  cr, ci = call(ar, ai, br, bi, left, right, tw)
+  return _from_rows(cr, ci, n, h, length)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -561,50 +472,45 @@ def _nsplit(dtype) -> int:
   return 1 if jnp.dtype(dtype) == jnp.bfloat16 else 2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(u, k, circular: bool, interpret: bool, warpgroups: int | None):
-  return _conv_fwd(u, k, circular, interpret, warpgroups)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(u, k, circular: bool, interpret: bool):
+  return _conv_fwd(u, k, circular, interpret)[0]
 
 
-def _conv_fwd(u, k, circular, interpret, warpgroups):
+def _conv_fwd(u, k, circular, interpret):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   yr, yi = _filter(*_pack(u), k, n, seq_len, conj=False, nsplit=_nsplit(u.dtype),
-                   interpret=interpret, warpgroups=warpgroups)
+                   interpret=interpret)
   return _unpack(yr, yi, batch, u.dtype), (u, k)
 
 
-def _conv_bwd(circular, interpret, warpgroups, res, dy):
+def _conv_bwd(circular, interpret, res, dy):
   u, k = res
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   ns = _nsplit(u.dtype)
   zdy = _pack(dy)
-  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret,
-                        warpgroups=warpgroups), batch, u.dtype)
-  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret,
-                  warpgroups=warpgroups)                                # (H, Lk)
+  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
+               batch, u.dtype)
+  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)  # (H, Lk)
   return du, dk.astype(k.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool | None = None,
-                    warpgroups: int | None = None):
+def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool | None = None):
   """Monarch-FFT convolution kernel. u (B, L, H), k (H, Lk), gate (B, L, H) or None.
 
   Causal: y[t] = sum_{s <= t} k[s] u[t - s]; circular: indices mod L (L a power of two).
   Output dtype of u; y * gate when gate is given (the product is fused by XLA into the
   transpose that unpacks the kernel's output). Shapes are checked by ssm.ops.fft_conv.
-  warpgroups: 1 or 2 per CTA (None: two where shared memory allows); for benchmarks.
   """
   if interpret is None:
     interpret = _pallas.interpret_mode()
-  if warpgroups not in (None, 1, 2):
-    raise ValueError(f"fft_conv pallas: warpgroups must be None, 1 or 2, got {warpgroups!r}")
   check_supported(u.shape, k.shape, circular)
-  y = _conv(u, k, circular, interpret, warpgroups)
+  y = _conv(u, k, circular, interpret)
   if gate is not None:
     y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)
   return y
