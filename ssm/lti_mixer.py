@@ -7,8 +7,8 @@ use:
 
     y = act(K * x + D x)          K * x by FFT: all channels (and both directions) from
                                   one transform of x (`fft_conv_bank_xla`), or per channel
-                                  by the Pallas kernel of `ssm.ops.fft_conv` (impl="pallas",
-                                  or "auto" where it is faster: `lti_path`)
+                                  by the Pallas kernel of `ssm.ops.fft_conv` (impl="pallas";
+                                  "auto" keeps the bank: see `lti_conv`)
     y = dropout(y)
     out = output projection(y)    "glu": Linear(c*h -> 2h) then GLU, "linear": Linear(c*h -> h)
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm.ops import _pallas, fft_conv
+from ssm.ops import fft_conv
 from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
 from ssm.ops._impl import IMPLS
 
@@ -58,34 +58,6 @@ def _activation(name: str):
   }[name]
 
 
-def _pallas_fft_size(seq_len: int, kernel_len: int, bidirectional: bool) -> int:
-  """The FFT size of lti_conv's Pallas path: 2 * next_pow2(L) causal (fft_conv's zero
-  padding), the power of two >= L + Lk - 1 (at least 256) for the two-sided circular one."""
-  if not bidirectional:
-    return max(256, 2 * (1 << max(0, (seq_len - 1).bit_length())))
-  return max(256, 1 << (seq_len + kernel_len - 2).bit_length())
-
-
-def lti_path(x_shape, kernel_shape, *, bidirectional: bool, impl: str) -> str:
-  """"xla" (the bank) or "pallas" (per-channel kernel calls) for lti_conv.
-
-  "auto" takes the Pallas kernel on a Hopper GPU for one channel (c = 1, every S4/S4D/LSSL
-  layer of the LRA recipes) at the FFT sizes where the kernel measured faster than cuFFT
-  (`fft_conv_pallas.AUTO_FFT_SIZES`); with several channels the bank's single transform of
-  x for all of them stays on XLA.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"lti_conv: impl must be one of {IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  c = kernel_shape[0] // 2 if bidirectional else kernel_shape[0]
-  if c != 1 or not _pallas.on_hopper():
-    return "xla"
-  from ssm.ops import fft_conv_pallas  # deferred: Pallas kernels build only when used
-  n = _pallas_fft_size(x_shape[1], kernel_shape[-1], bidirectional)
-  return "pallas" if n in fft_conv_pallas.AUTO_FFT_SIZES else "xla"
-
-
 def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
   """Channel-wise causal (or bidirectional) convolution of x with a kernel stack.
 
@@ -93,23 +65,28 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
     x: (b, l, h).
     kernel_chl: (c, h, l) for causal; (2c, h, l) for bidirectional, the last c
       applied to the time-reversed sequence.
-    impl: "xla": every channel and both directions from one FFT of x and one inverse
-      (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel, both
-      directions as one circular convolution with the two-sided kernel; "auto": see
-      `lti_path`.
+    impl: "auto"/"xla": every channel and both directions from one FFT of x and one
+      inverse (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel,
+      both directions as one circular convolution with the two-sided kernel.
+      "auto" stays on the bank even on Hopper, where `fft_conv` alone takes the kernel at
+      FFT sizes 2048-4096: measured on an H100 (results/README.md), the kernel made an
+      LRA layer's forward+backward 2-3% faster but a whole ListOps S4 training step no
+      faster (within the spread between machines), and added about 90 s of compilation.
 
   Returns:
     (b, l, c, h).
   """
   c = kernel_chl.shape[0] // 2 if bidirectional else kernel_chl.shape[0]
-  if lti_path(x.shape, kernel_chl.shape, bidirectional=bidirectional, impl=impl) == "xla":
+  if impl not in IMPLS:
+    raise ValueError(f"lti_conv: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "pallas":
     return fft_conv_bank_xla(x, kernel_chl[:c], kernel_chl[c:] if bidirectional else None)
   if not bidirectional:
     return jnp.stack([fft_conv(x, k, impl="pallas") for k in kernel_chl], axis=2)
   # Both directions in one kernel call: a circular convolution of x zero-padded to n with
   # the two-sided kernel (the kernel's circular mode needs a power-of-two n).
   l, lk = x.shape[1], kernel_chl.shape[-1]
-  n = _pallas_fft_size(l, lk, bidirectional=True)
+  n = max(256, 1 << (l + lk - 2).bit_length())
   x_pad = jnp.pad(x, ((0, 0), (0, n - l), (0, 0)))
   kern = two_sided_kernel(kernel_chl[:c], kernel_chl[c:], n)               # (c, h, n)
   return jnp.stack([fft_conv(x_pad, kern[i], impl="pallas", circular=True)[:, :l]
@@ -128,7 +105,7 @@ class LTIMixer(nnx.Module):
     postact: output projection, "glu" (default, as S4/S4D), "linear" or "none"
       ("none" requires a single causal channel: the output is act(y) itself).
     dropout: rate after the activation.
-    impl: "auto", "xla" or "pallas" for the convolution (`lti_path`).
+    impl: "auto", "xla" or "pallas" for the convolution (`lti_conv`).
   """
 
   def __init__(self, kernel: nnx.Module, *, bidirectional: bool = False,
