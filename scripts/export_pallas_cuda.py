@@ -6,7 +6,8 @@ still happens only on the GPU.
     python scripts/export_pallas_cuda.py [--lightning]
 
 Cases: the FFT convolution (every size class, f32/bf16, causal/circular) and the linear
-and selective scans, forward and forward+backward; --lightning adds lightning attention (needs jax >= 0.11, see scan_cases).
+and selective scans, forward and forward+backward; --lightning adds lightning attention
+(needs jax >= 0.11, see scan_cases).
 """
 import sys
 

@@ -114,13 +114,13 @@ def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array 
   check_fft_conv_args(u, k)
   if gate is not None and gate.shape != u.shape:
     raise ValueError(f"fft_conv: gate must have u's shape {u.shape}, got {gate.shape}")
-  def check():
-    from ssm.ops import fft_conv_pallas  # deferred: Pallas imports only when used
+
+  def check():  # "pallas": can the kernel take it; "auto": also, is it faster there
     take = fft_conv_pallas.check_supported if impl == "pallas" else fft_conv_pallas.check_auto
     take(u.shape, k.shape, circular)
 
+  from ssm.ops import fft_conv_pallas  # deferred: the kernel module loads only when called
   if choose_impl(impl, op="fft_conv", check=check) == "pallas":
-    from ssm.ops import fft_conv_pallas
     return fft_conv_pallas.fft_conv_pallas(
         u, k, gate=gate, circular=circular, interpret=interpret_mode())
   y = fft_conv_xla(u, k, circular=circular)
