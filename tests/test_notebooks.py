@@ -7,6 +7,7 @@ fails the test when a cell raises, which includes the asserts the notebooks make
 the agreements they show. They are also checked to be stored without outputs.
 """
 
+import importlib.util
 import os
 import pathlib
 
@@ -46,3 +47,44 @@ def test_notebook_runs(path, monkeypatch):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
   assert not errors, errors
+
+
+def _load_runner():
+  spec = importlib.util.spec_from_file_location(
+      "run_notebook", NOTEBOOKS_DIR.parent / "scripts" / "run_notebook.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _notebook(path, *sources):
+  nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title")]
+                                + [nbformat.v4.new_code_cell(s) for s in sources])
+  nbformat.write(nb, path)
+  return path
+
+
+def test_plain_python_runner(tmp_path, capsys):
+  """scripts/run_notebook.py (the GPU machines have no Jupyter): cells share one namespace
+  and run from the notebook's folder, plt.show saves the figures, an error stops the run."""
+  runner = _load_runner()
+  good = _notebook(tmp_path / "good.ipynb",
+                   "import os, matplotlib.pyplot as plt\nx = 3\nhere = os.getcwd()",
+                   "plt.plot([0, x]); plt.show()\nplt.plot([1]); plt.figure(); plt.show()\n"
+                   "print('cwd', here)")
+  figures = tmp_path / "figs"
+  assert runner.main([str(good), f"--figures={figures}"]) == 0
+  assert sorted(p.name for p in figures.iterdir()) == [
+      "good_fig1.png", "good_fig2.png", "good_fig3.png"]
+  assert f"cwd {tmp_path}" in capsys.readouterr().out
+
+  bad = _notebook(tmp_path / "bad.ipynb", "y = 1", "raise ValueError('boom')", "z = 2")
+  assert runner.main([str(bad)]) == 1
+  out = capsys.readouterr().out
+  assert "FAILED bad.ipynb at code cell 2" in out and "cell 3/3" not in out
+
+  magic = _notebook(tmp_path / "magic.ipynb", "%matplotlib inline")
+  with pytest.raises(SystemExit, match="IPython syntax"):
+    runner.main([str(magic)])
+  with pytest.raises(SystemExit):
+    runner.main([str(tmp_path / "missing.ipynb")])
