@@ -172,8 +172,15 @@ def test_test_accuracy_of_the_best_validation_checkpoint(tmp_path):
 
 
 def test_committed_runs(tmp_path):
-  # the finished ListOps S4D run (results/lra/): a complete schedule with a test result
-  [run] = lra_table.collect(str(REPO / "results" / "lra"))
+  # the finished ListOps runs (results/lra/): complete schedules with test results
+  runs = {run.model: run for run in lra_table.collect(str(REPO / "results" / "lra"))}
+  assert sorted(runs) == ["s4", "s4d"]
+  s4 = runs["s4"]
+  assert (s4.task, s4.steps, s4.schedule_steps, s4.best_val_step) == ("listops", 120_000,
+                                                                      120_000, 109_000)
+  # its best checkpoint evaluated on the GPU and on a CPU: the same test set, the same number
+  assert s4.test_accuracy == pytest.approx(0.6105) and s4.final_test_accuracy == pytest.approx(0.613)
+  run = runs["s4d"]
   assert (run.task, run.model, run.steps, run.schedule_steps) == ("listops", "s4d", 80_000, 80_000)
   assert not run.partial and run.best_val_step == 67_000
   # test of the best-validation checkpoint (eval_test_1dev.json, evaluated on a CPU) beside
