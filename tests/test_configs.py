@@ -64,6 +64,24 @@ def test_published_listops_recipes():
   assert s4d.data.seq_len == 2000 and s4d.data.num_train == 96_000
 
 
+def test_short_pathfinder_is_the_recipe_over_a_tenth_of_its_schedule():
+  from configs.lra import pathfinder, pathx
+  for module in (pathfinder, pathx):
+    full, short = module.get_config("s4d"), module.get_config("s4d,short")
+    trainer.validate_config(short)
+    assert short.name.endswith("s4d,short")
+    assert (short.train.num_steps, short.optim.warmup_steps) == (
+        full.train.num_steps // 10, full.optim.warmup_steps // 10)
+    # everything else is the published recipe
+    for section in ("model", "data"):
+      assert short[section].to_dict() == full[section].to_dict()
+    assert {k: v for k, v in short.optim.items() if k != "warmup_steps"} == {
+        k: v for k, v in full.optim.items() if k != "warmup_steps"}
+    assert short.train.batch_size == full.train.batch_size
+  with pytest.raises(ValueError, match="unknown size 'short'"):
+    listops.get_config("s4d,short")
+
+
 def test_seq_len_override_follows_into_l_max():
   config = parse("--config=configs/lra/listops.py:s4,tiny", "--config.data.seq_len=48",
                  "--config.train.num_steps=30", "--config.optim.lr=3e-3")

@@ -236,3 +236,16 @@ def test_real_tiny_run(jax_cache, data_cache, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "S4D (ours, tiny)" in out and f"{100 * results['test_accuracy']:.2f}†" in out
   assert "4/80k steps" in out
+
+
+def test_a_short_schedule_run_is_its_own_row_and_marked(tmp_path):
+  """configs/lra/pathfinder.py:s4d,short finishes a tenth of the published schedule: the
+  table gives it a row of its own, marked as shorter than the published schedule."""
+  make_run(tmp_path / "full", "listops:s4d", steps=80_000, test=0.58)
+  make_run(tmp_path / "short", "pathfinder:s4d,short", steps=50_000, test=0.91, val=0.92)
+  text = lra_table.table(lra_table.collect(str(tmp_path)))
+  table_rows = rows(text)
+  assert cell(table_rows, "S4D (ours, short)", "pathfinder") == "91.00†"
+  assert cell(table_rows, "S4D (ours, short)", "listops") == "–"
+  assert cell(table_rows, "S4D (ours)", "listops") == "58.00"
+  assert "50k/500k steps of the published schedule" in text

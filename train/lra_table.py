@@ -106,7 +106,7 @@ class Run:
   path: str                       # the results.json (or metrics.jsonl) it was read from
   task: str                       # one of TASKS
   model: str                      # config.model.name: "s4d", "s4", ...
-  size: str = ""                  # "" (published recipe), "local", "tiny"
+  size: str = ""                  # "" (published recipe), "short", "local", "tiny"
   steps: int = 0                  # steps trained
   schedule_steps: int | None = None  # the published recipe's num_steps; None: unknown
   test_accuracy: float | None = None

@@ -5,7 +5,8 @@ r"""LRA Path-X: Pathfinder at 128x128 pixels (16384 positions), 2 classes.
 
 The argument is "model[,size]" as in configs/lra/pathfinder.py (model: s4, s4d; size:
 "" = the published recipe on 200k generated 128x128 images or the LRA release via
---config.data.data_dir, "local" = a CPU demo at 64x64, "tiny" = a test at 32x32).
+--config.data.data_dir, "short" = that recipe over a tenth of its schedule, "local" = a
+CPU demo at 64x64, "tiny" = a test at 32x32).
 Generating the 200k images takes about 200k / (60 images/s x cores): under 5 minutes
 on 16 cores.
 
