@@ -9,6 +9,8 @@
 #   usage (GPU machine, repo root):
 #     bash scripts/gpu/lra_resume.sh CONFIG NAME HALT SECONDS [--config.x=y ...]
 #   e.g. bash scripts/gpu/lra_resume.sh configs/lra/listops.py:s4d listops_s4d 40000 540
+# CKPT_EVERY (default 1000): the checkpoint interval, short enough that a call cut off by
+# SECONDS loses little. EVAL_EVERY (default 1000): the validation interval.
 set -u
 config=$1 name=$2 halt=$3 secs=$4
 shift 4
@@ -20,8 +22,9 @@ mkdir -p $runs
 if [ -f runs/$name.tgz ]; then tar xzf runs/$name.tgz -C $runs && echo "restored runs/$name.tgz"; fi
 t0=$(date +%s)
 timeout --signal=TERM $secs python3 -m train --config=$config --workdir=$runs/$name \
-  --config.train.halt_at_step=$halt --config.train.eval_every=1000 \
-  --config.train.checkpoint_every=1000 --config.train.log_every=500 "$@" > $OUT/$name.log 2>&1
+  --config.train.halt_at_step=$halt --config.train.eval_every=${EVAL_EVERY:-1000} \
+  --config.train.checkpoint_every=${CKPT_EVERY:-1000} --config.train.log_every=500 "$@" \
+  > $OUT/$name.log 2>&1
 echo "train exit $? after $(( $(date +%s) - t0 )) s"
 # Newest and best checkpoints that finished writing (numeric names with a commit marker;
 # a run killed mid-save leaves a temporary folder that must not be picked).
