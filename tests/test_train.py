@@ -192,16 +192,34 @@ def test_evaluation_is_exact_over_all_examples(reference, data_cache):
 
 # -- resumption and faults --------------------------------------------------------------
 
+def _latest_meta(workdir, data_cache) -> dict:
+  """The meta of the newest checkpoint in workdir (a tiny_config run)."""
+  import data as data_lib
+  config = tiny_config(data_cache)
+  task, _ = data_lib.load_task(config.data)
+  tr = trainer.Trainer(config, task, sharding.make_mesh(config.train.mesh))
+  ckpt = checkpoint_lib.Checkpointer(str(workdir), keep=2)
+  try:
+    return ckpt.restore_latest(tr.abstract_state)[3]
+  finally:
+    ckpt.close()
+
+
 def test_resume_matches_uninterrupted(reference, data_cache, tmp_path, caplog):
   caplog.set_level(logging.INFO, logger="train")
   out = trainer.run(tiny_config(data_cache, **{"train.halt_at_step": 8}), str(tmp_path))
   assert out["halted_at_step"] == 8
   assert not (tmp_path / "results.json").exists()
+  first_meta = _latest_meta(tmp_path, data_cache)
   results = trainer.run(tiny_config(data_cache), str(tmp_path))
   assert "resumed from step 8" in caplog.text
   assert train_losses(tmp_path) == train_losses(reference[0])  # exactly, step by step
   assert results["val_accuracy"] == reference[1]["val_accuracy"]
   assert results["test_loss"] == reference[1]["test_loss"]
+  # Training time adds up over the two processes; wall_time_s is the second one's alone.
+  assert results["runs"] == 2 and reference[1]["runs"] == 1
+  assert 0 < first_meta["train_time_s"] < results["train_time_s"]
+  assert 0 < results["wall_time_s"] and first_meta["runs"] == 1
 
 
 def test_corrupt_latest_checkpoint_falls_back(reference, data_cache, tmp_path, caplog):

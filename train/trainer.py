@@ -13,7 +13,10 @@ What a run does:
   4. Trains config.train.num_steps steps with a pure, jitted train step (donated state,
      explicit shardings); evaluates on validation every eval_every steps and at the end,
      on test at the end, exactly over all examples (padding rows have weight 0).
-  5. Writes workdir/results.json and returns its content.
+  5. Writes workdir/results.json and returns its content: steps, final validation and
+     test loss/accuracy, the best validation accuracy and its step, wall_time_s (this
+     process), train_time_s and runs (the step loops' time summed over every resume, and
+     how many processes that took: carried in the checkpoint meta), device, mesh, date.
 
 Train state: `TrainState(step, params, rest, opt_state)`, where params is the
 nnx.State of every nnx.Param, rest every other variable except RNG state (BatchNorm
@@ -384,6 +387,10 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
   mesh = trainer.mesh
   restored = ckpt.restore_latest(trainer.abstract_state)
   best = dict(accuracy=None, step=None)
+  # Wall time of the step loops (evaluation and saving included) that led to the state,
+  # summed over resumes through the checkpoint meta; what a killed process did after its
+  # last checkpoint is lost with it and not counted. `runs` counts those processes.
+  earlier = dict(train_time_s=0.0, runs=0)
   if restored is None:
     state, rngs = trainer.init_state()
     start = 0
@@ -392,6 +399,8 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
     rngs = trainer.init_rngs()
     loader.set_state(loader_state)
     best = dict(accuracy=meta.get("best_val_accuracy"), step=meta.get("best_val_step"))
+    earlier = dict(train_time_s=float(meta.get("train_time_s") or 0.0),
+                   runs=int(meta.get("runs") or 1))  # older checkpoints: at least one run
     log.info("resumed from step %d", start)
   if int(jax.device_get(state.step)) != start:
     raise RuntimeError(f"checkpoint step {start} holds a train state at step "
@@ -401,8 +410,12 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
   last_saved = start if restored is not None else None
   val = None
 
+  t_loop = time.time()
+
   def meta():
-    return dict(best_val_accuracy=best["accuracy"], best_val_step=best["step"])
+    return dict(best_val_accuracy=best["accuracy"], best_val_step=best["step"],
+                train_time_s=round(earlier["train_time_s"] + time.time() - t_loop, 2),
+                runs=earlier["runs"] + 1)
 
   def check(step: int, m: dict) -> dict:
     """Host view of step `step`'s metrics; stops on a non-finite loss."""
@@ -506,7 +519,9 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
       val_loss=val["loss"], val_accuracy=val["accuracy"], val_examples=val["weight"],
       test_loss=test["loss"], test_accuracy=test["accuracy"], test_examples=test["weight"],
       best_val_accuracy=best["accuracy"], best_val_step=best["step"],
-      wall_time_s=round(time.time() - t_start, 2),
+      wall_time_s=round(time.time() - t_start, 2),  # this process only
+      train_time_s=meta()["train_time_s"],          # the step loops over every resume
+      runs=meta()["runs"],                          # processes (resumes + 1) behind it
       device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
       process_count=jax.process_count(), mesh=dict(mesh.shape),
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
