@@ -172,15 +172,21 @@ def test_test_accuracy_of_the_best_validation_checkpoint(tmp_path):
 
 
 def test_committed_runs(tmp_path):
-  # the finished ListOps runs (results/lra/): complete schedules with test results
-  runs = {run.model: run for run in lra_table.collect(str(REPO / "results" / "lra"))}
-  assert sorted(runs) == ["s4", "s4d"]
-  s4 = runs["s4"]
+  # the finished runs (results/lra/): ListOps S4 and S4D at their complete schedules and
+  # Pathfinder S4D over the "short" tenth of its, all with test results
+  runs = {(run.task, run.model, run.size): run
+          for run in lra_table.collect(str(REPO / "results" / "lra"))}
+  assert sorted(runs) == [("listops", "s4", ""), ("listops", "s4d", ""),
+                          ("pathfinder", "s4d", "short")]
+  pf = runs["pathfinder", "s4d", "short"]
+  assert (pf.steps, pf.schedule_steps, pf.best_val_step) == (50_000, 500_000, 42_500)
+  assert pf.partial and pf.test_accuracy == 1.0 and "easier than the release" in pf.source
+  s4 = runs["listops", "s4", ""]
   assert (s4.task, s4.steps, s4.schedule_steps, s4.best_val_step) == ("listops", 120_000,
                                                                       120_000, 109_000)
   # its best checkpoint evaluated on the GPU and on a CPU: the same test set, the same number
   assert s4.test_accuracy == pytest.approx(0.6105) and s4.final_test_accuracy == pytest.approx(0.613)
-  run = runs["s4d"]
+  run = runs["listops", "s4d", ""]
   assert (run.task, run.model, run.steps, run.schedule_steps) == ("listops", "s4d", 80_000, 80_000)
   assert not run.partial and run.best_val_step == 67_000
   # test of the best-validation checkpoint (eval_test_1dev.json, evaluated on a CPU) beside
