@@ -6,15 +6,19 @@ two different paths (Linsley et al. 2018, "Learning long-range spatial dependenc
 with horizontal gated recurrent units"; Tay et al. 2021, LRA). The model reads the
 pixels in raster order: inputs (b, size * size, 1) float32, 2 classes.
 
-Generator (our own code; settings from SPECS.md "Pathfinder"). Every image has two
-"main" paths of `contour_length` dashes and `num_distractors` paths of
-`distractor_length` dashes. Label 1: markers at both ends of main path 0. Label 0:
-one marker at the start of main path 0, one at an end of main path 1 that lies
-between seed_distance and contour_length * paddle_length away. A path is a
-random walk: start uniform in the image, heading uniform, each next dash turned by
-an angle uniform in [-c, c] with c = continuity * pi / 6 (our reading of the
-original's "continuity"). Paths are placed one after the other; a candidate path is
-rejected when it leaves the image or comes within 1.5 px (+ `margin`) of a lit pixel
+Generator (our own code; settings from SPECS.md "Pathfinder"; the construction is
+that of Linsley's snakes2.py). Every image has two "main" paths (snakes) of
+`contour_length` dashes and `num_distractors` paths of `distractor_length` dashes,
+and the picture does not depend on the label: snake A starts anywhere; snake B starts
+exactly seed_distance from A's start, in a random direction; both far ends lie at
+least seed_distance from A's start; then the distractors. Only the markers depend on
+the label: one on A's start, the other on A's far end (label 1) or on B's far end
+(label 0). The three tips that may carry a marker (A's two, B's far one) are kept
+clear of later paths in both cases, so an unmarked tip looks the same whatever the
+label. A path is a random walk: heading uniform, each next dash turned by an angle
+uniform in [-c, c] with c = continuity * pi / 6 (our reading of the original's
+"continuity"). Paths are placed one after the other; a candidate path is rejected when
+it leaves the image or comes within 1.5 px (+ `margin`) of a lit pixel (or a kept tip)
 of the paths placed before it, so distinct paths never touch (8-connectivity) and the
 label is exactly "the markers lie in one connected component of lit pixels" (the
 tests check this by flood fill). Vectorised: a batch of images x K candidate paths
@@ -28,19 +32,19 @@ Known differences from the published set (Linsley's generator, LRA release):
   - Our dashes abut (each dash starts where the previous one ends); the original leaves
     a gap (its "paddle margin") between paddles, so its paths are "dotted" and need not
     be pixel-connected.
-  - The original's images do not depend on the label: it grows two snakes from seeds
-    seed_distance apart, adds the distractors, and only then marks the origin tip of
-    one snake and the far tip of the same snake (label 1) or of the other (label 0).
-    Ours builds positives and negatives differently (above). Its generator can also
-    vary paddle contrast (its public wrapper sets every contrast to 1).
-  - Consequence, measured: S4D at the Pathfinder recipe reaches 99.6% validation
-    accuracy after 7,500 steps on our 200k images and 100% test after 50k steps
-    (results/README.md), against 93.06 published on the release. Our set is much
-    easier; numbers on it are not comparable with the LRA table.
-  - Marker distance: positives have their markers at the ends of one path (distance
-    up to its length); negatives in [seed_distance, contour_length * paddle_length].
-    Negatives are harder to place at 32x32 (a second long path near the first
-    marker); failed images are drawn again, which keeps the classes balanced.
+  - The original grows its two snakes at the same time, a paddle each in turn; ours
+    places A, then B. Its generator can also vary paddle contrast (its public
+    wrapper sets every contrast to 1); ours draws every dash at the same width.
+  - Version 1 of this generator (GENERATOR_VERSION 1) built positives and negatives
+    differently (a marked path plus a free one, or two paths each marked at a tip).
+    S4D at the Pathfinder recipe reached 99.6% validation accuracy after 7,500 steps
+    on its 200k images and 100% test after 50k steps (results/README.md), against
+    93.06 published on the release: that set was far easier. Version 2 (this code)
+    follows the original's label-independent construction.
+  - Marker distance: at least seed_distance in both classes (both far tips are kept
+    that far from A's start); the original only spaces the two seeds. An image whose
+    snakes find no place is drawn again with the same label, which keeps the classes
+    balanced.
   - Distractor counts for 64/128/256 are our choice (scaled with the image area),
     not taken from the original. A distractor that finds no free place is left out.
   - Measured on generated sets (seed 0): classes exactly balanced (half of each chunk
@@ -48,9 +52,11 @@ Known differences from the published set (Linsley's generator, LRA release):
     lit at 32x32 and 9% at 128x128. The release is not available here, so its pixel
     statistics were not compared; its paths are dotted, so expect fewer lit pixels
     there.
-  - Speed, PNG writing included (2 processes on a shared 2-core machine): 330 images/s
-    at 32x32 and 100 images/s at 128x128, i.e. about 50 per core at 128x128: Path-X's
-    200k images take about 4 minutes on 16 cores. Reading: about 3500 images/s.
+  - Speed, PNG writing included (2 processes on a 2-core machine): 104 images/s at
+    32x32 and 92 at 128x128 (version 1: 330 and 100; snake B, which must start
+    seed_distance from A's start, finds a place for about 40% of A's, and the rest are
+    drawn again). 200k images take about 4 (32x32) to 5 (128x128) minutes on 16 cores.
+    Reading: about 3500 images/s.
 
 Files (LRA release, lra_release/pathfinder{size}/curv_contour_length_{n}):
   imgs/<k>/sample_<i>.png     8-bit grayscale PNG, size x size
@@ -83,7 +89,8 @@ from data.pipeline import ArrayDataset
 from data.task import TaskSpec
 
 NUM_CLASSES = 2
-GENERATOR_VERSION = 1  # part of the cache key: bump when generated sets change
+GENERATOR_VERSION = 2  # part of the cache key: bump when generated sets change
+                       # (2: the original's label-independent construction)
 IMAGES_PER_FOLDER = 1000
 NORMALIZE = ("unit", "s4")  # [0, 1]; or (x - 0.5) / 0.5 as S4's Normalize(0.5, 0.5)
 
@@ -169,12 +176,12 @@ def _windows(a, b, reach: float, size: int):
   return idx, d
 
 
-def _random_paths(rng, shape, n: int, s: Settings, edge: float):
+def _random_paths(rng, shape, n: int, s: Settings, edge: float, starts=None):
   """Points of random dash paths, (*shape, n + 1, 2) float32.
 
   The shape is drawn first, then moved to a uniform position among those that keep it
   inside [edge, size - 1 - edge] (a shape too big for that stays put and fails the
-  bounds check).
+  bounds check), or so that it starts at `starts` (*shape, 2) when given.
   """
   max_turn = s.continuity * np.pi / 6
   heading = rng.uniform(0, 2 * np.pi, (*shape, 1))
@@ -182,25 +189,29 @@ def _random_paths(rng, shape, n: int, s: Settings, edge: float):
   angles = np.cumsum(np.concatenate([heading, turns], -1), -1)
   steps = s.paddle_length * np.stack([np.cos(angles), np.sin(angles)], -1)
   rel = np.concatenate([np.zeros((*shape, 1, 2)), np.cumsum(steps, -2)], -2)
+  if starts is not None:
+    return (starts[..., None, :] + rel).astype(np.float32)
   lo = edge - rel.min(-2)
   hi = s.size - 1 - edge - rel.max(-2)
   start = lo + rng.uniform(0, 1, (*shape, 2)) * np.maximum(hi - lo, 0)
   return (start[..., None, :] + rel).astype(np.float32)
 
 
-def _place(rng, img, todo, n: int, s: Settings, *, markers: str, anchor=None,
-           end_distance: bool = False, candidates: int = 16, rounds: int = 8):
-  """Places one path per image of `todo` without touching the lit pixels of img.
+def _place(rng, img, occ, todo, n: int, s: Settings, *, tips: str = "none", near=None,
+           far_from=None, candidates: int = 16, rounds: int = 8):
+  """Places one path per image of `todo` clear of what `occ` holds.
 
   Args:
-    img: (B, size*size) float32 intensities so far (modified in place).
+    img: (B, size*size) float32 intensities so far; the path is drawn into it.
+    occ: (B, size*size) float32, what later paths must keep clear of: the lit pixels
+      plus the disks kept for markers (modified in place like img).
     todo: (B,) bool, images that need this path.
-    markers: "none", "start" (a marker at the start) or "both" (at both ends).
-    anchor: (B, 2) marker of path 0: one end of the path must lie seed_distance to
-      contour_length * paddle_length away from it; the path is turned so that this
-      end is its start, where the marker goes (negatives' second path).
-    end_distance: the path's ends must be seed_distance apart (both main paths 0,
-      so that positives and negatives draw it from one distribution).
+    tips: the ends that may carry a marker: "none", "both", or "end" (the far end).
+      They must have room for a marker, and their marker disks are kept in occ.
+    near: (B, 2): the path starts exactly seed_distance from these points, in a
+      uniformly random direction (snake B beside snake A's start).
+    far_from: (B, 2) or "start": the far end must lie at least seed_distance from these
+      points (or from the path's own start), so that two markers never merge.
 
   Returns:
     (points (B, n+1, 2), placed (B,) bool).
@@ -216,35 +227,40 @@ def _place(rng, img, todo, n: int, s: Settings, *, markers: str, anchor=None,
     rows = np.flatnonzero(todo & ~placed)
     if rows.size == 0:
       break
-    pts = _random_paths(rng, (rows.size, candidates), n, s, edge)  # (R, K, n+1, 2)
+    starts = None
+    if near is not None:
+      angle = rng.uniform(0, 2 * np.pi, (rows.size, candidates))
+      starts = near[rows, None, :] + s.seed_distance * np.stack([np.cos(angle),
+                                                                 np.sin(angle)], -1)
+    pts = _random_paths(rng, (rows.size, candidates), n, s, edge, starts)  # (R, K, n+1, 2)
     ok = ((pts >= edge) & (pts <= size - 1 - edge)).all((-1, -2))
-    if anchor is not None:  # the marker goes on whichever end lies at the right distance
-      far = max(s.seed_distance, n * s.paddle_length)
-      dist = np.linalg.norm(pts[..., [0, -1], :] - anchor[rows, None, None, :], axis=-1)
-      good = (dist >= s.seed_distance) & (dist <= far)  # (R, K, 2)
-      pts = np.where((good[..., 0] | ~good[..., 1])[..., None, None], pts, pts[..., ::-1, :])
-      ok &= good.any(-1)
-    if end_distance:
-      ok &= np.linalg.norm(pts[..., -1, :] - pts[..., 0, :], axis=-1) >= s.seed_distance
-    lit = img[rows] > 0  # (R, HW)
+    if far_from is not None:
+      ref = pts[..., 0, :] if isinstance(far_from, str) else far_from[rows, None, :]
+      ok &= np.linalg.norm(pts[..., -1, :] - ref, axis=-1) >= s.seed_distance
+    busy = occ[rows] > 0  # (R, HW)
     idx, d = _windows(pts[..., :-1, :], pts[..., 1:, :], w + 0.5 + clear, size)
-    hit = np.take_along_axis(lit, idx.reshape(rows.size, -1), 1).reshape(idx.shape)
+    hit = np.take_along_axis(busy, idx.reshape(rows.size, -1), 1).reshape(idx.shape)
     ok &= ~(hit & (d < w + 0.5 + clear)).any((-1, -2))
-    if markers != "none":
-      ends = pts[..., [0, -1], :] if markers == "both" else pts[..., :1, :]
+    if tips != "none":
+      ends = _tips(pts, tips)
       idx, d = _windows(ends, ends, s.marker_radius + 0.5 + clear, size)
-      hit = np.take_along_axis(lit, idx.reshape(rows.size, -1), 1).reshape(idx.shape)
+      hit = np.take_along_axis(busy, idx.reshape(rows.size, -1), 1).reshape(idx.shape)
       ok &= ~(hit & (d < s.marker_radius + 0.5 + clear)).any((-1, -2))
     got = ok.any(1)
     best = ok.argmax(1)
     sel = rows[got]
     out[sel] = pts[got, best[got]]
     placed[sel] = True
-  _stamp(img, out, placed, w, s.size)
-  if markers != "none":
-    ends = out[:, [0, -1]] if markers == "both" else out[:, :1]
-    _stamp_markers(img, ends, placed, s.marker_radius, s.size)
+  for target in (img, occ):
+    _stamp(target, out, placed, w, s.size)
+  if tips != "none":
+    _stamp_markers(occ, _tips(out, tips), placed, s.marker_radius, s.size)
   return out, placed
+
+
+def _tips(pts, which: str):
+  """The ends of paths (..., n+1, 2) that may carry a marker: (..., 1 or 2, 2)."""
+  return pts[..., [0, -1], :] if which == "both" else pts[..., -1:, :]
 
 
 def _stamp(img, pts, rows_mask, w: float, size: int):
@@ -268,7 +284,7 @@ def _stamp_markers(img, ends, rows_mask, radius: float, size: int):
 
 
 def generate_images(rng: np.random.Generator, labels, s: Settings):
-  """Draws one image per label.
+  """Draws one image per label (the construction of the module docstring).
 
   Args:
     rng: NumPy generator.
@@ -278,26 +294,25 @@ def generate_images(rng: np.random.Generator, labels, s: Settings):
   Returns:
     images (B, size, size) uint8; ok (B,) bool, False where a main path found no place
     (those images must be drawn again); markers (B, 2, 2) float32, the marker centres
-    as (x, y) = (column, row).
+    as (x, y) = (column, row). Every random draw is made whatever the labels, so one
+    generator state gives pictures that differ only in the second marker.
   """
   labels = np.asarray(labels)
   num_b = labels.shape[0]
   img = np.zeros((num_b, s.size * s.size), np.float32)
-  pos = labels == 1
-  # Path 0 carries the marker(s); for negatives, path 1 the second marker.
-  p0_pos, ok_pos = _place(rng, img, pos, s.contour_length, s, markers="both",
-                          end_distance=True)
-  p0_neg, ok_neg = _place(rng, img, ~pos, s.contour_length, s, markers="start",
-                          end_distance=True)
-  ok = np.where(pos, ok_pos, ok_neg)
-  anchor = np.where(pos[:, None], p0_pos[:, 0], p0_neg[:, 0])
-  p1_neg, ok1_neg = _place(rng, img, ~pos & ok, s.contour_length, s, markers="start", anchor=anchor)
-  _, ok1_pos = _place(rng, img, pos & ok, s.contour_length, s, markers="none")
-  ok &= np.where(pos, ok1_pos, ok1_neg)
+  occ = np.zeros_like(img)
+  everyone = np.ones(num_b, bool)
+  snake_a, ok = _place(rng, img, occ, everyone, s.contour_length, s, tips="both",
+                       far_from="start")
+  snake_b, ok_b = _place(rng, img, occ, ok, s.contour_length, s, tips="end",
+                         near=snake_a[:, 0], far_from=snake_a[:, 0])
+  ok &= ok_b
   for _ in range(s.num_distractors):
-    _place(rng, img, ok, s.distractor_length, s, markers="none", rounds=4)
+    _place(rng, img, occ, ok, s.distractor_length, s, rounds=4)
+  far_tip = np.where((labels == 1)[:, None], snake_a[:, -1], snake_b[:, -1])
+  markers = np.stack([snake_a[:, 0], far_tip], 1)
+  _stamp_markers(img, markers, ok, s.marker_radius, s.size)
   images = np.rint(img * 255).astype(np.uint8).reshape(num_b, s.size, s.size)
-  markers = np.stack([anchor, np.where(pos[:, None], p0_pos[:, -1], p1_neg[:, 0])], 1)
   return images, ok, markers
 
 

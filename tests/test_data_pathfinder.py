@@ -105,9 +105,9 @@ def test_generator_is_deterministic_and_seeded():
 @pytest.mark.parametrize("size", [32, 128])
 def test_markers_joined_exactly_when_label_is_one(size):
   s = pf.settings_for(size)
-  labels = np.arange(8) % 2
+  labels = np.arange(24) % 2  # about 40% of first draws place both snakes at 32x32
   images, ok, markers = pf.generate_images(np.random.default_rng(size), labels, s)
-  assert images.shape == (8, size, size)
+  assert images.shape == (24, size, size)
   assert labels[ok].sum() >= 2 and (1 - labels[ok]).sum() >= 2  # failures are redrawn
   for img, label, m in zip(images[ok], labels[ok], markers[ok]):
     (c0, r0), (c1, r1) = np.rint(m).astype(int)
@@ -115,6 +115,30 @@ def test_markers_joined_exactly_when_label_is_one(size):
     reached = _components_touching(img, [(r0, c0)])
     assert ((r1, c1) in reached) == bool(label)
     assert 0.01 < (img > 0).mean() < 0.5
+
+
+def test_the_picture_does_not_depend_on_the_label():
+  """As in Linsley's generator: the same draws give the same snakes and distractors for
+  both labels; only the second marker moves (A's far tip for 1, B's for 0), so nothing
+  but the marked path tells the classes apart."""
+  s = pf.settings_for(32)
+  ones, ok1, m1 = pf.generate_images(np.random.default_rng(5), np.ones(16, int), s)
+  zeros, ok0, m0 = pf.generate_images(np.random.default_rng(5), np.zeros(16, int), s)
+  np.testing.assert_array_equal(ok1, ok0)
+  assert ok1.sum() >= 2
+  np.testing.assert_array_equal(m1[:, 0], m0[:, 0])  # the first marker: A's start
+  rows, cols = np.mgrid[:32, :32]
+  for a, b, far1, far0 in zip(ones[ok1], zeros[ok1], m1[ok1, 1], m0[ok1, 1]):
+    # outside the two far-tip marker disks the pictures are equal, pixel for pixel
+    near = np.zeros((32, 32), bool)
+    for x, y in (far1, far0):
+      near |= np.hypot(cols - x, rows - y) < s.marker_radius + 0.5
+    assert np.linalg.norm(far1 - far0) >= 2 * s.marker_radius
+    np.testing.assert_array_equal(a[~near], b[~near])
+    assert (a[near] != b[near]).any()
+    # both far tips carry a path end whatever the label: the unmarked one is lit too
+    for x, y in (far1, far0):
+      assert a[int(round(y)), int(round(x))] > 0 and b[int(round(y)), int(round(x))] > 0
 
 
 def test_written_set_does_not_depend_on_worker_count(tmp_path):

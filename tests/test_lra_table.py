@@ -180,7 +180,7 @@ def test_committed_runs(tmp_path):
                           ("pathfinder", "s4d", "short")]
   pf = runs["pathfinder", "s4d", "short"]
   assert (pf.steps, pf.schedule_steps, pf.best_val_step) == (50_000, 500_000, 42_500)
-  assert pf.partial and pf.test_accuracy == 1.0 and "easier than the release" in pf.source
+  assert pf.partial and pf.test_accuracy == 1.0 and "data/pathfinder.py" in pf.source
   s4 = runs["listops", "s4", ""]
   assert (s4.task, s4.steps, s4.schedule_steps, s4.best_val_step) == ("listops", 120_000,
                                                                       120_000, 109_000)
@@ -276,7 +276,7 @@ def test_runs_on_the_projects_own_data_are_marked(tmp_path):
            config=config("text", None))  # the real IMDB
   make_run(tmp_path / "retrieval_no_config", "retrieval:s4d", steps=50_000, test=0.9)
   runs = {pathlib.Path(r.path).parent.name: r for r in lra_table.collect(str(tmp_path))}
-  assert "easier than the release" in runs["pf_generated"].source
+  assert "differs from the release" in runs["pf_generated"].source
   assert "JPEG" in runs["image_jpeg"].source
   assert [runs[k].source for k in ("listops_release", "text_imdb", "retrieval_no_config")] == [
       None] * 3
