@@ -7,7 +7,7 @@ The argument is "model[,size]" as in configs/lra/pathfinder.py (model: s4, s4d; 
 "" = the published recipe on 200k generated 128x128 images or the LRA release via
 --config.data.data_dir, "short" = that recipe over a tenth of its schedule, "local" = a
 CPU demo at 64x64, "tiny" = a test at 32x32).
-Generating the 200k images takes about 200k / (45 images/s x cores): about 5 minutes
+Generating the 200k images takes about 200k / (60 images/s x cores): under 5 minutes
 on 16 cores.
 
 Published recipe (source: state-spaces/s4 configs/experiment/lra/s4-pathx.yaml, the
