@@ -350,9 +350,31 @@ def test_kill_9_mid_run_then_resume_matches(jax_cache, data_cache, tmp_path):
   assert got == ref
   results = json.loads((workdir / "results.json").read_text())
   assert results["test_loss"] == reference["test_loss"]
+  # one record per (step, split): what the killed process logged past its last checkpoint
+  # was moved aside, not kept twice
+  records = metrics_lib.read_metrics(str(workdir))
+  keys = [(r["step"], r["split"]) for r in records]
+  assert len(keys) == len(set(keys))
+  resumed = int(done.stderr.split("resumed from step ")[1].split()[0])
+  superseded = workdir / "metrics_superseded.jsonl"
+  if superseded.exists():
+    assert all(json.loads(line)["step"] > resumed for line in superseded.read_text().splitlines())
 
 
 # -- metrics ------------------------------------------------------------------------------
+
+def test_drop_after_moves_records_past_the_checkpoint(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  lines = [json.dumps(dict(step=s, split=sp, loss=float(s))) for s, sp in
+           [(1, "train"), (2, "train"), (2, "val"), (3, "train"), (4, "val")]]
+  path.write_text("\n".join(lines) + "\n")
+  assert metrics_lib.drop_after(str(path), 2) == 2
+  assert path.read_text().splitlines() == lines[:3]
+  moved = tmp_path / "metrics_superseded.jsonl"
+  assert moved.read_text().splitlines() == lines[3:]
+  assert metrics_lib.drop_after(str(path), 2) == 0  # nothing more to move
+  assert metrics_lib.drop_after(str(tmp_path / "absent.jsonl"), 0) == 0
+
 
 def test_loss_sums_match_numpy_with_weights_and_mask():
   rng = np.random.default_rng(0)

@@ -219,6 +219,18 @@ class MetricWriter:
       if tensorboard:
         self._tb = EventFileWriter(os.path.join(workdir, "tb"))
 
+  def resume_at(self, step: int) -> int:
+    """Before a resumed run writes: metrics.jsonl keeps the records up to `step` (the
+    checkpoint's); later ones go to metrics_superseded.jsonl (drop_after). Returns how
+    many moved."""
+    if not self.enabled:
+      return 0
+    path = self._jsonl.name
+    self._jsonl.close()
+    moved = drop_after(path, step)
+    self._jsonl = open(path, "a")
+    return moved
+
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
       return
@@ -236,6 +248,35 @@ class MetricWriter:
       if f is not None:
         f.close()
     self._jsonl = self._tb = None
+
+
+def drop_after(path: str, step: int) -> int:
+  """Moves the records of metrics.jsonl at `path` with a step past `step` to
+  <name>_superseded.jsonl beside it (appended; nothing is deleted) and returns how many.
+
+  A run resumed from the checkpoint at `step` redoes the steps after it, and the records
+  the killed process wrote for them would otherwise sit twice in the curve (with
+  different values: a GPU run is not bitwise reproducible).
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep, drop = [], []
+  for line in lines:
+    try:
+      past = int(json.loads(line)["step"]) > step
+    except (ValueError, KeyError, TypeError):
+      past = False  # not a record of ours: leave it where it is
+    (drop if past else keep).append(line)
+  if drop:
+    with open(path[:-len(".jsonl")] + "_superseded.jsonl", "a") as f:
+      f.writelines(drop)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(drop)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -9,7 +9,9 @@ What a run does:
      jax.jit with the parameters' shardings as out_shardings, so large parameters are
      created already split over the mesh.
   3. Resumes from the newest readable checkpoint in workdir (logging "resumed from step
-     N") or starts fresh; the data loader's state is part of the checkpoint.
+     N") or starts fresh; the data loader's state is part of the checkpoint. Metrics a
+     killed process logged past step N move to metrics_superseded.jsonl, so
+     metrics.jsonl holds one record per step and split.
   4. Trains config.train.num_steps steps with a pure, jitted train step (donated state,
      explicit shardings); evaluates on validation every eval_every steps and at the end,
      on test at the end, exactly over all examples (padding rows have weight 0).
@@ -402,6 +404,10 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
     earlier = dict(train_time_s=float(meta.get("train_time_s") or 0.0),
                    runs=int(meta.get("runs") or 1))  # older checkpoints: at least one run
     log.info("resumed from step %d", start)
+    moved = writer.resume_at(start)
+    if moved:
+      log.info("%d metrics records past step %d (work lost with the last process) moved to "
+               "metrics_superseded.jsonl", moved, start)
   if int(jax.device_get(state.step)) != start:
     raise RuntimeError(f"checkpoint step {start} holds a train state at step "
                        f"{int(jax.device_get(state.step))}")
