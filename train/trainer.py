@@ -526,8 +526,8 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
       test_loss=test["loss"], test_accuracy=test["accuracy"], test_examples=test["weight"],
       best_val_accuracy=best["accuracy"], best_val_step=best["step"],
       wall_time_s=round(time.time() - t_start, 2),  # this process only
-      train_time_s=meta()["train_time_s"],          # the step loops over every resume
-      runs=meta()["runs"],                          # processes (resumes + 1) behind it
+      **{k: v for k, v in meta().items() if k in ("train_time_s", "runs")},
+      # train_time_s: the step loops over every resume; runs: processes behind the state
       device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
       process_count=jax.process_count(), mesh=dict(mesh.shape),
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
