@@ -62,16 +62,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ssm.ops import _pallas
 from ssm.ops._impl import interpret_mode
+from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, load_t as _load_t,
+                            mm as _mm, mm_init as _mm_init, pipeline as _pipeline,
+                            rows as _rows, smem as _smem, stage as _stage, store as _store)
 
-F32 = jnp.float32
-MM = jnp.bfloat16  # matmul operand dtype
-C = 64  # tokens per block
-BV = 64  # value columns per CTA
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-WGMMA = plgpu.Layout.WGMMA
-ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
 
 
 def unsupported_reason(q, k, v) -> str | None:
@@ -86,45 +82,6 @@ def unsupported_reason(q, k, v) -> str | None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _smem(shape, dtype=MM):
-  """SMEM tile tiled and swizzled for TMA and wgmma (all bf16 tiles here: 128 B swizzle)."""
-  dtype = jnp.dtype(dtype)
-  swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
-  return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
-
-
-def _stage(shape, dtype):
-  """Output staging tile: swizzled for 16-bit dtypes, plain for float32."""
-  return _smem(shape, dtype) if jnp.dtype(dtype).itemsize == 2 else plgpu.SMEM(shape, dtype)
-
-
-def _mm(a, b, shape, *, interpret, ta=False, tb=False):
-  """float32 (a^T if ta) @ (b^T if tb) from bf16 SMEM refs, on the tensor cores.
-
-  The optimization barrier keeps the compiler from reading the accumulator before
-  the wgmma wait (a known hazard of inline wgmma waits).
-  """
-  if interpret and (ta or tb):
-    x, y = a[...], b[...]
-    return jnp.dot(x.T if ta else x, y.T if tb else y, preferred_element_type=F32)
-  if ta:
-    a = plgpu.transpose_ref(a, (1, 0))
-  if tb:
-    b = plgpu.transpose_ref(b, (1, 0))
-
-  def scoped(acc):
-    plgpu.wgmma(acc, a, b)
-    return acc[...]
-
-  return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, F32)))
-
-
-def _rows(vec, shape):
-  """vec[i] along row i."""
-  return lax.broadcast_in_dim(vec, shape, [0])
-
 
 class _Decays:
   """Per-block decays from the head's log decay `ld` and the block's valid length `nv`."""
@@ -148,49 +105,6 @@ class _Decays:
     diff = (c - r) if transposed else (r - c)
     keep = diff >= 0
     return jnp.where(keep, jnp.exp(self._ld * jnp.where(keep, diff, 0).astype(F32)), 0.0)
-
-
-def _pipeline(n_blocks, *, reverse, sources, buffers, barrier, step, init):
-  """fori_loop over blocks with the next blocks' tiles prefetched by TMA.
-
-  sources[i](n) is the GMEM view of block n's tile i, buffers[i] its (stages, ...) SMEM
-  ring (barrier: `stages` barriers); step(n, slot, carry) -> carry runs once the slot's
-  tiles have landed and must be done reading them when it returns. stages - 1 blocks are
-  in flight while one is computed. n_blocks is a Python int.
-  """
-  stages = buffers[0].shape[0]  # >= 2
-  order = (lambda i: n_blocks - 1 - i) if reverse else (lambda i: i)
-
-  def issue(i, slot):
-    n = order(i)
-    for src, buf in zip(sources, buffers):
-      plgpu.copy_gmem_to_smem(src(n), buf.at[slot], barrier.at[slot])
-
-  for i in range(min(stages - 1, n_blocks)):
-    issue(i, i)
-
-  def body(i, carry):
-    slot = lax.rem(i, stages)
-    plgpu.barrier_wait(barrier.at[slot])
-
-    @pl.when(i + stages - 1 < n_blocks)
-    def _prefetch():  # the slot refilled was last read by block i - 1, finished in order
-      plgpu.commit_smem()
-      issue(i + stages - 1, lax.rem(i + stages - 1, stages))
-
-    return step(order(i), slot, carry)
-
-  return lax.fori_loop(0, n_blocks, body, init)
-
-
-def _store(pairs):
-  """Write register tiles to SMEM staging and start their TMA stores to GMEM."""
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's stores read the staging
-  for stage, value, _ in pairs:
-    stage[...] = value.astype(stage.dtype)
-  plgpu.commit_smem()
-  for stage, _, dst in pairs:
-    plgpu.copy_smem_to_gmem(stage, dst)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,41 +136,6 @@ def _head_start(ld_ref, h0_ref, ld_s, st_f32, bar, bi, hi, cols, dk, interpret):
   else:
     s0 = _pallas.cast(jnp.zeros((dk, BV), F32), WGMMA, interpret)
   return ld_s[0], s0
-
-
-SMEM_BUDGET = 220 * 1024  # of the 227 KiB an H100 CTA may use (barriers and slack aside)
-
-
-def _mm_init(a, b, shape, *, init=None, tb=False, interpret):
-  """float32 init + a @ (b^T if tb): `a` a bf16 register array or SMEM ref, `b` an SMEM ref.
-
-  Register operands keep the A tile out of SMEM (no store, commit and reload on the
-  forward's serial chain); `init` seeds the accumulator, so the product and the sum
-  finish in one wgmma wait. The interpreter takes neither (its wgmma wants refs and a
-  zero accumulator): there the product is a jnp.dot.
-  """
-  if interpret:
-    x = a[...] if hasattr(a, "at") else a
-    y = b[...]
-    out = jnp.dot(x, y.T if tb else y, preferred_element_type=F32)
-    return out if init is None else out + init
-  if tb:
-    b = plgpu.transpose_ref(b, (1, 0))
-  if init is None:
-    def scoped(acc):
-      plgpu.wgmma(acc, a, b)
-      return acc[...]
-    out = pl.run_scoped(scoped, plgpu.ACC(shape, F32))
-  else:
-    out = pl.run_state(lambda acc: plgpu.wgmma(acc, a, b))(plgpu.ACC.init(init))
-  return lax.optimization_barrier(out)
-
-
-def _load_t(ref, layout, interpret):
-  """ref^T (a 2-D SMEM tile) in registers."""
-  if interpret:
-    return ref[...].T
-  return plgpu.load(ref.T, (), layout=layout, optimized=False)
 
 
 def _fwd_stages(dk, out_dtype):

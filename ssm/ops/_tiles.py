@@ -1,0 +1,159 @@
+"""Tile-level building blocks of the chunked matrix kernels (lightning attention, SSD).
+
+Both kernels walk a sequence in blocks of `C` = 64 tokens with bf16 tiles in shared
+memory (TMA in, TMA out), float32 accumulators from wgmma, and per-token vectors in
+the two reduced WGMMA layouts (`ROWS`: one value per row of a (C, .) tile, `COLS`:
+one per column). Each helper runs on a Hopper GPU and, with `interpret=True`, in the
+Mosaic GPU interpreter on the CPU, whose wgmma takes no transposed operands and no
+register A operand: there the products are jnp.dot on the SMEM contents.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ssm.ops import _pallas
+
+F32 = jnp.float32
+MM = jnp.bfloat16  # matmul operand dtype
+C = 64  # tokens per block
+BV = 64  # value columns per CTA
+
+WGMMA = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
+COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA tile
+
+SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper CTA may use (barriers and slack aside)
+
+
+def smem(shape, dtype=MM):
+  """SMEM tile tiled and swizzled for TMA and wgmma (16-bit tiles: 128 B swizzle)."""
+  dtype = jnp.dtype(dtype)
+  swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
+
+
+def stage(shape, dtype):
+  """Output staging tile: swizzled for 16-bit dtypes, plain for float32."""
+  return smem(shape, dtype) if jnp.dtype(dtype).itemsize == 2 else plgpu.SMEM(shape, dtype)
+
+
+def mm(a, b, shape, *, interpret, ta=False, tb=False):
+  """float32 (a^T if ta) @ (b^T if tb) from bf16 SMEM refs, on the tensor cores.
+
+  The optimization barrier keeps the compiler from reading the accumulator before
+  the wgmma wait (a known hazard of inline wgmma waits).
+  """
+  if interpret and (ta or tb):
+    x, y = a[...], b[...]
+    return jnp.dot(x.T if ta else x, y.T if tb else y, preferred_element_type=F32)
+  if ta:
+    a = plgpu.transpose_ref(a, (1, 0))
+  if tb:
+    b = plgpu.transpose_ref(b, (1, 0))
+
+  def scoped(acc):
+    plgpu.wgmma(acc, a, b)
+    return acc[...]
+
+  return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, F32)))
+
+
+def mm_init(a, b, shape, *, init=None, tb=False, interpret):
+  """float32 init + a @ (b^T if tb): `a` a bf16 register array or SMEM ref, `b` an SMEM ref.
+
+  Register operands keep the A tile out of SMEM (no store, commit and reload on a
+  serial chain); `init` seeds the accumulator, so the product and the sum finish in
+  one wgmma wait.
+  """
+  if interpret:
+    x = a[...] if hasattr(a, "at") else a
+    y = b[...]
+    out = jnp.dot(x, y.T if tb else y, preferred_element_type=F32)
+    return out if init is None else out + init
+  if tb:
+    b = plgpu.transpose_ref(b, (1, 0))
+  if init is None:
+    def scoped(acc):
+      plgpu.wgmma(acc, a, b)
+      return acc[...]
+    out = pl.run_scoped(scoped, plgpu.ACC(shape, F32))
+  else:
+    out = pl.run_state(lambda acc: plgpu.wgmma(acc, a, b))(plgpu.ACC.init(init))
+  return lax.optimization_barrier(out)
+
+
+def load_t(ref, layout, interpret):
+  """ref^T (a 2-D SMEM tile) in registers."""
+  if interpret:
+    return ref[...].T
+  return plgpu.load(ref.T, (), layout=layout, optimized=False)
+
+
+def rows(vec, shape):
+  """vec[i] along row i (vec in the ROWS layout)."""
+  return lax.broadcast_in_dim(vec, shape, [0])
+
+
+def cols(vec, shape):
+  """vec[j] along column j (vec in the COLS layout)."""
+  return lax.broadcast_in_dim(vec, shape, [1])
+
+
+def iota(shape, dim, interpret):
+  """Row (dim 0) or column (dim 1) indices of a WGMMA-layout tile."""
+  return _pallas.cast(lax.broadcasted_iota(jnp.int32, shape, dim), WGMMA, interpret)
+
+
+def pipeline(n_blocks, *, reverse, sources, buffers, barrier, step, init):
+  """fori_loop over blocks with the next blocks' tiles prefetched by TMA.
+
+  sources[i](n) is the GMEM view of block n's tile i, buffers[i] its (stages, ...) SMEM
+  ring (barrier: `stages` barriers); step(n, slot, carry) -> carry runs once the slot's
+  tiles have landed and must be done reading them when it returns. stages - 1 blocks are
+  in flight while one is computed. n_blocks is a Python int.
+  """
+  stages = buffers[0].shape[0]  # >= 2
+  order = (lambda i: n_blocks - 1 - i) if reverse else (lambda i: i)
+
+  def issue(i, slot):
+    n = order(i)
+    for src, buf in zip(sources, buffers):
+      plgpu.copy_gmem_to_smem(src(n), buf.at[slot], barrier.at[slot])
+
+  for i in range(min(stages - 1, n_blocks)):
+    issue(i, i)
+
+  def body(i, carry):
+    slot = lax.rem(i, stages)
+    plgpu.barrier_wait(barrier.at[slot])
+
+    @pl.when(i + stages - 1 < n_blocks)
+    def _prefetch():  # the slot refilled was last read by block i - 1, finished in order
+      plgpu.commit_smem()
+      issue(i + stages - 1, lax.rem(i + stages - 1, stages))
+
+    return step(order(i), slot, carry)
+
+  return lax.fori_loop(0, n_blocks, body, init)
+
+
+def store(pairs):
+  """Write register tiles to SMEM staging and start their TMA stores to GMEM."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's stores read the staging
+  for buf, value, _ in pairs:
+    buf[...] = value.astype(buf.dtype)
+  plgpu.commit_smem()
+  for buf, _, dst in pairs:
+    plgpu.copy_smem_to_gmem(buf, dst)
+
+
+def finish_together(done):
+  """Every warpgroup arrives at `done` and waits for the others: no warpgroup of a
+  warp-specialised kernel exits while another still issues wgmma."""
+  plgpu.barrier_arrive(done)
+  plgpu.barrier_wait(done)

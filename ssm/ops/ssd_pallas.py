@@ -1,0 +1,593 @@
+"""SSD (Mamba-2) as Pallas Mosaic GPU kernels (Hopper): forward and backward.
+
+Same recurrence as `ssm/ops/ssd.py`, per head h with state S (P, N):
+
+    S_t = exp(a_t) S_{t-1} + w_t x_t B_t^T,   y_t = S_t C_t + D x_t,   a_t = dt_t A_h, w_t = dt_t.
+
+In linear-attention terms q = C, k = B (the head's group), v = x, and a per-token log gate
+a_t. One CTA per (batch, head, 64 value columns) walks the sequence in blocks of C = 64
+tokens with the (64 x N) float32 state S (this head's rows of P) in registers. Within a
+block, i, j positions, G the inclusive cumsum of a inside the block (XLA, float32):
+
+    M[i, j] = exp(G_i - G_j) w_j  (i >= j, same run, else 0)         intra-block decay
+    qd_i    = exp(G_i)            (0 unless i is in the run entering the block)
+    kd_j    = exp(G_last - G_j) w_j  (0 unless j is in the block's last run)
+    sd      = qd_last             (the state survives the block only without a reset)
+
+  forward (three warpgroups, as the lightning kernel: WG0 the state chain, WG1 the
+  outputs, WG2 the TMA loads):
+    Y = qd o (C S^T) + ((C B^T) o M) X + D X                    (C, 64)
+    S <- sd S + (kd o X)^T B                                     (64, N)
+  backward, dC (forward sweep, the states recomputed):
+    dC = qd o (dY S) + ((dY X^T) o M) B
+  backward, dB and dX (reverse sweep over the state gradient E, from E = dS_final):
+    dX' = ((B C^T) o M'^T) dY + kn o (B E^T),  dX = w o dX' + D dY    (M' = M / w_j, kn = kd / w)
+    dB  = ((X dY^T) o M^T) C + kd o (X E)
+    E  <- sd E + dY^T (qd o C);   dh0 = E after block 0.
+  The gate and step gradients follow in XLA from float32 row sums the kernels write:
+  with g_t = C_t . dC_t - B_t . dB_t (+ <dS_final, S_final> at the last token) the
+  gradient of the log gate is da_t = sum_{s >= t} g_s, so d dt_t = A da_t + x_t . dX'_t,
+  dA = sum_t dt_t da_t and dD = sum_t x_t . dy_t.
+
+Packed documents: run ids relative to the block and the masks qd / kd / sd above (as
+in fla and jla's chunked kernels); a reset token's own a_t is never used, so its gradient
+is set to zero exactly.
+
+Nothing per block is stored between the passes: the backward recomputes the states.
+dB, dC leave the kernels per head (float32 when a head has two value tiles) and XLA
+sums a group's heads. Lengths that are not a multiple of 64 are padded with w = a = 0,
+which neither adds to nor decays the state.
+
+Numerics: matmul operands are bf16 with float32 accumulation (float32 inputs are rounded
+to bf16 first, as in the lightning kernel); decays, masks and the carried states are
+float32, the state rounded to bf16 only as an operand.
+
+SMEM (N = 128, bf16): forward 3 stages x (C, B, X tiles + 9 vectors) 127 KiB, state tiles
+and output staging 80 KiB; backward 2 stages, about 200 KiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ssm.ops import _pallas
+from ssm.ops import _tiles as t
+from ssm.ops._impl import interpret_mode
+from ssm.ops._tiles import BV, C, COLS, F32, MM, ROWS, SMEM_BUDGET, WGMMA
+
+HEAD_DIMS = (64, 128)    # P
+STATE_DIMS = (64, 128)   # N
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def check_supported(x, B, Cm) -> None:
+  """ValueError naming what the kernel cannot take (shapes already checked by ssd)."""
+  p, n = x.shape[3], B.shape[3]
+  if p not in HEAD_DIMS:
+    raise ValueError(f"ssd(impl='pallas'): headdim {p} must be in {HEAD_DIMS}")
+  if n not in STATE_DIMS:
+    raise ValueError(f"ssd(impl='pallas'): state size N={n} must be in {STATE_DIMS}")
+  for name, v in (("x", x), ("B", B), ("C", Cm)):
+    if jnp.dtype(v.dtype) not in DTYPES:
+      raise ValueError(f"ssd(impl='pallas'): {name} must be float32 or bfloat16, got {v.dtype}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+class _Vectors(NamedTuple):
+  """Per-token float32 vectors (b, h, Lp) (run: (b, Lp), or None without segments)."""
+  gc: jax.Array    # G: inclusive cumsum of a = dt A inside each block
+  w: jax.Array     # dt (0 in the padding)
+  qd: jax.Array    # exp(G) on the entering run
+  kn: jax.Array    # exp(G_last - G) on the last run
+  kd: jax.Array    # kn w
+  run: jax.Array | None  # run index relative to the block's first token
+
+
+def _vectors(dt, A, segment_ids, lp) -> _Vectors:
+  b, l, h = dt.shape
+  pad = lp - l
+  a = jnp.pad((dt.astype(F32) * A.astype(F32)).swapaxes(1, 2), [(0, 0), (0, 0), (0, pad)])
+  w = jnp.pad(dt.astype(F32).swapaxes(1, 2), [(0, 0), (0, 0), (0, pad)])
+  blocks = lambda v: v.reshape(*v.shape[:-1], lp // C, C)
+  gc = jnp.cumsum(blocks(a), axis=-1)                           # (b, h, nb, C)
+  qd, kn = jnp.exp(gc), jnp.exp(gc[..., -1:] - gc)
+  run = None
+  if segment_ids is not None:
+    from ssm.ops.ssd import run_index
+    runs = blocks(jnp.pad(run_index(segment_ids), [(0, 0), (0, pad)], mode="edge"))
+    entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)   # (b, nb, 1)
+    qd = qd * (runs == entering).astype(F32)[:, None]
+    kn = kn * (runs == runs[..., -1:]).astype(F32)[:, None]
+    run = (runs - runs[..., :1]).astype(F32).reshape(b, lp)
+  flat = lambda v: v.reshape(b, h, lp)
+  return _Vectors(flat(gc), w, flat(qd), flat(kn), flat(kn) * w, run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  seq_len: int          # true length L
+  out_dtype: jnp.dtype  # x's dtype
+  b_dtype: jnp.dtype
+  c_dtype: jnp.dtype
+  has_h0: bool
+  has_d: bool
+  has_seg: bool
+  interpret: bool
+
+
+def _kernel(body, cfg, out_type, scratch, grid, **threads):
+  return _pallas.kernel(
+      body, interpret=cfg.interpret, out_type=out_type, scratch_types=scratch, grid=grid,
+      grid_names=("b", "h", "v"), compiler_params=plgpu.CompilerParams(approx_math=True),
+      **threads)
+
+
+def _decay(gc_r, gc_c, run_r, run_c, *, transposed, interpret):
+  """exp(G_i - G_j) on i >= j within one run (i the row; transposed: i the column), else 0.
+  gc_r / run_r: the block's vectors in the ROWS layout, gc_c / run_c in COLS."""
+  shape = (C, C)
+  r, c = t.iota(shape, 0, interpret), t.iota(shape, 1, interpret)
+  if transposed:
+    keep, expo = c >= r, t.cols(gc_c, shape) - t.rows(gc_r, shape)
+  else:
+    keep, expo = r >= c, t.rows(gc_r, shape) - t.cols(gc_c, shape)
+  if run_r is not None:
+    keep = keep & (t.rows(run_r, shape) == t.cols(run_c, shape))
+  return jnp.exp(jnp.where(keep, expo, -jnp.inf))
+
+
+def _vec(ref, slot, layout, interpret):
+  return _pallas.load(ref.at[slot], layout, interpret)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _fwd_stages(n, cfg: _Cfg):
+  """Input pipeline depth (2 to 4 blocks in flight) that fits SMEM_BUDGET."""
+  per_stage = 2 * (2 * C * n + C * BV) + (7 + 2 * cfg.has_seg) * C * 4
+  fixed = (2 * 2 * BV * n + 2 * C * BV * jnp.dtype(cfg.out_dtype).itemsize + 4 * BV * n
+           + 4 * C + 1024)
+  for stages in (4, 3, 2):
+    if stages * per_stage + fixed <= SMEM_BUDGET:
+      return stages
+  raise ValueError(f"ssd forward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+
+
+def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
+  """Warp-specialised forward. q, k: (B, Lp, G, N) bf16 (C and B); v: (B, Lp, H, P) bf16;
+  vec: the per-token vectors; dtab: (H, C) float32 (D repeated) or None; h0: (B, H, P, N)
+  float32 or None. Returns y (B, Lp, H, P) out_dtype and the final state (B, H, P, N)."""
+  b, lp, g, n = q.shape
+  h, p = v.shape[2:]
+  r = h // g
+  n_blocks, nvt = lp // C, p // BV
+  interpret, has_h0, has_d, has_seg = cfg.interpret, cfg.has_h0, cfg.has_d, cfg.has_seg
+  stages = _fwd_stages(n, cfg)
+  # Per-token vectors, one SMEM ring per consumer and layout: WG0 reads kd (columns) and
+  # the last qd; WG1 reads G (rows and columns), w (columns), qd (rows) and the runs.
+  vec_bufs = ["kd_c", "qd_0", "gc_r", "gc_c", "w_c", "qd_r"] + (["run_r", "run_c"] * has_seg)
+  vec_srcs = ["kd", "qd", "gc", "gc", "w", "qd"] + (["run", "run"] * has_seg)
+
+  def body(*refs, q_s, k_s, v_s, s_pub, o_out, st_f32, d_s, in_bar, in_free, s_ready, s_free,
+           h0_bar, d_bar, done, **vbufs):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    vrefs = dict(zip(("gc", "w", "qd", "kd"), refs[3:7]))
+    refs = refs[7:]
+    if has_seg:
+      vrefs["run"] = refs.pop(0)
+    d_ref = refs.pop(0) if has_d else None
+    h0_ref = refs.pop(0) if has_h0 else None
+    y_ref, ht_ref = refs
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    gi = hi // r
+    cols = pl.ds(vi * BV, BV)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 2)
+    def _memory():
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
+
+      def issue(nb, slot):
+        rows = pl.ds(nb * C, C)
+        bar = in_bar.at[slot]
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, gi], q_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, gi], k_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], bar)
+        for name, src in zip(vec_bufs, vec_srcs):
+          view = vrefs[src].at[bi, rows] if src == "run" else vrefs[src].at[bi, hi, rows]
+          plgpu.copy_gmem_to_smem(view, vbufs[name].at[slot], bar)
+
+      for nb in range(min(stages, n_blocks)):
+        issue(nb, nb)
+
+      @pl.loop(stages, n_blocks)
+      def _refill(nb):
+        slot = lax.rem(nb, stages)
+        plgpu.barrier_wait(in_free.at[slot])  # block nb - stages is done with the slot
+        issue(nb, slot)
+
+      for nb in range(max(n_blocks - stages, 0), n_blocks):  # the last releases
+        plgpu.barrier_wait(in_free.at[nb % stages])
+
+    @pl.when(wg == 0)
+    def _state():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      if has_h0:
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, cols], st_f32, h0_bar)
+        plgpu.barrier_wait(h0_bar)
+        s0 = _pallas.load(st_f32, WGMMA, interpret)
+      else:
+        s0 = _pallas.cast(jnp.zeros((BV, n), F32), WGMMA, interpret)
+
+      def step(nb, st):
+        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
+        plgpu.barrier_wait(in_bar.at[slot])
+
+        @pl.when(nb >= 2)
+        def _():  # WG1 has read the tile published two blocks ago
+          plgpu.barrier_wait(s_free.at[half])
+
+        s_pub.at[half][...] = st.astype(MM)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(s_ready.at[half])
+        kd = _vec(vbufs["kd_c"], slot, COLS, interpret)
+        sd = vbufs["qd_0"][slot, C - 1]
+        xt = t.load_t(v_s.at[slot], WGMMA, interpret).astype(F32)              # (BV, C)
+        xd = (xt * t.cols(kd, (BV, C))).astype(MM)
+        st = t.mm_init(xd, k_s.at[slot], (BV, n), init=st * sd, interpret=interpret)
+        plgpu.barrier_arrive(in_free.at[slot])
+        return st
+
+      st = lax.fori_loop(0, n_blocks, step, s0)
+      for nb in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
+        plgpu.barrier_wait(s_free.at[nb % 2])
+      st_f32[...] = st
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(st_f32, ht_ref.at[bi, hi, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _output():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      d_h = None
+      if has_d:
+        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, d_bar)
+        plgpu.barrier_wait(d_bar)
+        d_h = d_s[0]
+
+      def step(nb, carry):
+        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
+        rows = pl.ds(nb * C, C)
+        plgpu.barrier_wait(in_bar.at[slot])
+        ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+        runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
+        m = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
+                   interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
+        scores = t.mm_init(q_s.at[slot], k_s.at[slot], (C, C), tb=True, interpret=interpret)
+        pm = (scores * m).astype(MM)
+        plgpu.barrier_wait(s_ready.at[half])
+        inter = t.mm_init(q_s.at[slot], s_pub.at[half], (C, BV), tb=True, interpret=interpret)
+        init = inter * t.rows(ld("qd_r", ROWS), (C, BV))
+        if has_d:
+          init = init + d_h * _pallas.load(v_s.at[slot], WGMMA, interpret).astype(F32)
+        y = t.mm_init(pm, v_s.at[slot], (C, BV), init=init, interpret=interpret)
+        plgpu.barrier_arrive(s_free.at[half])
+        plgpu.barrier_arrive(in_free.at[slot])
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of block nb - 2 was sent
+        o_out.at[half][...] = y.astype(o_out.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_out.at[half], y_ref.at[bi, rows, hi, cols])
+        return carry
+
+      lax.fori_loop(0, n_blocks, step, None)
+      plgpu.wait_smem_to_gmem(0)
+
+    t.finish_together(done)
+
+  scratch = dict(
+      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)), v_s=t.smem((stages, C, BV)),
+      s_pub=t.smem((2, BV, n)), o_out=t.stage((2, C, BV), cfg.out_dtype),
+      st_f32=plgpu.SMEM((BV, n), F32), d_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=3 + len(vec_bufs), num_barriers=stages),
+      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      s_ready=plgpu.Barrier(num_barriers=2), s_free=plgpu.Barrier(num_barriers=2),
+      h0_bar=plgpu.Barrier(), d_bar=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3),
+      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs})
+  out_type = (jax.ShapeDtypeStruct((b, lp, h, p), cfg.out_dtype),
+              jax.ShapeDtypeStruct((b, h, p, n), F32))
+  args = (q, k, v, vec.gc, vec.w, vec.qd, vec.kd)
+  args += (vec.run,) * has_seg + (dtab,) * has_d + (h0,) * has_h0
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), num_threads=3,
+                 thread_name="wg")(*args)
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
+  """dC per head and value tile, (nvt, B, Lp, H, N) (float32 when nvt > 1), and the
+  float32 row sums C_t . dC_t (nvt, B, H, Lp). Forward sweep from h0."""
+  b, lp, g, n = q.shape
+  h, p = v.shape[2:]
+  r = h // g
+  n_blocks, nvt = lp // C, p // BV
+  dq_dtype = F32 if nvt > 1 else cfg.out_dtype
+  interpret, has_h0, has_seg = cfg.interpret, cfg.has_h0, cfg.has_seg
+  vec_bufs = ["gc_r", "gc_c", "w_c", "qd_r", "kd_r"] + (["run_r", "run_c"] * has_seg)
+  vec_srcs = ["gc", "gc", "w", "qd", "kd"] + (["run", "run"] * has_seg)
+
+  def body(*refs, q_s, k_s, v_s, do_s, xd_s, ds_s, st_lo, st_f32, dq_stage, dg_stage, in_bar,
+           h0_bar, **vbufs):
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref = refs[:4]
+    vrefs = dict(zip(("gc", "w", "qd", "kd"), refs[4:8]))
+    refs = refs[8:]
+    if has_seg:
+      vrefs["run"] = refs.pop(0)
+    h0_ref = refs.pop(0) if has_h0 else None
+    dq_ref, dg_ref = refs
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    gi = hi // r
+    cols = pl.ds(vi * BV, BV)
+    if has_h0:
+      plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, cols], st_f32, h0_bar)
+      plgpu.barrier_wait(h0_bar)
+      s0 = _pallas.load(st_f32, WGMMA, interpret)
+    else:
+      s0 = _pallas.cast(jnp.zeros((BV, n), F32), WGMMA, interpret)
+
+    def step(nb, slot, s):
+      rows = pl.ds(nb * C, C)
+      ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+      kt, vt, dot = k_s.at[slot], v_s.at[slot], do_s.at[slot]
+      xx = _pallas.load(vt, WGMMA, interpret).astype(F32)
+      xd_s[...] = (xx * t.rows(ld("kd_r", ROWS), (C, BV))).astype(MM)
+      st_lo[...] = s.astype(MM)
+      plgpu.commit_smem()
+      runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
+      m = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
+                 interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
+      dp = t.mm(dot, vt, (C, C), tb=True, interpret=interpret)           # dy_i . x_j
+      ds_s[...] = (dp * m).astype(MM)
+      plgpu.commit_smem()
+      inter = t.mm(dot, st_lo, (C, n), interpret=interpret)            # dY S
+      intra = t.mm(ds_s, kt, (C, n), interpret=interpret)
+      dq = inter * t.rows(ld("qd_r", ROWS), (C, n)) + intra
+      qq = _pallas.load(q_s.at[slot], WGMMA, interpret).astype(F32)
+      t.store([(dq_stage, dq, dq_ref.at[vi, bi, rows, hi]),
+               (dg_stage, (dq * qq).sum(axis=1), dg_ref.at[vi, bi, hi, rows])])
+      sd = vbufs["qd_r"][slot, C - 1]
+      return s * sd + t.mm(xd_s, kt, (BV, n), ta=True, interpret=interpret)
+
+    blk = lambda nb: pl.ds(nb * C, C)
+    sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi],
+               lambda nb: v_ref.at[bi, blk(nb), hi, cols],
+               lambda nb: do_ref.at[bi, blk(nb), hi, cols]]
+    for src in vec_srcs:
+      ref = vrefs[src]
+      sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb)])(ref) if src == "run"
+                     else (lambda ref: lambda nb: ref.at[bi, hi, blk(nb)])(ref))
+    t.pipeline(n_blocks, reverse=False, sources=sources,
+               buffers=[q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
+               barrier=in_bar, step=step, init=s0)
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      q_s=t.smem((2, C, n)), k_s=t.smem((2, C, n)), v_s=t.smem((2, C, BV)),
+      do_s=t.smem((2, C, BV)), xd_s=t.smem((C, BV)), ds_s=t.smem((C, C)), st_lo=t.smem((BV, n)),
+      st_f32=plgpu.SMEM((BV, n), F32), dq_stage=t.stage((C, n), dq_dtype),
+      dg_stage=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=4 + len(vec_bufs), num_barriers=2),
+      h0_bar=plgpu.Barrier(),
+      **{name: plgpu.SMEM((2, C), F32) for name in vec_bufs})
+  out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, n), dq_dtype),
+              jax.ShapeDtypeStruct((nvt, b, h, lp), F32))
+  args = (q, k, v, do, vec.gc, vec.w, vec.qd, vec.kd) + (vec.run,) * has_seg + (h0,) * has_h0
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt))(*args)
+
+
+def _backward_dbx(q, k, v, do, vec: _Vectors, dtab, dht, cfg: _Cfg):
+  """Reverse sweep. Returns dB per head and value tile (nvt, B, Lp, H, N), dX (B, Lp, H, P),
+  dh0 (B, H, P, N) float32 and float32 row sums (nvt, B, H, Lp) of B_t . dB_t,
+  x_t . dX'_t and x_t . dy_t (the last only with D)."""
+  b, lp, g, n = q.shape
+  h, p = v.shape[2:]
+  r = h // g
+  n_blocks, nvt = lp // C, p // BV
+  dk_dtype = F32 if nvt > 1 else cfg.out_dtype
+  interpret, has_d, has_seg = cfg.interpret, cfg.has_d, cfg.has_seg
+  # The float32 dk staging tile, when there is one, also stages E (same shape: C == BV).
+  share_e = jnp.dtype(dk_dtype) == jnp.dtype(F32)
+  vec_bufs = ["gc_r", "gc_c", "w_r", "kn_r", "qd_r"] + (["run_r", "run_c"] * has_seg)
+  vec_srcs = ["gc", "gc", "w", "kn", "qd"] + (["run", "run"] * has_seg)
+  n_sums = 2 + has_d
+
+  def body(*refs, q_s, k_s, v_s, do_s, qd_s, pm_s, dpm_s, e_lo, dk_stage, dx_stage, sum_stage,
+           d_s, in_bar, misc_bar, e_f32=None, **vbufs):
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref = refs[:4]
+    vrefs = dict(zip(("gc", "w", "qd", "kn"), refs[4:8]))
+    refs = refs[8:]
+    if has_seg:
+      vrefs["run"] = refs.pop(0)
+    d_ref = refs.pop(0) if has_d else None
+    dht_ref = refs.pop(0)
+    dk_ref, dx_ref, dh0_ref, sums_ref = refs
+    e_buf = dk_stage if share_e else e_f32
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    gi = hi // r
+    cols = pl.ds(vi * BV, BV)
+    plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi, cols], e_buf, misc_bar)
+    if has_d:
+      plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, misc_bar)
+    plgpu.barrier_wait(misc_bar)
+    e0 = _pallas.load(e_buf, WGMMA, interpret)
+    d_h = d_s[0] if has_d else None
+
+    def step(nb, slot, e):
+      rows = pl.ds(nb * C, C)
+      ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+      qt, kt, vt, dot = q_s.at[slot], k_s.at[slot], v_s.at[slot], do_s.at[slot]
+      qq = _pallas.load(qt, WGMMA, interpret).astype(F32)
+      qd_s[...] = (qq * t.rows(ld("qd_r", ROWS), (C, n))).astype(MM)
+      e_lo[...] = e.astype(MM)
+      plgpu.commit_smem()
+      w_r = ld("w_r", ROWS)
+      runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
+      mt = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=True,
+                  interpret=interpret)                                  # M'^T[j, i]
+      pt = t.mm(kt, qt, (C, C), tb=True, interpret=interpret)           # B_j . C_i
+      pm_s[...] = (pt * mt).astype(MM)
+      dpt = t.mm(vt, dot, (C, C), tb=True, interpret=interpret)         # x_j . dy_i
+      dpm_s[...] = (dpt * mt * t.rows(w_r, (C, C))).astype(MM)
+      plgpu.commit_smem()
+      kn = ld("kn_r", ROWS)
+      dxp = (t.mm(pm_s, dot, (C, BV), interpret=interpret)
+             + t.rows(kn, (C, BV)) * t.mm(kt, e_lo, (C, BV), tb=True, interpret=interpret))
+      dk = (t.mm(dpm_s, qt, (C, n), interpret=interpret)
+            + t.rows(kn * w_r, (C, n)) * t.mm(vt, e_lo, (C, n), interpret=interpret))
+      xx = _pallas.load(vt, WGMMA, interpret).astype(F32)
+      dx = t.rows(w_r, (C, BV)) * dxp
+      sums = [(dk * _pallas.load(kt, WGMMA, interpret).astype(F32)).sum(axis=1),
+              (dxp * xx).sum(axis=1)]
+      if has_d:
+        dd = _pallas.load(dot, WGMMA, interpret).astype(F32)
+        dx = dx + d_h * dd
+        sums.append((dd * xx).sum(axis=1))
+      t.store([(dk_stage, dk, dk_ref.at[vi, bi, rows, hi]),
+               (dx_stage, dx, dx_ref.at[bi, rows, hi, cols])]
+              + [(sum_stage.at[i], s_i, sums_ref.at[i, vi, bi, hi, rows])
+                 for i, s_i in enumerate(sums)])
+      sd = vbufs["qd_r"][slot, C - 1]
+      return e * sd + t.mm(dot, qd_s, (BV, n), ta=True, interpret=interpret)
+
+    blk = lambda nb: pl.ds(nb * C, C)
+    sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi],
+               lambda nb: v_ref.at[bi, blk(nb), hi, cols],
+               lambda nb: do_ref.at[bi, blk(nb), hi, cols]]
+    for src in vec_srcs:
+      ref = vrefs[src]
+      sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb)])(ref) if src == "run"
+                     else (lambda ref: lambda nb: ref.at[bi, hi, blk(nb)])(ref))
+    e = t.pipeline(n_blocks, reverse=True, sources=sources,
+                   buffers=[q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
+                   barrier=in_bar, step=step, init=e0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    e_buf[...] = e
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(e_buf, dh0_ref.at[bi, hi, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = dict(
+      q_s=t.smem((2, C, n)), k_s=t.smem((2, C, n)), v_s=t.smem((2, C, BV)),
+      do_s=t.smem((2, C, BV)), qd_s=t.smem((C, n)), pm_s=t.smem((C, C)), dpm_s=t.smem((C, C)),
+      e_lo=t.smem((BV, n)), dk_stage=t.stage((C, n), dk_dtype),
+      dx_stage=t.stage((C, BV), cfg.out_dtype), sum_stage=plgpu.SMEM((n_sums, C), F32),
+      d_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=4 + len(vec_bufs), num_barriers=2),
+      misc_bar=plgpu.Barrier(num_arrivals=1 + has_d),
+      **{name: plgpu.SMEM((2, C), F32) for name in vec_bufs})
+  if not share_e:
+    scratch["e_f32"] = plgpu.SMEM((BV, n), F32)
+  out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, n), dk_dtype),
+              jax.ShapeDtypeStruct((b, lp, h, p), cfg.out_dtype),
+              jax.ShapeDtypeStruct((b, h, p, n), F32),
+              jax.ShapeDtypeStruct((n_sums, nvt, b, h, lp), F32))
+  args = (q, k, v, do, vec.gc, vec.w, vec.qd, vec.kn) + (vec.run,) * has_seg
+  args += (dtab,) * has_d + (dht,)
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt))(*args)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+def _pad_time(v, lp):
+  return jnp.pad(v, [(0, 0), (0, lp - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+
+
+def _group_sum(d, l, g, dtype):
+  """Per-head (nvt, B, Lp, H, N) partials -> (B, L, G, N): sum the value tiles and a
+  group's heads in float32."""
+  nvt, b, _, h, n = d.shape
+  d = d[:, :, :l].astype(F32).sum(0) if nvt > 1 else d[0, :, :l]
+  if h != g:
+    d = d.astype(F32).reshape(b, l, g, h // g, n).sum(3)
+  return d.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _core(x, dt, A, B, Cm, D, h0, segment_ids, cfg: _Cfg):
+  return _core_fwd(x, dt, A, B, Cm, D, h0, segment_ids, cfg)[0]
+
+
+def _core_fwd(x, dt, A, B, Cm, D, h0, segment_ids, cfg: _Cfg):
+  l = cfg.seq_len
+  lp = -(-l // C) * C
+  q, k, v = (_pad_time(a.astype(MM), lp) for a in (Cm, B, x))
+  vec = _vectors(dt, A, segment_ids, lp)
+  h = x.shape[2]
+  dtab = None if D is None else jnp.broadcast_to(D.astype(F32)[:, None], (h, C))
+  h0f = None if h0 is None else h0.astype(F32)
+  y, state = _forward(q, k, v, vec, dtab, h0f, cfg)
+  res = (q, k, v, vec, dtab, h0f, state, dt, A, D, h0, segment_ids)
+  return (y[:, :l], state), res
+
+
+def _core_bwd(cfg: _Cfg, res, cts):
+  q, k, v, vec, dtab, h0f, state, dt, A, D, h0, segment_ids = res
+  dy, dht = cts
+  l = cfg.seq_len
+  lp = q.shape[1]
+  g = q.shape[2]
+  do = _pad_time(dy.astype(MM), lp)
+  dht = jnp.zeros_like(state) if dht is None else dht.astype(F32)
+  dq, dgq = _backward_dc(q, k, v, do, vec, h0f, cfg)
+  dk, dx, dh0, sums = _backward_dbx(q, k, v, do, vec, dtab, dht, cfg)
+  sums = sums.sum(1)[..., :l]                                    # (n_sums, B, H, L)
+  dg = dgq.sum(0)[..., :l] - sums[0]
+  dg = dg.at[..., l - 1].add(jnp.einsum("bhpn,bhpn->bh", dht, state))
+  da = lax.cumsum(dg, axis=2, reverse=True)                      # (B, H, L)
+  if segment_ids is not None:  # a reset token's decay multiplies a zeroed state
+    from ssm.ops.ssd import resets
+    da = jnp.where(resets(segment_ids)[:, None, :], 0.0, da)
+  d_dt = (A.astype(F32)[None, :, None] * da + sums[1]).swapaxes(1, 2)
+  dA = jnp.einsum("blh,bhl->h", dt.astype(F32), da)
+  dD = None if D is None else sums[2].sum((0, 2)).astype(D.dtype)
+  dh0 = None if h0 is None else dh0.astype(h0.dtype)
+  return (dx[:, :l], d_dt.astype(dt.dtype), dA.astype(A.dtype),
+          _group_sum(dk, l, g, cfg.b_dtype), _group_sum(dq, l, g, cfg.c_dtype), dD, dh0, None)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def ssd_pallas(x, dt, A, B, Cm, *, D=None, h0=None, segment_ids=None, interpret=None):
+  """The Pallas kernel path (arguments checked by `ssm.ops.ssd`; dt already positive).
+
+  Args:
+    x: (B, L, H, P); dt: (B, L, H); A: (H,); B, Cm: (B, L, G, N); D: (H,) or None;
+    h0: (B, H, P, N) or None; segment_ids: (B, L) int or None. P, N in {64, 128};
+    float32 or bf16.
+    interpret: run the Mosaic GPU interpreter (default: off the GPU).
+
+  Returns:
+    y (B, L, H, P) in x's dtype and the final state (B, H, P, N) float32.
+  """
+  check_supported(x, B, Cm)
+  if interpret is None:
+    interpret = interpret_mode()
+  cfg = _Cfg(seq_len=x.shape[1], out_dtype=jnp.dtype(x.dtype), b_dtype=jnp.dtype(B.dtype),
+             c_dtype=jnp.dtype(Cm.dtype), has_h0=h0 is not None,
+             has_d=D is not None, has_seg=segment_ids is not None, interpret=bool(interpret))
+  return _core(x, dt, A, B, Cm, D, h0, segment_ids, cfg)

@@ -1,0 +1,89 @@
+"""The SSD Pallas kernels (Mosaic GPU interpret mode on the CPU) against the token-by-token
+reference: outputs, final state and gradients of x, dt, A, B, C, D and h0; groups, ragged
+lengths, h0, packed documents, head and state sizes 64/128, float32 and bf16 inputs."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from ssm.ops import ssd
+from ssm.ops.ssd import ssd_reference
+from _testing import bf16_exact, rel
+
+NAMES = ("x", "dt", "A", "B", "C", "D", "h0")
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def inputs(seed, b, l, h, g, p, n, dtype):
+  """Random SSD inputs; x, B, C are bf16-exact so that the comparison measures the
+  kernel's own rounding (scores, decayed tiles, states), not the inputs'."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  return dict(x=bf16_exact(rng.standard_normal((b, l, h, p)), dtype),
+              dt=f32(np.log1p(np.exp(rng.standard_normal((b, l, h)) - 1))),
+              A=f32(-np.exp(rng.standard_normal(h))),
+              B=bf16_exact(rng.standard_normal((b, l, g, n)) / n ** 0.5, dtype),
+              C=bf16_exact(rng.standard_normal((b, l, g, n)) / n ** 0.5, dtype),
+              D=f32(rng.standard_normal(h)), h0=f32(rng.standard_normal((b, h, p, n)) / 4),
+              wy=bf16_exact(rng.standard_normal((b, l, h, p))),
+              ws=f32(rng.standard_normal((b, h, p, n))))
+
+
+def loss_fn(impl, segment_ids, wy, ws):
+  """A scalar of the output and the final state (bf16-exact output cotangents)."""
+  def loss(x, dt, A, B, C, D, h0):
+    if impl == "pallas":
+      y, s = ssd(x, dt, A, B, C, D=D, h0=h0, segment_ids=segment_ids, return_state=True,
+                 impl="pallas")
+    else:
+      f32 = lambda v: v.astype(jnp.float32)
+      y, s = ssd_reference(f32(x), dt, A, f32(B), f32(C), D=D, h0=h0, segment_ids=segment_ids)
+    return jnp.sum(wy * y.astype(jnp.float32)) + jnp.sum(ws * s)
+  return loss
+
+
+# Gradient tolerances: dA sums nearly cancelling terms over the whole sequence (as d
+# log_decay does in the lightning kernel), so bf16 operands cost it several percent;
+# every other quantity is at bf16 accuracy.
+GRAD_TOL = dict(x=1e-2, dt=3e-2, A=0.15, B=1e-2, C=1e-2, D=1e-2, h0=1e-2)
+
+
+@pytest.mark.slow  # ~30-60 s each: the interpreter runs three kernels and their gradients
+@pytest.mark.parametrize("b,l,h,g,p,n,dtype,packed", [
+    (1, 100, 4, 2, 64, 64, jnp.float32, False),   # groups of 2 heads, a ragged second block
+    (1, 70, 2, 1, 128, 128, jnp.bfloat16, True),  # two value tiles, N 128, packed documents
+])
+def test_matches_reference(b, l, h, g, p, n, dtype, packed):
+  """Given random inputs, the kernel's output, final state and every gradient match the
+  recurrence to bf16 accuracy, and padding never reaches the state."""
+  a = inputs(l + h, b, l, h, g, p, n, dtype)
+  seg = None
+  if packed:  # documents of 1, 30 and 39 tokens: resets inside and at a block edge
+    seg = jnp.asarray(np.repeat([5, 2, 9], [1, 30, 39])[None], jnp.int32)
+  args = tuple(a[k] for k in NAMES)
+  y, s = ssd(*args[:5], D=a["D"], h0=a["h0"], segment_ids=seg, return_state=True,
+             impl="pallas")
+  y_ref, s_ref = ssd_reference(*(v.astype(jnp.float32) for v in args[:5]), D=a["D"],
+                               h0=a["h0"], segment_ids=seg)
+  assert y.dtype == dtype and s.dtype == jnp.float32
+  assert rel(y, y_ref) < 1e-2 and rel(s, s_ref) < 1e-2
+  grads = jax.grad(loss_fn("pallas", seg, a["wy"], a["ws"]), range(7))(*args)
+  grads_ref = jax.grad(loss_fn("ref", seg, a["wy"], a["ws"]), range(7))(*args)
+  for name, u, v, arg in zip(NAMES, grads, grads_ref, args):
+    assert u.dtype == arg.dtype, name
+    assert rel(u, v) < GRAD_TOL[name], name
+
+
+def test_kernel_shapes_are_checked():
+  a = inputs(0, 1, 8, 2, 1, 64, 32, jnp.float32)
+  with pytest.raises(ValueError, match="state size N=32 must be in"):
+    ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], impl="pallas")
+  a = inputs(0, 1, 8, 2, 1, 64, 64, jnp.float16)
+  with pytest.raises(ValueError, match="x must be float32 or bfloat16"):
+    ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], impl="pallas")
