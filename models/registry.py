@@ -1,6 +1,7 @@
 """Registry of sequence mixers: `build_mixer(kind, d_model, rngs=..., **options)`.
 
-Each entry names a factory `f(d_model, *, rngs, **options) -> nnx.Module` by
+Each entry names a factory `f(d_model, *, rngs, **options) -> nnx.Module` (or the module
+class itself, whose __init__ then gives the options) by
 "module:attribute", imported on first use so that importing `models` stays cheap
 and a mixer whose module fails to import does not break the others.
 
@@ -40,7 +41,9 @@ def mixer_factory(kind: str):
 
 def mixer_options(kind: str) -> list[str]:
   """The keyword options a mixer kind accepts."""
-  sig = inspect.signature(mixer_factory(kind))
+  factory = mixer_factory(kind)
+  # A factory may be the module class itself (one source of defaults): read its __init__.
+  sig = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory)
   return [p.name for p in sig.parameters.values()
           if p.kind == p.KEYWORD_ONLY and p.name != "rngs"]
 

@@ -12,19 +12,18 @@ H = d_inner / headdim heads; head i reads the B/C group i // (H / G); the gated
 RMSNorm normalises each of the G groups of d_inner / G channels (the reference's
 `RMSNormGated(group_size=d_inner // ngroups)`, eps 1e-5, norm after the gate).
 
-The SSM is computed by `ssd_chunked`, the chunked matrix form: within a chunk of
-T steps the output is the quadratic (attention-like) form
-    Y = (C B^T o exp(segsum(dt A))) (dt x)
-with the stable segment-sum; each chunk's end state is passed to the next by a
-linear recurrence across chunks (`ssm.ops.linear_scan`), and the states read
-into the next chunk's outputs. `ssd_quadratic` is the plain (L x L masked) form,
-kept as the reference; `ssd_step` the recurrence for one token.
+The SSM is `ssm.ops.ssd` (the chunked matrix form in XLA, or the Pallas kernel on a
+Hopper GPU: `impl`), with the D skip, dt_bias and the softplus of dt inside the op;
+`segment_ids` (packed documents) restart the SSM state where the id changes. The step
+mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
 
 Memory caching (`memory_caching=dict(segment_size=..., ...)`, see `ssm.memory_caching`):
 SSD is a linear memory with heads = H, dk = N, dv = P, q = C_t, k = B_t, v = dt_t x_t
-and scalar log-decay dt_t A_h; `cached_memory_read` / `cached_memory_step` replace
-`ssd_chunked` / `ssd_step`. Gated variants use a learned gate token u_t = W_u u
-(d_model -> N) against the segment means of B_t.
+and scalar log-decay dt_t A_h; `cached_memory_read` / `cached_memory_step` replace the
+plain read and step. On the kernel path the online read and every segment's end state
+come from `ssm.ops.ssd` (`ssd_segment_reads`: one or two kernel calls over the segments
+as a batch). Gated variants use a learned gate token u_t = W_u u (d_model -> N) against
+the segment means of B_t.
 
 Init as the reference: A_log = log U[1, 16], D = 1, dt_bias = softplus^-1 of a
 log-uniform dt in [dt_min, dt_max]; all three are float32 `NoDecayParam`s (the
@@ -43,158 +42,51 @@ from flax import nnx
 from ssm import memory_caching as mcache
 from ssm.mamba import (cache_segments, causal_depthwise_conv, check_state, conv_init, conv_step,
                        dt_bias_init)
-from ssm.ops import linear_scan
+from ssm.ops import ssd
 from ssm.ops._impl import IMPLS
+from ssm.ops.ssd import ssd_path, ssd_step
 from ssm.params import NoDecayParam
 
 RMS_EPS = 1e-5
 
 
-# -- SSD: pure functions ------------------------------------------------------------
-#   x (b, l, h, p)   dt (b, l, h) after softplus   A (h,)   B, C (b, l, g, n), h % g == 0
-#   state (b, h, p, n).  Heads are split as (g, r) with r = h / g heads per group.
+# -- SSD with memory caching on the kernel ------------------------------------------
 
-def segsum(x):
-  """Stable segment sums: out[..., i, j] = sum_{j < k <= i} x[..., k] (i >= j), -inf above.
+def ssd_segment_reads(x, dt, A, B, C, *, segment_size: int, state_init: str, impl: str):
+  """The online read of memory caching for SSD, through `ssm.ops.ssd`: the memory's own
+  output at every token (no D term) and its state at every segment's end, the latter in
+  memory caching's (dk, dv) = (N, P) orientation.
 
-  Masked copies summed with cumsum, not a difference of cumsums (which cancels
-  catastrophically once the cumulative sums grow). (..., T) -> (..., T, T).
+  The sequence is cut into segments of `segment_size` tokens run as a batch (the
+  padding of the last one has dt = 0: it neither adds to nor decays the state).
+  "restart": one call from zero states gives both. "checkpoint": that call's end states
+  R_s and each segment's total decay chain the entering states (a short scan over
+  segments), and a second call from them gives the outputs.
+  x (b, l, h, p), dt (b, l, h) > 0, A (h,), B, C (b, l, g, n) ->
+  y (b, l, h, p), states (b, ceil(l / segment_size), h, n, p), float32.
   """
-  t = x.shape[-1]
-  xx = jnp.broadcast_to(x[..., :, None], (*x.shape, t))        # xx[..., k, j] = x[k]
-  strict = jnp.tril(jnp.ones((t, t), bool), -1)                  # k > j
-  xx = jnp.where(strict, xx, 0.0)
-  out = jnp.cumsum(xx, axis=-2)                                  # sum over j < k <= i
-  return jnp.where(jnp.tril(jnp.ones((t, t), bool)), out, -jnp.inf)
-
-
-def _compute_dtype(*xs):
-  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
-
-
-def check_ssd_args(x, dt, A, B, C, h0):
-  if x.ndim != 4:
-    raise ValueError(f"ssd: x must be (batch, length, heads, headdim), got {x.shape}")
   b, l, h, p = x.shape
-  if dt.shape != (b, l, h):
-    raise ValueError(f"ssd: dt must be (batch, length, heads) = {(b, l, h)}, got {dt.shape}")
-  if A.shape != (h,):
-    raise ValueError(f"ssd: A must be ({h},), got {A.shape}")
-  if B.ndim != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
-    raise ValueError(f"ssd: B and C must both be (batch, length, groups, N) with batch, length "
-                     f"= {(b, l)}, got {B.shape} and {C.shape}")
-  if h % B.shape[2]:
-    raise ValueError(f"ssd: {B.shape[2]} groups must divide the {h} heads")
-  if h0 is not None and h0.shape != (b, h, p, B.shape[3]):
-    raise ValueError(f"ssd: h0 must be (batch, heads, headdim, N) = {(b, h, p, B.shape[3])}, "
-                     f"got {h0.shape}")
+  S = segment_size
+  n_seg = -(-l // S)
+  pad = n_seg * S - l
+  seg = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)).reshape(
+      b * n_seg, S, *v.shape[2:])
+  xs, dts, Bs, Cs = seg(x), seg(dt), seg(B), seg(C)
+  run = functools.partial(ssd, return_state=True, chunk_size=min(S, 64), impl=impl)
+  y, ends = run(xs, dts, A, Bs, Cs)                          # from zero states
+  if state_init == "checkpoint":
+    local = jnp.moveaxis(ends.reshape(b, n_seg, *ends.shape[1:]), 1, 0)
+    decay = jnp.exp(jnp.sum(dts.astype(jnp.float32) * A, axis=1)).reshape(b, n_seg, h)
 
+    def chain(entering, seg_in):
+      r, a = seg_in
+      return a[:, :, None, None] * entering + r, entering
 
-def _split_heads(x, g):
-  """(b, l, h, ...) -> (b, l, g, h / g, ...)."""
-  return x.reshape(*x.shape[:2], g, x.shape[2] // g, *x.shape[3:])
-
-
-def ssd_quadratic(x, dt, A, B, C, h0=None):
-  """The plain masked quadratic form over the whole sequence (reference; O(L^2)).
-
-  y[t] = sum_{s <= t} (C_t . B_s) exp(sum_{s < r <= t} dt_r A) dt_s x_s
-         + exp(sum_{r <= t} dt_r A) h0 C_t.
-  Returns (y (b, l, h, p), last state (b, h, p, n)).
-  """
-  check_ssd_args(x, dt, A, B, C, h0)
-  return _ssd_quadratic(x, dt, A, B, C, h0)
-
-
-@jax.jit
-def _ssd_quadratic(x, dt, A, B, C, h0):
-  cdt = _compute_dtype(x, dt, A, B, C)
-  x, dt, A, B, C = (v.astype(cdt) for v in (x, dt, A, B, C))
-  g = B.shape[2]
-  xg, dtg = _split_heads(x * dt[..., None], g), _split_heads(dt, g)   # (b,l,g,r,p), (b,l,g,r)
-  a = jnp.moveaxis(dtg * _split_heads(A[None, None], g)[0, 0], 1, -1)  # (b, g, r, l)
-  decay = jnp.exp(segsum(a))                                            # (b, g, r, t, s)
-  cb = jnp.einsum("btgn,bsgn->bgts", C, B)
-  y = jnp.einsum("bgts,bgrts,bsgrp->btgrp", cb, decay, xg)
-  # State after the last step: the last row of the decay matrix.
-  last = jnp.einsum("bgrs,bsgn,bsgrp->bgrpn", decay[..., -1, :], B, xg)
-  if h0 is not None:
-    h0g = h0.astype(cdt).reshape(*last.shape)
-    into = jnp.exp(jnp.cumsum(a, axis=-1))                              # (b, g, r, t)
-    y = y + jnp.einsum("btgn,bgrpn,bgrt->btgrp", C, h0g, into)
-    last = last + into[..., -1, None, None] * h0g
-  return y.reshape(x.shape), last.reshape(x.shape[0], -1, *last.shape[3:])
-
-
-def ssd_chunked(x, dt, A, B, C, *, chunk_size: int = 64, h0=None):
-  """The chunked SSD form (quadratic inside chunks, states passed across chunks).
-
-  Same result as `ssd_quadratic`: returns (y (b, l, h, p), last state (b, h, p, n)).
-  """
-  check_ssd_args(x, dt, A, B, C, h0)
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
-  return _ssd_chunked(x, dt, A, B, C, h0, chunk_size=chunk_size)
-
-
-@functools.partial(jax.jit, static_argnames="chunk_size")
-def _ssd_chunked(x, dt, A, B, C, h0, *, chunk_size):
-  cdt = _compute_dtype(x, dt, A, B, C)
-  x, dt, A, B, C = (v.astype(cdt) for v in (x, dt, A, B, C))
-  bsz, seq_len, h, p = x.shape
-  g, n = B.shape[2:]
-  r = h // g
-  t = min(chunk_size, seq_len)
-  nc = -(-seq_len // t)
-  pad = nc * t - seq_len
-
-  def chunks(v):  # (b, l, ...) -> (b, c, t, ...); dt = 0 in the padding: no decay, no input
-    v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-    return v.reshape(bsz, nc, t, *v.shape[2:])
-
-  xdt = chunks(_split_heads(x * dt[..., None], g))             # (b, c, t, g, r, p)
-  a = chunks(_split_heads(dt * A, g))                          # (b, c, t, g, r)
-  Bc, Cc = chunks(B), chunks(C)                                # (b, c, t, g, n)
-  a_gr = jnp.moveaxis(a, 2, -1)                                # (b, c, g, r, t)
-
-  # 1. within each chunk: the quadratic form.
-  cb = jnp.einsum("bcign,bcjgn->bcgij", Cc, Bc)
-  y_diag = jnp.einsum("bcgij,bcgrij,bcjgrp->bcigrp", cb, jnp.exp(segsum(a_gr)), xdt)
-
-  # 2. each chunk's contribution to its end state: decay from step j to the chunk end,
-  #    sum_{j < k < t} a_k, as a shifted reversed cumsum (no cancellation).
-  to_end = jnp.flip(jnp.cumsum(jnp.flip(a[:, :, 1:], 2), axis=2), 2)
-  to_end = jnp.concatenate([to_end, jnp.zeros_like(a[:, :, :1])], axis=2)  # (b, c, t, g, r)
-  states = jnp.einsum("bcjgn,bcjgr,bcjgrp->bcgrpn", Bc, jnp.exp(to_end), xdt)
-
-  # 3. pass states across chunks: S_c = exp(sum of chunk c's a) S_{c-1} + states_c.
-  chunk_decay = jnp.exp(jnp.sum(a, axis=2))                    # (b, c, g, r)
-  flat = (bsz, nc, h * p * n)
-  a_full = jnp.broadcast_to(chunk_decay[..., None, None], states.shape).reshape(flat)
-  init = (jnp.zeros((bsz, h * p * n), cdt) if h0 is None else h0.astype(cdt).reshape(bsz, -1))
-  ends = linear_scan(a_full, states.reshape(flat), init, impl="xla")     # after each chunk
-  starts = jnp.concatenate([init[:, None], ends[:, :-1]], axis=1).reshape(states.shape)
-
-  # 4. the state entering each chunk, decayed to each step and read by C.
-  into = jnp.exp(jnp.cumsum(a, axis=2))                        # (b, c, t, g, r)
-  y_off = jnp.einsum("bcign,bcgrpn,bcigr->bcigrp", Cc, starts, into)
-
-  y = (y_diag + y_off).reshape(bsz, nc * t, h, p)[:, :seq_len]
-  return y, ends[:, -1].reshape(bsz, h, p, n)
-
-
-def ssd_step(state, x_t, dt_t, A, B_t, C_t):
-  """One token. state (b, h, p, n); x_t (b, h, p); dt_t (b, h); A (h,); B_t, C_t (b, g, n).
-
-  Returns (state, y_t (b, h, p)) without the D term.
-  """
-  g = B_t.shape[1]
-  r = x_t.shape[1] // g
-  Bh = jnp.repeat(B_t, r, axis=1)                              # (b, h, n)
-  Ch = jnp.repeat(C_t, r, axis=1)
-  decay = jnp.exp(dt_t * A)[..., None, None]
-  state = decay * state + (dt_t[..., None] * x_t)[..., None] * Bh[:, :, None, :]
-  return state, jnp.sum(state * Ch[:, :, None, :], axis=-1)
+    _, starts = jax.lax.scan(chain, jnp.zeros_like(local[0]), (local, jnp.moveaxis(decay, 1, 0)))
+    starts = jnp.moveaxis(starts, 0, 1).reshape(ends.shape)   # the state entering each segment
+    y, ends = run(xs, dts, A, Bs, Cs, h0=starts)
+  y = y.reshape(b, n_seg * S, h, p)[:, :l]
+  return y, jnp.swapaxes(ends.reshape(b, n_seg, h, p, -1), -1, -2)
 
 
 def gated_rms_norm(y, z, weight, groups, eps=RMS_EPS):
@@ -273,9 +165,8 @@ class Mamba2(nnx.Module):
             xbc[..., d:d + gn].reshape(*lead, self.ngroups, self.d_state),
             xbc[..., d + gn:].reshape(*lead, self.ngroups, self.d_state))
 
-  def _tail(self, y, x, z, dtype):
-    """y (..., H, P) SSM output, x (..., H, P) its input -> (..., d_model)."""
-    y = y + self.D[...][:, None] * x
+  def _tail(self, y, z, dtype):
+    """y (..., H, P) SSM output with the D skip -> (..., d_model)."""
     y = y.reshape(*y.shape[:-2], self.d_inner)
     y = gated_rms_norm(y, z.astype(y.dtype), self.norm_w[...], self.ngroups)
     return self.out_proj(y).astype(dtype)
@@ -286,20 +177,30 @@ class Mamba2(nnx.Module):
                        f"got {x.shape}")
 
   # -- parallel mode ---------------------------------------------------------------------
-  def __call__(self, u: jax.Array) -> jax.Array:
-    """u (b, l, d_model) -> (b, l, d_model)."""
-    self._check_x(u, 3, "u")
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x (b, l, d_model) -> (b, l, d_model).
+
+    segment_ids (b, l) int: packed documents; the SSM state restarts where the id
+    changes (the depthwise convolution still sees the previous document's last
+    d_conv - 1 tokens, as in the reference's packed training).
+    """
+    self._check_x(x, 3, "x")
+    if segment_ids is not None and self.memory_caching is not None:
+      raise ValueError("Mamba2: segment_ids (packed documents) are not supported with "
+                       "memory_caching")
     f32 = jnp.float32
-    z, xbc, dt = self._split_in(self.in_proj(u))
+    z, xbc, dt = self._split_in(self.in_proj(x))
     xbc = jax.nn.silu(causal_depthwise_conv(xbc, self.conv_w[...], self.conv_b[...]))
-    x, B, C = (v.astype(f32) for v in self._split_xbc(xbc))
-    dt = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...])                 # (b, l, H)
+    xs, B, C = (v.astype(f32) for v in self._split_xbc(xbc))
     A = -jnp.exp(self.A_log[...])
     if self.memory_caching is None:
-      y, _ = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size)
+      y = ssd(xs, dt.astype(f32), A, B, C, D=self.D[...], segment_ids=segment_ids,
+              dt_bias=self.dt_bias[...], dt_softplus=True, chunk_size=self.chunk_size,
+              impl=self.impl)
     else:
-      y = self._cached_read(u, x, dt, A, B, C)
-    return self._tail(y, x, z, u.dtype)
+      dt = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...])               # (b, l, H)
+      y = self._cached_read(x, xs, dt, A, B, C) + self.D[...][:, None] * xs
+    return self._tail(y, z, x.dtype)
 
   def _qk(self, C, B):
     """Queries and keys per head: (..., G, N) -> (..., 1 or H, N)."""
@@ -311,10 +212,16 @@ class Mamba2(nnx.Module):
     return None if self.mc_gate is None else self.mc_gate(u).astype(jnp.float32)[..., None, :]
 
   def _cached_read(self, u, x, dt, A, B, C):
-    """SSD as a linear memory (heads = H, dk = N, dv = P) read through memory caching."""
+    """SSD as a linear memory (heads = H, dk = N, dv = P) read through memory caching;
+    on the kernel path the online read and the segment states come from `ssm.ops.ssd`
+    (`ssd_segment_reads`), else from memory caching's own chunked recurrence."""
     q, k = self._qk(C, B)
+    online = None
+    if ssd_path(self.impl, x, B, C) == "pallas":
+      online = ssd_segment_reads(x, dt, A, B, C, segment_size=self.memory_caching.segment_size,
+                                 state_init=self.memory_caching.state_init, impl=self.impl)
     return mcache.cached_memory_read(q, k, dt[..., None] * x, dt * A, gate_u=self._gate_u(u),
-                                     chunk_size=self.chunk_size,
+                                     chunk_size=self.chunk_size, online=online,
                                      **self.memory_caching.read_kwargs())
 
   # -- recurrent mode ----------------------------------------------------------------------
@@ -360,14 +267,9 @@ class Mamba2(nnx.Module):
           state.mc, q, k, dt[..., None] * x, dt * A, gate_u_t=gate_u,
           **self.memory_caching.read_kwargs())
       new_state = Mamba2State(conv, None, mc_state)
-    return new_state, self._tail(y, x, z, u_t.dtype)
+    return new_state, self._tail(y + self.D[...][:, None] * x, z, u_t.dtype)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 64, headdim: int = 64,
-               expand: int = 2, ngroups: int = 1, d_conv: int = 4, chunk_size: int = 64,
-               dt_min: float = 1e-3, dt_max: float = 1e-1,
-               memory_caching: dict | None = None, impl: str = "auto") -> Mamba2:
-  """Registry factory for kind "mamba2"."""
-  return Mamba2(d_model, d_state=d_state, headdim=headdim, expand=expand, ngroups=ngroups,
-                d_conv=d_conv, chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max,
-                memory_caching=memory_caching, impl=impl, rngs=rngs)
+# Registry factory for kind "mamba2": the class itself, so its options and defaults are
+# written once (models.registry reads them off the signature).
+make_mixer = Mamba2

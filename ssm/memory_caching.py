@@ -301,7 +301,7 @@ def _gate_weights(variant, top_k, scores, valid, score_on):
 
 def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str = "gated",
                        top_k: int | None = None, gate_u=None, gate_keys=None,
-                       state_init: str = "checkpoint", chunk_size: int = 64):
+                       state_init: str = "checkpoint", chunk_size: int = 64, online=None):
   """Memory-cached read of a linear memory over a whole sequence (parallel form).
 
   Args:
@@ -318,6 +318,11 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
       per segment).
     chunk_size: chunk of the online recurrence (a segment is split into
       ceil(segment_size / chunk_size) equal chunks).
+    online: None, or the online read computed elsewhere (a kernel): a pair
+      (y_on (b, l, h, dv), segment states (b, ceil(l / segment_size), h, dk, dv)), the
+      memory's own output at every token and its state at every segment's end, as
+      `state_init` defines them (e.g. `ssm.mamba2.ssd_segment_reads`). Then q, k, v and
+      log_a serve the gates and shapes only.
 
   Returns:
     y: (b, l, h, dv), dtype of q. Computed in float32.
@@ -352,17 +357,24 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
         (b, n_seg * S) + y.shape[2:])[:, :l]
 
   restart = state_init == "restart"
-  qs, ks, vs = to_segments(q), to_segments(k), to_segments(v)
-  las = None if log_a is None else to_segments(log_a)
-  if las is not None and las.ndim == 4:
-    reset = (jnp.arange(n_seg * Sp) % Sp == 0) & restart
-    y_on, states = _online_per_key(qs, ks, vs, las, reset)
-    seg_states = states[:, Sp - 1::Sp]                   # (b, n_seg, h, dk, dv)
+  if online is not None:
+    y_on, seg_states = (x.astype(acc) for x in online)
+    if y_on.shape != v.shape or seg_states.shape != (b, n_seg, h, k.shape[3], v.shape[3]):
+      raise ValueError(f"cached_memory_read: online must be (y {v.shape}, states "
+                       f"{(b, n_seg, h, k.shape[3], v.shape[3])}), got {y_on.shape}, "
+                       f"{seg_states.shape}")
   else:
-    reset = (jnp.arange(n_seg * m) % m == 0) & restart
-    y_on, states = _online_scalar(qs, ks, vs, las, reset, c)
-    seg_states = states[:, m - 1::m]
-  y_on = from_segments(y_on)                             # (b, l, h, dv)
+    qs, ks, vs = to_segments(q), to_segments(k), to_segments(v)
+    las = None if log_a is None else to_segments(log_a)
+    if las is not None and las.ndim == 4:
+      reset = (jnp.arange(n_seg * Sp) % Sp == 0) & restart
+      y_on, states = _online_per_key(qs, ks, vs, las, reset)
+      seg_states = states[:, Sp - 1::Sp]                 # (b, n_seg, h, dk, dv)
+    else:
+      reset = (jnp.arange(n_seg * m) % m == 0) & restart
+      y_on, states = _online_scalar(qs, ks, vs, las, reset, c)
+      seg_states = states[:, m - 1::m]
+    y_on = from_segments(y_on)                           # (b, l, h, dv)
   n_cached = n_seg - 1
   if n_cached == 0:
     return y_on.astype(out_dtype)

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm.ops import _pallas
+from ssm.ops import _pallas, ssd_pallas
+from ssm.ops._segments import resets, run_index
 from ssm.ops.linear_scan import linear_scan
 
 DEFAULT_CHUNK_SIZE = 64
@@ -106,18 +107,6 @@ def check_ssd_args(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, dt_bias
 def _compute_dtype(*xs):
   """float32, or float64 when an input is (tests under jax.enable_x64)."""
   return jnp.result_type(jnp.float32, *[v.dtype for v in xs if v is not None])
-
-
-def resets(segment_ids):
-  """(b, l) bool: True where a new run starts (the id differs from the previous token's);
-  never at token 0, whose run continues h0."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
-
-
-def run_index(segment_ids):
-  """(b, l) int32: how many runs started up to and including t (0 for h0's run)."""
-  return jnp.cumsum(resets(segment_ids).astype(jnp.int32), axis=1)
 
 
 # -- reference and step -------------------------------------------------------------------
@@ -273,6 +262,15 @@ def _full_f32_products() -> bool:
   return str(prec).lower() in ("highest", "float32", "precision.highest")
 
 
+def ssd_path(impl: str, x, B, C) -> str:
+  """The path `ssd` takes for these inputs: "pallas" or "xla" (module docstring).
+  impl="pallas" raises ValueError for shapes or dtypes the kernel cannot take."""
+  path = _pallas.choose_impl(impl, op="ssd", check=lambda: ssd_pallas.check_supported(x, B, C))
+  if impl == "auto" and path == "pallas" and _full_f32_products():
+    path = "xla"
+  return path
+
+
 def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
         D: jax.Array | None = None, h0: jax.Array | None = None,
         segment_ids: jax.Array | None = None, dt_bias: jax.Array | None = None,
@@ -297,12 +295,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
   """
   check_ssd_args(x, dt, A, B, C, D=D, h0=h0, segment_ids=segment_ids, dt_bias=dt_bias,
                  chunk_size=chunk_size)
-  from ssm.ops import ssd_pallas  # deferred: the kernel module imports Mosaic GPU
-
-  path = _pallas.choose_impl(impl, op="ssd",
-                             check=lambda: ssd_pallas.check_supported(x, B, C))
-  if impl == "auto" and path == "pallas" and _full_f32_products():
-    path = "xla"
+  path = ssd_path(impl, x, B, C)
   if dt_bias is not None or dt_softplus:
     dt = dt.astype(_compute_dtype(dt))
     if dt_bias is not None:

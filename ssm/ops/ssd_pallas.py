@@ -60,6 +60,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ssm.ops import _pallas
 from ssm.ops import _tiles as t
+from ssm.ops._segments import resets, run_index
 from ssm.ops._impl import interpret_mode
 from ssm.ops._tiles import BV, C, COLS, F32, MM, ROWS, SMEM_BUDGET, WGMMA
 
@@ -102,7 +103,6 @@ def _vectors(dt, A, segment_ids, lp) -> _Vectors:
   qd, kn = jnp.exp(gc), jnp.exp(gc[..., -1:] - gc)
   run = None
   if segment_ids is not None:
-    from ssm.ops.ssd import run_index
     runs = blocks(jnp.pad(run_index(segment_ids), [(0, 0), (0, pad)], mode="edge"))
     entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)   # (b, nb, 1)
     qd = qd * (runs == entering).astype(F32)[:, None]
@@ -559,7 +559,6 @@ def _core_bwd(cfg: _Cfg, res, cts):
   dg = dg.at[..., l - 1].add(jnp.einsum("bhpn,bhpn->bh", dht, state))
   da = lax.cumsum(dg, axis=2, reverse=True)                      # (B, H, L)
   if segment_ids is not None:  # a reset token's decay multiplies a zeroed state
-    from ssm.ops.ssd import resets
     da = jnp.where(resets(segment_ids)[:, None, :], 0.0, da)
   d_dt = (A.astype(F32)[None, :, None] * da + sums[1]).swapaxes(1, 2)
   dA = jnp.einsum("blh,bhl->h", dt.astype(F32), da)
