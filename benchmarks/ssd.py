@@ -7,8 +7,7 @@ kernels (jax-linear-attention's simple_gla, mamba_ssm's Triton mamba_chunk_scan_
 1. Correctness at benchmark size: relative errors ||x - ref|| / ||ref|| of the output, the
    final state and the gradients of x, dt, A, B, C, D, h0 of impl="pallas" against the
    XLA path in float32 with full-precision products, on fresh random inputs (one check
-   with packed documents); a NaN, or an error above 3e-2 (0.25 for dA, a sum of nearly
-   cancelling terms), stops the run.
+   with packed documents); a NaN or an error above 3e-2 stops the run.
 2. B=4, L=2048, 64 heads of P=64, N=128, one group of B/C (a Mamba-2 1.3B layer), bf16
    and float32: forward and forward + backward ms.
 3. The 32k-token sweep, L = 2k .. 64k with B = max(1, 32k / L), bf16 (flat is the goal).
@@ -101,8 +100,7 @@ def check(b, l, h, g, p, n, dtype, packed):
   for name, u, v in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dh0"), g_p, g_r):
     row[name] = rel(u, v)
   finite = all(bool(jnp.all(jnp.isfinite(v))) for v in (y_p, s_p, *g_p))
-  bad = (not finite) or any(v > (0.25 if k == "dA" else 3e-2)
-                            for k, v in row.items() if k != "check")
+  bad = (not finite) or any(v > 3e-2 for k, v in row.items() if k != "check")
   return row, bad
 
 
