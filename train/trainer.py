@@ -3,19 +3,28 @@
   python -m train --config=configs/lra/listops.py:s4d --workdir=runs/listops_s4d
 
 What a run does:
-  1. Validates the config (bad values -> ValueError naming the field), sets up the device
-     mesh (train/sharding.py), writes workdir/config.json and workdir/config.py.
-  2. Loads the task (data.load_task) and builds the model (models.build_model) inside a
+  1. Validates the config (bad values -> ValueError naming the field; a warmup longer
+     than num_steps is cut to it, with a warning) and sets up the device mesh
+     (train/sharding.py).
+  2. Locks the workdir and compares its saved config with this one (train/workdir.py:
+     a second trainer, or a changed model/optimizer/data, stops here and nothing in the
+     workdir changes; config.train.resume says what to do instead).
+  3. Loads the task (data.load_task) and builds the model (models.build_model) inside a
      jax.jit with the parameters' shardings as out_shardings, so large parameters are
      created already split over the mesh.
-  3. Resumes from the newest readable checkpoint in workdir (logging "resumed from step
-     N") or starts fresh; the data loader's state is part of the checkpoint. Metrics a
-     killed process logged past step N move to metrics_superseded.jsonl, so
-     metrics.jsonl holds one record per step and split.
-  4. Trains config.train.num_steps steps with a pure, jitted train step (donated state,
+  4. Resumes from the newest readable checkpoint in workdir (logging "resumed from step
+     N") or starts fresh; the data loader's state is part of the checkpoint. A workdir
+     whose checkpoints are all corrupt stops (train/checkpoint.py). Then writes
+     workdir/config.json and config.py. Metrics a killed process logged past step N
+     move to metrics_superseded.jsonl, so metrics.jsonl holds one record per step and
+     split.
+  5. Trains config.train.num_steps steps with a pure, jitted train step (donated state,
      explicit shardings); evaluates on validation every eval_every steps and at the end,
      on test at the end, exactly over all examples (padding rows have weight 0).
-  5. Writes workdir/results.json and returns its content: steps, final validation and
+     SIGINT/SIGTERM: the step in progress ends, a checkpoint is saved, and run returns
+     {"stopped_at_step", "num_steps", "signal"} (train/signals.py; every process of a
+     multi-host job stops at the same step).
+  6. Writes workdir/results.json and returns its content: steps, final validation and
      test loss/accuracy, the best validation accuracy and its step, wall_time_s (this
      process), train_time_s and runs (the step loops' time summed over every resume, and
      how many processes that took: carried in the checkpoint meta), device, mesh, date.
@@ -30,10 +39,12 @@ Determinism: dropout keys are derived from (config.train.seed, step) inside the 
 and the loader's batch order from its seed and saved position, so a run resumed from a
 checkpoint reproduces the uninterrupted run exactly (same devices and mesh).
 
-Non-finite loss or gradients: the step keeps the previous state (the update is
-discarded), and the host stops with NonFiniteLossError naming the step. Checkpoints are
-only written after the host has seen that every step up to them was finite, so the
-last good checkpoint stays the newest one.
+Non-finite loss, gradients or updated state (parameters, optimizer moments, BatchNorm
+statistics, checked on device in the step): the step keeps the previous state (the
+update is discarded), and the host stops with NonFiniteLossError naming the step and
+what to do (nonfinite_message). Checkpoints are only written after the host has seen
+that every step up to them was finite, so the last good checkpoint stays the newest one
+and holds finite values only.
 """
 
 import contextlib
