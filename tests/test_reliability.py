@@ -463,3 +463,18 @@ def test_sigint_then_sigterm_save_and_resume_exactly(data_cache, jax_cache, tmp_
   assert train_losses(workdir) == train_losses(reference)  # nothing lost, bit for bit
   assert (json.loads((workdir / "results.json").read_text())["test_loss"]
           == json.loads((reference / "results.json").read_text())["test_loss"])
+
+
+def test_orbax_thread_errors_are_one_line():
+  """A failed background save logs a traceback per stage; the CLI keeps one line each."""
+  record = logging.LogRecord("absl", logging.ERROR, "/x/orbax/checkpoint/future.py", 1,
+                             "save failed: %s\nmore detail", ("ENOSPC",), None)
+  record.exc_info = (ValueError, ValueError("x"), None)
+  checkpoint_lib._ShortOrbaxErrors().filter(record)
+  assert record.getMessage() == "save failed: ENOSPC" and record.exc_info is None
+  mine = logging.LogRecord("train", logging.ERROR, "/repo/train/trainer.py", 1, "a\nb", None,
+                           None)
+  checkpoint_lib._ShortOrbaxErrors().filter(mine)
+  assert mine.getMessage() == "a\nb"  # only orbax's records
+  assert checkpoint_lib._orbax_noise(None, RuntimeError("Event loop is closed"))
+  assert not checkpoint_lib._orbax_noise(None, RuntimeError("something else"))

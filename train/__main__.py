@@ -40,8 +40,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  # orbax logs every file operation at INFO through absl's logger; keep its warnings only.
+  # orbax logs every file operation at INFO through absl's logger; keep its warnings only,
+  # and its errors (a failed background save logs a traceback per stage) in one line each.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if not _VERBOSE.value:
+    from train import checkpoint
+    checkpoint.shorten_orbax_errors()
+    checkpoint.quiet_abandoned_reads()  # a failed save's threads print as it fails
   try:
     # Multi-host jobs must connect before anything touches the devices.
     from train import sharding

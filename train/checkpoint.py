@@ -187,36 +187,64 @@ def is_environmental(error: BaseException) -> bool:
 
 # -- orbax's background noise -----------------------------------------------------------
 
+class _ShortOrbaxErrors(logging.Filter):
+  """One line per error orbax logs from its threads (a failed save logs each stage's
+  traceback; the error that matters is raised to the trainer anyway)."""
+
+  def filter(self, record):
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+      first = record.getMessage().strip().splitlines()[0]
+      record.msg = first if len(first) <= 300 else first[:297] + "..."
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
+def shorten_orbax_errors() -> None:
+  """Makes the errors orbax logs one line each (the command lines call it; --verbose
+  keeps them whole)."""
+  logger = logging.getLogger("absl")  # orbax logs through absl
+  if not any(isinstance(f, _ShortOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_ShortOrbaxErrors())
+
+
 _QUIET = False
+
+
+def _loop_closed(exc) -> bool:
+  return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
 
 def _orbax_noise(obj, exc) -> bool:
   code = getattr(obj, "cr_code", None)
-  return ((isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
-          or (code is not None and "orbax" in code.co_filename))
+  return _loop_closed(exc) or (code is not None and "orbax" in code.co_filename)
 
 
 class _AbandonedTasks(logging.Filter):
   def filter(self, record):
-    return not str(record.msg).endswith("exception was never retrieved")
+    return "exception was never retrieved" not in str(record.msg)[:200]
 
 
 def quiet_abandoned_reads() -> None:
-  """Silences the tracebacks of the reads orbax abandons when a restore fails: asyncio's
-  "Task exception was never retrieved" and "Event loop is closed" from coroutines that
-  are collected later. Other unraisable exceptions still print."""
+  """Silences what orbax's abandoned reads and writes print once a restore or save has
+  failed: asyncio's "... exception was never retrieved" records, and "Event loop is
+  closed" raised in callbacks of tensorstore's threads and in coroutines collected later.
+  The failure itself is raised to the caller; other unraisable exceptions still print."""
   global _QUIET
   if _QUIET:
     return
   _QUIET = True
   logging.getLogger("asyncio").addFilter(_AbandonedTasks())
-  previous = sys.unraisablehook
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
-    if not _orbax_noise(unraisable.object, unraisable.exc_value):
-      previous(unraisable)
+  def unraisable_hook(u):
+    if not _orbax_noise(u.object, u.exc_value):
+      unraisable(u)
 
-  sys.unraisablehook = hook
+  def except_hook(kind, value, tb):  # C++ callbacks report their errors through it
+    if not _loop_closed(value):
+      excepthook(kind, value, tb)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def _handlers():

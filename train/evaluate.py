@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file at INFO
-  from train import sharding
+  from train import checkpoint, sharding
+  checkpoint.shorten_orbax_errors()  # a damaged checkpoint: one line per orbax error
+  checkpoint.quiet_abandoned_reads()
   sharding.maybe_initialize_distributed()
   out = evaluate(args.workdir, args.split, args.step, fsdp=args.fsdp)
   print(f"{out['split']} step {out['step']}  loss {out['loss']:.6g}  "
