@@ -478,3 +478,17 @@ def test_orbax_thread_errors_are_one_line():
   assert mine.getMessage() == "a\nb"  # only orbax's records
   assert checkpoint_lib._orbax_noise(None, RuntimeError("Event loop is closed"))
   assert not checkpoint_lib._orbax_noise(None, RuntimeError("something else"))
+
+
+def test_a_failing_machine_is_not_corruption():
+  """Permissions, a full disk or memory: the checkpoint stays where it is."""
+  denied = OSError(errno.EACCES, "Permission denied", "/w/checkpoints/8/state")
+  try:
+    try:
+      raise denied
+    except OSError as e:
+      raise ValueError("restore failed") from e
+  except ValueError as wrapped:
+    assert checkpoint_lib.is_environmental(wrapped)
+  assert checkpoint_lib.is_environmental(ValueError("RESOURCE_EXHAUSTED: out of memory"))
+  assert not checkpoint_lib.is_environmental(ValueError("DATA_LOSS: bad checksum"))

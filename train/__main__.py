@@ -60,6 +60,8 @@ def main(argv):
       raise
     from train import checkpoint
     checkpoint.quiet_abandoned_reads()  # a failed save or read leaves orbax threads behind
+    if isinstance(e, KeyboardInterrupt):
+      line += f"; the checkpoints saved so far are kept in {_WORKDIR.value}: rerun to continue"
     print(f"train: error: {line}\n  (rerun with --verbose for the traceback)", file=sys.stderr)
     sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
   if "stopped_at_step" in out:
