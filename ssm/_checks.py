@@ -8,6 +8,7 @@ names the op (or module) and the argument.
     check_float("fft_conv", u=u, k=k)                   # real floating point only
     check_float("linear_scan", complex_ok=True, a=a)    # real or complex
     d_model = positive_int("Mamba", "d_model", d_model) # an int >= 1, never a bool
+    check_integer("ssd", segment_ids=segment_ids)       # integer ids, not floats or bools
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def check_float(who: str, *, complex_ok: bool = False, **arrays) -> None:
             "separately, or a real array)" if jnp.issubdtype(dtype, jnp.complexfloating)
             else "; cast it first, e.g. x.astype(jnp.float32)")
     raise TypeError(f"{who}: {name} must be {want} array, got dtype {dtype}{hint}")
+
+
+def check_integer(who: str, **arrays) -> None:
+  """TypeError unless every given array (None skipped) has an integer dtype (not bool):
+  ids and positions, such as the segment ids of packed sequences."""
+  for name, x in arrays.items():
+    if x is not None and (not jnp.issubdtype(jnp.result_type(x), jnp.integer)
+                          or jnp.result_type(x) == jnp.bool_):
+      raise TypeError(f"{who}: {name} must be an integer array, got dtype {jnp.result_type(x)}")
 
 
 def _is_int(value) -> bool:

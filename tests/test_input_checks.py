@@ -133,3 +133,7 @@ def test_the_helpers():
   with pytest.raises(TypeError, match="op: c must be a real floating-point array, got dtype "
                                       "complex64 .*imaginary"):
     _checks.check_float("op", c=jnp.ones(2, jnp.complex64))
+  _checks.check_integer("op", ids=jnp.arange(3), none=None)
+  for dtype in (jnp.float32, jnp.bool_):
+    with pytest.raises(TypeError, match="op: ids must be an integer array"):
+      _checks.check_integer("op", ids=jnp.ones(3, dtype))

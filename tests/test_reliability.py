@@ -492,3 +492,32 @@ def test_a_failing_machine_is_not_corruption():
     assert checkpoint_lib.is_environmental(wrapped)
   assert checkpoint_lib.is_environmental(ValueError("RESOURCE_EXHAUSTED: out of memory"))
   assert not checkpoint_lib.is_environmental(ValueError("DATA_LOSS: bad checksum"))
+
+
+def test_checkpoints_with_the_old_float_fingerprint_still_restore(tmp_path, monkeypatch):
+  """Written before the checksums (their sum of squares overflowed to inf above 1.8e19)."""
+  import orbax.checkpoint as ocp
+  state = {"nu": jnp.full((3,), 2.0e19, jnp.float32), "w": jnp.arange(3.0)}
+
+  def old_args(self, state, loader_state, meta):
+    fingerprint = [[float(a), float(b)] for a, b in
+                   jax.device_get(checkpoint_lib._legacy_fingerprint(jax.tree.leaves(state)))]
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(checkpoint_lib.tree_to_dict(state)),
+        loader=ocp.args.JsonSave(loader_state),
+        meta=ocp.args.JsonSave(dict(meta, fingerprint=fingerprint)))
+
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=1)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  try:
+    with monkeypatch.context() as m:
+      m.setattr(checkpoint_lib.Checkpointer, "_args", old_args)
+      ckpt.save(1, state, {}, {})
+      ckpt.wait()
+    assert ckpt.restore_latest(abstract)[0] == 1  # inf matches itself now
+    edited = dict(state, w=jnp.arange(3.0) + 1)
+    assert not checkpoint_lib._legacy_fingerprints_match(
+        jax.device_get(checkpoint_lib._legacy_fingerprint(jax.tree.leaves(state))), edited)
+  finally:
+    ckpt.close()

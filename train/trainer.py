@@ -92,7 +92,8 @@ def all_finite(tree) -> jax.Array:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradients became NaN/Inf; the message names the step."""
+  """The loss, gradients or updated state became NaN/Inf; the message names the step and
+  what to do (nonfinite_message)."""
 
 
 class TrainState(NamedTuple):
