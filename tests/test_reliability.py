@@ -387,16 +387,22 @@ def test_cli_full_disk_is_one_line(data_cache, jax_cache, tmp_path):  # noqa: F8
   assert line == f"train: error: No space left on device: {tmp_path / 'w' / 'metrics.jsonl'}"
 
 
-def test_full_disk_is_found_inside_wrapped_errors():
-  inner = OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/8/state/d/x")
+def _raised_from(outer: BaseException, cause: BaseException) -> BaseException:
+  """outer raised from cause, tracebacks and all (as a library leaves them)."""
   try:
     try:
-      raise inner
-    except OSError as e:
-      raise ExceptionGroup("save failed", [RuntimeError("tensorstore write failed")]) from e
-  except ExceptionGroup as wrapped:
-    assert errors_lib.one_line(wrapped) == ("No space left on device: "
-                                            "/w/checkpoints/8/state/d/x")
+      raise cause
+    except BaseException as e:
+      raise outer from e
+  except BaseException as e:  # noqa: BLE001
+    return e
+
+
+def test_full_disk_is_found_inside_wrapped_errors():
+  wrapped = _raised_from(
+      ExceptionGroup("save failed", [RuntimeError("tensorstore write failed")]),
+      OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/8/state/d/x"))
+  assert errors_lib.one_line(wrapped) == "No space left on device: /w/checkpoints/8/state/d/x"
   assert errors_lib.one_line(KeyError("bug")) is None  # bugs keep their traceback
 
 
@@ -483,13 +489,7 @@ def test_orbax_thread_errors_are_one_line():
 def test_a_failing_machine_is_not_corruption():
   """Permissions, a full disk or memory: the checkpoint stays where it is."""
   denied = OSError(errno.EACCES, "Permission denied", "/w/checkpoints/8/state")
-  try:
-    try:
-      raise denied
-    except OSError as e:
-      raise ValueError("restore failed") from e
-  except ValueError as wrapped:
-    assert checkpoint_lib.is_environmental(wrapped)
+  assert checkpoint_lib.is_environmental(_raised_from(ValueError("restore failed"), denied))
   assert checkpoint_lib.is_environmental(ValueError("RESOURCE_EXHAUSTED: out of memory"))
   assert not checkpoint_lib.is_environmental(ValueError("DATA_LOSS: bad checksum"))
 
