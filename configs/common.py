@@ -94,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
       fsdp_min_size=2**20,     # parameters with fewer elements stay replicated
       halt_at_step=0,          # stop this invocation at that step (checkpointed); 0 = never
+      resume="auto",           # "auto" | "allow_changes" | "restart": a workdir whose saved
+                               # config differs (see train/workdir.py)
       prefetch=2,              # batches the loader prepares ahead
   ))
   return config

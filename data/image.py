@@ -29,7 +29,9 @@ Sources (`data_dir`), detected in this order:
 Splits: validation is a fixed-seed (`seed`) `val_fraction` of train (LRA/S4: 10%,
 45000/5000); test is the test set. Decoding an image tree (60k JPEGs) takes a while,
 so its decoded uint8 pixels are cached as .npz under cache_dir (default
-$SSMLAB_CACHE or ~/.cache/ssmlab), keyed by the source's path, size and mtime.
+$SSMLAB_CACHE or ~/.cache/ssmlab), keyed by the source's path, size and mtime, with a
+checksum (data/integrity.py): a damaged or edited cache is rebuilt, a damaged archive is
+a DataError naming it, and the shared copy must hold CIFAR-10's 50,000 + 10,000 images.
 
 Batch: "inputs" (b, h*w, c) float32, "mask" (b, h*w) bool all True, "targets" (b,)
 int32. A dataset holds float32 inputs: about 0.6 GB for RGB CIFAR-10 train.
@@ -44,12 +46,13 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data.integrity import DataError, check_count, load_npz, save_npz
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
 
@@ -58,6 +61,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 PICKLE_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 PICKLE_TEST = "test_batch"
+CIFAR10_COUNTS = {"train": 50_000, "test": 10_000}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = 1  # part of the cache key: bump when decoding changes
 
@@ -201,31 +205,35 @@ def missing_data_error(where) -> FileNotFoundError:
       f"{str(DEFAULT_SOURCE)!r} (shared/data beside the repository) is read.")
 
 
+def _source_key(source: Path) -> str:
+  st = source.stat()
+  return f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CACHE_VERSION}"
+
+
 def _cache_path(source: Path, cache_dir) -> Path:
   from data.listops import cache_root
-  st = source.stat()
-  key = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CACHE_VERSION}"
-  digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+  digest = hashlib.blake2b(_source_key(source).encode(), digest_size=8).hexdigest()
   return cache_root(cache_dir) / f"cifar-{source.name.split('.')[0]}-{digest}.npz"
 
 
 def _cached(source: Path, cache_dir, decode) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """decode() -> splits, through an .npz cache written atomically (uint8 pixels)."""
+  """decode() -> splits, through a verified .npz cache (data/integrity.py; uint8 pixels).
+
+  A damaged or edited cache is rebuilt; a damaged archive is a DataError naming it."""
   path = _cache_path(source, cache_dir)
-  if path.is_file():
-    with np.load(path) as f:
-      return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in ("train", "test")}
-  splits = decode()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+  f = load_npz(path, expect={"source": _source_key(source)})
+  if f is not None:
+    return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in ("train", "test")}
   try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{f"{s}_{k}": a for s, (x, y) in splits.items()
-                     for k, a in (("images", x), ("labels", y))})
-    os.replace(tmp, path)  # a concurrent writer of the same file simply wins
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    splits = decode()
+  except (EOFError, zlib.error, tarfile.ReadError) as e:
+    raise DataError(f"{source}: the archive is damaged or truncated ({type(e).__name__}: "
+                    f"{str(e)[:200]}); get it again") from None
+  if source.resolve() == DEFAULT_SOURCE.resolve():  # CIFAR-10's own counts
+    for split, (_, labels) in splits.items():
+      check_count(f"{split} images", source, len(labels), CIFAR10_COUNTS[split])
+  save_npz(path, {f"{s}_{k}": a for s, (x, y) in splits.items()
+                  for k, a in (("images", x), ("labels", y))}, {"source": _source_key(source)})
   return splits
 
 

@@ -17,7 +17,14 @@ does, which does not change which trees are kept.
 Files (the LRA release layout, lra_release/listops-1000): basic_train.tsv,
 basic_val.tsv, basic_test.tsv; header "Source<TAB>Target"; Source as LRA's writer
 spells a tree, every operator application nested one parenthesis per argument:
-[MAX 1 7 2] is written "( ( ( ( [MAX 1 ) 7 ) 2 ) ] )".
+[MAX 1 7 2] is written "( ( ( ( [MAX 1 ) 7 ) 2 ) ] )". A generated set also has
+meta.json: its options, the example count of each split and each file's SHA-256.
+
+Checks (read_folder): a generated set in the cache that is short of examples, edited or
+unreadable is generated again (with a warning); a data_dir is checked against its
+meta.json, or the release's counts (96000/2000/2000) for a folder named listops-1000,
+and a mismatch is a DataError naming the file. write_meta(folder) records a set of your
+own.
 
 Tokens (as S4 and S5 read LRA's files): parentheses dropped, "]" read as "X",
 operators with or without their "[". Vocabulary ids:
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -40,8 +48,11 @@ from typing import Any
 
 import numpy as np
 
+from data.integrity import DataError, check_count, file_sha256
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
+
+log = logging.getLogger(__name__)
 
 OPERATORS = ("MIN", "MAX", "MED", "SM")
 OPERATOR_PROB = 0.25  # LRA's VALUE_P: a node below max depth is an operator when random() <= 0.25
@@ -53,6 +64,8 @@ VOCAB_SIZE = len(VOCAB)
 NUM_CLASSES = 10
 
 SPLIT_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv", "test": "basic_test.tsv"}
+RELEASE_FOLDER = "listops-1000"  # lra_release/listops-1000 holds the LRA files
+RELEASE_COUNTS = {"train": 96000, "validation": 2000, "test": 2000}
 HEADER = "Source\tTarget"
 GENERATOR_VERSION = 1  # part of the cache key: bump when generated sets change
 
@@ -202,8 +215,24 @@ def write_dataset(out_dir, *, num_train: int = 96000, num_val: int = 2000, num_t
         written += 1
   meta = dict(counts, seed=seed, min_length=min_length, max_length=max_length,
               max_depth=max_depth, max_args=max_args, generator_version=GENERATOR_VERSION)
-  (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+  write_meta(out_dir, meta)
   return out_dir
+
+
+def write_meta(folder, meta: dict | None = None) -> Path:
+  """folder/meta.json: the example count of each split (counted from the files when
+  `meta` lacks them) and each file's SHA-256, which every read checks. Run it once on a
+  set of your own, so that a later truncation or edit is caught."""
+  folder = Path(folder)
+  meta = dict(meta or {})
+  for split, name in SPLIT_FILES.items():
+    if split not in meta:
+      meta[split] = len(read_tsv(folder / name)[0])
+  meta["sha256"] = {name: file_sha256(folder / name) for name in SPLIT_FILES.values()}
+  tmp = folder / "meta.json.tmp"
+  tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+  os.replace(tmp, folder / "meta.json")
+  return folder / "meta.json"
 
 
 def cache_root(cache_dir=None) -> Path:
@@ -323,11 +352,52 @@ def encode(sources: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   return inputs, lengths
 
 
-def read_split(path, seq_len: int = 2000) -> ArrayDataset:
-  """ArrayDataset with inputs (n, seq_len) int32, mask (n, seq_len) bool, targets (n,) int32."""
+def read_split(path, seq_len: int = 2000, expected: int | None = None) -> ArrayDataset:
+  """ArrayDataset with inputs (n, seq_len) int32, mask (n, seq_len) bool, targets (n,) int32;
+  DataError when `expected` is given and the file holds another number of examples."""
   sources, targets = read_tsv(path)
+  if expected is not None:
+    check_count("examples", path, len(sources), expected)
   inputs, _ = encode(sources, seq_len)
   return ArrayDataset({"inputs": inputs, "mask": inputs != PAD_ID, "targets": targets})
+
+
+def _read_meta(folder: Path) -> dict | None:
+  path = folder / "meta.json"
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise DataError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_folder(folder, seq_len: int, *, record_checksums: bool = False) -> dict[str, ArrayDataset]:
+  """The three splits of a folder, checked against what it should hold.
+
+  Expected: folder/meta.json's counts and SHA-256s (write_dataset and write_meta write
+  it); without one, a folder named listops-1000 (the LRA release) must hold the
+  release's RELEASE_COUNTS, and any other is read as it is. record_checksums: add the
+  SHA-256s to a meta.json that lacks them (a cache written before they existed).
+
+  Raises:
+    DataError: a file with the wrong count or content, naming it.
+  """
+  folder = Path(folder)
+  meta = _read_meta(folder)
+  expected = ({s: meta.get(s) for s in SPLIT_FILES} if meta is not None
+              else RELEASE_COUNTS if folder.name == RELEASE_FOLDER else {})
+  splits = {split: read_split(folder / name, seq_len, expected.get(split))
+            for split, name in SPLIT_FILES.items()}
+  digests = (meta or {}).get("sha256")
+  if digests:
+    for name in SPLIT_FILES.values():
+      if file_sha256(folder / name) != digests.get(name):
+        raise DataError(f"{folder / name}: its content differs from the SHA-256 in "
+                        f"{folder / 'meta.json'} (edited or damaged)")
+  elif meta is not None and record_checksums:
+    write_meta(folder, meta)
+  return splits
 
 
 def _missing_files_error(folder: Path, missing: list[str]) -> FileNotFoundError:
@@ -351,11 +421,21 @@ def load_task(data_cfg) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
     missing = [f for f in SPLIT_FILES.values() if not (folder / f).is_file()]
     if missing:
       raise _missing_files_error(folder, missing)
+    try:
+      splits = read_folder(folder, seq_len)
+    except DataError as e:
+      raise DataError(f"ListOps data_dir: {e}. Get the files again (the LRA release, or "
+                      f"data.listops.write_dataset for a generated set)") from None
   else:
     gen = {k: opts[k] for k in ("num_train", "num_val", "num_test", "seed", "min_length",
                                 "max_length", "max_depth", "max_args")}
     folder = ensure_generated(opts["cache_dir"], **gen)
-  splits = {split: read_split(folder / name, seq_len) for split, name in SPLIT_FILES.items()}
+    try:
+      splits = read_folder(folder, seq_len, record_checksums=True)
+    except (DataError, ValueError, OSError) as e:  # ours to rebuild: deterministic
+      log.warning("generated ListOps set %s is damaged (%s); generating it again", folder, e)
+      shutil.rmtree(folder)
+      splits = read_folder(ensure_generated(opts["cache_dir"], **gen), seq_len)
   spec = TaskSpec(name="listops", kind="classification", input_kind="tokens", seq_len=seq_len,
                   num_classes=NUM_CLASSES, vocab_size=VOCAB_SIZE)
   return spec, splits

@@ -69,6 +69,9 @@ Files (LRA release, lra_release/pathfinder{size}/curv_contour_length_{n}):
                               "imgs/<k> sample_<i>.png <i> <label> <continuity> ..."
                               field 0 the image folder, 1 the file name, 3 the label.
 Zero-byte image files (a few exist in the release) are skipped, as S4 and LRA do.
+A generated set's meta.json holds its counts and, from the first read on, a SHA-256 of
+its pixels (read_generated): a set in the cache that lost or changed images is
+generated again, with a warning.
 Splits (S4's): the examples, in metadata order (files by number), are permuted with
 `split_seed` and cut 80/10/10 into train/validation/test.
 """
@@ -78,6 +81,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -90,8 +94,11 @@ from typing import Any
 
 import numpy as np
 
+from data.integrity import DataError, arrays_sha256, check_count
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
 GENERATOR_VERSION = 2  # part of the cache key: bump when generated sets change
@@ -511,6 +518,29 @@ def read_images(folder, size: int, num_threads: int = 8):
   return stack, labels
 
 
+def read_generated(folder, size: int):
+  """read_images of a generated set, checked against its meta.json: the number of images
+  and of positives, and a SHA-256 of the pixels and labels (recorded on the first read).
+
+  Raises:
+    DataError: a count or the checksum differs (images lost or edited), naming the folder.
+  """
+  folder = Path(folder)
+  meta = json.loads((folder / "meta.json").read_text())
+  images, labels = read_images(folder, size)
+  check_count("images", folder, len(labels), meta["num_examples"])
+  check_count("positive images", folder, int(labels.sum()), meta["positives"])
+  digest = arrays_sha256({"images": images, "labels": labels})
+  if "sha256" not in meta:
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(dict(meta, sha256=digest), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, folder / "meta.json")
+  elif meta["sha256"] != digest:
+    raise DataError(f"{folder}: its images differ from the SHA-256 in {folder / 'meta.json'} "
+                    f"(edited or damaged)")
+  return images, labels
+
+
 def split_indices(n: int, split_seed: int) -> dict[str, np.ndarray]:
   """80/10/10 of a permutation of range(n) drawn from split_seed."""
   order = np.random.default_rng(split_seed).permutation(n)
@@ -622,12 +652,18 @@ def _load(data_cfg, defaults) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
                      f"got {opts['normalize']!r}")
   if opts["data_dir"] is not None:
     folder = _find_contour_dir(Path(opts["data_dir"]).expanduser(), size, opts["contour_length"])
+    images, labels = read_images(folder, size)
   else:
-    folder = ensure_generated(opts["cache_dir"], num_examples=opts["num_examples"],
-                              seed=opts["seed"], size=size,
-                              contour_length=opts["contour_length"],
-                              num_workers=opts["num_workers"])
-  images, labels = read_images(folder, size)
+    gen = dict(num_examples=opts["num_examples"], seed=opts["seed"], size=size,
+               contour_length=opts["contour_length"], num_workers=opts["num_workers"])
+    folder = ensure_generated(opts["cache_dir"], **gen)
+    try:
+      images, labels = read_generated(folder, size)
+    except (ValueError, OSError, KeyError) as e:  # ours to rebuild: deterministic
+      log.warning("generated %s set %s is damaged (%s); generating it again", opts["task"],
+                  folder, e)
+      shutil.rmtree(folder.parents[1])
+      images, labels = read_generated(ensure_generated(opts["cache_dir"], **gen), size)
   if len(labels) < 10:
     raise ValueError(f"{folder}: {len(labels)} non-empty images; need at least 10 to split")
   flat = images.reshape(len(labels), size * size)

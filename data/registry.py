@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from data.integrity import DataError, check_labels
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
 
@@ -64,6 +65,8 @@ def load_task(data_cfg) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
   Raises:
     ValueError: unknown task, or a config key the task does not accept.
     FileNotFoundError: a data_dir that does not hold the task's files.
+    data.integrity.DataError: a source that is damaged, holds fewer examples than it
+      should, or a split that is empty or has a single label (data/integrity.py).
   """
   cfg = _as_dict(data_cfg)
   task = cfg.get("task")
@@ -75,4 +78,9 @@ def load_task(data_cfg) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
   missing = set(SPLITS) - set(splits)
   if missing:
     raise RuntimeError(f"task {task!r} loader returned no {sorted(missing)} split(s)")
+  for split, ds in splits.items():
+    if not len(ds):
+      raise DataError(f"task {task!r}: the {split} split is empty")
+    if spec.kind != "lm":  # one label per sequence: a single class is a broken source
+      check_labels(task, split, ds["targets"])
   return spec, splits

@@ -13,24 +13,25 @@ Files: the standard aclImdb distribution (ai.stanford.edu/~amaas/data/sentiment/
 either the folder (aclImdb/train/{pos,neg}/<id>_<rating>.txt, aclImdb/test/...) or
 its tar.gz, read member by member without extracting. With data_dir=None the
 project's copy ../shared/data/imdb/aclImdb.tar.gz is read. The reviews' raw bytes
-are cached (np.savez, keyed by the source's path, size and mtime; for a folder its
-own mtime, so delete the cache after editing reviews in place) so later runs skip
-the 50,000-file walk; the cache holds bytes, not padded arrays, so every seq_len
-shares it.
+are cached (data/integrity.py's npz, keyed by the source's path, size and mtime; for a
+folder its own mtime, so delete the cache after editing reviews in place) so later runs
+skip the 50,000-file walk; the cache holds bytes, not padded arrays, so every seq_len
+shares it. A damaged or edited cache is rebuilt; a damaged archive is a DataError
+naming it; the shared copy must hold the standard 12,500 reviews per split and label,
+and data.load_task refuses a split with one label (an archive of positive reviews).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data.integrity import READ_ERRORS, DataError, check_count, load_npz, save_npz
 from data.listops import cache_root
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
@@ -43,6 +44,7 @@ SOURCE_SPLITS = ("train", "test")
 CACHE_VERSION = 1  # part of the cache key: bump when the cached content changes
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imdb" / "aclImdb.tar.gz"
 DOWNLOAD = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+STANDARD_COUNT = 25_000  # reviews per split of aclImdb, half of them per label
 
 DEFAULTS: dict[str, Any] = dict(
     task="text",
@@ -136,42 +138,58 @@ def resolve_source(data_dir) -> Path:
   raise _missing_error(where, "no aclImdb/{train,test}/{pos,neg} folders or aclImdb.tar.gz there")
 
 
-def _cache_file(source: Path, cache_dir) -> Path:
+def _source_key(source: Path) -> str:
   st = source.stat()
-  key = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
-  digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+  return f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
+
+
+def _cache_file(source: Path, cache_dir) -> Path:
+  digest = hashlib.blake2b(_source_key(source).encode(), digest_size=8).hexdigest()
   return cache_root(cache_dir) / f"imdb-bytes-v{CACHE_VERSION}-{digest}.npz"
 
 
-def load_reviews(source: Path, cache_dir=None) -> Reviews:
-  """Reviews of a folder or tarball, through the on-disk byte cache."""
-  cache = _cache_file(source, cache_dir)
-  if cache.is_file():
-    with np.load(cache) as z:
-      out = {}
-      for split in SOURCE_SPLITS:
-        flat, offsets = z[f"{split}_bytes"].tobytes(), z[f"{split}_offsets"]
-        texts = [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-        out[split] = (texts, z[f"{split}_labels"])
-      return out
-  reviews = read_tarball(source) if source.is_file() else read_folder(source)
+def _read_source(source: Path) -> Reviews:
+  """Reviews of a folder or tarball; DataError naming a damaged archive."""
+  if not source.is_file():
+    return read_folder(source)
+  try:
+    return read_tarball(source)
+  except READ_ERRORS as e:
+    raise DataError(f"{source}: the archive is damaged or truncated ({type(e).__name__}: "
+                    f"{str(e)[:200]}); download it again from {DOWNLOAD}") from None
+
+
+def _check_counts(source: Path, reviews: Reviews) -> None:
   empty = [split for split, (texts, _) in reviews.items() if not texts]
   if empty:
     raise _missing_error(source, f"no review files {empty[0]}/(pos|neg)/<id>_<rating>.txt inside")
+  if source.resolve() == DEFAULT_SOURCE.resolve():  # the standard distribution's counts
+    for split, (texts, labels) in reviews.items():
+      for label, name in enumerate(LABELS):
+        check_count(f"{split}/{name} reviews", source, int(np.sum(labels == label)),
+                    STANDARD_COUNT // 2)
+
+
+def load_reviews(source: Path, cache_dir=None) -> Reviews:
+  """Reviews of a folder or tarball, through the on-disk byte cache (data/integrity.py:
+  a damaged or edited cache is rebuilt)."""
+  cache = _cache_file(source, cache_dir)
+  z = load_npz(cache, expect={"source": _source_key(source)})
+  if z is not None:
+    out = {}
+    for split in SOURCE_SPLITS:
+      flat, offsets = z[f"{split}_bytes"].tobytes(), z[f"{split}_offsets"]
+      texts = [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+      out[split] = (texts, z[f"{split}_labels"])
+    return out
+  reviews = _read_source(source)
+  _check_counts(source, reviews)
   arrays = {}
   for split, (texts, labels) in reviews.items():
     arrays[f"{split}_bytes"] = np.frombuffer(b"".join(texts), np.uint8)
     arrays[f"{split}_offsets"] = np.cumsum([0] + [len(t) for t in texts]).astype(np.int64)
     arrays[f"{split}_labels"] = labels
-  cache.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".npz", dir=cache.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, cache)  # atomic: a reader never sees half a cache file
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  save_npz(cache, arrays, {"source": _source_key(source)})
   return reviews
 
 

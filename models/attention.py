@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._checks import check_float, positive_int
+
 ROTARY_BASE = 10000.0
 
 
@@ -61,9 +63,11 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, *, num_heads: int | None = None,
                bidirectional: bool = False, dropout: float = 0.0, max_len: int = 2048,
                rotary: bool = True, rngs: nnx.Rngs):
+    d_model = positive_int("attention", "d_model", d_model)
     if num_heads is None:
       num_heads = max(1, d_model // 64)
-    if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or (
+        d_model % num_heads):
       raise ValueError(f"attention: num_heads must be a positive int dividing "
                        f"d_model={d_model}, got {num_heads!r}")
     head_dim = d_model // num_heads
@@ -72,8 +76,7 @@ class Attention(nnx.Module):
                        f"(d_model={d_model}, num_heads={num_heads})")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"attention: dropout must be in [0, 1), got {dropout}")
-    if not isinstance(max_len, int) or max_len < 1:
-      raise ValueError(f"attention: max_len must be a positive int, got {max_len!r}")
+    positive_int("attention", "max_len", max_len)
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.bidirectional, self.rotary, self.max_len = bool(bidirectional), bool(rotary), max_len
     self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
@@ -81,6 +84,7 @@ class Attention(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def _check_x(self, x, ndim, what):
+    check_float("attention", **{what: x})
     if x.ndim != ndim or x.shape[-1] != self.d_model:
       raise ValueError(f"attention: {what} must have {ndim} dims ending in "
                        f"d_model={self.d_model}, got shape {x.shape}")
@@ -117,10 +121,8 @@ class Attention(nnx.Module):
     if self.bidirectional:
       raise ValueError("a bidirectional mixer has no recurrent step (it is not causal)")
     max_len = self.max_len if max_len is None else max_len
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"attention: batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(max_len, int) or max_len < 1:
-      raise ValueError(f"attention: max_len must be a positive int, got {max_len!r}")
+    batch_size = positive_int("attention", "batch_size", batch_size)
+    max_len = positive_int("attention", "max_len", max_len)
     shape = (batch_size, max_len, self.num_heads, self.head_dim)
     return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
             "pos": jnp.zeros((), jnp.int32)}

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._checks import check_float, optional_positive_int, positive_int
+
 NORMS = ("layer", "rms", "batch")
 FFNS = ("none", "mlp", "glu")
 
@@ -196,6 +198,8 @@ class ResidualBlock(nnx.Module):
       raise ValueError(f"unknown ffn {ffn!r}; valid ffn kinds: {list(FFNS)}")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    d_model = positive_int("ResidualBlock", "d_model", d_model)
+    positive_int("ResidualBlock", "ffn_mult", ffn_mult)
     self.mixer = mixer
     self.prenorm = bool(prenorm)
     self.norm = make_norm(norm, d_model, rngs=rngs)
@@ -232,6 +236,8 @@ class ResidualBlock(nnx.Module):
     return zero_padding(x, mask)
 
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> Any:
+    batch_size = positive_int("ResidualBlock", "batch_size", batch_size)
+    max_len = optional_positive_int("ResidualBlock", "max_len", max_len)
     if not hasattr(self.mixer, "init_state"):
       raise ValueError(f"mixer {type(self.mixer).__name__} has no recurrent mode "
                        "(init_state/step)")
@@ -268,13 +274,14 @@ class Backbone(nnx.Module):
       raise ValueError("Backbone needs at least one mixer (num_layers >= 1)")
     if len({id(m) for m in mixers}) != len(mixers):
       raise ValueError("Backbone mixers must be distinct modules (one per layer)")
-    self.d_model = d_model
+    self.d_model = positive_int("Backbone", "d_model", d_model)
     self.blocks = nnx.List([
         ResidualBlock(m, d_model, norm=norm, prenorm=prenorm, ffn=ffn, ffn_mult=ffn_mult,
                       dropout=dropout, rngs=rngs) for m in mixers])
     self.final_norm = make_norm(norm, d_model, rngs=rngs) if prenorm else None
 
   def _check(self, x, ndim, what):
+    check_float("Backbone", **{what: x})
     if x.ndim != ndim or x.shape[-1] != self.d_model:
       raise ValueError(f"Backbone: {what} must have {ndim} dims ending in "
                        f"d_model={self.d_model}, got shape {x.shape}")
@@ -294,8 +301,7 @@ class Backbone(nnx.Module):
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:
     """Per-layer recurrent states. max_len sizes the KV cache of attention mixers
     (their state grows O(max_len), unlike an SSM's); others ignore it."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = positive_int("Backbone", "batch_size", batch_size)
     return [block.init_state(batch_size, max_len=max_len) for block in self.blocks]
 
   def step(self, state: list, x_t, *, mask_t=None):

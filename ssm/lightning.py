@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._checks import positive_int
 from ssm.linear_attention import (check_chunk, check_heads, check_input, check_state,
                                   split_heads, srms_norm)
 from ssm.memory_caching import (MemoryCachingConfig, cached_memory_read, cached_memory_step,
@@ -119,6 +120,7 @@ class Lightning(nnx.Module):
     return self._finish(o, u, x)
 
   def init_state(self, batch_size: int) -> Any:
+    batch_size = positive_int("lightning", "batch_size", batch_size)
     h, dh = self.num_heads, self.head_dim
     if self.mc is not None:
       return init_cache_state(batch_size, h, dh, dh, max_segments=self.mc.max_segments)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._checks import check_float, positive_int
 from ssm.memory_caching import (MemoryCachingConfig, cached_memory_read, cached_memory_step,
                                 init_cache_state, memory_caching_config)
 from ssm.ops import lightning_attention
@@ -60,16 +61,17 @@ def default_num_heads(d_model: int) -> int:
 
 
 def check_heads(d_model: int, num_heads, kind: str) -> int:
+  d_model = positive_int(kind, "d_model", d_model)
   num_heads = default_num_heads(d_model) if num_heads is None else num_heads
-  if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads:
+  if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or (
+      d_model % num_heads):
     raise ValueError(f"{kind}: num_heads must be a positive int dividing d_model={d_model}, "
                      f"got {num_heads!r}")
   return num_heads
 
 
 def check_chunk(chunk_size, kind):
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"{kind}: chunk_size must be an int >= 1, got {chunk_size!r}")
+  positive_int(kind, "chunk_size", chunk_size)
 
 
 def split_heads(x, h):
@@ -78,6 +80,7 @@ def split_heads(x, h):
 
 
 def check_input(x, d_model, ndim, what, kind):
+  check_float(kind, **{what: x})
   if x.ndim != ndim or x.shape[-1] != d_model:
     raise ValueError(f"{kind}: {what} must have {ndim} dims ending in d_model={d_model}, "
                      f"got {x.shape}")
@@ -155,6 +158,7 @@ class LinearAttention(nnx.Module):
 
   # -- recurrent mode -------------------------------------------------------------
   def init_state(self, batch_size: int) -> Any:
+    batch_size = positive_int("linear_attention", "batch_size", batch_size)
     h, dh = self.num_heads, self.head_dim
     dv = dh + (self.normalize == "denominator")
     if self.mc is not None:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._checks import check_float, positive_int
 from ssm.ops import fft_conv
 from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
 from ssm.ops._impl import IMPLS
@@ -38,8 +39,10 @@ ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 POSTACTS = ("glu", "linear", "none")
 
 
-def check_mixer_options(activation: str, postact: str, impl: str) -> None:
-  """ValueError listing the valid choices; factories call it before building parameters."""
+def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> None:
+  """ValueError listing the valid choices (and for a d_model that is not a positive int);
+  factories call it before building parameters."""
+  positive_int("LTI mixer", "d_model", d_model)
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
   if postact not in POSTACTS:
@@ -114,7 +117,9 @@ class LTIMixer(nnx.Module):
     check_mixer_options(activation, postact, impl)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    h, c_total = kernel.d_model, kernel.channels
+    who = f"{type(kernel).__name__} mixer"
+    h = positive_int(who, "d_model", kernel.d_model)
+    c_total = positive_int(who, "kernel channels", kernel.channels)
     if bidirectional and c_total % 2:
       raise ValueError(f"bidirectional needs an even number of kernel channels, got {c_total}")
     c = c_total // 2 if bidirectional else c_total
@@ -147,6 +152,7 @@ class LTIMixer(nnx.Module):
     return y.astype(x.dtype)
 
   def _check_x(self, x, ndim, what):
+    check_float(f"{type(self.kernel).__name__} mixer", **{what: x})
     if x.ndim != ndim or x.shape[-1] != self.d_model:
       raise ValueError(f"{type(self.kernel).__name__} mixer: {what} must have "
                        f"{ndim} dims ending in d_model={self.d_model}, got {x.shape}")
@@ -163,7 +169,8 @@ class LTIMixer(nnx.Module):
   def init_state(self, batch_size: int) -> Any:
     if self.bidirectional:
       raise ValueError("a bidirectional mixer has no recurrent step (it is not causal)")
-    return self.kernel.init_state(batch_size)
+    return self.kernel.init_state(
+        positive_int(f"{type(self.kernel).__name__} mixer", "batch_size", batch_size))
 
   def step(self, state: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:
     """One token: x_t (b, h) -> (state, y_t (b, h)). Dropout is off in step mode."""

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._checks import check_float, optional_positive_int, positive_int
 from ssm import memory_caching as mcache
 from ssm.ops import selective_scan
 from ssm.ops._impl import IMPLS
@@ -125,11 +126,9 @@ class Mamba(nnx.Module):
                impl: str = "auto", rngs: nnx.Rngs):
     for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
                     ("expand", expand), ("chunk_size", chunk_size)):
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"Mamba: {name} must be a positive int, got {v!r}")
+      positive_int("Mamba", name, v)
     dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
-    if not isinstance(dt_rank, int) or dt_rank < 1:
-      raise ValueError(f"Mamba: dt_rank must be a positive int, got {dt_rank!r}")
+    positive_int("Mamba", "dt_rank", dt_rank)
     if impl not in IMPLS:
       raise ValueError(f"Mamba: impl must be one of {IMPLS}, got {impl!r}")
     self.memory_caching = mcache.memory_caching_config(memory_caching)
@@ -163,6 +162,7 @@ class Mamba(nnx.Module):
     return delta, B, C
 
   def _check_x(self, x, ndim, what):
+    check_float("Mamba", **{what: x})
     if x.ndim != ndim or x.shape[-1] != self.d_model:
       raise ValueError(f"Mamba: {what} must have {ndim} dims ending in d_model={self.d_model}, "
                        f"got {x.shape}")
@@ -206,6 +206,8 @@ class Mamba(nnx.Module):
     cache holds enough segments for max_len tokens (default: max_segments of the
     option).
     """
+    batch_size = positive_int("Mamba", "batch_size", batch_size)
+    optional_positive_int("Mamba", "max_len", max_len)
     conv = jnp.zeros((batch_size, self.d_inner, self.d_conv - 1), jnp.float32)
     if self.memory_caching is None:
       return MambaState(conv, jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32))

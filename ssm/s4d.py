@@ -272,7 +272,7 @@ def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 64, channels: int
   With bidirectional=True the kernel has 2 * channels output maps sharing A, B, dt
   (the last `channels` run backwards in time) and the layer has no step mode.
   """
-  check_mixer_options(activation, postact, impl)
+  check_mixer_options(activation, postact, impl, d_model)
   kernel = S4DKernel(d_model, d_state=d_state, channels=channels * (2 if bidirectional else 1),
                      init=init, disc=disc, real_transform=real_transform, dt_min=dt_min,
                      dt_max=dt_max, rngs=rngs)

@@ -184,7 +184,7 @@ def make_mixer(d_model: int, *, rngs: nnx.Rngs, l_max: int, channels: int = 1,
   With bidirectional=True the kernel has 2 * channels sub-kernel sets (the last
   `channels` run backwards in time) and the layer has no step mode.
   """
-  check_mixer_options(activation, postact, impl)
+  check_mixer_options(activation, postact, impl, d_model)
   kernel = SGConvKernel(d_model, l_max=l_max, channels=channels * (2 if bidirectional else 1),
                         kernel_dim=kernel_dim, decay=decay, rngs=rngs)
   return LTIMixer(kernel, bidirectional=bidirectional, activation=activation, postact=postact,

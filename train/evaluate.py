@@ -21,8 +21,9 @@ for language-modelling corpora.
 
 Errors: the workdir or its config missing -> FileNotFoundError; no checkpoint (or no
 checkpoint at --step) -> CheckpointNotFoundError; a checkpoint that fails to restore or
-whose arrays fail their fingerprint -> checkpoint.CorruptCheckpointError naming the
-folder and the other steps available. Unlike the trainer, nothing is moved aside and no
+whose arrays fail their checksums -> checkpoint.CorruptCheckpointError naming the
+folder and the other steps available; one whose arrays do not fit the model of the
+run's config -> checkpoint.StateMismatchError. Unlike the trainer, nothing is moved aside and no
 older checkpoint is substituted silently.
 """
 
@@ -163,9 +164,11 @@ def evaluate(workdir: str, split: str = "test", step: int | str | None = None, *
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=max(1, config.train.keep_checkpoints))
   path = os.path.join(workdir, folder, str(step))
   try:
-    # The trainer's own restore (same item layout and fingerprint check), with the
+    # The trainer's own restore (same item layout and checksums), with the
     # target shardings of this mesh; no quarantine and no fallback here.
     state, _, _ = ckpt.restore(step, trainer.abstract_state, best=folder != "checkpoints")
+  except checkpoint_lib.StateMismatchError:
+    raise  # the run's config.json does not build the checkpoint's state: says so itself
   except Exception as e:  # noqa: BLE001 -- any failure: the checkpoint is unusable
     others = [s for s in _steps_in(os.path.join(workdir, "checkpoints")) if s != step]
     raise checkpoint_lib.CorruptCheckpointError(
@@ -223,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file at INFO
-  from train import sharding
+  from train import checkpoint, sharding
+  checkpoint.shorten_orbax_errors()  # a damaged checkpoint: one line per orbax error
+  checkpoint.quiet_abandoned_reads()
   sharding.maybe_initialize_distributed()
   out = evaluate(args.workdir, args.split, args.step, fsdp=args.fsdp)
   print(f"{out['split']} step {out['step']}  loss {out['loss']:.6g}  "

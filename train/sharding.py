@@ -59,6 +59,21 @@ def maybe_initialize_distributed() -> None:
            jax.process_count())
 
 
+def sync_processes(name: str) -> None:
+  """A barrier across the processes of a multi-host job (nothing to wait for alone)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def from_process_0(value: int) -> int:
+  """Process 0's `value` on every process (a decision one process takes for all)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
   """(data, fsdp) sizes from config.train.mesh; -1 takes what the other leaves."""
   sizes = [int(mesh_cfg[a]) for a in AXES]
@@ -143,6 +158,14 @@ def global_batch(local: dict, mesh) -> dict:
     return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n,) + x.shape[1:])
 
   return {k: one(v) for k, v in local.items()}
+
+
+def process_flags(value: int, mesh) -> jax.Array:
+  """(mesh.size,) int32: this process's `value` on each of its devices' rows. A max
+  over it inside a jitted step is the same on every process: a vote folded into the
+  step, with no synchronisation of its own."""
+  local = np.full((mesh.size // jax.process_count(),), value, np.int32)
+  return global_batch({"flags": local}, mesh)["flags"]
 
 
 def mesh_context(mesh):

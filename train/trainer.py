@@ -3,19 +3,28 @@
   python -m train --config=configs/lra/listops.py:s4d --workdir=runs/listops_s4d
 
 What a run does:
-  1. Validates the config (bad values -> ValueError naming the field), sets up the device
-     mesh (train/sharding.py), writes workdir/config.json and workdir/config.py.
-  2. Loads the task (data.load_task) and builds the model (models.build_model) inside a
+  1. Validates the config (bad values -> ValueError naming the field; a warmup longer
+     than num_steps is cut to it, with a warning) and sets up the device mesh
+     (train/sharding.py).
+  2. Locks the workdir and compares its saved config with this one (train/workdir.py:
+     a second trainer, or a changed model/optimizer/data, stops here and nothing in the
+     workdir changes; config.train.resume says what to do instead).
+  3. Loads the task (data.load_task) and builds the model (models.build_model) inside a
      jax.jit with the parameters' shardings as out_shardings, so large parameters are
      created already split over the mesh.
-  3. Resumes from the newest readable checkpoint in workdir (logging "resumed from step
-     N") or starts fresh; the data loader's state is part of the checkpoint. Metrics a
-     killed process logged past step N move to metrics_superseded.jsonl, so
-     metrics.jsonl holds one record per step and split.
-  4. Trains config.train.num_steps steps with a pure, jitted train step (donated state,
+  4. Resumes from the newest readable checkpoint in workdir (logging "resumed from step
+     N") or starts fresh; the data loader's state is part of the checkpoint. A workdir
+     whose checkpoints are all corrupt stops (train/checkpoint.py). Then writes
+     workdir/config.json and config.py. Metrics a killed process logged past step N
+     move to metrics_superseded.jsonl, so metrics.jsonl holds one record per step and
+     split.
+  5. Trains config.train.num_steps steps with a pure, jitted train step (donated state,
      explicit shardings); evaluates on validation every eval_every steps and at the end,
      on test at the end, exactly over all examples (padding rows have weight 0).
-  5. Writes workdir/results.json and returns its content: steps, final validation and
+     SIGINT/SIGTERM: the step in progress ends, a checkpoint is saved, and run returns
+     {"stopped_at_step", "num_steps", "signal"} (train/signals.py; every process of a
+     multi-host job stops at the same step).
+  6. Writes workdir/results.json and returns its content: steps, final validation and
      test loss/accuracy, the best validation accuracy and its step, wall_time_s (this
      process), train_time_s and runs (the step loops' time summed over every resume, and
      how many processes that took: carried in the checkpoint meta), device, mesh, date.
@@ -30,12 +39,15 @@ Determinism: dropout keys are derived from (config.train.seed, step) inside the 
 and the loader's batch order from its seed and saved position, so a run resumed from a
 checkpoint reproduces the uninterrupted run exactly (same devices and mesh).
 
-Non-finite loss or gradients: the step keeps the previous state (the update is
-discarded), and the host stops with NonFiniteLossError naming the step. Checkpoints are
-only written after the host has seen that every step up to them was finite, so the
-last good checkpoint stays the newest one.
+Non-finite loss, gradients or updated state (parameters, optimizer moments, BatchNorm
+statistics, checked on device in the step): the step keeps the previous state (the
+update is discarded), and the host stops with NonFiniteLossError naming the step and
+what to do (nonfinite_message). Checkpoints are only written after the host has seen
+that every step up to them was finite, so the last good checkpoint stays the newest one
+and holds finite values only.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -56,9 +68,13 @@ from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as sharding_lib
+from train import signals as signals_lib
+from train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _NOT_TRACEABLE = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                   jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
@@ -68,8 +84,16 @@ _NOT_TRACEABLE = (jax.errors.TracerArrayConversionError, jax.errors.Concretizati
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
+def all_finite(tree) -> jax.Array:
+  """() bool: every float (or complex) leaf of `tree` is free of NaN and inf."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradients became NaN/Inf; the message names the step."""
+  """The loss, gradients or updated state became NaN/Inf; the message names the step and
+  what to do (nonfinite_message)."""
 
 
 class TrainState(NamedTuple):
@@ -112,8 +136,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"must be one of {optim_lib.SCHEDULES}")
   for name in ("lr", "ssm_lr", "weight_decay", "grad_clip", "eps"):
     v = o[name]
-    _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"optim.{name}", v,
-           "must be a finite number >= 0")
+    # The optimizer computes in float32: a value past its range would train with inf.
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+           and 0 <= v <= _FLOAT32_MAX, f"optim.{name}", v,
+           f"must be a number in [0, {_FLOAT32_MAX:.4g}] (finite in float32)")
   _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
   for name in ("b1", "b2"):
     _check(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1)")
@@ -124,6 +150,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("checkpoint_every", "halt_at_step", "prefetch", "fsdp_min_size", "seed"):
     _check(isinstance(t[name], int) and t[name] >= 0, f"train.{name}", t[name],
            "must be an int >= 0")
+  _check(t.resume in workdir_lib.RESUME_MODES, "train.resume", t.resume,
+         f"must be one of {workdir_lib.RESUME_MODES} (see train/workdir.py)")
   _check(isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps <= t.num_steps,
          "optim.warmup_steps", o.warmup_steps, f"must be an int in [0, num_steps={t.num_steps}]")
   for axis in sharding_lib.AXES:
@@ -134,40 +162,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"{sharding_lib.AXES}")
 
 
+def fit_warmup(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config, or a copy whose warmup is cut to num_steps (with a warning): a recipe's
+  warmup_steps would otherwise fail validation on a run shortened from the command line."""
+  warmup, num_steps = config.optim.warmup_steps, config.train.num_steps
+  if not (isinstance(warmup, int) and isinstance(num_steps, int) and 0 < num_steps < warmup):
+    return config
+  log.warning("config.optim.warmup_steps=%d is longer than config.train.num_steps=%d: "
+              "warming up over all %d steps instead", warmup, num_steps, num_steps)
+  config = config.copy_and_resolve_references()
+  config.optim.warmup_steps = num_steps  # an existing key: allowed in a locked config
+  return config
+
+
 # -- workdir files ----------------------------------------------------------------------
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _write_config(config, workdir: str) -> None:
-  """workdir/config.json and workdir/config.py (loadable: --config=workdir/config.py)."""
-  as_dict = json.loads(config.to_json_best_effort())
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = _flat(json.load(f))
-    new = _flat(as_dict)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k)}
-    if changed:
-      log.warning("config differs from the one saved in %s: %s", workdir, changed)
-  if jax.process_index() != 0:
-    return
-  with open(path + ".tmp", "w") as f:
-    json.dump(as_dict, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-  with open(os.path.join(workdir, "config.py"), "w") as f:
-    f.write('"""The config of this run; `--config=<workdir>/config.py` reruns it."""\n\n'
-            "import ml_collections\n\n\ndef get_config():\n"
-            f"  return ml_collections.ConfigDict({as_dict!r})\n")
-
 
 def _tokens_per_example(batch: dict, task) -> int:
   x = batch["inputs"]
@@ -221,10 +229,11 @@ class Trainer:
 
     batch_sh = sharding_lib.batch_sharding(mesh)
     repl = sharding_lib.replicated(mesh)
-    self.train_step = jax.jit(
+    self._train_step_jit = jax.jit(
         self._train_step, donate_argnums=(0,),
-        in_shardings=(self.state_sharding, self.rng_sharding, batch_sh),
+        in_shardings=(self.state_sharding, self.rng_sharding, batch_sh, batch_sh),
         out_shardings=(self.state_sharding, repl))
+    self._stop_flags = {}
     self.eval_step = jax.jit(
         self._eval_step,
         in_shardings=(self.state_sharding.params, self.state_sharding.rest,
@@ -257,8 +266,23 @@ class Trainer:
            else jnp.zeros_like(x) for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, new)
 
+  def stop_flags(self, requested: bool) -> jax.Array:
+    """This process's vote to stop, as the train step takes it (sharding.process_flags)."""
+    if requested not in self._stop_flags:
+      self._stop_flags[requested] = sharding_lib.process_flags(int(requested), self.mesh)
+    return self._stop_flags[requested]
+
+  def train_step(self, state: TrainState, rngs, batch: dict, stop: jax.Array | None = None):
+    """One update (jitted, `state` donated) -> (new state, replicated metrics).
+
+    stop: stop_flags(...) of this process; the metrics' "stop" is true on every process
+    when any process voted to stop.
+    """
+    return self._train_step_jit(state, rngs, batch,
+                                self.stop_flags(False) if stop is None else stop)
+
   # -- steps (pure) ----------------------------------------------------------------------
-  def _train_step(self, state: TrainState, rngs, batch: dict):
+  def _train_step(self, state: TrainState, rngs, batch: dict, stop: jax.Array):
     rngs = self._step_rngs(rngs, state.step)
 
     def loss_fn(params):
@@ -275,7 +299,10 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite_loss = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The updated state too: a finite gradient can still overflow Adam's moments or the
+    # weights, and a checkpoint of such a state could never be resumed.
+    finite = finite_loss & all_finite((params, rest, opt_state))
     # A non-finite step is discarded; the host then stops (see the module docstring).
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     new_state = TrainState(
@@ -284,7 +311,8 @@ class Trainer:
         rest=jax.tree.map(keep, rest, state.rest),
         opt_state=jax.tree.map(keep, opt_state, state.opt_state))
     out = dict(loss=loss, accuracy=sums["correct"] / jnp.maximum(sums["weight"], 1e-9),
-               grad_norm=grad_norm, lr=self.schedules["decay"](state.step), finite=finite)
+               grad_norm=grad_norm, lr=self.schedules["decay"](state.step), finite=finite,
+               finite_loss=finite_loss, stop=jnp.max(stop) > 0)
     return new_state, out
 
   def _eval_step(self, params, rest, rngs, batch: dict):
@@ -345,9 +373,9 @@ class _Window:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates per `config`, resuming from `workdir` (see the module docstring)."""
-  import data
-
   t_start = time.time()
+  given = config
+  config = fit_warmup(config)
   validate_config(config)
   sharding_lib.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
@@ -356,7 +384,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding_lib.make_mesh(tc.mesh)
   train_bs = sharding_lib.per_host_batch(tc.batch_size, mesh)
   eval_bs = sharding_lib.per_host_batch(tc.eval_batch_size, mesh, "config.train.eval_batch_size")
-  _write_config(config, workdir)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(workdir_lib.WorkdirLock(workdir))
+    changes = workdir_lib.check_resume(workdir, given)  # before anything in the workdir changes
+    task, splits, trainer, loader = _setup(config, mesh, train_bs)
+    stack.callback(getattr(loader, "close", lambda: None))
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
+    stack.callback(ckpt.close)
+    restored = ckpt.restore_latest(trainer.abstract_state)
+    # Once the state fits; as given, not as fitted, so a rerun fits its warmup again.
+    workdir_lib.write_config(given, workdir, changes)
+    writer = stack.enter_context(contextlib.closing(metrics_lib.MetricWriter(workdir)))
+    return _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, t_start,
+                restored)
+
+
+def _setup(config, mesh, train_bs):
+  """(task, splits, Trainer, train loader) of a config."""
+  import data
+  from data.pipeline import make_loader
 
   task, splits = data.load_task(config.data)
   for split in ("train", "validation", "test"):
@@ -367,27 +413,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
            "per optimizer group %s", task.name, task.kind, task.seq_len, task.num_classes,
            dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind,
            trainer.group_sizes)
-
-  from data.pipeline import make_loader
-  loader = make_loader(splits["train"], batch_size=train_bs, shuffle=True, seed=tc.seed,
-                       drop_remainder=True, shard_index=jax.process_index(),
-                       shard_count=jax.process_count(), prefetch=tc.prefetch)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(workdir)
-  try:
-    return _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, t_start)
-  finally:
-    ckpt.close()
-    writer.close()
-    close = getattr(loader, "close", None)
-    if close is not None:
-      close()
+  loader = make_loader(splits["train"], batch_size=train_bs, shuffle=True,
+                       seed=config.train.seed, drop_remainder=True,
+                       shard_index=jax.process_index(), shard_count=jax.process_count(),
+                       prefetch=config.train.prefetch)
+  return task, splits, trainer, loader
 
 
-def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, t_start):
+def nonfinite_message(step: int, m: dict, last_saved: int | None, workdir: str) -> str:
+  """What NonFiniteLossError says: the step, the values, what is kept and what to do.
+
+  The loss and gradient of step `step` come from the state of step - 1, so when they are
+  non-finite and that state is the last checkpoint, resuming it fails the same way
+  whatever the learning rate: only starting over helps. A finite loss with an update that
+  overflowed, or an older checkpoint, can be continued with gentler settings.
+  """
+  kept = (f"the last good checkpoint (step {last_saved}) is kept in "
+          f"{os.path.join(workdir, 'checkpoints')}" if last_saved is not None
+          else "no checkpoint had been written yet")
+  what = ("loss or gradient" if not bool(m["finite_loss"])
+          else "updated parameters or optimizer state")
+  advice = ("Lower config.optim.lr or set config.optim.grad_clip, and start over with "
+            "--config.train.resume=restart (this run moves to previous/) or a new --workdir")
+  if last_saved is not None and (bool(m["finite_loss"]) or last_saved < step - 1):
+    advice += (f"; or continue from step {last_saved} with the new values: "
+               f"--config.train.resume=allow_changes")
+  return (f"non-finite {what} at step {step} (loss={float(m['loss'])}, "
+          f"grad_norm={float(m['grad_norm'])}, lr={float(m['lr']):.3g}); training stopped, "
+          f"{kept}. {advice}.")
+
+
+def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, t_start,
+         restored):
   tc = config.train
   mesh = trainer.mesh
-  restored = ckpt.restore_latest(trainer.abstract_state)
   best = dict(accuracy=None, step=None)
   # Wall time of the step loops (evaluation and saving included) that led to the state,
   # summed over resumes through the checkpoint meta; what a killed process did after its
@@ -396,6 +455,10 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
   if restored is None:
     state, rngs = trainer.init_state()
     start = 0
+    moved = writer.resume_at(0)  # records of a process killed before its first checkpoint
+    if moved:
+      log.info("%d metrics records of an earlier start moved to metrics_superseded.jsonl",
+               moved)
   else:
     start, state, loader_state, meta = restored
     rngs = trainer.init_rngs()
@@ -424,24 +487,19 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
                 runs=earlier["runs"] + 1)
 
   def check(step: int, m: dict) -> dict:
-    """Host view of step `step`'s metrics; stops on a non-finite loss."""
+    """Host view of step `step`'s metrics; stops on a non-finite loss or state."""
     m = jax.device_get(m)
     if not bool(m["finite"]):
       ckpt.wait()
-      kept = (f"the last good checkpoint (step {last_saved}) is kept in "
-              f"{os.path.join(workdir, 'checkpoints')}" if last_saved is not None
-              else "no checkpoint had been written yet")
-      raise NonFiniteLossError(
-          f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-          f"grad_norm={float(m['grad_norm'])}, lr={float(m['lr']):.3g}); training stopped, "
-          f"{kept}. Lower config.optim.lr or set config.optim.grad_clip.")
+      raise NonFiniteLossError(nonfinite_message(step, m, last_saved, workdir))
     return m
 
   window = _Window()
   tokens_per_example = None
   pending = None  # (step, device metrics) of the last dispatched step, checked one step late
 
-  def flush(p):
+  def flush(p) -> bool:
+    """Checks and logs one step's metrics; returns whether some process asked to stop."""
     nonlocal window
     step, dev_m, n_examples = p
     m = check(step, dev_m)
@@ -465,28 +523,35 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
         shown["ex_per_s"] = round(out["examples_per_s"], 1)
       progress.line(step, shown, prefix="train")
       window = _Window()
+    return bool(m["stop"])
 
   def save(step):
     nonlocal last_saved
     ckpt.save(step, state, loader.get_state(), meta())
     last_saved = step
 
-  with sharding_lib.mesh_context(mesh):
+  # Every process sees a stop request in the same step's metrics (Trainer.train_step), and
+  # the flushes below happen at the same steps everywhere, so all stop at the same `done`.
+  stopping = False
+  with sharding_lib.mesh_context(mesh), signals_lib.StopOnSignal() as signals:
     for step in range(start, end):
       local = next(loader)
       if tokens_per_example is None:
         tokens_per_example = _tokens_per_example(local, task)
       batch = sharding_lib.global_batch(local, mesh)
-      state, dev_m = trainer.train_step(state, rngs, batch)
+      state, dev_m = trainer.train_step(state, rngs, batch,
+                                        trainer.stop_flags(signals.requested))
       if pending is not None:
-        flush(pending)
+        stopping |= flush(pending)
       pending = (step + 1, dev_m, tc.batch_size)
       done = step + 1
       evaluate_now = done % tc.eval_every == 0 or done == tc.num_steps
-      save_now = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end
+      save_now = ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end
+                  or stopping)
       if evaluate_now or save_now:
-        flush(pending)  # every step up to `done` is known finite before saving
+        stopping |= flush(pending)  # every step up to `done` is known finite before saving
         pending = None
+        save_now = save_now or stopping
       t_pause = time.perf_counter()
       if evaluate_now:
         t0 = time.perf_counter()
@@ -501,10 +566,18 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
       if save_now:
         save(done)
       window.start += time.perf_counter() - t_pause  # evaluation and saving are not step time
+      if stopping:
+        break
     if pending is not None:
       flush(pending)
 
   final_step = int(jax.device_get(state.step))
+  if stopping:
+    ckpt.wait()
+    name = signals.name or "a signal to another process"
+    log.warning("stopped by %s at step %d of %d; checkpoint saved, rerun to continue",
+                name, final_step, tc.num_steps)
+    return dict(stopped_at_step=final_step, num_steps=tc.num_steps, signal=name)
   if final_step < tc.num_steps:
     ckpt.wait()
     log.info("halted at step %d of %d (config.train.halt_at_step); rerun to continue",

@@ -13,6 +13,7 @@ measured faster than cuFFT (`fft_conv_pallas.AUTO_FFT_SIZES`), else XLA.
 import jax
 import jax.numpy as jnp
 
+from ssm._checks import check_float
 from ssm.ops._impl import interpret_mode
 from ssm.ops._pallas import choose_impl
 
@@ -23,6 +24,7 @@ def _fft_size(n: int) -> int:
 
 
 def check_fft_conv_args(u, k):
+  check_float("fft_conv", u=u, k=k)  # ints would round, complex lose their imaginary part
   if u.ndim != 3:
     raise ValueError(f"fft_conv: u must be (batch, length, channels), got shape {u.shape}")
   if k.ndim != 2:
@@ -77,6 +79,7 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
   Returns:
     (b, l, c, h) float32.
   """
+  check_float("fft_conv_bank_xla", u=u, k_causal=k_causal, k_anticausal=k_anticausal)
   if u.ndim != 3 or k_causal.ndim != 3 or k_causal.shape[1] != u.shape[2]:
     raise ValueError(f"fft_conv_bank_xla: u (b, l, h) and kernels (c, h, lk) expected, got "
                      f"{u.shape} and {k_causal.shape}")
@@ -98,8 +101,9 @@ def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array 
   """Causal (or circular) convolution of each channel of u with its kernel.
 
   Args:
-    u: (batch, length, channels) input, float32 or bfloat16.
-    k: (channels, kernel_length) kernels, kernel_length <= length.
+    u: (batch, length, channels) input, real floating point (float32 or bfloat16);
+      integer, bool and complex inputs are refused (TypeError).
+    k: (channels, kernel_length) real kernels, kernel_length <= length.
     impl: "auto" (the Pallas kernel on a Hopper GPU at the FFT sizes where it measured
       faster than cuFFT, `fft_conv_pallas.AUTO_FFT_SIZES`; else XLA), "xla" or "pallas"
       (ssm/ops/fft_conv_pallas.py; ValueError for shapes it cannot take).
@@ -112,6 +116,7 @@ def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array 
     (batch, length, channels), dtype of u.
   """
   check_fft_conv_args(u, k)
+  check_float("fft_conv", gate=gate)
   if gate is not None and gate.shape != u.shape:
     raise ValueError(f"fft_conv: gate must have u's shape {u.shape}, got {gate.shape}")
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssm._checks import check_float, optional_positive_int
 from ssm.ops import _pallas
 from ssm.ops._impl import interpret_mode
 
@@ -107,6 +108,7 @@ def compute_dtype(*dtypes):
 
 
 def check_linear_scan_args(a, b, h0, chunk_size):
+  check_float("linear_scan", complex_ok=True, a=a, b=b, h0=h0)  # ints would give int states
   if a.ndim != 3:
     raise ValueError(f"linear_scan: a must be (batch, length, features), got shape {a.shape}")
   if a.shape[1] < 1:
@@ -116,8 +118,7 @@ def check_linear_scan_args(a, b, h0, chunk_size):
   if h0 is not None and h0.shape != (a.shape[0], a.shape[2]):
     raise ValueError(f"linear_scan: h0 must be (batch, features) = {(a.shape[0], a.shape[2])}, "
                      f"got {h0.shape}")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(f"linear_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
+  optional_positive_int("linear_scan", "chunk_size", chunk_size)
 
 
 def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
@@ -126,7 +127,8 @@ def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
   """h[t] = a[t] * h[t-1] + b[t] along the length axis.
 
   Args:
-    a, b: (batch, length, features), real or complex (a real and b complex is fine).
+    a, b: (batch, length, features), real or complex floating point (a real and b
+      complex is fine); integer and bool inputs are refused (TypeError).
     h0: (batch, features) initial state (h[-1]); zeros when None.
     reverse: run from the end: h[t] = a[t] * h[t+1] + b[t], h[length] = h0.
     chunk_size: scan in chunks of this many steps (memory bounded for long

@@ -19,7 +19,8 @@ chunk body is rematerialised (`jax.checkpoint`), as the CUDA kernel recomputes
 its states in the backward pass instead of storing them.
 
 Computed in float32 whatever the input dtype (float64 when the inputs are float64);
-y has u's dtype, the state is float32.
+y has u's dtype, the state is float32. Inputs must be real floating point (integer,
+bool and complex arrays are refused at the boundary).
 """
 
 import functools
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssm._checks import check_float, positive_int
 from ssm.ops import _pallas
 from ssm.ops._impl import interpret_mode
 from ssm.ops.linear_scan import scan_with_vjp
@@ -64,6 +66,8 @@ def check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, h0, chunk_siz
     raise ValueError(f"selective_scan: A must be (D, N) with D = {d_inner}, got {A.shape}")
   if jnp.issubdtype(A.dtype, jnp.complexfloating):
     raise ValueError("selective_scan: A must be real (Mamba-1 uses real diagonal A)")
+  check_float("selective_scan", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+              delta_bias=delta_bias, h0=h0)
   for name, v in (("D", D), ("delta_bias", delta_bias)):
     if v is not None and v.shape != (d_inner,):
       raise ValueError(f"selective_scan: {name} must be ({d_inner},), got {v.shape}")
@@ -71,8 +75,7 @@ def check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, h0, chunk_siz
   if h0 is not None and h0.shape != (bsz, d_inner, n_state):
     raise ValueError(f"selective_scan: h0 must be (batch, D, N) = {(bsz, d_inner, n_state)}, "
                      f"got {h0.shape}")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
+  positive_int("selective_scan", "chunk_size", chunk_size)
   return (_as_groups(B, "B", bsz, seq_len, n_state, d_inner),
           _as_groups(C, "C", bsz, seq_len, n_state, d_inner))
 
