@@ -212,6 +212,7 @@ class ResidualBlock(nnx.Module):
     # Which optional keywords the mixer understands (static, decided once).
     self._mixer_takes_det = _accepts(mixer.__call__, "deterministic")
     self._mixer_takes_mask = _accepts(mixer.__call__, "mask")
+    self._mixer_takes_segments = _accepts(mixer.__call__, "segment_ids")
 
   def _sublayer(self, x, f, norm, mask, deterministic):
     """One residual sub-block: prenorm x + drop(f(norm(x))) or postnorm norm(x + drop(f(x)))."""
@@ -223,13 +224,20 @@ class ResidualBlock(nnx.Module):
     y = x + self.dropout(f(x), deterministic=deterministic)
     return norm(y, mask=mask, deterministic=deterministic)
 
-  def __call__(self, x, *, mask=None, deterministic: bool = False):
-    """x (b, l, h), mask (b, l) bool or None -> (b, l, h)."""
+  def __call__(self, x, *, mask=None, deterministic: bool = False, segment_ids=None):
+    """x (b, l, h), mask (b, l) bool or None -> (b, l, h). segment_ids (b, l) int or None:
+    packed documents, passed to mixers that take them (the recurrent ones restart their
+    state where the id changes); a mixer that cannot take them refuses them."""
     kw = {}
     if self._mixer_takes_det:
       kw["deterministic"] = deterministic
     if self._mixer_takes_mask and mask is not None:
       kw["mask"] = mask
+    if segment_ids is not None:
+      if not self._mixer_takes_segments:
+        raise ValueError(f"mixer {type(self.mixer).__name__} does not take segment_ids "
+                         "(packed documents)")
+      kw["segment_ids"] = segment_ids
     x = self._sublayer(x, lambda u: self.mixer(u, **kw), self.norm, mask, deterministic)
     if self.ffn is not None:
       x = self._sublayer(x, self.ffn, self.ffn_norm, mask, deterministic)
@@ -286,14 +294,18 @@ class Backbone(nnx.Module):
       raise ValueError(f"Backbone: {what} must have {ndim} dims ending in "
                        f"d_model={self.d_model}, got shape {x.shape}")
 
-  def __call__(self, x, *, mask=None, deterministic: bool = False):
-    """x (b, l, h), mask (b, l) bool or None -> (b, l, h)."""
+  def __call__(self, x, *, mask=None, deterministic: bool = False, segment_ids=None):
+    """x (b, l, h), mask (b, l) bool or None, segment_ids (b, l) int or None (packed
+    documents, see Block) -> (b, l, h)."""
     self._check(x, 3, "x")
     if mask is not None and mask.shape != x.shape[:2]:
       raise ValueError(f"Backbone: mask shape {mask.shape} != (batch, length) {x.shape[:2]}")
+    if segment_ids is not None and jnp.shape(segment_ids) != x.shape[:2]:
+      raise ValueError(f"Backbone: segment_ids shape {jnp.shape(segment_ids)} != (batch, "
+                       f"length) {x.shape[:2]}")
     x = zero_padding(x, mask)
     for block in self.blocks:
-      x = block(x, mask=mask, deterministic=deterministic)
+      x = block(x, mask=mask, deterministic=deterministic, segment_ids=segment_ids)
     if self.final_norm is not None:
       x = zero_padding(self.final_norm(x, mask=mask, deterministic=deterministic), mask)
     return x

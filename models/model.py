@@ -138,10 +138,12 @@ class _Encoded(nnx.Module):
       mask = _check_mask(mask, inputs.shape[:2], what)
     return self.encoder(inputs), mask
 
-  def features(self, inputs, mask, *, deterministic: bool, what: str = "model"):
+  def features(self, inputs, mask, *, deterministic: bool, what: str = "model",
+               segment_ids=None):
     """Backbone output (b, l, h) and the padding mask (b, l) (None: all real)."""
     x, mask = self._embed(inputs, mask, what)
-    return self.backbone(x, mask=mask, deterministic=deterministic), mask
+    return self.backbone(x, mask=mask, deterministic=deterministic,
+                         segment_ids=segment_ids), mask
 
 
 def _get(batch, key, what):
@@ -215,9 +217,10 @@ class LanguageModel(_Encoded):
     return self.head(x)
 
   def __call__(self, batch, *, deterministic: bool):
-    # batch["mask"] is the loss mask here, not padding: padding is id 0.
+    # batch["mask"] is the loss mask here, not padding: padding is id 0. An optional
+    # batch["segment_ids"] (b, l) marks packed documents for the recurrent mixers.
     x, _ = self.features(_get(batch, "inputs", "lm"), None, deterministic=deterministic,
-                         what="lm")
+                         what="lm", segment_ids=batch.get("segment_ids"))
     return self._logits(x)
 
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:

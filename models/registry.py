@@ -14,6 +14,8 @@ import inspect
 
 from flax import nnx
 
+from ssm._checks import positive_int
+
 MIXERS: dict[str, str] = {
     "lssl": "ssm.lssl:make_mixer",
     "s4": "ssm.s4:make_mixer",
@@ -59,6 +61,5 @@ def build_mixer(kind: str, d_model: int, *, rngs: nnx.Rngs, **options) -> nnx.Mo
   unknown = sorted(set(options) - set(valid))
   if unknown:
     raise ValueError(f"mixer {kind!r} got unknown options {unknown}; valid options: {valid}")
-  if not isinstance(d_model, int) or d_model < 1:
-    raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+  positive_int("build_mixer", "d_model", d_model)
   return factory(d_model, rngs=rngs, **options)

@@ -106,13 +106,18 @@ class Lightning(nnx.Module):
     o = srms_norm(o.reshape(o.shape[:-2] + (self.d_model,)))
     return self.out_proj(o * u).astype(x.dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x (b, l, d_model) -> (b, l, d_model)."""
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x (b, l, d_model) -> (b, l, d_model); segment_ids (b, l) int: packed documents (the
+    state restarts where the id changes; not with memory caching)."""
     check_input(x, self.d_model, 3, "x", "lightning")
+    if segment_ids is not None and self.mc is not None:
+      raise ValueError("lightning: segment_ids (packed documents) are not supported with "
+                       "memory_caching")
     q, k, v, u, g = self._project(x)
     log_decay = self.log_decay[...]
     if self.mc is None:
-      o = lightning_attention(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+      o = lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
+                              chunk_size=self.chunk_size, impl=self.impl)
     else:
       log_a = jnp.broadcast_to(log_decay, x.shape[:2] + (self.num_heads,))
       o = cached_memory_read(q, k, v, log_a, gate_u=g, chunk_size=self.chunk_size,

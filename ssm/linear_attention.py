@@ -145,12 +145,17 @@ class LinearAttention(nnx.Module):
     return self.out_proj(o).astype(x.dtype)
 
   # -- parallel mode --------------------------------------------------------------
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x (b, l, d_model) -> (b, l, d_model)."""
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x (b, l, d_model) -> (b, l, d_model); segment_ids (b, l) int: packed documents (the
+    state restarts where the id changes; not with memory caching)."""
     check_input(x, self.d_model, 3, "x", "linear_attention")
+    if segment_ids is not None and self.mc is not None:
+      raise ValueError("linear_attention: segment_ids (packed documents) are not supported with "
+                       "memory_caching")
     q, k, v, u = self._project(x)
     if self.mc is None:
-      o = lightning_attention(q, k, v, None, chunk_size=self.chunk_size, impl=self.impl)
+      o = lightning_attention(q, k, v, None, segment_ids=segment_ids, chunk_size=self.chunk_size,
+                              impl=self.impl)
     else:
       o = cached_memory_read(q, k, v, None, gate_u=u, chunk_size=self.chunk_size,
                              **self.mc.read_kwargs())

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm import memory_caching as mcache
+from ssm._checks import check_float, optional_positive_int, positive_int
 from ssm.mamba import (cache_segments, causal_depthwise_conv, check_state, conv_init, conv_step,
                        dt_bias_init)
 from ssm.ops import ssd
@@ -119,8 +120,7 @@ class Mamba2(nnx.Module):
     for name, v in (("d_model", d_model), ("d_state", d_state), ("headdim", headdim),
                     ("expand", expand), ("ngroups", ngroups), ("d_conv", d_conv),
                     ("chunk_size", chunk_size)):
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"Mamba2: {name} must be a positive int, got {v!r}")
+      positive_int("Mamba2", name, v)
     d_inner = expand * d_model
     if d_inner % headdim:
       raise ValueError(f"Mamba2: headdim={headdim} must divide d_inner = expand * d_model "
@@ -172,9 +172,12 @@ class Mamba2(nnx.Module):
     return self.out_proj(y).astype(dtype)
 
   def _check_x(self, x, ndim, what):
+    check_float("Mamba2", **{what: x})
     if x.ndim != ndim or x.shape[-1] != self.d_model:
       raise ValueError(f"Mamba2: {what} must have {ndim} dims ending in d_model={self.d_model}, "
                        f"got {x.shape}")
+    if ndim == 3 and x.shape[1] < 1:
+      raise ValueError(f"Mamba2: empty sequence ({what} {x.shape})")
 
   # -- parallel mode ---------------------------------------------------------------------
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -231,6 +234,8 @@ class Mamba2(nnx.Module):
     With memory caching the SSM state lives in `mc` (its online memory, (b, H, N, P))
     and the cache holds enough segments for max_len tokens (default: max_segments).
     """
+    positive_int("Mamba2.init_state", "batch_size", batch_size)
+    optional_positive_int("Mamba2.init_state", "max_len", max_len)
     conv = jnp.zeros((batch_size, self.conv_dim, self.d_conv - 1), jnp.float32)
     if self.memory_caching is None:
       ssm = jnp.zeros((batch_size, self.nheads, self.headdim, self.d_state), jnp.float32)

@@ -381,3 +381,23 @@ def test_jitted_train_step_updates_batch_stats_and_gives_gradients():
   assert np.isfinite(loss)
   assert np.abs(grads["encoder"]["embedding"][...]).sum() > 0
   assert not np.allclose(model.backbone.blocks[0].norm.mean[...], before)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "lightning"])
+def test_lm_segment_ids_reach_the_recurrent_mixers(name):
+  """An LM batch with segment_ids: one document everywhere gives the unpacked logits, a
+  boundary changes the logits after it and not before; a mixer without packed-document
+  support refuses them."""
+  importable(name)
+  model = build(name, "lm", norm="layer", mixer=dict(headdim=4) if name == "mamba2" else {})
+  batch = make_batch("lm", seed=4, lengths=(L, L))
+  plain = model(batch, deterministic=True)
+  one = model(batch | {"segment_ids": np.zeros((B, L), np.int32)}, deterministic=True)
+  np.testing.assert_allclose(one, plain, rtol=1e-5, atol=1e-5)
+  ids = np.zeros((B, L), np.int32)
+  ids[:, 5:] = 1
+  packed = model(batch | {"segment_ids": ids}, deterministic=True)
+  np.testing.assert_allclose(packed[:, :5], plain[:, :5], rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(packed[:, 5:]) - np.asarray(plain[:, 5:])).max() > 1e-4
+  with pytest.raises(ValueError, match="does not take segment_ids"):
+    build("attention", "lm", norm="layer")(batch | {"segment_ids": ids}, deterministic=True)

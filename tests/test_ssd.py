@@ -143,6 +143,7 @@ def test_bad_input_fails_clearly():
       (dict(D=a["D"][:3]), "D must be"),
       (dict(segment_ids=jnp.zeros((2, 4), jnp.int32)), "segment_ids must be"),
       (dict(segment_ids=jnp.zeros((2, 5), jnp.float32)), "segment_ids must be an integer"),
+      (dict(segment_ids=jnp.zeros((2, 5), bool)), "segment_ids must be an integer"),
       (dict(chunk_size=0), "chunk_size must be a positive int"),
       (dict(chunk_size=True), "chunk_size must be a positive int"),
       (dict(x=x.astype(jnp.int32)), "x must be a real floating-point"),
@@ -152,7 +153,7 @@ def test_bad_input_fails_clearly():
   ]
   for change, message in cases:
     kw = dict(x=x, dt=dt, A=A, B=B, C=C) | change
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
       ssd(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw)
   # Shapes the kernel cannot take: a clear error under "pallas"; "auto" runs XLA.
   with pytest.raises(ValueError, match="headdim 3 must be in"):

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm._checks import check_float, check_integer, positive_int
 from ssm.ops import _pallas, ssd_pallas
 from ssm.ops._segments import resets, run_index
 from ssm.ops.linear_scan import linear_scan
@@ -49,23 +50,12 @@ DEFAULT_CHUNK_SIZE = 64
 
 # -- validation -------------------------------------------------------------------------
 
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _check_float(name, v, fn="ssd"):
-  dtype = jnp.dtype(getattr(v, "dtype", jnp.result_type(v)))
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{fn}: {name} must be a real floating-point array, got dtype {dtype}")
-
-
 def check_ssd_args(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, dt_bias=None,
                    chunk_size=DEFAULT_CHUNK_SIZE, fn="ssd"):
-  """Shapes, dtypes and sizes of an SSD call; ValueError naming the argument otherwise."""
-  for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D),
-                  ("h0", h0), ("dt_bias", dt_bias)):
-    if v is not None:
-      _check_float(name, v, fn)
+  """Shapes, dtypes and sizes of an SSD call; TypeError (dtypes) or ValueError naming the
+  argument otherwise."""
+  check_float(fn, x=x, dt=dt, A=A, B=B, C=C, D=D, h0=h0, dt_bias=dt_bias)
+  check_integer(fn, segment_ids=segment_ids)
   if x.ndim != 4:
     raise ValueError(f"{fn}: x must be (batch, length, heads, headdim), got shape {x.shape}")
   b, l, h, p = x.shape
@@ -91,11 +81,7 @@ def check_ssd_args(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, dt_bias
     if jnp.shape(segment_ids) != (b, l):
       raise ValueError(f"{fn}: segment_ids must be (batch, length) = {(b, l)}, got shape "
                        f"{jnp.shape(segment_ids)}")
-    dtype = jnp.dtype(segment_ids.dtype)
-    if not jnp.issubdtype(dtype, jnp.integer):
-      raise ValueError(f"{fn}: segment_ids must be an integer array, got dtype {dtype}")
-  if not _is_int(chunk_size) or chunk_size < 1:
-    raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+  positive_int(fn, "chunk_size", chunk_size)
   try:  # concrete values only; under jit the caller is trusted
     positive = bool(np.any(np.asarray(A) > 0))
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
