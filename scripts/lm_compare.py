@@ -4,7 +4,7 @@ r"""Byte-level LM comparison: train each mixer on the same tokens, then measure 
   python scripts/lm_compare.py --out=/tmp/lm --models=s4d,transformer --size=tiny \
       --num_steps=2 --contexts=64,256 --decode_steps=8 --warmup_steps=2 --data_path=corpus.txt
 
-For each model of configs/lm/shakespeare.py (mamba, lightning, s4d, transformer; ~3.6M
+For each model of configs/lm/shakespeare.py (mamba, mamba2, lightning, s4d, transformer; ~3.6M
 parameters each at the default size):
 
   1. Train with `train.trainer.run` into OUT/<model>, the same steps x batch x seq_len tokens

@@ -157,3 +157,20 @@ def test_mqar_config_is_causal_and_lm():
 def test_config_modules_are_importable_by_path():
   for name in ("configs.common", "configs.mqar", "configs.lra.listops"):
     assert importlib.import_module(name)
+
+
+def test_lm_recipes_have_about_the_same_size():
+  """configs/lm/shakespeare.py: every model builds (abstractly) at its default and tiny
+  sizes, and the default sizes hold 3.5M-3.7M parameters (the docstring's table)."""
+  import jax
+  from flax import nnx
+  from configs.lm import shakespeare
+  from data.task import TaskSpec
+  task = TaskSpec("lm", "lm", "tokens", 256, 258, vocab_size=258)
+  for name in shakespeare.MODELS:
+    for size in ("", "tiny"):
+      config = shakespeare.get_config(f"{name},{size}" if size else name)
+      model = nnx.eval_shape(lambda: models.build_model(config.model, task, rngs=nnx.Rngs(0)))
+      count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+      if not size:
+        assert 3.5e6 < count < 3.7e6, (name, count)

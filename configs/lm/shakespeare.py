@@ -1,10 +1,10 @@
-r"""Byte-level language modelling on Tiny Shakespeare (data/lm.py), four mixers at ~3.6M parameters.
+r"""Byte-level language modelling on Tiny Shakespeare (data/lm.py), five mixers at ~3.6M parameters.
 
   python -m train --config=configs/lm/shakespeare.py:mamba --workdir=/tmp/lm_mamba
   python -m train --config=configs/lm/shakespeare.py:s4d,long --workdir=/tmp/lm_s4d_512
   python -m train --config=configs/lm/shakespeare.py:transformer --config.data.path=/my/corpus
 
-The argument is "model[,size]"; models: mamba, lightning, s4d, transformer (the softmax
+The argument is "model[,size]"; models: mamba, mamba2, lightning, s4d, transformer (the softmax
 attention mixer with rotary positions). Sizes: "" trains on 256-byte windows, "long" on
 512-byte windows (half the batch, so the same tokens per step), "tiny" is a seconds-long
 setting for tests (point data.path at a small corpus).
@@ -17,6 +17,7 @@ Models: prenorm LayerNorm residual blocks, untied embedding and LM head, widths 
 for about the same parameter count (measured with models.build_model):
 
     mamba        d_model 256, 8 layers, no FFN (Mamba's block), d_state 16   3,639,042
+    mamba2       d_model 256, 8 layers, no FFN, d_state 64, 8 heads of 64     3,591,106
     lightning    d_model 232, 6 layers, GLU FFN x2, 4 heads                  3,685,346
     s4d          d_model 256, 6 layers, GLU FFN x2, d_state 64               3,593,474
     transformer  d_model 240, 6 layers, GLU FFN x2, 4 heads, rotary          3,594,978
@@ -35,12 +36,14 @@ from ml_collections import config_dict
 
 from configs import common
 
-MODELS = ("mamba", "lightning", "s4d", "transformer")
+MODELS = ("mamba", "mamba2", "lightning", "s4d", "transformer")
 SIZES = ("", "long", "tiny")
 
 # model fields and mixer options per model (see the parameter counts above).
 RECIPES = {
     "mamba": (dict(d_model=256, num_layers=8, ffn="none"), dict(d_state=16)),
+    # heads of 64 and N 64: shapes the SSD kernel takes (ssm/ops/ssd_pallas.py)
+    "mamba2": (dict(d_model=256, num_layers=8, ffn="none"), dict(d_state=64, headdim=64)),
     "lightning": (dict(d_model=232, num_layers=6, ffn="glu"), dict(num_heads=4)),
     "s4d": (dict(d_model=256, num_layers=6, ffn="glu"), dict(d_state=64)),
     "transformer": (dict(d_model=240, num_layers=6, ffn="glu"), dict(num_heads=4)),
@@ -89,7 +92,8 @@ def get_config(arg: str = "mamba") -> ml_collections.ConfigDict:
     config.train.update(dict(num_steps=4, batch_size=4, eval_batch_size=8, eval_every=2,
                              checkpoint_every=2, log_every=1, keep_checkpoints=1))
     config.optim.update(dict(lr=1e-2, ssm_lr=1e-2, warmup_steps=1))
-    mixer = {k: min(v, 4) if k == "d_state" else (2 if k == "num_heads" else v)
+    mixer = {k: min(v, 4) if k == "d_state" else (2 if k == "num_heads" else
+                                                  8 if k == "headdim" else v)
              for k, v in mixer.items()}
   config.model.mixer = ml_collections.ConfigDict(mixer)
   if model == "transformer":
