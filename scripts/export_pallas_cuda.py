@@ -6,8 +6,8 @@ still happens only on the GPU.
     python scripts/export_pallas_cuda.py [--lightning]
 
 Cases: the FFT convolution (every size class, f32/bf16, causal/circular) and the linear
-and selective scans, forward and forward+backward; --lightning adds lightning attention
-(needs jax >= 0.11, see scan_cases).
+and selective scans, forward and forward+backward; lightning attention and SSD (Mamba-2)
+come with --lightning or on jax >= 0.11 (see chunked_cases).
 """
 import sys
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import export
 
 from ssm.ops import fft_conv_pallas as fcp
-from ssm.ops import lightning_pallas, scan_pallas
+from ssm.ops import lightning_pallas, scan_pallas, ssd_pallas
 
 
 def fftconv_cases():
@@ -44,7 +44,7 @@ def _loss_grad(fn, argnums):
 
 
 def scan_cases():
-  """The scan and lightning kernels, forward and forward+backward (small shapes)."""
+  """The scan kernels, forward and forward+backward (small shapes)."""
   f32, bf16 = jnp.float32, jnp.bfloat16
   s = jax.ShapeDtypeStruct
   lin = lambda a, b: scan_pallas.linear_scan_pallas(a, b, interpret=False)
@@ -57,19 +57,41 @@ def scan_cases():
             s((2, 256, 1, 16), f32), s((2, 256, 1, 16), f32))
   yield "selective_scan f32 fwd", sel, shapes
   yield "selective_scan f32 fwd+bwd", _loss_grad(sel, (0, 1, 2, 3, 4)), shapes
-  if "--lightning" in sys.argv:
-    # jax 0.10's Mosaic GPU cannot load a transposed swizzled tile ("Can't transpose the
-    # swizzled dimension"), which lightning's kernels do; jax 0.11 (the GPU machine) can.
-    light = lambda q, k, v, ld: lightning_pallas.lightning_attention_pallas(
-        q, k, v, ld, interpret=False, segments=2)
-    shapes = (s((1, 256, 2, 64), bf16),) * 3 + (s((2,), f32),)
-    yield "lightning bf16 fwd", light, shapes
-    yield "lightning bf16 fwd+bwd", _loss_grad(light, (0, 1, 2, 3)), shapes
+
+
+def _jax_version():
+  return tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+def chunked_cases(force: bool = False):
+  """Lightning attention and SSD, forward and forward+backward (small shapes). jax 0.10's
+  Mosaic GPU cannot load a transposed swizzled tile ("Can't transpose the swizzled
+  dimension"), which these kernels do; jax 0.11 (the GPU machine) can: without `force`
+  they come only on jax >= 0.11."""
+  if not force and _jax_version() < (0, 11):
+    return
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  s = jax.ShapeDtypeStruct
+  light = lambda q, k, v, ld: lightning_pallas.lightning_attention_pallas(
+      q, k, v, ld, interpret=False, segments=2)
+  shapes = (s((1, 256, 2, 64), bf16),) * 3 + (s((2,), f32),)
+  yield "lightning bf16 fwd", light, shapes
+  yield "lightning bf16 fwd+bwd", _loss_grad(light, (0, 1, 2, 3)), shapes
+  for p, n, dtype in ((64, 128, bf16), (128, 64, f32)):
+    ssd = lambda x, dt, a, b, c, d, h0: ssd_pallas.ssd_pallas(
+        x, dt, a, b, c, D=d, h0=h0, segment_ids=jnp.arange(200)[None] // 70, interpret=False)
+    shapes = (s((1, 200, 4, p), dtype), s((1, 200, 4), f32), s((4,), f32),
+              s((1, 200, 2, n), dtype), s((1, 200, 2, n), dtype), s((4,), f32),
+              s((1, 4, p, n), f32))
+    name = f"ssd P{p} N{n} {jnp.dtype(dtype).name} packed"
+    yield f"{name} fwd", ssd, shapes
+    yield f"{name} fwd+bwd", _loss_grad(ssd, tuple(range(7))), shapes
 
 
 def main(argv):
   failed = 0
-  cases = list(fftconv_cases()) + list(scan_cases())
+  cases = (list(fftconv_cases()) + list(scan_cases())
+           + list(chunked_cases(force="--lightning" in argv)))
   for name, fn, shapes in cases:
     try:
       export.export(jax.jit(fn), platforms=["cuda"])(*shapes)
