@@ -142,6 +142,24 @@ def pipeline(n_blocks, *, reverse, sources, buffers, barrier, step, init):
   return lax.fori_loop(0, n_blocks, body, init)
 
 
+def feed(issue, n_blocks, stages, free):
+  """The loads of a warp-specialised kernel's memory warpgroup: issue(n, slot) starts block
+  n's TMA copies into ring slot `slot`; the first `stages` blocks go at once, every later
+  one once the consumers have released its slot (`free`, one barrier per slot). Returns
+  after observing the last releases, so no barrier is left mid-phase."""
+  for n in range(min(stages, n_blocks)):
+    issue(n, n)
+
+  @pl.loop(stages, n_blocks)
+  def _refill(n):
+    slot = lax.rem(n, stages)
+    plgpu.barrier_wait(free.at[slot])  # block n - stages is done with the slot
+    issue(n, slot)
+
+  for n in range(max(n_blocks - stages, 0), n_blocks):
+    plgpu.barrier_wait(free.at[n % stages])
+
+
 def store(pairs):
   """Write register tiles to SMEM staging and start their TMA stores to GMEM."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's stores read the staging

@@ -62,7 +62,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ssm.ops import _pallas
 from ssm.ops._impl import interpret_mode
-from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, load_t as _load_t,
+from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, feed as _feed,
+                            load_t as _load_t,
                             mm as _mm, mm_init as _mm_init, pipeline as _pipeline,
                             rows as _rows, smem as _smem, stage as _stage, store as _store)
 
@@ -192,17 +193,7 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
         plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], in_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], in_bar.at[slot])
 
-      for n in range(min(stages, n_blocks)):
-        issue(n, n)
-
-      @pl.loop(stages, n_blocks)
-      def _refill(n):
-        slot = lax.rem(n, stages)
-        plgpu.barrier_wait(in_free.at[slot])  # block n - stages is done with the slot
-        issue(n, slot)
-
-      for n in range(max(n_blocks - stages, 0), n_blocks):  # the last releases
-        plgpu.barrier_wait(in_free.at[n % stages])
+      _feed(issue, n_blocks, stages, in_free)
 
     @pl.when(wg == 0)
     def _state():

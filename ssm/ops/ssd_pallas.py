@@ -151,6 +151,16 @@ def _decay(gc_r, gc_c, run_r, run_c, *, transposed, interpret):
   return jnp.exp(jnp.where(keep, expo, -jnp.inf))
 
 
+def _state_in(h0_ref, buf, bar, bi, hi, cols, n, interpret):
+  """The (64, N) float32 state rows entering a forward sweep, in registers: h0's (through
+  the SMEM tile `buf`), or zeros without h0 (h0_ref None)."""
+  if h0_ref is None:
+    return _pallas.cast(jnp.zeros((BV, n), F32), WGMMA, interpret)
+  plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, cols], buf, bar)
+  plgpu.barrier_wait(bar)
+  return _pallas.load(buf, WGMMA, interpret)
+
+
 def _vec(ref, slot, layout, interpret):
   return _pallas.load(ref.at[slot], layout, interpret)
 
@@ -214,28 +224,13 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
           view = vrefs[src].at[bi, rows] if src == "run" else vrefs[src].at[bi, hi, rows]
           plgpu.copy_gmem_to_smem(view, vbufs[name].at[slot], bar)
 
-      for nb in range(min(stages, n_blocks)):
-        issue(nb, nb)
-
-      @pl.loop(stages, n_blocks)
-      def _refill(nb):
-        slot = lax.rem(nb, stages)
-        plgpu.barrier_wait(in_free.at[slot])  # block nb - stages is done with the slot
-        issue(nb, slot)
-
-      for nb in range(max(n_blocks - stages, 0), n_blocks):  # the last releases
-        plgpu.barrier_wait(in_free.at[nb % stages])
+      t.feed(issue, n_blocks, stages, in_free)
 
     @pl.when(wg == 0)
     def _state():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
-      if has_h0:
-        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, cols], st_f32, h0_bar)
-        plgpu.barrier_wait(h0_bar)
-        s0 = _pallas.load(st_f32, WGMMA, interpret)
-      else:
-        s0 = _pallas.cast(jnp.zeros((BV, n), F32), WGMMA, interpret)
+      s0 = _state_in(h0_ref, st_f32, h0_bar, bi, hi, cols, n, interpret)
 
       def step(nb, st):
         slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
@@ -322,6 +317,19 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
 # ----------------------------------------------------------------------------- backward
 
+def _bwd_sources(q_ref, k_ref, v_ref, do_ref, vec_refs, vec_srcs, bi, hi, gi, cols):
+  """Block n's GMEM views for the backward pipelines: C and B of the head's group, x and
+  dy of its value columns, then the per-token vectors (run ids are per batch row)."""
+  blk = lambda nb: pl.ds(nb * C, C)
+  sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi],
+             lambda nb: v_ref.at[bi, blk(nb), hi, cols],
+             lambda nb: do_ref.at[bi, blk(nb), hi, cols]]
+  for ref, src in zip(vec_refs, vec_srcs):
+    sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb)])(ref) if src == "run"
+                   else (lambda ref: lambda nb: ref.at[bi, hi, blk(nb)])(ref))
+  return sources
+
+
 def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
   """dC per head and value tile, (nvt, B, Lp, H, N) (float32 when nvt > 1), the float32
   row sums C_t . dC_t (nvt, B, H, Lp) and the state entering every block, (B, H, NB, P, N)
@@ -348,12 +356,7 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     gi = hi // r
     cols = pl.ds(vi * BV, BV)
-    if has_h0:
-      plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, cols], st_f32, h0_bar)
-      plgpu.barrier_wait(h0_bar)
-      s0 = _pallas.load(st_f32, WGMMA, interpret)
-    else:
-      s0 = _pallas.cast(jnp.zeros((BV, n), F32), WGMMA, interpret)
+    s0 = _state_in(h0_ref, st_f32, h0_bar, bi, hi, cols, n, interpret)
 
     def step(nb, slot, s):
       rows = pl.ds(nb * C, C)
@@ -380,14 +383,8 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
       sd = vbufs["qd_r"][slot, C - 1]
       return s * sd + t.mm(xd_s, kt, (BV, n), ta=True, interpret=interpret)
 
-    blk = lambda nb: pl.ds(nb * C, C)
-    sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi],
-               lambda nb: v_ref.at[bi, blk(nb), hi, cols],
-               lambda nb: do_ref.at[bi, blk(nb), hi, cols]]
-    for src in vec_srcs:
-      ref = vrefs[src]
-      sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb)])(ref) if src == "run"
-                     else (lambda ref: lambda nb: ref.at[bi, hi, blk(nb)])(ref))
+    sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
+                           vec_srcs, bi, hi, gi, cols)
     t.pipeline(n_blocks, reverse=False, sources=sources,
                buffers=[q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
                barrier=in_bar, step=step, init=s0)
@@ -497,14 +494,8 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
                  for i, s_i in enumerate(sums)])
       return e * sd + t.mm(dod_s, qt, (BV, n), ta=True, interpret=interpret)
 
-    blk = lambda nb: pl.ds(nb * C, C)
-    sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi],
-               lambda nb: v_ref.at[bi, blk(nb), hi, cols],
-               lambda nb: do_ref.at[bi, blk(nb), hi, cols]]
-    for src in vec_srcs:
-      ref = vrefs[src]
-      sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb)])(ref) if src == "run"
-                     else (lambda ref: lambda nb: ref.at[bi, hi, blk(nb)])(ref))
+    sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
+                           vec_srcs, bi, hi, gi, cols)
     e = t.pipeline(n_blocks, reverse=True, sources=sources,
                    buffers=[q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
                    barrier=in_bar, step=step, init=e0)
