@@ -246,10 +246,10 @@ class Mamba2(nnx.Module):
         max_segments=cache_segments(self.memory_caching, max_len))
     return Mamba2State(conv, None, mc_state)
 
-  def step(self, state: Mamba2State, u_t: jax.Array) -> tuple[Mamba2State, jax.Array]:
-    """One token: u_t (b, d_model) -> (state, y_t (b, d_model))."""
-    self._check_x(u_t, 2, "u_t")
-    b = u_t.shape[0]
+  def step(self, state: Mamba2State, x_t: jax.Array) -> tuple[Mamba2State, jax.Array]:
+    """One token: x_t (b, d_model) -> (state, y_t (b, d_model))."""
+    self._check_x(x_t, 2, "x_t")
+    b = x_t.shape[0]
     expected = {"conv": (b, self.conv_dim, self.d_conv - 1)}
     if self.memory_caching is None:
       expected["ssm"] = (b, self.nheads, self.headdim, self.d_state)
@@ -257,7 +257,7 @@ class Mamba2(nnx.Module):
       expected["mc"] = None
     check_state(state, Mamba2State, expected, "Mamba2.step")
     f32 = jnp.float32
-    z, xbc, dt = self._split_in(self.in_proj(u_t))
+    z, xbc, dt = self._split_in(self.in_proj(x_t))
     conv, xbc = conv_step(state.conv, xbc.astype(f32), self.conv_w[...], self.conv_b[...])
     x, B, C = self._split_xbc(jax.nn.silu(xbc))
     dt = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...])
@@ -267,12 +267,12 @@ class Mamba2(nnx.Module):
       new_state = Mamba2State(conv, ssm)
     else:
       q, k = self._qk(C, B)
-      gate_u = self._gate_u(u_t)
+      gate_u = self._gate_u(x_t)
       mc_state, y = mcache.cached_memory_step(
           state.mc, q, k, dt[..., None] * x, dt * A, gate_u_t=gate_u,
           **self.memory_caching.read_kwargs())
       new_state = Mamba2State(conv, None, mc_state)
-    return new_state, self._tail(y + self.D[...][:, None] * x, z, u_t.dtype)
+    return new_state, self._tail(y + self.D[...][:, None] * x, z, x_t.dtype)
 
 
 # Registry factory for kind "mamba2": the class itself, so its options and defaults are

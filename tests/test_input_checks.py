@@ -15,9 +15,10 @@ import models
 from ssm import _checks
 from ssm.ops import fft_conv, linear_scan, selective_scan
 
-# Every registered mixer but mamba2 (its op is being rewritten), with options that build
-# it small; the causal ones have a recurrent mode.
+# Every registered mixer, with options that build it small; the causal ones have a
+# recurrent mode.
 KINDS = {"lssl": {}, "s4": dict(l_max=8), "s4d": {}, "sgconv": dict(l_max=8), "mamba": {},
+         "mamba2": dict(headdim=4),
          "linear_attention": {}, "lightning": {}, "attention": dict(max_len=8)}
 
 
