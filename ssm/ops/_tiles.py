@@ -87,6 +87,32 @@ def mm_init(a, b, shape, *, init=None, tb=False, interpret):
   return lax.optimization_barrier(out)
 
 
+def mm_group(groups, *, interpret):
+  """Several float32 products issued together and awaited once: each group (terms, shape)
+  is sum_i a_i @ (b_i^T if tb_i) over its terms [(a_i, b_i, tb_i)] in one accumulator (a a
+  bf16 register array or SMEM ref, b an SMEM ref). Independent wgmmas then overlap on the
+  tensor cores where a wait after each would serialise them. Returns one array per group.
+  """
+  if interpret:
+    outs = []
+    for terms, shape in groups:
+      out = jnp.zeros(shape, F32)
+      for a, b, tb in terms:
+        x, y = (a[...] if hasattr(a, "at") else a), b[...]
+        out = out + jnp.dot(x, y.T if tb else y, preferred_element_type=F32)
+      outs.append(out)
+    return tuple(outs)
+
+  def scoped(*accs):
+    for acc, (terms, _) in zip(accs, groups):
+      for a, b, tb in terms:
+        plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)) if tb else b)
+    return tuple(acc[...] for acc in accs)  # the first read waits for every group
+
+  accs = [plgpu.ACC(shape, F32) for _, shape in groups]
+  return lax.optimization_barrier(pl.run_scoped(scoped, *accs))
+
+
 def load_t(ref, layout, interpret):
   """ref^T (a 2-D SMEM tile) in registers."""
   if interpret:

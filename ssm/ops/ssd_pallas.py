@@ -20,14 +20,15 @@ block, i, j positions, G the inclusive cumsum of a inside the block (XLA, float3
     S <- sd S + (kd o X)^T B                                     (64, N)
   backward, dC (forward sweep, the states recomputed):
     dC = qd o (dY S) + ((dY X^T) o M) B
-  backward, dB and dX (reverse sweep over the state gradient E, from E = dS_final):
+  backward, dB and dX (reverse sweep over the state gradient E, from E = dS_final; three
+  warpgroups as the forward: WG0 the E chain, WG1 dB and dX, WG2 the TMA loads):
     dX' = ((B C^T) o M'^T) dY + kn o (B E^T),  dX = w o dX' + D dY    (M' = M / w_j, kn = kd / w)
-    dB  = ((X dY^T) o M^T) C + kd o (X E)
+    dB  = ((X dY^T) o M^T) C + (kd o X) E
     E  <- sd E + dY^T (qd o C);   dh0 = E after block 0.
   The gate and step gradients follow in XLA from float32 sums the kernels write. The
   gradient of the block-local cumsum G is, at token t of a block,
     dG_t = C_t . dC_t - B_t . dB_t  (+ at the block's last token: sum_j B_j . dB^state_j
-           + sd <E, S_before>, the terms of kd and sd; dB^state = kd o (X E))
+           + sd <E, S_before>, the terms of kd and sd; B_j . dB^state_j = kd_j x_j . (B E^T)_j)
   and da_t = sum of dG_s over the tokens s >= t of t's block; then d dt_t = A da_t +
   x_t . dX'_t, dA = sum_t dt_t da_t and dD = sum_t x_t . dy_t. The dC kernel writes the
   state entering every block (bf16) for the reverse sweep's <E, S_before>. (A global
@@ -49,7 +50,7 @@ to bf16 first, as in the lightning kernel); decays, masks and the carried states
 float32, the state rounded to bf16 only as an operand.
 
 SMEM (N = 128, bf16): forward 3 stages x (C, B, X tiles + 9 vectors) 127 KiB, state tiles
-and output staging 80 KiB; backward 2 stages, about 200 KiB.
+and output staging 80 KiB; backward 2 stages, about 200 KiB each kernel.
 """
 
 from __future__ import annotations
@@ -405,27 +406,44 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
   return _kernel(body, cfg, out_type, scratch, (b, h, nvt))(*args)
 
 
+def _dbx_smem(n, cfg: _Cfg, dk_dtype, share_e):
+  """SMEM bytes of the reverse sweep (two blocks in flight); raises if over SMEM_BUDGET."""
+  per_stage = 2 * (2 * C * n + 2 * C * BV) + (5 + 2 * cfg.has_seg) * C * 4
+  fixed = (2 * 2 * BV * n + 2 * BV * n + C * n * jnp.dtype(dk_dtype).itemsize
+           + C * BV * jnp.dtype(cfg.out_dtype).itemsize + 4 * 5 * C + 1024
+           + (0 if share_e else 4 * BV * n))
+  if 2 * per_stage + fixed > SMEM_BUDGET:
+    raise ValueError(f"ssd backward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+
+
 def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
-  """Reverse sweep; sb: the state entering every block (B, H, NB, P, N) bf16. Returns dB
-  per head and value tile (nvt, B, Lp, H, N), dX (B, Lp, H, P), dh0 (B, H, P, N) float32
-  and float32 sums (SUMS, nvt, B, H, Lp): the row sums B_t . dB_t, x_t . dX'_t and
-  B_t . dB^state_t (the part of dB through the block's end state), sd <E, S_before>
+  """Warp-specialised reverse sweep; sb: the state entering every block (B, H, NB, P, N)
+  bf16. WG0 carries the state gradient E (one wgmma per block) and publishes it, WG1
+  computes dB and dX from the published E, WG2 feeds the inputs. Returns dB per head and
+  value tile (nvt, B, Lp, H, N), dX (B, Lp, H, P), dh0 (B, H, P, N) float32 and float32
+  sums (SUMS, nvt, B, H, Lp): the row sums B_t . dB_t, x_t . dX'_t and B_t . dB^state_t =
+  kd_t x_t . (B E^T)_t (the part of dB through the block's end state), sd <E, S_before>
   partial sums over the state's rows (P of them, at the block's first P positions), and
-  x_t . dy_t (with D)."""
+  x_t . dy_t (with D). (<E, S_after> is the sum of the two block-end terms, but with the
+  state after the block rounded to bf16 its dA was 4x further from the reference.)"""
   b, lp, g, n = q.shape
   h, p = v.shape[2:]
   r = h // g
   n_blocks, nvt = lp // C, p // BV
   dk_dtype = F32 if nvt > 1 else cfg.out_dtype
   interpret, has_d, has_seg = cfg.interpret, cfg.has_d, cfg.has_seg
-  # The float32 dk staging tile, when there is one, also stages E (same shape: C == BV).
+  # A float32 dB staging tile, when there is one, also stages E in and out (same shape:
+  # C == BV); WG0 takes it back only once WG1's last stores have read it.
   share_e = jnp.dtype(dk_dtype) == jnp.dtype(F32)
-  vec_bufs = ["gc_r", "gc_c", "w_r", "kn_r", "qd_r"] + (["run_r", "run_c"] * has_seg)
+  _dbx_smem(n, cfg, dk_dtype, share_e)
+  stages = 2
+  vec_bufs = ["gc_r", "gc_c", "w_r", "kn_r", "qd_c"] + (["run_r", "run_c"] * has_seg)
   vec_srcs = ["gc", "gc", "w", "kn", "qd"] + (["run", "run"] * has_seg)
   n_sums = 4 + has_d
 
-  def body(*refs, q_s, k_s, v_s, do_s, dod_s, pm_s, dpm_s, e_lo, sb_s, dk_stage, dx_stage,
-           sum_stage, d_s, in_bar, misc_bar, sb_bar, e_f32=None, **vbufs):
+  def body(*refs, q_s, k_s, v_s, do_s, sb_s, e_pub, dk_stage, dx_stage, sum_stage, es_stage,
+           d_s, in_bar, in_free, e_ready, e_free, sb_bar, misc_bar, d_bar, stores_done, done,
+           e_f32=None, **vbufs):
     refs = list(refs)
     q_ref, k_ref, v_ref, do_ref, sb_ref = refs[:5]
     vrefs = dict(zip(("gc", "w", "qd", "kn"), refs[5:9]))
@@ -439,82 +457,141 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     gi = hi // r
     cols = pl.ds(vi * BV, BV)
-    plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi, cols], e_buf, misc_bar)
-    if has_d:
-      plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, misc_bar)
-    plgpu.barrier_wait(misc_bar)
-    e0 = _pallas.load(e_buf, WGMMA, interpret)
-    d_h = d_s[0] if has_d else None
-    # The entering states arrive one block ahead into a single buffer (SMEM is full).
-    sb_at = lambda nb: sb_ref.at[bi, hi, nb, cols]
-    plgpu.copy_gmem_to_smem(sb_at(n_blocks - 1), sb_s, sb_bar)
-
-    def step(nb, slot, e):
-      rows = pl.ds(nb * C, C)
-      ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
-      qt, kt, vt, dot = q_s.at[slot], k_s.at[slot], v_s.at[slot], do_s.at[slot]
-      sd = vbufs["qd_r"][slot, C - 1]
-      plgpu.barrier_wait(sb_bar)
-      s_before = _pallas.load(sb_s, WGMMA, interpret).astype(F32)
-      e_s = (e * s_before).sum(axis=1) * sd                 # sd <E, S_before>, per state row
-
-      @pl.when(nb > 0)
-      def _next():
-        plgpu.commit_smem()
-        plgpu.copy_gmem_to_smem(sb_at(nb - 1), sb_s, sb_bar)
-
-      dd = _pallas.load(dot, WGMMA, interpret).astype(F32)
-      dod_s[...] = (dd * t.rows(ld("qd_r", ROWS), (C, BV))).astype(MM)
-      e_lo[...] = e.astype(MM)
-      plgpu.commit_smem()
-      w_r = ld("w_r", ROWS)
-      runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
-      mt = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=True,
-                  interpret=interpret)                                  # M'^T[j, i]
-      pt = t.mm(kt, qt, (C, C), tb=True, interpret=interpret)           # B_j . C_i
-      pm_s[...] = (pt * mt).astype(MM)
-      dpt = t.mm(vt, dot, (C, C), tb=True, interpret=interpret)         # x_j . dy_i
-      dpm_s[...] = (dpt * mt * t.rows(w_r, (C, C))).astype(MM)
-      plgpu.commit_smem()
-      kn = ld("kn_r", ROWS)
-      dxp = (t.mm(pm_s, dot, (C, BV), interpret=interpret)
-             + t.rows(kn, (C, BV)) * t.mm(kt, e_lo, (C, BV), tb=True, interpret=interpret))
-      dk_state = t.rows(kn * w_r, (C, n)) * t.mm(vt, e_lo, (C, n), interpret=interpret)
-      dk = t.mm(dpm_s, qt, (C, n), interpret=interpret) + dk_state
-      xx = _pallas.load(vt, WGMMA, interpret).astype(F32)
-      kk = _pallas.load(kt, WGMMA, interpret).astype(F32)
-      dx = t.rows(w_r, (C, BV)) * dxp
-      sums = [(dk * kk).sum(axis=1), (dxp * xx).sum(axis=1), (dk_state * kk).sum(axis=1), e_s]
-      if has_d:
-        dx = dx + d_h * dd
-        sums.append((dd * xx).sum(axis=1))
-      t.store([(dk_stage, dk, dk_ref.at[vi, bi, rows, hi]),
-               (dx_stage, dx, dx_ref.at[bi, rows, hi, cols])]
-              + [(sum_stage.at[i], s_i, sums_ref.at[i, vi, bi, hi, rows])
-                 for i, s_i in enumerate(sums)])
-      return e * sd + t.mm(dod_s, qt, (BV, n), ta=True, interpret=interpret)
-
+    wg = lax.axis_index("wg")
+    order = lambda i: n_blocks - 1 - i   # the i-th block of the sweep
     sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
                            vec_srcs, bi, hi, gi, cols)
-    e = t.pipeline(n_blocks, reverse=True, sources=sources,
-                   buffers=[q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
-                   barrier=in_bar, step=step, init=e0)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    e_buf[...] = e
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(e_buf, dh0_ref.at[bi, hi, cols])
-    plgpu.wait_smem_to_gmem(0)
+    rings = [q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs]
+    s_before_at = lambda i: sb_ref.at[bi, hi, order(i), cols]
+
+    @pl.when(wg == 2)
+    def _memory():
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
+
+      def issue(i, slot):
+        for src, ring in zip(sources, rings):
+          plgpu.copy_gmem_to_smem(src(order(i)), ring.at[slot], in_bar.at[slot])
+
+      t.feed(issue, n_blocks, stages, in_free)
+
+    @pl.when(wg == 0)
+    def _state_grad():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi, cols], e_buf, misc_bar)
+      # The states entering each block arrive one block ahead into a single buffer.
+      plgpu.copy_gmem_to_smem(s_before_at(0), sb_s, sb_bar)
+      plgpu.barrier_wait(misc_bar)
+      e0 = _pallas.load(e_buf, WGMMA, interpret)
+
+      def step(i, e):
+        nb, slot, half = order(i), lax.rem(i, stages), lax.rem(i, 2)
+        plgpu.barrier_wait(in_bar.at[slot])
+
+        @pl.when(i >= 2)
+        def _():  # WG1 has read the tile published two blocks ago
+          plgpu.barrier_wait(e_free.at[half])
+
+        e_pub.at[half][...] = e.astype(MM)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(e_ready.at[half])
+        sd = vbufs["qd_c"][slot, C - 1]
+        plgpu.barrier_wait(sb_bar)
+        s_before = _pallas.load(sb_s, WGMMA, interpret).astype(F32)
+
+        @pl.when(i + 1 < n_blocks)
+        def _next():
+          plgpu.commit_smem()
+          plgpu.copy_gmem_to_smem(s_before_at(i + 1), sb_s, sb_bar)
+
+        t.store([(es_stage, (e * s_before).sum(axis=1) * sd,
+                  sums_ref.at[3, vi, bi, hi, pl.ds(nb * C, BV)])])
+        qd = _vec(vbufs["qd_c"], slot, COLS, interpret)
+        dod = (t.load_t(do_s.at[slot], WGMMA, interpret).astype(F32)
+               * t.cols(qd, (BV, C))).astype(MM)                         # (BV, C)
+        e = t.mm_init(dod, q_s.at[slot], (BV, n), init=e * sd, interpret=interpret)
+        plgpu.barrier_arrive(in_free.at[slot])
+        return e
+
+      e = lax.fori_loop(0, n_blocks, step, e0)
+      for i in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of e_pub
+        plgpu.barrier_wait(e_free.at[i % 2])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if share_e:
+        plgpu.barrier_wait(stores_done)
+      e_buf[...] = e
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(e_buf, dh0_ref.at[bi, hi, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _grads():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      d_h = None
+      if has_d:
+        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, d_bar)
+        plgpu.barrier_wait(d_bar)
+        d_h = d_s[0]
+
+      def step(i, carry):
+        nb, slot, half = order(i), lax.rem(i, stages), lax.rem(i, 2)
+        rows = pl.ds(nb * C, C)
+        plgpu.barrier_wait(in_bar.at[slot])
+        ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+        qt, kt, vt, dot = q_s.at[slot], k_s.at[slot], v_s.at[slot], do_s.at[slot]
+        pt, dpt = t.mm_group([([(kt, qt, True)], (C, C)),                 # B_j . C_i
+                              ([(vt, dot, True)], (C, C))],               # x_j . dy_i
+                             interpret=interpret)
+        w_r, kn = ld("w_r", ROWS), ld("kn_r", ROWS)
+        runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
+        mt = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=True,
+                    interpret=interpret)                                  # M'^T[j, i]
+        pm = (pt * mt).astype(MM)
+        dpm = (dpt * mt * t.rows(w_r, (C, C))).astype(MM)
+        xx = _pallas.load(vt, WGMMA, interpret).astype(F32)
+        xkd = (xx * t.rows(kn * w_r, (C, BV))).astype(MM)                 # kd o X
+        plgpu.barrier_wait(e_ready.at[half])
+        e_t = e_pub.at[half]
+        dxp_in, dxp_state, dk = t.mm_group(
+            [([(pm, dot, False)], (C, BV)), ([(kt, e_t, True)], (C, BV)),
+             ([(xkd, e_t, False), (dpm, qt, False)], (C, n))], interpret=interpret)
+        plgpu.barrier_arrive(e_free.at[half])
+        dxp = dxp_in + t.rows(kn, (C, BV)) * dxp_state
+        kk = _pallas.load(kt, WGMMA, interpret).astype(F32)
+        dd = _pallas.load(dot, WGMMA, interpret).astype(F32)
+        plgpu.barrier_arrive(in_free.at[slot])
+        dx = t.rows(w_r, (C, BV)) * dxp
+        sums = [(0, (dk * kk).sum(axis=1)), (1, (dxp * xx).sum(axis=1)),
+                (2, (dxp_state * xx).sum(axis=1) * kn * w_r)]
+        if has_d:
+          dx = dx + d_h * dd
+          sums.append((4, (dd * xx).sum(axis=1)))
+        t.store([(dk_stage, dk, dk_ref.at[vi, bi, rows, hi]),
+                 (dx_stage, dx, dx_ref.at[bi, rows, hi, cols])]
+                + [(sum_stage.at[j], s_j, sums_ref.at[plane, vi, bi, hi, rows])
+                   for j, (plane, s_j) in enumerate(sums)])
+        return carry
+
+      lax.fori_loop(0, n_blocks, step, None)
+      plgpu.wait_smem_to_gmem(0)
+      plgpu.barrier_arrive(stores_done)
+
+    t.finish_together(done)
 
   scratch = dict(
-      q_s=t.smem((2, C, n)), k_s=t.smem((2, C, n)), v_s=t.smem((2, C, BV)),
-      do_s=t.smem((2, C, BV)), dod_s=t.smem((C, BV)), pm_s=t.smem((C, C)),
-      dpm_s=t.smem((C, C)), e_lo=t.smem((BV, n)), sb_s=t.smem((BV, n)),
+      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)), v_s=t.smem((stages, C, BV)),
+      do_s=t.smem((stages, C, BV)), sb_s=t.smem((BV, n)), e_pub=t.smem((2, BV, n)),
       dk_stage=t.stage((C, n), dk_dtype),
-      dx_stage=t.stage((C, BV), cfg.out_dtype), sum_stage=plgpu.SMEM((n_sums, C), F32),
-      d_s=plgpu.SMEM((C,), F32),
-      in_bar=plgpu.Barrier(num_arrivals=4 + len(vec_bufs), num_barriers=2),
-      misc_bar=plgpu.Barrier(num_arrivals=1 + has_d), sb_bar=plgpu.Barrier(),
-      **{name: plgpu.SMEM((2, C), F32) for name in vec_bufs})
+      dx_stage=t.stage((C, BV), cfg.out_dtype), sum_stage=plgpu.SMEM((n_sums - 1, C), F32),
+      es_stage=plgpu.SMEM((BV,), F32), d_s=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=len(vec_bufs) + 4, num_barriers=stages),
+      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      e_ready=plgpu.Barrier(num_barriers=2), e_free=plgpu.Barrier(num_barriers=2),
+      sb_bar=plgpu.Barrier(), misc_bar=plgpu.Barrier(), d_bar=plgpu.Barrier(),
+      stores_done=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3),
+      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs})
   if not share_e:
     scratch["e_f32"] = plgpu.SMEM((BV, n), F32)
   out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, n), dk_dtype),
@@ -523,7 +600,8 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
               jax.ShapeDtypeStruct((n_sums, nvt, b, h, lp), F32))
   args = (q, k, v, do, sb, vec.gc, vec.w, vec.qd, vec.kn) + (vec.run,) * has_seg
   args += (dtab,) * has_d + (dht,)
-  return _kernel(body, cfg, out_type, scratch, (b, h, nvt))(*args)
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), num_threads=3,
+                 thread_name="wg")(*args)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
