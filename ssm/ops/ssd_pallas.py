@@ -331,21 +331,48 @@ def _bwd_sources(q_ref, k_ref, v_ref, do_ref, vec_refs, vec_srcs, bi, hi, gi, co
   return sources
 
 
+def _memory_wg(sources, rings, in_bar, in_free, n_blocks, stages, order, interpret):
+  """The TMA warpgroup of a warp-specialised sweep: the i-th block of the sweep (block
+  order(i)) goes into ring slot i % stages once the consumers released it."""
+  if not interpret:
+    plgpu.set_max_registers(40, action="decrease")
+
+  def issue(i, slot):
+    for src, ring in zip(sources, rings):
+      plgpu.copy_gmem_to_smem(src(order(i)), ring.at[slot], in_bar.at[slot])
+
+  t.feed(issue, n_blocks, stages, in_free)
+
+
+def _dc_stages(n, cfg: _Cfg, dq_dtype):
+  """Input ring depth of the dC sweep (2 or 3 blocks) that fits SMEM_BUDGET."""
+  per_stage = 2 * (2 * C * n + 2 * C * BV) + (7 + 2 * cfg.has_seg) * C * 4
+  fixed = (2 * 2 * BV * n + C * n * jnp.dtype(dq_dtype).itemsize + 4 * C + 1024
+           + 4 * BV * n * cfg.has_h0)
+  for stages in (3, 2):
+    if stages * per_stage + fixed <= SMEM_BUDGET:
+      return stages
+  raise ValueError(f"ssd backward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+
+
 def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
   """dC per head and value tile, (nvt, B, Lp, H, N) (float32 when nvt > 1), the float32
   row sums C_t . dC_t (nvt, B, H, Lp) and the state entering every block, (B, H, NB, P, N)
-  bf16 (the reverse sweep pairs it with the state gradient). Forward sweep from h0."""
+  bf16 (the reverse sweep pairs it with the state gradient). Warp-specialised forward
+  sweep from h0 as the forward kernel: WG0 the state chain (publishing each block's
+  entering state to WG1 and to GMEM), WG1 dC, WG2 the loads."""
   b, lp, g, n = q.shape
   h, p = v.shape[2:]
   r = h // g
   n_blocks, nvt = lp // C, p // BV
   dq_dtype = F32 if nvt > 1 else cfg.out_dtype
   interpret, has_h0, has_seg = cfg.interpret, cfg.has_h0, cfg.has_seg
-  vec_bufs = ["gc_r", "gc_c", "w_c", "qd_r", "kd_r"] + (["run_r", "run_c"] * has_seg)
-  vec_srcs = ["gc", "gc", "w", "qd", "kd"] + (["run", "run"] * has_seg)
+  stages = _dc_stages(n, cfg, dq_dtype)
+  vec_bufs = ["kd_c", "qd_0", "gc_r", "gc_c", "w_c", "qd_r"] + (["run_r", "run_c"] * has_seg)
+  vec_srcs = ["kd", "qd", "gc", "gc", "w", "qd"] + (["run", "run"] * has_seg)
 
-  def body(*refs, q_s, k_s, v_s, do_s, xd_s, ds_s, st_lo, st_f32, dq_stage, dg_stage, in_bar,
-           h0_bar, **vbufs):
+  def body(*refs, q_s, k_s, v_s, do_s, s_pub, dq_stage, dg_stage, in_bar, in_free, s_ready,
+           s_free, h0_bar, done, st_f32=None, **vbufs):
     refs = list(refs)
     q_ref, k_ref, v_ref, do_ref = refs[:4]
     vrefs = dict(zip(("gc", "w", "qd", "kd"), refs[4:8]))
@@ -357,53 +384,96 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     gi = hi // r
     cols = pl.ds(vi * BV, BV)
-    s0 = _state_in(h0_ref, st_f32, h0_bar, bi, hi, cols, n, interpret)
+    wg = lax.axis_index("wg")
 
-    def step(nb, slot, s):
-      rows = pl.ds(nb * C, C)
-      ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
-      kt, vt, dot = k_s.at[slot], v_s.at[slot], do_s.at[slot]
-      xx = _pallas.load(vt, WGMMA, interpret).astype(F32)
-      xd_s[...] = (xx * t.rows(ld("kd_r", ROWS), (C, BV))).astype(MM)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_lo's store of the last block
-      st_lo[...] = s.astype(MM)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(st_lo, sb_ref.at[bi, hi, nb, cols])
-      runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
-      m = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
-                 interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
-      dp = t.mm(dot, vt, (C, C), tb=True, interpret=interpret)           # dy_i . x_j
-      ds_s[...] = (dp * m).astype(MM)
-      plgpu.commit_smem()
-      inter = t.mm(dot, st_lo, (C, n), interpret=interpret)            # dY S
-      intra = t.mm(ds_s, kt, (C, n), interpret=interpret)
-      dq = inter * t.rows(ld("qd_r", ROWS), (C, n)) + intra
-      qq = _pallas.load(q_s.at[slot], WGMMA, interpret).astype(F32)
-      t.store([(dq_stage, dq, dq_ref.at[vi, bi, rows, hi]),
-               (dg_stage, (dq * qq).sum(axis=1), dg_ref.at[vi, bi, hi, rows])])
-      sd = vbufs["qd_r"][slot, C - 1]
-      return s * sd + t.mm(xd_s, kt, (BV, n), ta=True, interpret=interpret)
+    @pl.when(wg == 2)
+    def _memory():
+      sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
+                             vec_srcs, bi, hi, gi, cols)
+      _memory_wg(sources, [q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
+                 in_bar, in_free, n_blocks, stages, lambda i: i, interpret)
 
-    sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
-                           vec_srcs, bi, hi, gi, cols)
-    t.pipeline(n_blocks, reverse=False, sources=sources,
-               buffers=[q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
-               barrier=in_bar, step=step, init=s0)
-    plgpu.wait_smem_to_gmem(0)
+    @pl.when(wg == 0)
+    def _state():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      s0 = _state_in(h0_ref, st_f32, h0_bar, bi, hi, cols, n, interpret)
+
+      def step(nb, st):
+        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
+        plgpu.barrier_wait(in_bar.at[slot])
+
+        @pl.when(nb >= 2)
+        def _():  # WG1 has read the tile published two blocks ago
+          plgpu.barrier_wait(s_free.at[half])
+
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # and so has its store to sb
+        s_pub.at[half][...] = st.astype(MM)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(s_ready.at[half])
+        plgpu.copy_smem_to_gmem(s_pub.at[half], sb_ref.at[bi, hi, nb, cols])
+        kd = _vec(vbufs["kd_c"], slot, COLS, interpret)
+        sd = vbufs["qd_0"][slot, C - 1]
+        xt = t.load_t(v_s.at[slot], WGMMA, interpret).astype(F32)              # (BV, C)
+        xd = (xt * t.cols(kd, (BV, C))).astype(MM)
+        st = t.mm_init(xd, k_s.at[slot], (BV, n), init=st * sd, interpret=interpret)
+        plgpu.barrier_arrive(in_free.at[slot])
+        return st
+
+      lax.fori_loop(0, n_blocks, step, s0)
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _grads():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+
+      def step(nb, carry):
+        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
+        rows = pl.ds(nb * C, C)
+        plgpu.barrier_wait(in_bar.at[slot])
+        ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+        runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
+        m = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
+                   interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
+        dot = do_s.at[slot]
+        dp = t.mm(dot, v_s.at[slot], (C, C), tb=True, interpret=interpret)  # dy_i . x_j
+        ds = (dp * m).astype(MM)
+        qd = ld("qd_r", ROWS)
+        plgpu.barrier_wait(s_ready.at[half])
+        inter, intra = t.mm_group([([(dot, s_pub.at[half], False)], (C, n)),    # dY S
+                                   ([(ds, k_s.at[slot], False)], (C, n))],
+                                  interpret=interpret)
+        plgpu.barrier_arrive(s_free.at[half])
+        qq = _pallas.load(q_s.at[slot], WGMMA, interpret).astype(F32)
+        plgpu.barrier_arrive(in_free.at[slot])
+        dq = inter * t.rows(qd, (C, n)) + intra
+        t.store([(dq_stage, dq, dq_ref.at[vi, bi, rows, hi]),
+                 (dg_stage, (dq * qq).sum(axis=1), dg_ref.at[vi, bi, hi, rows])])
+        return carry
+
+      lax.fori_loop(0, n_blocks, step, None)
+      plgpu.wait_smem_to_gmem(0)
+
+    t.finish_together(done)
 
   scratch = dict(
-      q_s=t.smem((2, C, n)), k_s=t.smem((2, C, n)), v_s=t.smem((2, C, BV)),
-      do_s=t.smem((2, C, BV)), xd_s=t.smem((C, BV)), ds_s=t.smem((C, C)), st_lo=t.smem((BV, n)),
-      st_f32=plgpu.SMEM((BV, n), F32), dq_stage=t.stage((C, n), dq_dtype),
-      dg_stage=plgpu.SMEM((C,), F32),
-      in_bar=plgpu.Barrier(num_arrivals=4 + len(vec_bufs), num_barriers=2),
-      h0_bar=plgpu.Barrier(),
-      **{name: plgpu.SMEM((2, C), F32) for name in vec_bufs})
+      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)), v_s=t.smem((stages, C, BV)),
+      do_s=t.smem((stages, C, BV)), s_pub=t.smem((2, BV, n)),
+      dq_stage=t.stage((C, n), dq_dtype), dg_stage=plgpu.SMEM((C,), F32),
+      in_bar=plgpu.Barrier(num_arrivals=4 + len(vec_bufs), num_barriers=stages),
+      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      s_ready=plgpu.Barrier(num_barriers=2), s_free=plgpu.Barrier(num_barriers=2),
+      h0_bar=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3),
+      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs})
+  if has_h0:
+    scratch["st_f32"] = plgpu.SMEM((BV, n), F32)
   out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, n), dq_dtype),
               jax.ShapeDtypeStruct((nvt, b, h, lp), F32),
               jax.ShapeDtypeStruct((b, h, n_blocks, p, n), MM))
   args = (q, k, v, do, vec.gc, vec.w, vec.qd, vec.kd) + (vec.run,) * has_seg + (h0,) * has_h0
-  return _kernel(body, cfg, out_type, scratch, (b, h, nvt))(*args)
+  return _kernel(body, cfg, out_type, scratch, (b, h, nvt), num_threads=3,
+                 thread_name="wg")(*args)
 
 
 def _dbx_smem(n, cfg: _Cfg, dk_dtype, share_e):
@@ -466,14 +536,7 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
 
     @pl.when(wg == 2)
     def _memory():
-      if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
-
-      def issue(i, slot):
-        for src, ring in zip(sources, rings):
-          plgpu.copy_gmem_to_smem(src(order(i)), ring.at[slot], in_bar.at[slot])
-
-      t.feed(issue, n_blocks, stages, in_free)
+      _memory_wg(sources, rings, in_bar, in_free, n_blocks, stages, order, interpret)
 
     @pl.when(wg == 0)
     def _state_grad():
