@@ -186,6 +186,40 @@ def feed(issue, n_blocks, stages, free):
     plgpu.barrier_wait(free.at[n % stages])
 
 
+def consumer_registers(interpret):
+  """A compute warpgroup of a warp-specialised kernel takes 232 registers a thread (the
+  TMA warpgroup gives its own back down to 40: 2 x 232 + 40 fill the register file)."""
+  if not interpret:
+    plgpu.set_max_registers(232, action="increase")
+
+
+def producer_registers(interpret):
+  """The TMA warpgroup keeps 40 registers a thread (see consumer_registers)."""
+  if not interpret:
+    plgpu.set_max_registers(40, action="decrease")
+
+
+def publish(pub, value, i, slot, *, in_bar, ready, free, flush_stores=False):
+  """The state-chain warpgroup's hand-off of block i: once the block's inputs (ring slot
+  `slot`) have landed and the consumer has read the tile published two blocks ago, write
+  `value` into the double-buffered tile pub[i % 2] and signal `ready`. flush_stores: the
+  tile also goes to GMEM by TMA, so first wait for the store sent from it two blocks ago
+  (at most the other half's store stays in flight). Returns the tile written."""
+  half = lax.rem(i, 2)
+  plgpu.barrier_wait(in_bar.at[slot])
+
+  @pl.when(i >= 2)
+  def _():
+    plgpu.barrier_wait(free.at[half])
+
+  if flush_stores:
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+  pub.at[half][...] = value.astype(pub.dtype)
+  plgpu.commit_smem()
+  plgpu.barrier_arrive(ready.at[half])
+  return pub.at[half]
+
+
 def store(pairs):
   """Write register tiles to SMEM staging and start their TMA stores to GMEM."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's stores read the staging
@@ -194,6 +228,14 @@ def store(pairs):
   plgpu.commit_smem()
   for buf, _, dst in pairs:
     plgpu.copy_smem_to_gmem(buf, dst)
+
+
+def send(buf, value, dst):
+  """Write a register tile through the SMEM tile `buf` to GMEM `dst` and wait for it."""
+  buf[...] = value
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(buf, dst)
+  plgpu.wait_smem_to_gmem(0)
 
 
 def finish_together(done):

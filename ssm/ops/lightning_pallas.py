@@ -63,9 +63,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ssm.ops import _pallas
 from ssm.ops._impl import interpret_mode
 from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, feed as _feed,
-                            load_t as _load_t,
-                            mm as _mm, mm_init as _mm_init, pipeline as _pipeline,
-                            rows as _rows, smem as _smem, stage as _stage, store as _store)
+                            load_t as _load_t, mm as _mm, mm_init as _mm_init,
+                            pipeline as _pipeline, publish as _publish, rows as _rows,
+                            send as _send, smem as _smem, stage as _stage, store as _store)
 
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -211,17 +211,9 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
       pos = _pallas.cast(lax.broadcasted_iota(jnp.int32, (C,), 0), cols_l, interpret)
 
       def step(n, st):
-        slot, half = lax.rem(n, stages), lax.rem(n, 2)
+        slot = lax.rem(n, stages)
         nv = jnp.minimum(C, seq_len - n * C)
-        plgpu.barrier_wait(in_bar.at[slot])
-
-        @pl.when(n >= 2)
-        def _():  # WG1 has read the tile published two blocks ago
-          plgpu.barrier_wait(s_free.at[half])
-
-        s_pub.at[half][...] = st.astype(MM)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(s_ready.at[half])
+        _publish(s_pub, st, n, slot, in_bar=in_bar, ready=s_ready, free=s_free)
         kdec = jnp.where(pos < nv, jnp.exp(ld * jnp.maximum(nv - 1 - pos, 0).astype(F32)), 0.0)
         vt = _load_t(v_s.at[slot], WGMMA, interpret).astype(F32)               # (BV, C)
         vd = (vt * lax.broadcast_in_dim(kdec, (BV, C), [1])).astype(MM)
@@ -233,10 +225,7 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
       st = lax.fori_loop(0, n_blocks, step, s0)
       for n in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
         plgpu.barrier_wait(s_free.at[n % 2])
-      st_f32[...] = st
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(st_f32, ht_ref.at[bi, hi, cols])
-      plgpu.wait_smem_to_gmem(0)
+      _send(st_f32, st, ht_ref.at[bi, hi, cols])
 
     @pl.when(wg == 1)
     def _output():

@@ -152,6 +152,24 @@ def _decay(gc_r, gc_c, run_r, run_c, *, transposed, interpret):
   return jnp.exp(jnp.where(keep, expo, -jnp.inf))
 
 
+def _d_scalar(d_ref, d_s, d_bar, hi):
+  """D of head hi (through the SMEM vector d_s), or None without D (d_ref None)."""
+  if d_ref is None:
+    return None
+  plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, d_bar)
+  plgpu.barrier_wait(d_bar)
+  return d_s[0]
+
+
+def _block_m(vbufs, slot, has_seg, interpret):
+  """M[i, j] = exp(G_i - G_j) w_j (i >= j, same run) of ring slot `slot`'s block, from the
+  rings gc_r, gc_c, w_c (and run_r, run_c)."""
+  ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+  runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
+  return _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
+                interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
+
+
 def _state_in(h0_ref, buf, bar, bi, hi, cols, n, interpret):
   """The (64, N) float32 state rows entering a forward sweep, in registers: h0's (through
   the SMEM tile `buf`), or zeros without h0 (h0_ref None)."""
@@ -164,6 +182,39 @@ def _state_in(h0_ref, buf, bar, bi, hi, cols, n, interpret):
 
 def _vec(ref, slot, layout, interpret):
   return _pallas.load(ref.at[slot], layout, interpret)
+
+
+def _state_chain(s0, v_s, k_s, vbufs, s_pub, in_bar, in_free, s_ready, s_free, n_blocks,
+                 stages, interpret, sb_dst=None):
+  """WG0 of the forward sweeps (the forward and dC kernels): per block, publish the
+  entering state (bf16) to WG1 through s_pub (and, with sb_dst(nb), to GMEM), then update
+  it. Returns the final (64, N) float32 state once WG1 has read the last tiles."""
+  t.consumer_registers(interpret)
+
+  def step(nb, st):
+    slot = lax.rem(nb, stages)
+    tile = t.publish(s_pub, st, nb, slot, in_bar=in_bar, ready=s_ready, free=s_free,
+                     flush_stores=sb_dst is not None)
+    if sb_dst is not None:
+      plgpu.copy_smem_to_gmem(tile, sb_dst(nb))
+    st = _state_update(st, slot, v_s, k_s, vbufs, interpret)
+    plgpu.barrier_arrive(in_free.at[slot])
+    return st
+
+  st = lax.fori_loop(0, n_blocks, step, s0)
+  for nb in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
+    plgpu.barrier_wait(s_free.at[nb % 2])
+  return st
+
+
+def _state_update(st, slot, v_s, k_s, vbufs, interpret):
+  """S <- sd S + (kd o X)^T B over ring slot `slot`'s block: the state chain of the forward
+  sweeps (st: the (64, N) float32 state rows; vbufs: the rings kd_c and qd_0)."""
+  kd = _vec(vbufs["kd_c"], slot, COLS, interpret)
+  sd = vbufs["qd_0"][slot, C - 1]
+  xt = t.load_t(v_s.at[slot], WGMMA, interpret).astype(F32)                  # (BV, C)
+  xd = (xt * t.cols(kd, (BV, C))).astype(MM)
+  return t.mm_init(xd, k_s.at[slot], st.shape, init=st * sd, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -212,8 +263,7 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
     @pl.when(wg == 2)
     def _memory():
-      if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
+      t.producer_registers(interpret)
 
       def issue(nb, slot):
         rows = pl.ds(nb * C, C)
@@ -229,55 +279,22 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
     @pl.when(wg == 0)
     def _state():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
       s0 = _state_in(h0_ref, st_f32, h0_bar, bi, hi, cols, n, interpret)
-
-      def step(nb, st):
-        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
-        plgpu.barrier_wait(in_bar.at[slot])
-
-        @pl.when(nb >= 2)
-        def _():  # WG1 has read the tile published two blocks ago
-          plgpu.barrier_wait(s_free.at[half])
-
-        s_pub.at[half][...] = st.astype(MM)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(s_ready.at[half])
-        kd = _vec(vbufs["kd_c"], slot, COLS, interpret)
-        sd = vbufs["qd_0"][slot, C - 1]
-        xt = t.load_t(v_s.at[slot], WGMMA, interpret).astype(F32)              # (BV, C)
-        xd = (xt * t.cols(kd, (BV, C))).astype(MM)
-        st = t.mm_init(xd, k_s.at[slot], (BV, n), init=st * sd, interpret=interpret)
-        plgpu.barrier_arrive(in_free.at[slot])
-        return st
-
-      st = lax.fori_loop(0, n_blocks, step, s0)
-      for nb in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
-        plgpu.barrier_wait(s_free.at[nb % 2])
-      st_f32[...] = st
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(st_f32, ht_ref.at[bi, hi, cols])
-      plgpu.wait_smem_to_gmem(0)
+      st = _state_chain(s0, v_s, k_s, vbufs, s_pub, in_bar, in_free, s_ready, s_free,
+                        n_blocks, stages, interpret)
+      t.send(st_f32, st, ht_ref.at[bi, hi, cols])
 
     @pl.when(wg == 1)
     def _output():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
-      d_h = None
-      if has_d:
-        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, d_bar)
-        plgpu.barrier_wait(d_bar)
-        d_h = d_s[0]
+      t.consumer_registers(interpret)
+      d_h = _d_scalar(d_ref, d_s, d_bar, hi)
 
       def step(nb, carry):
         slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
         rows = pl.ds(nb * C, C)
         plgpu.barrier_wait(in_bar.at[slot])
         ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
-        runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
-        m = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
-                   interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
+        m = _block_m(vbufs, slot, has_seg, interpret)
         scores = t.mm_init(q_s.at[slot], k_s.at[slot], (C, C), tb=True, interpret=interpret)
         pm = (scores * m).astype(MM)
         plgpu.barrier_wait(s_ready.at[half])
@@ -334,8 +351,7 @@ def _bwd_sources(q_ref, k_ref, v_ref, do_ref, vec_refs, vec_srcs, bi, hi, gi, co
 def _memory_wg(sources, rings, in_bar, in_free, n_blocks, stages, order, interpret):
   """The TMA warpgroup of a warp-specialised sweep: the i-th block of the sweep (block
   order(i)) goes into ring slot i % stages once the consumers released it."""
-  if not interpret:
-    plgpu.set_max_registers(40, action="decrease")
+  t.producer_registers(interpret)
 
   def issue(i, slot):
     for src, ring in zip(sources, rings):
@@ -395,47 +411,21 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
 
     @pl.when(wg == 0)
     def _state():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
       s0 = _state_in(h0_ref, st_f32, h0_bar, bi, hi, cols, n, interpret)
-
-      def step(nb, st):
-        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
-        plgpu.barrier_wait(in_bar.at[slot])
-
-        @pl.when(nb >= 2)
-        def _():  # WG1 has read the tile published two blocks ago
-          plgpu.barrier_wait(s_free.at[half])
-
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # and so has its store to sb
-        s_pub.at[half][...] = st.astype(MM)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(s_ready.at[half])
-        plgpu.copy_smem_to_gmem(s_pub.at[half], sb_ref.at[bi, hi, nb, cols])
-        kd = _vec(vbufs["kd_c"], slot, COLS, interpret)
-        sd = vbufs["qd_0"][slot, C - 1]
-        xt = t.load_t(v_s.at[slot], WGMMA, interpret).astype(F32)              # (BV, C)
-        xd = (xt * t.cols(kd, (BV, C))).astype(MM)
-        st = t.mm_init(xd, k_s.at[slot], (BV, n), init=st * sd, interpret=interpret)
-        plgpu.barrier_arrive(in_free.at[slot])
-        return st
-
-      lax.fori_loop(0, n_blocks, step, s0)
+      _state_chain(s0, v_s, k_s, vbufs, s_pub, in_bar, in_free, s_ready, s_free, n_blocks,
+                   stages, interpret, sb_dst=lambda nb: sb_ref.at[bi, hi, nb, cols])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
     def _grads():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
+      t.consumer_registers(interpret)
 
       def step(nb, carry):
         slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
         rows = pl.ds(nb * C, C)
         plgpu.barrier_wait(in_bar.at[slot])
         ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
-        runs = (ld("run_r", ROWS), ld("run_c", COLS)) if has_seg else (None, None)
-        m = _decay(ld("gc_r", ROWS), ld("gc_c", COLS), *runs, transposed=False,
-                   interpret=interpret) * t.cols(ld("w_c", COLS), (C, C))
+        m = _block_m(vbufs, slot, has_seg, interpret)
         dot = do_s.at[slot]
         dp = t.mm(dot, v_s.at[slot], (C, C), tb=True, interpret=interpret)  # dy_i . x_j
         ds = (dp * m).astype(MM)
@@ -540,8 +530,7 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
 
     @pl.when(wg == 0)
     def _state_grad():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
+      t.consumer_registers(interpret)
       plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi, cols], e_buf, misc_bar)
       # The states entering each block arrive one block ahead into a single buffer.
       plgpu.copy_gmem_to_smem(s_before_at(0), sb_s, sb_bar)
@@ -549,16 +538,8 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
       e0 = _pallas.load(e_buf, WGMMA, interpret)
 
       def step(i, e):
-        nb, slot, half = order(i), lax.rem(i, stages), lax.rem(i, 2)
-        plgpu.barrier_wait(in_bar.at[slot])
-
-        @pl.when(i >= 2)
-        def _():  # WG1 has read the tile published two blocks ago
-          plgpu.barrier_wait(e_free.at[half])
-
-        e_pub.at[half][...] = e.astype(MM)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(e_ready.at[half])
+        nb, slot = order(i), lax.rem(i, stages)
+        t.publish(e_pub, e, i, slot, in_bar=in_bar, ready=e_ready, free=e_free)
         sd = vbufs["qd_c"][slot, C - 1]
         plgpu.barrier_wait(sb_bar)
         s_before = _pallas.load(sb_s, WGMMA, interpret).astype(F32)
@@ -583,20 +564,12 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       if share_e:
         plgpu.barrier_wait(stores_done)
-      e_buf[...] = e
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(e_buf, dh0_ref.at[bi, hi, cols])
-      plgpu.wait_smem_to_gmem(0)
+      t.send(e_buf, e, dh0_ref.at[bi, hi, cols])
 
     @pl.when(wg == 1)
     def _grads():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
-      d_h = None
-      if has_d:
-        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, d_bar)
-        plgpu.barrier_wait(d_bar)
-        d_h = d_s[0]
+      t.consumer_registers(interpret)
+      d_h = _d_scalar(d_ref, d_s, d_bar, hi)
 
       def step(i, carry):
         nb, slot, half = order(i), lax.rem(i, stages), lax.rem(i, 2)
