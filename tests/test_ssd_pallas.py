@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from ssm.ops import ssd
+from ssm.ops import ssd, ssd_pallas
 from ssm.ops.ssd import ssd_reference
 from _testing import bf16_exact, rel
 
@@ -84,3 +84,38 @@ def test_kernel_shapes_are_checked():
   a = inputs(0, 1, 8, 2, 1, 64, 64, jnp.float16)
   with pytest.raises(ValueError, match="x must be float32 or bfloat16"):
     ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], impl="pallas")
+
+
+@pytest.mark.slow  # ~60 s: the interpreter runs the split's extra state chains too
+def test_sequence_split_matches_reference():
+  """Given each sequence split into 4 segments (each run as a sequence of its own, entered
+  with the state the segments before it hand on), the output, final state and every
+  gradient still match the recurrence, with documents that cross the segment edges."""
+  b, l, h, g, p, n, dtype = 1, 250, 2, 1, 64, 64, jnp.bfloat16
+  a = inputs(7, b, l, h, g, p, n, dtype)
+  seg = jnp.asarray(np.repeat([3, 1, 4], [90, 70, 90])[None], jnp.int32)
+  args = tuple(a[k] for k in NAMES)
+
+  def split_loss(x, dt, A, B, C, D, h0):
+    y, s = ssd_pallas.ssd_pallas(x, dt, A, B, C, D=D, h0=h0, segment_ids=seg, segments=4)
+    return jnp.sum(a["wy"] * y.astype(jnp.float32)) + jnp.sum(a["ws"] * s)
+
+  y, s = ssd_pallas.ssd_pallas(*args[:5], D=a["D"], h0=a["h0"], segment_ids=seg, segments=4)
+  y_ref, s_ref = ssd_reference(*(v.astype(jnp.float32) for v in args[:5]), D=a["D"],
+                               h0=a["h0"], segment_ids=seg)
+  assert rel(y, y_ref) < 1e-2 and rel(s, s_ref) < 1e-2
+  grads = jax.grad(split_loss, range(7))(*args)
+  grads_ref = jax.grad(loss_fn("ref", seg, a["wy"], a["ws"]), range(7))(*args)
+  for name, u, v in zip(NAMES, grads, grads_ref):
+    assert rel(u, v) < GRAD_TOL[name], name
+
+
+def test_segments_fill_one_wave_of_ctas():
+  """auto_segments splits only grids short of one wave, down to 16 blocks a segment."""
+  assert ssd_pallas.auto_segments(1, 64, 64, 32768, 132) == 4      # 64 CTAs -> 256
+  assert ssd_pallas.auto_segments(2, 64, 64, 4096, 132) == 2       # 128 -> 256
+  assert ssd_pallas.auto_segments(4, 64, 64, 2048, 132) == 1       # 256 CTAs: one wave
+  assert ssd_pallas.auto_segments(1, 2, 64, 2048, 132) == 2        # 32 blocks: 16 a segment
+  a = inputs(0, 1, 128, 2, 1, 64, 64, jnp.float32)
+  with pytest.raises(ValueError, match="segments=3 must be a positive int dividing the 2"):
+    ssd_pallas.ssd_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], segments=3)

@@ -129,6 +129,7 @@ class _Cfg:
   has_d: bool
   has_seg: bool
   interpret: bool
+  segments: int = 1     # the sequence split into this many segments (module docstring)
 
 
 def _kernel(body, cfg, out_type, scratch, grid, **threads):
@@ -640,6 +641,102 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
                  thread_name="wg")(*args)
 
 
+# ----------------------------------------------------------------------------- sequence split
+
+def _chain(u, w, coef, qd, cfg: _Cfg, *, reverse):
+  """The state chain alone, from zero, over each sequence: S <- sd S + (coef o U)^T W per
+  block (in reverse block order with reverse=True), one warpgroup per (batch, head, value
+  tile) with the next blocks' TMA loads in flight. u: (B, Lp, H, P) bf16, w: (B, Lp, G, N)
+  bf16, coef and qd: (B, H, Lp) float32 (sd = qd at each block's last token). Forward,
+  (U, W, coef) = (X, B, kd): the state a sequence ends in; reverse, (dY, C, qd): the
+  gradient its outputs send to the state entering it. Returns (B, H, P, N) float32."""
+  b, lp, g, n = w.shape
+  h, p = u.shape[2:]
+  r = h // g
+  n_blocks, interpret = lp // C, cfg.interpret
+  stages = 4
+
+  def body(u_ref, w_ref, coef_ref, qd_ref, out_ref, u_s, w_s, c_s, qd_s, out_s, in_bar):
+    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    cols = pl.ds(vi * BV, BV)
+    blk = lambda nb: pl.ds(nb * C, C)
+    sources = [lambda nb: u_ref.at[bi, blk(nb), hi, cols],
+               lambda nb: w_ref.at[bi, blk(nb), hi // r],
+               lambda nb: coef_ref.at[bi, hi, blk(nb)], lambda nb: qd_ref.at[bi, hi, blk(nb)]]
+
+    def step(nb, slot, st):
+      cf = _vec(c_s, slot, COLS, interpret)
+      ut = (t.load_t(u_s.at[slot], WGMMA, interpret).astype(F32)
+            * t.cols(cf, (BV, C))).astype(MM)                                 # (BV, C)
+      return t.mm_init(ut, w_s.at[slot], (BV, n), init=st * qd_s[slot, C - 1],
+                       interpret=interpret)
+
+    s0 = _pallas.cast(jnp.zeros((BV, n), F32), WGMMA, interpret)
+    st = t.pipeline(n_blocks, reverse=reverse, sources=sources,
+                    buffers=[u_s, w_s, c_s, qd_s], barrier=in_bar, step=step, init=s0)
+    t.send(out_s, st, out_ref.at[bi, hi, cols])
+
+  scratch = dict(u_s=t.smem((stages, C, BV)), w_s=t.smem((stages, C, n)),
+                 c_s=plgpu.SMEM((stages, C), F32), qd_s=plgpu.SMEM((stages, C), F32),
+                 out_s=plgpu.SMEM((BV, n), F32),
+                 in_bar=plgpu.Barrier(num_arrivals=4, num_barriers=stages))
+  out_type = jax.ShapeDtypeStruct((b, h, p, n), F32)
+  return _kernel(body, cfg, out_type, scratch, (b, h, p // BV))(u, w, coef, qd)
+
+
+def auto_segments(b, h, p, lp, sms):
+  """Segments per sequence: doubled while the grid (b, h, p / 64) times the segments is
+  short of one wave of `sms` CTAs and each segment keeps at least 16 blocks of 64 tokens."""
+  s, ctas = 1, b * h * (p // BV)
+  while ctas * s < sms and (lp // C) % (2 * s) == 0 and lp // (2 * s) >= 16 * C:
+    s *= 2
+  return s
+
+
+def _seg_rows(a, s):
+  """(B, Lp, ...) -> (B S, Lp / S, ...): each segment a sequence of its own."""
+  return a.reshape(a.shape[0] * s, a.shape[1] // s, *a.shape[2:])
+
+
+def _seg_vec(v, s):
+  """(B, H, Lp) -> (B S, H, Lp / S)."""
+  b, h, lp = v.shape
+  return v.reshape(b, h, s, lp // s).swapaxes(1, 2).reshape(b * s, h, lp // s)
+
+
+def _unseg_vec(v, s):
+  """(..., B S, H, Ls) -> (..., B, H, S Ls): the inverse of _seg_vec."""
+  *lead, bs, h, ls = v.shape
+  v = v.reshape(*lead, bs // s, s, h, ls)
+  return jnp.swapaxes(v, -3, -2).reshape(*lead, bs // s, h, s * ls)
+
+
+def _seg_vectors(vec: _Vectors, s) -> _Vectors:
+  run = None if vec.run is None else _seg_rows(vec.run, s)
+  return _Vectors(*(_seg_vec(v, s) for v in vec[:5]), run)
+
+
+def _seg_decays(vec: _Vectors, s):
+  """Each segment's total decay (B, S, H): the product of its blocks' sd (0 across a reset)."""
+  b, h, lp = vec.qd.shape
+  sd = vec.qd.reshape(b, h, s, lp // (s * C), C)[..., -1]
+  return sd.prod(-1).swapaxes(1, 2)
+
+
+def _pass(local, decay, first, *, reverse):
+  """Carry a state across the segments. Forward: out[0] = first, out[k + 1] = decay[k]
+  out[k] + local[k] (the state entering each segment); reverse: out[S - 1] = first,
+  out[k - 1] = decay[k] out[k] + local[k] (the gradient of the state leaving each).
+  local: (B, S, H, P, N), decay (B, S, H), first (B, H, P, N); returns (B S, H, P, N)."""
+  b, s = decay.shape[:2]
+  out = [None] * s
+  out[s - 1 if reverse else 0] = first
+  for k in (range(s - 1, 0, -1) if reverse else range(s - 1)):
+    nxt = k - 1 if reverse else k + 1
+    out[nxt] = decay[:, k, :, None, None] * out[k] + local[:, k]
+  return jnp.stack(out, axis=1).reshape(b * s, *first.shape[1:])
+
+
 # ----------------------------------------------------------------------------- custom_vjp
 
 def _pad_time(v, lp):
@@ -669,7 +766,20 @@ def _core_fwd(x, dt, A, B, Cm, D, h0, segment_ids, cfg: _Cfg):
   h = x.shape[2]
   dtab = None if D is None else jnp.broadcast_to(D.astype(F32)[:, None], (h, C))
   h0f = None if h0 is None else h0.astype(F32)
-  y, state = _forward(q, k, v, vec, dtab, h0f, cfg)
+  sg = cfg.segments
+  if sg > 1:  # each segment a sequence of its own, entered with the state it really gets
+    kcfg = dataclasses.replace(cfg, has_h0=True)
+    q, k, v = (_seg_rows(a, sg) for a in (q, k, v))
+    vec_s = _seg_vectors(vec, sg)
+    b, _, h, p = x.shape
+    ends = _chain(v, k, vec_s.kd, vec_s.qd, kcfg, reverse=False)
+    first = jnp.zeros((b, *ends.shape[1:]), F32) if h0f is None else h0f
+    h0f = _pass(ends.reshape(b, sg, *ends.shape[1:]), _seg_decays(vec, sg), first,
+                reverse=False)
+    y, states = _forward(q, k, v, vec_s, dtab, h0f, kcfg)
+    y, state = y.reshape(b, lp, h, p), states.reshape(b, sg, *states.shape[1:])[:, -1]
+  else:
+    y, state = _forward(q, k, v, vec, dtab, h0f, cfg)
   res = (q, k, v, vec, dtab, h0f, state, dt, A, D, h0, segment_ids)
   return (y[:, :l], state), res
 
@@ -677,13 +787,26 @@ def _core_fwd(x, dt, A, B, Cm, D, h0, segment_ids, cfg: _Cfg):
 def _core_bwd(cfg: _Cfg, res, cts):
   q, k, v, vec, dtab, h0f, state, dt, A, D, h0, segment_ids = res
   dy, dht = cts
-  l = cfg.seq_len
-  lp = q.shape[1]
+  l, sg = cfg.seq_len, cfg.segments
+  b, lp = dy.shape[0], -(-cfg.seq_len // C) * C
   g = q.shape[2]
   do = _pad_time(dy.astype(MM), lp)
   dht = jnp.zeros_like(state) if dht is None else dht.astype(F32)
-  dq, dgq, sb = _backward_dc(q, k, v, do, vec, h0f, cfg)
-  dk, dx, dh0, sums = _backward_dbx(q, k, v, do, sb, vec, dtab, dht, cfg)
+  if sg > 1:  # q, k, v, h0f are per segment already
+    kcfg = dataclasses.replace(cfg, has_h0=True)
+    do, vec_s = _seg_rows(do, sg), _seg_vectors(vec, sg)
+    local = _chain(do, q, vec_s.qd, vec_s.qd, kcfg, reverse=True)
+    dhts = _pass(local.reshape(b, sg, *local.shape[1:]), _seg_decays(vec, sg), dht,
+                 reverse=True)
+    dq, dgq, sb = _backward_dc(q, k, v, do, vec_s, h0f, kcfg)
+    dk, dx, dh0, sums = _backward_dbx(q, k, v, do, sb, vec_s, dtab, dhts, kcfg)
+    whole = lambda a: a.reshape(*a.shape[:-4], b, lp, *a.shape[-2:])
+    dq, dk, dx = whole(dq), whole(dk), whole(dx)
+    dgq, sums = _unseg_vec(dgq, sg), _unseg_vec(sums, sg)
+    dh0 = dh0.reshape(b, sg, *dh0.shape[1:])[:, 0]
+  else:
+    dq, dgq, sb = _backward_dc(q, k, v, do, vec, h0f, cfg)
+    dk, dx, dh0, sums = _backward_dbx(q, k, v, do, sb, vec, dtab, dht, cfg)
   sums = sums.sum(1)                                             # (SUMS, B, H, Lp)
   # Gradient of the block-local cumsum G (module docstring): C.dC - B.dB at every token,
   # plus at each block's last token the terms of its end state; then a reverse cumsum
@@ -708,13 +831,16 @@ def _core_bwd(cfg: _Cfg, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def ssd_pallas(x, dt, A, B, Cm, *, D=None, h0=None, segment_ids=None, interpret=None):
+def ssd_pallas(x, dt, A, B, Cm, *, D=None, h0=None, segment_ids=None, segments=None,
+               interpret=None):
   """The Pallas kernel path (arguments checked by `ssm.ops.ssd`; dt already positive).
 
   Args:
     x: (B, L, H, P); dt: (B, L, H); A: (H,); B, Cm: (B, L, G, N); D: (H,) or None;
     h0: (B, H, P, N) or None; segment_ids: (B, L) int or None. P, N in {64, 128};
     float32 or bf16.
+    segments: split each sequence into this many segments, a power of two dividing its
+      64-token blocks (None: `auto_segments` for the GPU's SMs; 1 on the interpreter).
     interpret: run the Mosaic GPU interpreter (default: off the GPU).
 
   Returns:
@@ -723,7 +849,17 @@ def ssd_pallas(x, dt, A, B, Cm, *, D=None, h0=None, segment_ids=None, interpret=
   check_supported(x, B, Cm)
   if interpret is None:
     interpret = interpret_mode()
-  cfg = _Cfg(seq_len=x.shape[1], out_dtype=jnp.dtype(x.dtype), b_dtype=jnp.dtype(B.dtype),
+  b, l, h, p = x.shape
+  n_blocks = -(-l // C)
+  if segments is None:
+    sms = None if interpret else getattr(jax.devices()[0], "core_count", None)
+    segments = 1 if not sms else auto_segments(b, h, p, n_blocks * C, sms)
+  if (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1
+      or n_blocks % segments):
+    raise ValueError(f"ssd_pallas: segments={segments!r} must be a positive int dividing "
+                     f"the {n_blocks} blocks of {C} tokens")
+  cfg = _Cfg(seq_len=l, out_dtype=jnp.dtype(x.dtype), b_dtype=jnp.dtype(B.dtype),
              c_dtype=jnp.dtype(Cm.dtype), has_h0=h0 is not None,
-             has_d=D is not None, has_seg=segment_ids is not None, interpret=bool(interpret))
+             has_d=D is not None, has_seg=segment_ids is not None, interpret=bool(interpret),
+             segments=segments)
   return _core(x, dt, A, B, Cm, D, h0, segment_ids, cfg)
