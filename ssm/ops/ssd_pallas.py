@@ -40,6 +40,16 @@ Packed documents: run ids relative to the block and the masks qd / kd / sd above
 in fla and jla's chunked kernels); a reset token's own a_t is never used, so its gradient
 is set to zero exactly.
 
+Sequence split (grids short of one wave of CTAs, e.g. one long sequence: `auto_segments`):
+each sequence is cut into S segments run as sequences of their own, each entered with the
+state it really gets. A state-only chain kernel (`_chain`) gives every segment's end state
+from zero; XLA carries them across the segments (S_in[k+1] = decay[k] S_in[k] + end[k],
+decay the segment's total, 0 across a reset), and the kernels run with h0 = S_in. The
+backward does the same in reverse for the state gradient (the outputs' gradient to the
+state entering each segment, carried back as dS_out[k-1] = decay[k] dS_out[k] + local[k]);
+since every block then sees its exact state and state gradient, the block-local gradients
+are the unsplit ones.
+
 Nothing per block is stored between the passes: the backward recomputes the states.
 dB, dC leave the kernels per head (float32 when a head has two value tiles) and XLA
 sums a group's heads. Lengths that are not a multiple of 64 are padded with w = a = 0,
