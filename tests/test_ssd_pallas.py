@@ -53,8 +53,8 @@ GRAD_TOL = dict(x=1e-2, dt=1e-2, A=2e-2, B=1e-2, C=1e-2, D=1e-2, h0=1e-2)
 
 @pytest.mark.slow  # ~30-60 s each: the interpreter runs three kernels and their gradients
 @pytest.mark.parametrize("b,l,h,g,p,n,dtype,packed", [
-    (1, 100, 4, 2, 64, 64, jnp.float32, False),   # groups of 2 heads, a ragged second block
-    (1, 70, 2, 1, 128, 128, jnp.bfloat16, True),  # two value tiles, N 128, packed documents
+    (1, 100, 2, 1, 64, 64, jnp.float32, False),   # a group of 2 heads, a ragged second block
+    (1, 70, 1, 1, 128, 128, jnp.bfloat16, True),  # two value tiles, N 128, packed documents
 ])
 def test_matches_reference(b, l, h, g, p, n, dtype, packed):
   """Given random inputs, the kernel's output, final state and every gradient match the
@@ -91,7 +91,7 @@ def test_sequence_split_matches_reference():
   """Given each sequence split into 4 segments (each run as a sequence of its own, entered
   with the state the segments before it hand on), the output, final state and every
   gradient still match the recurrence, with documents that cross the segment edges."""
-  b, l, h, g, p, n, dtype = 1, 250, 2, 1, 64, 64, jnp.bfloat16
+  b, l, h, g, p, n, dtype = 1, 250, 1, 1, 64, 64, jnp.bfloat16
   a = inputs(7, b, l, h, g, p, n, dtype)
   seg = jnp.asarray(np.repeat([3, 1, 4], [90, 70, 90])[None], jnp.int32)
   args = tuple(a[k] for k in NAMES)
