@@ -475,7 +475,7 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
     raise RuntimeError(f"checkpoint step {start} holds a train state at step "
                        f"{int(jax.device_get(state.step))}")
   end = tc.num_steps if not 0 < tc.halt_at_step < tc.num_steps else tc.halt_at_step
-  progress = metrics_lib.Progress(tc.num_steps)
+  progress = metrics_lib.Progress(tc.num_steps, initial=start)
   last_saved = start if restored is not None else None
   val = None
 
@@ -571,6 +571,7 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
     if pending is not None:
       flush(pending)
 
+  progress.close()
   final_step = int(jax.device_get(state.step))
   if stopping:
     ckpt.wait()
