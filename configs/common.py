@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
       task="listops",
       seq_len=2000,
       seed=0,
+      # Where the task's TFDS dataset is prepared and read (data/builders.py); None:
+      # <cache>/tfds. Point it at datasets prepared elsewhere to read them there.
+      tfds_dir=config_dict.placeholder(str),
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
