@@ -1,39 +1,49 @@
-"""NumPy input pipeline: an in-memory dataset and a deterministic, resumable, sharded loader.
+"""Input pipeline on grain: an in-memory dataset and a deterministic, resumable, sharded loader.
 
     ds = ArrayDataset({"inputs": x_nl, "mask": m_nl, "targets": y_n})
     loader = make_loader(ds, batch_size=32, shuffle=True, seed=0, drop_remainder=True,
-                         shard_index=jax.process_index(), shard_count=jax.process_count())
+                         shard_options=grain.sharding.ShardByJaxProcess(), worker_count=2)
     batch = next(loader)                  # dict of NumPy arrays, plus "weights" (b,) float32
-    state = loader.get_state()            # {"epoch": e, "position": p}, JSON-serialisable
+    state = loader.get_state()            # grain's iterator state: JSON (the checkpoint's)
     loader.set_state(state)               # the same batches follow again
 
-Order. Epoch e visits the examples in the order `permutation(n)` drawn from
-`np.random.default_rng([seed, e])` (or 0..n-1 without shuffling), so any batch is a
-pure function of (seed, epoch, position) and resuming needs only those two numbers.
-Shard s of S takes every S-th index of that order, starting at s: the shards are
-disjoint and, without drop_remainder, together cover every example exactly once.
-All shards yield the same number of batches per epoch (a multi-host step must not
-wait for a host that has run out).
+The loader is a grain pipeline whose elements are whole batches:
 
-Passes. A loader with drop_remainder=True is infinite (epoch after epoch); each epoch
-first drops n mod S examples so the shards are equal, then the last incomplete batch.
-A loader with drop_remainder=False makes one pass and pads its last batch to full size
-with copies of a real row whose weight is 0 (copies, not zeros, so no padding row is
-an all-masked sequence that could make a mean pool divide by zero). `num_epochs`
-overrides either default.
+    grain.MapDataset.range(batches_per_epoch).repeat(num_epochs)
+        .map_with_index(_Batches)          # global batch index -> one batch (vectorised)
+        .to_iter_dataset(ReadOptions)      # prefetch threads (prefetch > 0)
+        .mp_prefetch(...)                  # worker processes (worker_count > 0)
 
-Prefetch. A daemon thread fills a bounded queue with the next `prefetch` batches. It
-holds no reference to the Loader, is stopped when the Loader is garbage-collected,
-closed, or given a new state, and never blocks forever on a full queue.
+grain owns the iteration, prefetching, worker processes and the iterator state, so a
+resumed loader continues with exactly the batches an uninterrupted one would give,
+with or without workers (same worker_count).
+
+Order. Batch j of the stream is epoch e = j // batches_per_epoch, position p = j mod
+batches_per_epoch. Epoch e visits the examples in the order `permutation(n)` drawn from
+`np.random.default_rng([seed, e])` (or 0..n-1 without shuffling); shard s of S takes
+every S-th index of that order, starting at s: the shards are disjoint and, without
+drop_remainder, together cover every example exactly once; every shard yields the same
+number of batches per epoch. Why not grain's own `MapDataset.shuffle`: its index shuffle
+runs once per example in Python (5-19 us each on the 2-core development CPU, at least 10x
+today's whole per-batch budget, results/input_pipeline_cpu.txt), whereas a permutation
+per epoch is one vectorised call and each batch one NumPy gather. It also keeps the order
+of earlier runs.
+
+Passes. drop_remainder=True: infinite (epoch after epoch); each epoch first drops n mod S
+examples so the shards are equal, then the last incomplete batch. drop_remainder=False:
+one pass, the last batch padded to full size with copies of a real row whose weight is 0
+(copies, not zeros, so no padding row is an all-masked sequence that could make a mean
+pool divide by zero). `num_epochs` overrides either default.
+
+Workers. worker_count > 0 runs the batch function in that many spawned processes (each
+gets a pickled copy of the dataset); they need absl flags parsed (done here when the
+caller has not) and a `__main__` guard in the launching script (the trainer has one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
-import weakref
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -96,7 +106,7 @@ class ArrayDataset:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Everything that decides the batch stream; shared read-only with the prefetch thread."""
+  """Everything that decides the batch stream (pickled into grain's worker processes)."""
 
   dataset: ArrayDataset
   batch_size: int
@@ -114,110 +124,76 @@ class _Plan:
       return (n // self.shard_count) // self.batch_size
     return math.ceil(math.ceil(n / self.shard_count) / self.batch_size)
 
+
+class _Batches:
+  """grain map_with_index transform: global batch index -> the batch (dict of arrays)."""
+
+  def __init__(self, plan: _Plan):
+    self.plan = plan
+    self._epoch = None  # (epoch, its indices): drawn once, used by all its batches
+
   def epoch_indices(self, epoch: int) -> np.ndarray:
     """This shard's example indices for one epoch, in visiting order."""
-    n = len(self.dataset)
-    if self.shuffle:
-      order = np.random.default_rng([self.seed, epoch]).permutation(n)
-    else:
-      order = np.arange(n)
-    if self.drop_remainder:
-      order = order[: (n // self.shard_count) * self.shard_count]
-    return order[self.shard_index::self.shard_count]
+    if self._epoch is None or self._epoch[0] != epoch:
+      self._epoch = (epoch, self._draw(epoch))
+    return self._epoch[1]
 
-  def batch(self, indices: np.ndarray, position: int) -> dict[str, np.ndarray]:
-    rows = indices[position * self.batch_size:(position + 1) * self.batch_size]
+  def _draw(self, epoch: int) -> np.ndarray:
+    p = self.plan
+    n = len(p.dataset)
+    order = np.random.default_rng([p.seed, epoch]).permutation(n) if p.shuffle else np.arange(n)
+    if p.drop_remainder:
+      order = order[: (n // p.shard_count) * p.shard_count]
+    return order[p.shard_index::p.shard_count]
+
+  def __call__(self, index: int, position: int) -> dict[str, np.ndarray]:
+    p = self.plan
+    indices = self.epoch_indices(index // p.batches_per_epoch)
+    rows = indices[position * p.batch_size:(position + 1) * p.batch_size]
     num_real = len(rows)
-    if num_real < self.batch_size:
+    if num_real < p.batch_size:
       fill = indices[0] if len(indices) else 0
-      rows = np.concatenate([rows, np.full(self.batch_size - num_real, fill, rows.dtype)])
-    out = self.dataset.take(rows)
-    real = (np.arange(self.batch_size) < num_real).astype(np.float32)
+      rows = np.concatenate([rows, np.full(p.batch_size - num_real, fill, rows.dtype)])
+    out = p.dataset.take(rows)
+    real = (np.arange(p.batch_size) < num_real).astype(np.float32)
     if "weights" in out:
       real = real * out["weights"].astype(np.float32)
     out["weights"] = real
     return out
 
-  def stream(self, epoch: int, position: int):
-    """Yields (batch, state after it) from (epoch, position) to the end of the last epoch."""
-    per_epoch = self.batches_per_epoch
-    while self.num_epochs is None or epoch < self.num_epochs:
-      indices = self.epoch_indices(epoch)
-      while position < per_epoch:
-        batch = self.batch(indices, position)
-        position += 1
-        yield batch, ((epoch, position) if position < per_epoch else (epoch + 1, 0))
-      epoch, position = epoch + 1, 0
 
-
-_END = object()
-
-
-class _Failure:
-
-  def __init__(self, exc: BaseException):
-    self.exc = exc
-
-
-class _Worker:
-  """One prefetch thread with its queue and stop flag."""
-
-  def __init__(self, plan: _Plan, epoch: int, position: int, depth: int):
-    self.queue: queue.Queue = queue.Queue(maxsize=depth)
-    self.stop = threading.Event()
-    self.thread = threading.Thread(
-        target=_produce, args=(plan, epoch, position, self.queue, self.stop),
-        name="ssmlab-data-prefetch", daemon=True)
-    self.thread.start()
-
-  def shutdown(self, timeout: float = 10.0):
-    self.stop.set()
-    if self.thread is not threading.current_thread():
-      self.thread.join(timeout)
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-  # A bounded put that gives up once asked to stop, so a dropped loader never strands the thread.
-  while not stop.is_set():
-    try:
-      q.put(item, timeout=0.05)
-      return True
-    except queue.Full:
-      pass
-  return False
-
-
-def _produce(plan: _Plan, epoch: int, position: int, q: queue.Queue, stop: threading.Event):
-  try:
-    for item in plan.stream(epoch, position):
-      if not _put(q, item, stop):
-        return
-    _put(q, _END, stop)
-  except BaseException as exc:  # handed to the consumer, which re-raises it
-    _put(q, _Failure(exc), stop)
-
-
-def _shutdown_holder(holder: dict):
-  worker = holder.get("worker")
-  if worker is not None:
-    worker.stop.set()  # no join: this may run inside garbage collection
+def _ensure_absl_flags_parsed():
+  # grain reads its absl flags when it starts workers; a library caller (a test, a
+  # notebook) has not parsed any: take the defaults.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class Loader(Iterator):
-  """Iterator over batches (dicts of NumPy arrays); see the module docstring.
+  """Iterator over batches (dicts of NumPy arrays) on a grain pipeline; see the module docstring.
 
   Attributes:
     batches_per_epoch: batches this shard yields per epoch (the same on every shard).
+    num_epochs: passes over the data (None: infinite).
   """
 
-  def __init__(self, plan: _Plan, prefetch: int):
+  def __init__(self, plan: _Plan, prefetch: int, worker_count: int):
+    import grain  # noqa: PLC0415 -- on first use: `import data` stays cheap
     self._plan = plan
     self._prefetch = prefetch
-    self._epoch, self._position = 0, 0
-    self._stream = None  # synchronous mode
-    self._exhausted = False
-    self._holder: dict = {"worker": None}
-    self._finalizer = weakref.finalize(self, _shutdown_holder, self._holder)
+    self._worker_count = worker_count
+    ds = grain.MapDataset.range(plan.batches_per_epoch).repeat(plan.num_epochs)
+    ds = ds.map_with_index(_Batches(plan))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
+                                              prefetch_buffer_size=prefetch))
+    if worker_count:
+      _ensure_absl_flags_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
+    self._dataset = it
+    self._iter = None
+    self._state = None  # a state to apply when the grain iterator is (re)made
 
   @property
   def batches_per_epoch(self) -> int:
@@ -227,48 +203,45 @@ class Loader(Iterator):
   def num_epochs(self) -> int | None:
     return self._plan.num_epochs
 
+  def _iterator(self):
+    if self._iter is None:
+      self._iter = iter(self._dataset)
+      if self._state is not None:
+        self._iter.set_state(self._state)
+    return self._iter
+
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._prefetch == 0:
-      if self._stream is None:
-        self._stream = self._plan.stream(self._epoch, self._position)
-      batch, state = next(self._stream)  # StopIteration ends the pass
-    else:
-      if self._exhausted:
-        raise StopIteration
-      worker = self._holder["worker"]
-      if worker is None:
-        worker = _Worker(self._plan, self._epoch, self._position, self._prefetch)
-        self._holder["worker"] = worker
-      item = self._get(worker)
-      if item is _END:
-        self._exhausted = True  # keep answering StopIteration, as an exhausted iterator should
-        raise StopIteration
-      if isinstance(item, _Failure):
-        raise item.exc
-      batch, state = item
-    self._epoch, self._position = state
-    return batch
-
-  @staticmethod
-  def _get(worker: _Worker):
-    while True:
-      try:
-        return worker.queue.get(timeout=0.1)
-      except queue.Empty:
-        if not worker.thread.is_alive() and worker.queue.empty():
-          raise RuntimeError("the data prefetch thread stopped without a result") from None
+    return next(self._iterator())
 
   def get_state(self) -> dict:
-    """{"epoch", "position"} of the next batch __next__ returns (prefetched ones not counted)."""
-    return {"epoch": int(self._epoch), "position": int(self._position)}
+    """grain's state after the last batch __next__ returned (prefetched ones not counted);
+    JSON-serialisable (saved in the checkpoint with ocp.args.JsonSave)."""
+    return self._iterator().get_state()
 
   def set_state(self, state: Mapping) -> None:
-    """Continue from a state returned by get_state (of this or an identically built loader)."""
-    if not isinstance(state, Mapping) or set(state) != {"epoch", "position"}:
-      raise ValueError(f"loader state must be a dict with keys 'epoch' and 'position', got {state!r}")
+    """Continue from a state returned by get_state of an identically built loader (same
+    dataset, batch size, seed, shards and worker_count). The {"epoch", "position"} state of
+    the loader before grain (older checkpoints) is accepted without workers."""
+    if not isinstance(state, Mapping):
+      raise ValueError(f"loader state must be a dict (Loader.get_state()), got {state!r}")
+    state = dict(state)
+    if set(state) == {"epoch", "position"}:
+      state = self._from_position(state)
+    expected = set(self._iterator().get_state())
+    if set(state) != expected:
+      raise ValueError(f"loader state has keys {sorted(state)}, this loader's have "
+                       f"{sorted(expected)} (saved with another worker_count?)")
+    if "next_index" in state:
+      v = state["next_index"]
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"loader state next_index must be a non-negative int, got {v!r}")
+    self._state = state
+    self._iterator().set_state(state)
+
+  def _from_position(self, state: dict) -> dict:
     epoch, position = state["epoch"], state["position"]
     per_epoch = self._plan.batches_per_epoch
     for name, v in (("epoch", epoch), ("position", position)):
@@ -276,22 +249,20 @@ class Loader(Iterator):
         raise ValueError(f"loader state {name} must be a non-negative int, got {v!r}")
     if position > per_epoch:
       raise ValueError(f"loader state position {position} exceeds the {per_epoch} batches per epoch")
-    if position == per_epoch:
-      epoch, position = epoch + 1, 0
-    self._stop_worker()
-    self._epoch, self._position = int(epoch), int(position)
+    if self._worker_count:
+      raise ValueError("an {epoch, position} loader state (a checkpoint from before grain) "
+                       "resumes only with config.train.data_workers=0")
+    return {"next_index": int(epoch) * per_epoch + int(position)}
 
   def close(self) -> None:
-    """Stop the prefetch thread; a later __next__ starts a new one from the current state."""
-    self._stop_worker()
-
-  def _stop_worker(self):
-    worker = self._holder["worker"]
-    if worker is not None:
-      worker.shutdown()
-      self._holder["worker"] = None
-    self._stream = None
-    self._exhausted = False
+    """Stop grain's prefetch threads and worker processes; a later __next__ restarts them
+    from the current state."""
+    if self._iter is not None:
+      self._state = self._iter.get_state()
+      close = getattr(self._iter, "close", None)
+      if close is not None:
+        close()
+      self._iter = None
 
   def __enter__(self):
     return self
@@ -302,7 +273,9 @@ class Loader(Iterator):
 
 def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: int,
                 drop_remainder: bool, shard_index: int = 0, shard_count: int = 1,
-                prefetch: int = 2, num_epochs: int | None | str = "auto") -> Loader:
+                shard_options: grain.sharding.ShardOptions | None = None,
+                prefetch: int = 2, worker_count: int = 0,
+                num_epochs: int | None | str = "auto") -> Loader:
   """A batch iterator over this host's shard of `dataset`.
 
   Args:
@@ -313,7 +286,10 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
     drop_remainder: drop incomplete batches (train); otherwise pad the last batch
       with weight-0 rows (eval).
     shard_index, shard_count: this host's shard, e.g. jax.process_index(), jax.process_count().
-    prefetch: batches prepared ahead by a background thread; 0 = no thread.
+    shard_options: a grain ShardOptions instead (e.g. grain.sharding.ShardByJaxProcess());
+      its drop_remainder is not used (drop_remainder above decides).
+    prefetch: batches prepared ahead (by a grain thread, or per worker process); 0 = none.
+    worker_count: grain worker processes preparing batches; 0 = in this process.
     num_epochs: passes over the data; None = infinite; "auto" = infinite with
       drop_remainder, a single pass without.
 
@@ -324,6 +300,8 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
   """
   if not isinstance(dataset, ArrayDataset):
     dataset = ArrayDataset(dataset)
+  if shard_options is not None:
+    shard_index, shard_count = shard_options.shard_index, shard_options.shard_count
   for name, v in (("batch_size", batch_size), ("shard_count", shard_count)):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -331,8 +309,9 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
     raise ValueError(f"seed must be a non-negative int, got {seed!r}")
   if not isinstance(shard_index, (int, np.integer)) or not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
-  if not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
-    raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+  for name, v in (("prefetch", prefetch), ("worker_count", worker_count)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f"{name} must be a non-negative int, got {v!r}")
   if isinstance(num_epochs, str) and num_epochs == "auto":
     num_epochs = None if drop_remainder else 1
   if num_epochs is not None and (isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer))
@@ -346,4 +325,4 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
     raise ValueError(
         f"{len(dataset)} examples over {shard_count} shard(s) make no full batch of {batch_size} "
         "with drop_remainder=True; lower batch_size or use drop_remainder=False")
-  return Loader(plan, int(prefetch))
+  return Loader(plan, int(prefetch), int(worker_count))

@@ -374,6 +374,23 @@ def test_kill_9_mid_run_then_resume_matches(jax_cache, data_cache, tmp_path):
   assert dict(shown) == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.slow
+def test_grain_worker_processes_train_and_resume_like_the_reference(reference, jax_cache,
+                                                                   data_cache, tmp_path):
+  """Given 2 grain worker processes, when the CLI (absl, a __main__ guard) halts at step 8
+  and the run resumes in process, then the losses are the uninterrupted run's without workers."""
+  workers = {"train.data_workers": 2}
+  proc = subprocess.run(cli_args(data_cache, tmp_path, **workers, **{"train.halt_at_step": 8}),
+                        cwd=REPO, env=env_for_subprocess(jax_cache), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  state = json.loads((tmp_path / "checkpoints" / "8" / "loader" / "metadata").read_text())
+  assert len(state["iterators_in_use_states"]) == 2  # grain's multi-worker iterator state
+  results = trainer.run(tiny_config(data_cache, **workers), str(tmp_path))
+  assert train_losses(tmp_path) == train_losses(reference[0])
+  assert results["test_loss"] == reference[1]["test_loss"]
+
+
 # -- metrics ------------------------------------------------------------------------------
 
 def test_drop_after_moves_records_past_the_checkpoint(tmp_path):
