@@ -4,19 +4,23 @@
     loader = make_loader(ds, batch_size=32, shuffle=True, seed=0, drop_remainder=True,
                          shard_options=grain.sharding.ShardByJaxProcess(), worker_count=2)
     batch = next(loader)                  # dict of NumPy arrays, plus "weights" (b,) float32
-    state = loader.get_state()            # grain's iterator state: JSON (the checkpoint's)
+    state = loader.get_state()            # grain's iterator state and more: JSON
     loader.set_state(state)               # the same batches follow again
 
-The loader is a grain pipeline whose elements are whole batches:
+The loader is a grain pipeline whose elements are chunks of k consecutive batches
+(about 1 MB, at most 16; `chunk`), each made by one vectorised gather:
 
-    grain.MapDataset.range(batches_per_epoch).repeat(num_epochs)
-        .map_with_index(_Batches)          # global batch index -> one batch (vectorised)
-        .to_iter_dataset(ReadOptions)      # prefetch threads (prefetch > 0)
-        .mp_prefetch(...)                  # worker processes (worker_count > 0)
+    grain.MapDataset.range(num_chunks).map(_Chunks)   # chunk c -> batches ck .. ck+k-1
+        .to_iter_dataset()
+        ThreadPrefetchIterDataset                      # a prefetch thread (prefetch > 0), or
+        .mp_prefetch(...)                              # worker processes (worker_count > 0)
 
-grain owns the iteration, prefetching, worker processes and the iterator state, so a
-resumed loader continues with exactly the batches an uninterrupted one would give,
-with or without workers (same worker_count).
+and the Loader hands out the chunk's batches as views. Chunks because grain costs about
+15-25 us per element in Python here (0.7 ms through worker processes), as much as a whole
+small batch. grain owns the iteration, prefetching, worker processes and the iterator
+state; the Loader's state is {"grain": grain's state before the current chunk, "skip":
+batches of it already returned, "chunk": k}, so a resumed loader continues with exactly
+the batches an uninterrupted one would give, with or without workers (the same number).
 
 Order. Batch j of the stream is epoch e = j // batches_per_epoch, position p = j mod
 batches_per_epoch. Epoch e visits the examples in the order `permutation(n)` drawn from
@@ -24,10 +28,9 @@ batches_per_epoch. Epoch e visits the examples in the order `permutation(n)` dra
 every S-th index of that order, starting at s: the shards are disjoint and, without
 drop_remainder, together cover every example exactly once; every shard yields the same
 number of batches per epoch. Why not grain's own `MapDataset.shuffle`: its index shuffle
-runs once per example in Python (5-19 us each on the 2-core development CPU, at least 10x
-today's whole per-batch budget, results/input_pipeline_cpu.txt), whereas a permutation
-per epoch is one vectorised call and each batch one NumPy gather. It also keeps the order
-of earlier runs.
+runs once per example from Python (5-19 us each on the 2-core development CPU: 32 of them
+cost 4-15x what a whole batch of 32 costs here, results/input_pipeline_cpu.txt), whereas a
+permutation per epoch is one vectorised call. It also keeps the order of earlier runs.
 
 Passes. drop_remainder=True: infinite (epoch after epoch); each epoch first drops n mod S
 examples so the shards are equal, then the last incomplete batch. drop_remainder=False:
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -124,12 +128,31 @@ class _Plan:
       return (n // self.shard_count) // self.batch_size
     return math.ceil(math.ceil(n / self.shard_count) / self.batch_size)
 
+  @property
+  def total_batches(self) -> int | None:
+    return None if self.num_epochs is None else self.num_epochs * self.batches_per_epoch
 
-class _Batches:
-  """grain map_with_index transform: global batch index -> the batch (dict of arrays)."""
 
-  def __init__(self, plan: _Plan):
-    self.plan = plan
+_CHUNK_BYTES = 1 << 20  # about this many bytes of batches per grain element (1 MB: larger
+# gathers fall out of the cache and get slower; smaller ones pay grain per batch)
+_MAX_CHUNK = 16
+
+
+def chunk_batches(dataset: ArrayDataset, batch_size: int) -> int:
+  """Batches per grain element: about _CHUNK_BYTES of them, 1 to _MAX_CHUNK."""
+  row = sum(a.nbytes for a in dataset.take(np.zeros(1, np.int64)).values())  # as batches hold it
+  return int(min(_MAX_CHUNK, max(1, _CHUNK_BYTES // max(row * batch_size, 1))))
+
+
+class _Chunks:
+  """grain map transform: chunk c -> batches c*k .. c*k+k-1 of the stream, concatenated.
+
+  One grain element carries k batches, so grain's per-element cost (about 15-25 us in
+  Python here, 0.7 ms through worker processes) and the gather are paid once per k.
+  """
+
+  def __init__(self, plan: _Plan, k: int):
+    self.plan, self.k = plan, k
     self._epoch = None  # (epoch, its indices): drawn once, used by all its batches
 
   def epoch_indices(self, epoch: int) -> np.ndarray:
@@ -146,16 +169,25 @@ class _Batches:
       order = order[: (n // p.shard_count) * p.shard_count]
     return order[p.shard_index::p.shard_count]
 
-  def __call__(self, index: int, position: int) -> dict[str, np.ndarray]:
+  def _rows(self, batch: int) -> tuple[np.ndarray, int]:
+    """(batch_size example indices of global batch `batch`, how many are real)."""
     p = self.plan
-    indices = self.epoch_indices(index // p.batches_per_epoch)
+    epoch, position = divmod(batch, p.batches_per_epoch)
+    indices = self.epoch_indices(epoch)
     rows = indices[position * p.batch_size:(position + 1) * p.batch_size]
     num_real = len(rows)
-    if num_real < p.batch_size:
-      fill = indices[0] if len(indices) else 0
+    if num_real < p.batch_size:  # pad with copies of the shard's first row (weight 0)
+      fill = indices[0] if len(indices) else 0  # a shard of a tiny split may have no rows
       rows = np.concatenate([rows, np.full(p.batch_size - num_real, fill, rows.dtype)])
-    out = p.dataset.take(rows)
-    real = (np.arange(p.batch_size) < num_real).astype(np.float32)
+    return rows, num_real
+
+  def __call__(self, chunk: int) -> dict[str, np.ndarray]:
+    p = self.plan
+    first = chunk * self.k
+    last = first + self.k if p.total_batches is None else min(first + self.k, p.total_batches)
+    parts = [self._rows(b) for b in range(first, last)]
+    out = p.dataset.take(np.concatenate([rows for rows, _ in parts]))
+    real = np.concatenate([np.arange(p.batch_size) < n for _, n in parts]).astype(np.float32)
     if "weights" in out:
       real = real * out["weights"].astype(np.float32)
     out["weights"] = real
@@ -176,24 +208,31 @@ class Loader(Iterator):
   Attributes:
     batches_per_epoch: batches this shard yields per epoch (the same on every shard).
     num_epochs: passes over the data (None: infinite).
+    chunk: batches per grain element.
   """
 
-  def __init__(self, plan: _Plan, prefetch: int, worker_count: int):
+  def __init__(self, plan: _Plan, prefetch: int, worker_count: int, chunk: int):
     import grain  # noqa: PLC0415 -- on first use: `import data` stays cheap
     self._plan = plan
-    self._prefetch = prefetch
+    self.chunk = chunk
     self._worker_count = worker_count
-    ds = grain.MapDataset.range(plan.batches_per_epoch).repeat(plan.num_epochs)
-    ds = ds.map_with_index(_Batches(plan))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
-                                              prefetch_buffer_size=prefetch))
+    total = plan.total_batches
+    num_chunks = sys.maxsize if total is None else -(-total // chunk)
+    ds = grain.MapDataset.range(num_chunks).map(_Chunks(plan, chunk))
+    ahead = -(-prefetch // chunk)  # grain elements prepared ahead
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if prefetch and not worker_count:  # one background thread, as cheap as grain offers
+      it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=ahead)
     if worker_count:
       _ensure_absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
+          num_workers=worker_count, per_worker_buffer_size=max(1, ahead)))
     self._dataset = it
     self._iter = None
-    self._state = None  # a state to apply when the grain iterator is (re)made
+    self._pending = None  # a state set_state or close left, applied when iteration resumes
+    self._buffer = None   # the current chunk: (arrays, batches in it)
+    self._before = None   # grain's state before the current chunk
+    self._taken = 0       # batches of the current chunk already returned
 
   @property
   def batches_per_epoch(self) -> int:
@@ -206,20 +245,46 @@ class Loader(Iterator):
   def _iterator(self):
     if self._iter is None:
       self._iter = iter(self._dataset)
-      if self._state is not None:
-        self._iter.set_state(self._state)
+      if self._pending is not None:
+        grain_state, skip = self._pending
+        self._iter.set_state(grain_state)
+        self._pending = None
+        if skip:
+          self._fetch()
+          self._taken = skip
     return self._iter
+
+  def _fetch(self) -> None:
+    self._before = self._iter.get_state()
+    arrays = next(self._iter)  # StopIteration ends a finite stream
+    self._buffer = (arrays, len(arrays["weights"]) // self._plan.batch_size)
+    self._taken = 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator())
+    self._iterator()
+    if self._buffer is None or self._taken == self._buffer[1]:
+      self._fetch()
+    arrays, _ = self._buffer
+    b, j = self._plan.batch_size, self._taken
+    self._taken += 1
+    return {k: a[j * b:(j + 1) * b] for k, a in arrays.items()}  # views into the chunk
 
   def get_state(self) -> dict:
-    """grain's state after the last batch __next__ returned (prefetched ones not counted);
-    JSON-serialisable (saved in the checkpoint with ocp.args.JsonSave)."""
-    return self._iterator().get_state()
+    """{"grain": grain's iterator state before the current chunk, "skip": batches of it
+    already returned}: the position after the last batch __next__ returned (prefetched
+    ones not counted); JSON-serialisable (saved in the checkpoint by ocp.args.JsonSave)."""
+    if self._pending is not None:
+      grain_state, skip = self._pending
+    elif self._iter is None and not self._worker_count:  # nothing read yet
+      grain_state, skip = {"next_index": 0}, 0
+    elif self._buffer is None or self._taken == self._buffer[1]:
+      grain_state, skip = self._iterator().get_state(), 0
+    else:
+      grain_state, skip = self._before, self._taken
+    return {"grain": grain_state, "skip": int(skip), "chunk": self.chunk}
 
   def set_state(self, state: Mapping) -> None:
     """Continue from a state returned by get_state of an identically built loader (same
@@ -230,16 +295,25 @@ class Loader(Iterator):
     state = dict(state)
     if set(state) == {"epoch", "position"}:
       state = self._from_position(state)
-    expected = set(self._iterator().get_state())
-    if set(state) != expected:
-      raise ValueError(f"loader state has keys {sorted(state)}, this loader's have "
-                       f"{sorted(expected)} (saved with another worker_count?)")
-    if "next_index" in state:
-      v = state["next_index"]
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise ValueError(f"loader state next_index must be a non-negative int, got {v!r}")
-    self._state = state
-    self._iterator().set_state(state)
+    if set(state) != {"grain", "skip", "chunk"} or not isinstance(state["grain"], Mapping):
+      raise ValueError(f"loader state must have the keys 'grain', 'skip' and 'chunk' "
+                       f"(Loader.get_state()), got {state!r}")
+    skip, chunk = state["skip"], state["chunk"]
+    if chunk != self.chunk:
+      raise ValueError(f"loader state was saved with {chunk} batches per grain element, this "
+                       f"loader makes {self.chunk} (another dataset or batch size?)")
+    if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or not 0 <= skip < chunk:
+      raise ValueError(f"loader state skip must be an int in [0, {chunk}), got {skip!r}")
+    # In process, grain's state is {"next_index"}; with workers, one per worker and more.
+    if (set(state["grain"]) == {"next_index"}) != (self._worker_count == 0):
+      raise ValueError(f"loader state's grain state {state['grain']!r} does not fit a loader "
+                       f"with {self._worker_count} worker processes (saved with another "
+                       "config.train.data_workers?)")
+    v = state["grain"].get("next_index", 0)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f"loader state next_index must be a non-negative int, got {v!r}")
+    self.close()
+    self._pending = (dict(state["grain"]), int(skip))
 
   def _from_position(self, state: dict) -> dict:
     epoch, position = state["epoch"], state["position"]
@@ -252,17 +326,19 @@ class Loader(Iterator):
     if self._worker_count:
       raise ValueError("an {epoch, position} loader state (a checkpoint from before grain) "
                        "resumes only with config.train.data_workers=0")
-    return {"next_index": int(epoch) * per_epoch + int(position)}
+    chunk, skip = divmod(int(epoch) * per_epoch + int(position), self.chunk)
+    return {"grain": {"next_index": chunk}, "skip": skip, "chunk": self.chunk}
 
   def close(self) -> None:
     """Stop grain's prefetch threads and worker processes; a later __next__ restarts them
     from the current state."""
     if self._iter is not None:
-      self._state = self._iter.get_state()
+      state = self.get_state()
       close = getattr(self._iter, "close", None)
       if close is not None:
         close()
-      self._iter = None
+      self._iter, self._buffer = None, None
+      self._pending = (state["grain"], state["skip"])
 
   def __enter__(self):
     return self
@@ -275,7 +351,7 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
                 drop_remainder: bool, shard_index: int = 0, shard_count: int = 1,
                 shard_options: grain.sharding.ShardOptions | None = None,
                 prefetch: int = 2, worker_count: int = 0,
-                num_epochs: int | None | str = "auto") -> Loader:
+                num_epochs: int | None | str = "auto", chunk: int | None = None) -> Loader:
   """A batch iterator over this host's shard of `dataset`.
 
   Args:
@@ -309,6 +385,9 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
     raise ValueError(f"seed must be a non-negative int, got {seed!r}")
   if not isinstance(shard_index, (int, np.integer)) or not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer))
+                            or chunk < 1):
+    raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
   for name, v in (("prefetch", prefetch), ("worker_count", worker_count)):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
       raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -325,4 +404,5 @@ def make_loader(dataset: ArrayDataset, *, batch_size: int, shuffle: bool, seed: 
     raise ValueError(
         f"{len(dataset)} examples over {shard_count} shard(s) make no full batch of {batch_size} "
         "with drop_remainder=True; lower batch_size or use drop_remainder=False")
-  return Loader(plan, int(prefetch), int(worker_count))
+  return Loader(plan, int(prefetch), int(worker_count),
+                chunk_batches(dataset, batch_size) if chunk is None else int(chunk))

@@ -385,7 +385,7 @@ def test_grain_worker_processes_train_and_resume_like_the_reference(reference, j
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   state = json.loads((tmp_path / "checkpoints" / "8" / "loader" / "metadata").read_text())
-  assert len(state["iterators_in_use_states"]) == 2  # grain's multi-worker iterator state
+  assert len(state["grain"]["iterators_in_use_states"]) == 2  # grain's multi-worker state
   results = trainer.run(tiny_config(data_cache, **workers), str(tmp_path))
   assert train_losses(tmp_path) == train_losses(reference[0])
   assert results["test_loss"] == reference[1]["test_loss"]
