@@ -5,7 +5,7 @@
 Each task has a `tfds.core.GeneratorBasedBuilder` below. Its builder config holds what
 the examples are made from (a generator's options, or a source folder and its
 fingerprint), so the config's name says what the dataset holds, e.g.
-`ssmlab_listops/gen-n96000_2000_2000-len500_2000-depth10_args10-seed0/1.0.0`. What only
+`ssmlab_listops/gen-n96000_2000_2000-len500_2000-depth10_args10-v1-seed0/1.0.0`. What only
 changes how examples are presented (seq_len, padding, masks, grayscale, normalisation,
 the LM tokenizer and packing) is not stored: `to_arrays` applies it when a split is read.
 The examples are stored in their source order (no TFDS shuffling), the same examples in
@@ -19,6 +19,12 @@ tfds_dir at a folder holding datasets prepared elsewhere (another machine, a sha
 disk) reads them without preparing. Nothing here imports TensorFlow: array_record and
 `tfds.data_source` only (the default tfrecord format and `as_dataset` would need it).
 
+TFDS's own datasets. LRA's pipelines load TFDS's `cifar10` (Image) and `imdb_reviews`
+(Text); where a user has them prepared as array_record, data_dir may name their folder
+(e.g. ~/tensorflow_datasets/cifar10/3.0.2): their examples are read in their order and
+prepared into this task's dataset like any other source (a tfrecord copy is refused,
+saying how to prepare an array_record one).
+
 Arrays. A split is read whole into NumPy arrays (data.pipeline.ArrayDataset), as the
 LRA tasks fit in memory; the loader (data.pipeline, on grain) batches, shuffles and
 shards them.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -87,6 +94,33 @@ def fingerprint(path: Path) -> str:
       st = os.stat(os.path.join(root, name))
       parts.append(f"{os.path.relpath(os.path.join(root, name), path)}|{st.st_size}|{st.st_mtime_ns}")
   return _digest("\n".join(parts))
+
+
+# -- datasets TFDS itself prepared (what LRA's own pipelines read) --------------------------
+
+def tfds_folder(path) -> Path | None:
+  """`path` when it is a prepared TFDS dataset (a <name>/<version> folder with its
+  dataset_info.json, e.g. ~/tensorflow_datasets/cifar10/3.0.2), else None."""
+  path = Path(path).expanduser()
+  return path if (path / "dataset_info.json").is_file() else None
+
+
+def read_tfds_folder(folder: Path, split: str) -> list[dict]:
+  """Every example of one split of a TFDS-prepared dataset (array_record only)."""
+  b = tfds.builder_from_directory(str(folder))
+  fmt = str(getattr(b.info.file_format, "value", b.info.file_format))
+  if fmt != FILE_FORMAT:
+    raise DataError(
+        f"{folder} was prepared as {fmt}, which only TensorFlow reads; prepare it again as "
+        f"array_record (tfds.builder(NAME).download_and_prepare(file_format='array_record')) "
+        f"or point data.data_dir at the original files")
+  if split not in b.info.splits:
+    raise DataError(f"{folder} has no {split!r} split (it has {sorted(b.info.splits)})")
+  source = b.as_data_source(split=split)
+  rows = []
+  for start in range(0, len(source), _READ_CHUNK):
+    rows += source.__getitems__(range(start, min(len(source), start + _READ_CHUNK)))
+  return rows
 
 
 @dataclasses.dataclass(eq=False)
@@ -155,10 +189,15 @@ class SsmlabText(_TaskBuilder):
   def _read(self):
     o = self.options
     source = Path(o["source"])
-    reviews = text_lib._read_source(source)  # noqa: SLF001 -- the module's own reader
-    text_lib._check_counts(source, reviews)  # noqa: SLF001
-    rows = {s: [{"text": np.frombuffer(t, np.uint8), "targets": y} for t, y in zip(*reviews[s])]
-            for s in ("train", "test")}
+    if tfds_folder(source):  # TFDS's imdb_reviews (label 0 neg, 1 pos, as ours): its order
+      rows = {s: [{"text": np.frombuffer(_as_bytes(r["text"]), np.uint8),
+                   "targets": int(r["label"])} for r in read_tfds_folder(source, s)]
+              for s in ("train", "test")}
+    else:
+      reviews = text_lib._read_source(source)  # noqa: SLF001 -- the module's own reader
+      text_lib._check_counts(source, reviews)  # noqa: SLF001
+      rows = {s: [{"text": np.frombuffer(t, np.uint8), "targets": y} for t, y in zip(*reviews[s])]
+              for s in ("train", "test")}
     if o["val_fraction"] > 0:
       train = rows["train"]
       order = np.random.default_rng(o["seed"]).permutation(len(train))
@@ -166,6 +205,10 @@ class SsmlabText(_TaskBuilder):
       rows["validation"] = [train[i] for i in np.sort(order[:n_val])]
       rows["train"] = [train[i] for i in np.sort(order[n_val:])]
     return rows  # without val_fraction, validation is the test set (LRA): aliased when read
+
+
+def _as_bytes(text) -> bytes:
+  return text if isinstance(text, bytes) else str(text).encode("utf-8", errors="surrogateescape")
 
 
 class SsmlabRetrieval(_TaskBuilder):
@@ -195,7 +238,14 @@ class SsmlabImage(_TaskBuilder):
 
   def _read(self):
     o = self.options
-    raw = image_lib.read_cifar(o["source"], o["cache_dir"])
+    if tfds_folder(o["source"]):  # TFDS's cifar10: image (32, 32, 3) uint8, label 0..9
+      raw = {}
+      for split in ("train", "test"):
+        rows = read_tfds_folder(Path(o["source"]), split)
+        raw[split] = (np.stack([np.asarray(r["image"], np.uint8) for r in rows]),
+                      np.asarray([r["label"] for r in rows], np.int32))
+    else:
+      raw = image_lib.read_cifar(o["source"], o["cache_dir"])
     for split, (_, labels) in raw.items():
       if len(labels) and not (labels.min() >= 0 and labels.max() < image_lib.NUM_CLASSES):
         raise ValueError(f"CIFAR-10 {split} labels outside 0..9")
@@ -293,11 +343,20 @@ def _text(opts):
   frac = opts["val_fraction"]
   if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
     raise ValueError(f"text val_fraction must be in [0, 1), got {frac!r}")
-  source = text_lib.resolve_source(opts["data_dir"])
+  source = (tfds_folder(opts["data_dir"]) if opts["data_dir"] is not None else None) or \
+      text_lib.resolve_source(opts["data_dir"])
   options = dict(source=str(source.resolve()), fingerprint=fingerprint(source),
                  val_fraction=float(frac), seed=int(opts["seed"]))
-  stem = source.name.split(".")[0]
+  stem = _stem(source)
   return SsmlabText, f"{stem}-{options['fingerprint']}-val{frac:g}-seed{opts['seed']}", options
+
+
+def _stem(source: Path) -> str:
+  """A source's short name: "aclImdb", "cifar10-jpeg", or "tfds_cifar10" for a TFDS folder."""
+  if tfds_folder(source):
+    info = json.loads((source / "dataset_info.json").read_text())
+    return f"tfds_{info.get('name', source.parent.name)}"
+  return source.name.split(".")[0]
 
 
 def _retrieval(opts):
@@ -315,7 +374,7 @@ def _image(opts):
   options = dict(source=str(source.resolve()), fingerprint=fingerprint(source),
                  cache_dir=opts["cache_dir"], val_fraction=float(opts["val_fraction"]),
                  seed=int(opts["seed"]))
-  stem = source.name.split(".")[0]
+  stem = _stem(source)
   name = f"{stem}-{options['fingerprint']}-val{opts['val_fraction']:g}-seed{opts['seed']}"
   return SsmlabImage, name, options
 

@@ -11,8 +11,12 @@ import textwrap
 import chex
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import data
+import data.image
+import data.integrity
+import data.text
 from data import builders, pathfinder, registry
 from tests.test_data_image import write_pickles
 from tests.test_data_lm import PARAGRAPHS
@@ -128,6 +132,93 @@ def test_a_prepared_dataset_is_readable_from_another_tfds_dir(tmp_path):
                                  cache_dir=str(tmp_path / "b")))
   chex.assert_trees_all_equal(dict(first["train"].items()), dict(again["train"].items()))
   assert not (tmp_path / "b").exists()
+
+
+class FakeCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Stands for TFDS's own cifar10 (its features and splits), prepared as array_record."""
+
+  name = "cifar10"
+  VERSION = tfds.core.Version("3.0.2")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(), "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    rng = np.random.default_rng(0)
+    return {s: self._generate_examples(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+            for s, n in (("train", 20), ("test", 6))}
+
+  def _generate_examples(self, images):
+    import io
+    from PIL import Image
+    for i, image in enumerate(images):
+      png = io.BytesIO()
+      Image.fromarray(image).save(png, format="PNG")  # TFDS encodes arrays with TensorFlow
+      yield i, {"id": f"img_{i}", "image": png.getvalue(), "label": i % 10}
+
+
+class FakeImdbReviews(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Stands for TFDS's imdb_reviews/plain_text."""
+
+  name = "imdb_reviews"
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "text": tfds.features.Text(), "label": tfds.features.ClassLabel(names=["neg", "pos"])}))
+
+  def _split_generators(self, dl_manager):
+    return {s: self._generate_examples(s) for s in ("train", "test")}
+
+  def _generate_examples(self, split):
+    for i in range(8):
+      yield i, {"text": f"{split} review {i}: {'good' if i % 2 else 'bad'} \u00e9", "label": i % 2}
+
+
+def test_datasets_tfds_prepared_themselves_are_read(tmp_path):
+  """Given TFDS's cifar10 / imdb_reviews prepared as array_record (what LRA's own pipelines
+  load), when data_dir names their folder, then the task reads their examples (in the
+  order TFDS stored them: shuffled by key, as TFDS does by default)."""
+  for cls in (FakeCifar10, FakeImdbReviews):
+    cls(data_dir=str(tmp_path / "tensorflow_datasets"), file_format="array_record").download_and_prepare()
+  cifar = tmp_path / "tensorflow_datasets" / "cifar10" / "3.0.2"
+  spec, splits = data.load_task(dict(task="image", data_dir=str(cifar), val_fraction=0.25,
+                                     cache_dir=str(tmp_path)))
+  assert spec.in_channels == 1 and {k: len(v) for k, v in splits.items()} == {
+      "train": 15, "validation": 5, "test": 6}
+  order = splits["test"]["targets"]  # label i of example i (< 10): the stored order
+  assert sorted(order) == list(range(6))
+  rng = np.random.default_rng(0)  # the fake's draws: train, then test
+  rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+  test_images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  rgb = data.load_task(dict(task="image", data_dir=str(cifar), val_fraction=0.25, grayscale=False,
+                            cache_dir=str(tmp_path)))[1]["test"]["inputs"]
+  np.testing.assert_array_equal(rgb, data.image.to_sequences(test_images[order], grayscale=False))
+  assert any(p.startswith("ssmlab_image/tfds_cifar10-") for p in prepared(tmp_path))
+  imdb_dir = tmp_path / "tensorflow_datasets" / "imdb_reviews" / "1.0.0"
+  _, text_splits = data.load_task(dict(task="text", data_dir=str(imdb_dir), seq_len=40,
+                                       cache_dir=str(tmp_path)))
+  for split in ("train", "test"):
+    texts = [data.text.decode_bytes(r).decode() for r in text_splits[split]["inputs"]]
+    assert sorted(texts) == sorted(f"{split} review {i}: {'good' if i % 2 else 'bad'} \u00e9"
+                                   for i in range(8))
+    labels = [int(t.split()[2][:-1]) % 2 for t in texts]
+    assert labels == text_splits[split]["targets"].tolist()
+
+
+def test_a_tfds_folder_in_tfrecord_is_refused_clearly(tmp_path):
+  folder = tmp_path / "cifar10" / "3.0.2"
+  folder.mkdir(parents=True)
+  FakeCifar10(data_dir=str(tmp_path / "x"), file_format="array_record").download_and_prepare()
+  info = json.loads((tmp_path / "x" / "cifar10" / "3.0.2" / "dataset_info.json").read_text())
+  info["fileFormat"] = "tfrecord"
+  (folder / "dataset_info.json").write_text(json.dumps(info))
+  (folder / "features.json").write_text(
+      (tmp_path / "x" / "cifar10" / "3.0.2" / "features.json").read_text())
+  with pytest.raises(data.integrity.DataError, match="prepared as tfrecord"):
+    data.load_task(dict(task="image", data_dir=str(folder), cache_dir=str(tmp_path)))
 
 
 NO_TENSORFLOW = textwrap.dedent("""
