@@ -12,8 +12,10 @@ read the prepared array_record files back), then time `--batches` train batches
 waits for worker processes to start), with prefetch 0 (the cost of assembling a batch on
 the calling thread), prefetch 2 (the trainer's default: a grain prefetch thread; the
 consumer does no work here, so this shows its overhead, not overlap with a training
-step) and, for each `--workers` count > 0, that many grain worker processes. A task that
-cannot be built offline (its files are missing) gets a row saying why. CPU only.
+step) and, for each `--workers` count > 0, that many grain worker processes. ex_per_s is
+over wall time; ex_per_cpu_s over this process's CPU time (prefetch threads included),
+which a shared, loaded machine disturbs less. A task that cannot be built offline (its
+files are missing) gets a row saying why. CPU only.
 """
 
 from __future__ import annotations
@@ -44,16 +46,21 @@ def task_config(name: str, quick: bool) -> dict:
   return {"task": name, **{k: v for k, v in overrides.items() if k in defaults or not defaults}}
 
 
-def measure(dataset, *, batch_size: int, batches: int, prefetch: int, workers: int = 0) -> float:
-  """Examples per second over `batches` train batches (after one warm-up batch)."""
+def measure(dataset, *, batch_size: int, batches: int, prefetch: int,
+            workers: int = 0) -> tuple[float, float]:
+  """(examples per second of wall time, per second of this process's CPU time) over
+  `batches` train batches, after warm-up batches (one per worker process, and one more)."""
   from data.pipeline import make_loader
   with make_loader(dataset, batch_size=batch_size, shuffle=True, seed=0, drop_remainder=True,
                    prefetch=prefetch, worker_count=workers) as loader:
-    next(loader)
-    start = time.perf_counter()
+    for _ in range(1 + workers * loader.chunk):
+      next(loader)
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
       next(loader)
-    return batches * batch_size / (time.perf_counter() - start)
+    examples = batches * batch_size
+    return (examples / (time.perf_counter() - start),
+            examples / max(time.process_time() - cpu, 1e-9))
 
 
 def bench_task(name: str, *, quick: bool, batch_size: int, batches: int,
@@ -71,10 +78,12 @@ def bench_task(name: str, *, quick: bool, batch_size: int, batches: int,
   rows = []
   settings = [(0, 0), (2, 0)] + [(2, w) for w in workers if w > 0]
   for prefetch, n_workers in settings:
-    eps = measure(train, batch_size=batch_size, batches=batches, prefetch=prefetch,
-                  workers=n_workers)
+    eps, eps_cpu = measure(train, batch_size=batch_size, batches=batches, prefetch=prefetch,
+                           workers=n_workers)
     rows.append(dict(task=name, kind=spec.kind, n_train=len(train), inputs=shape,
                      build_s=build_s, prefetch=prefetch, workers=n_workers, ex_per_s=eps,
+                     # the workers' CPU is not this process's: no CPU figure for them
+                     ex_per_cpu_s=eps_cpu if not n_workers else "-",
                      MB_per_s=eps * row_bytes / 1e6, note=""))
   return rows
 
@@ -100,7 +109,7 @@ def main(argv=None):
     rows += bench_task(name, quick=args.quick, batch_size=args.batch_size, batches=batches,
                        workers=workers)
   print_table(rows, ["task", "kind", "n_train", "inputs", "build_s", "prefetch", "workers",
-                     "ex_per_s", "MB_per_s", "note"],
+                     "ex_per_s", "ex_per_cpu_s", "MB_per_s", "note"],
               title=f"Input pipeline (CPU, grain loader over TFDS array_record), batch "
                     f"{args.batch_size}, "
                     f"{batches} timed batches{' [quick]' if args.quick else ''}")
