@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -430,7 +431,8 @@ def _lm(opts):
   path = lm_lib.DEFAULT_PATH if opts["path"] is None else Path(opts["path"]).expanduser()
   if not path.exists():
     lm_lib.read_documents(path)  # its FileNotFoundError names the corpus
-  lm_lib.make_tokenizer(opts["tokenizer"]) if opts["tokenizer"] != "char" else None  # fail early
+  if opts["tokenizer"] != "char":  # a bad tokenizer fails before anything is prepared
+    lm_lib.make_tokenizer(opts["tokenizer"])
   keys = ("pattern", "document_split", "block_size", "val_fraction", "test_fraction",
           "shuffle_documents", "seed")
   options = dict({k: opts[k] for k in keys}, path=str(path.resolve()), fingerprint=fingerprint(path))
@@ -532,8 +534,15 @@ def prepare(opts) -> tfds.core.DatasetBuilder:
 
 
 def read_split(b: tfds.core.DatasetBuilder, split: str) -> dict[str, list]:
-  """Every example of a prepared split, as feature -> list of values (the stored order)."""
+  """Every example of a prepared split, as feature -> list of values (the stored order).
+
+  Raises DataError when the split holds another number of examples than its
+  dataset_info.json records (a file lost or cut)."""
   source = b.as_data_source(split=split)  # tfds.data_source: array_record, no TensorFlow
+  expected = b.info.splits[split].num_examples
+  if len(source) != expected:
+    raise DataError(f"{b.data_dir}: the {split} split holds {len(source)} examples, its "
+                    f"dataset_info.json records {expected}")
   rows = []
   for start in range(0, len(source), _READ_CHUNK):
     rows += source.__getitems__(range(start, min(len(source), start + _READ_CHUNK)))
@@ -586,9 +595,28 @@ def _spec(opts, splits) -> TaskSpec:
 def load(opts: dict) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
   """A task's (spec, splits) through its TFDS dataset (prepared here on first use).
 
+  A prepared dataset that fails to read back (a file cut, edited or lost) is ours to
+  rebuild: it is named in a warning, deleted and prepared again from its source.
+
   opts: the task's options, already checked against its DEFAULTS (data.registry).
   """
-  b = prepare(opts)
+  try:
+    return _load_prepared(prepare(opts), opts)
+  except _READ_ERRORS as e:
+    b = builder(opts)
+    if not b.is_prepared():
+      raise  # failed while preparing: the source's error, not the copy's
+    log.warning("prepared dataset %s is unreadable (%s: %s); deleting it and preparing it "
+                "again", b.data_dir, type(e).__name__, str(e)[:200])
+    shutil.rmtree(b.data_dir)
+    return _load_prepared(prepare(opts), opts)
+
+
+# What reading a damaged array_record file or dataset_info.json raises.
+_READ_ERRORS = (DataError, OSError, RuntimeError, ValueError, KeyError, IndexError)
+
+
+def _load_prepared(b, opts):
   if opts["task"] == "lm":
     return _lm_splits(b, opts)
   _, to_arrays = TASKS[opts["task"]]

@@ -123,6 +123,24 @@ def test_prepared_once_then_only_read(tmp_path, monkeypatch):
   data.load_task(dict(cfg, tfds_dir=str(tmp_path / "tfds")))  # the same place, named
 
 
+@pytest.mark.parametrize("damage", ["cut", "garbage", "lost"])
+def test_a_damaged_prepared_dataset_is_prepared_again(tmp_path, caplog, damage):
+  cfg = dict(task="mqar", cache_dir=str(tmp_path), vocab_size=32, seq_len=16, num_kv_pairs=2,
+             num_train=64, num_test=8)
+  _, good = data.load_task(cfg)
+  (train,) = (tmp_path / "tfds").rglob("*-train.array_record-*")
+  if damage == "cut":
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+  elif damage == "garbage":
+    train.write_bytes(os.urandom(train.stat().st_size))
+  else:
+    train.unlink()
+  caplog.set_level("WARNING", logger="data")
+  _, again = data.load_task(cfg)
+  assert "is unreadable" in caplog.text and "preparing it again" in caplog.text
+  chex.assert_trees_all_equal(dict(again["train"].items()), dict(good["train"].items()))
+
+
 def test_a_prepared_dataset_is_readable_from_another_tfds_dir(tmp_path):
   """Datasets prepared elsewhere (a shared disk) are read where they lie, not prepared."""
   cfg = dict(task="mqar", vocab_size=32, seq_len=16, num_kv_pairs=2, num_train=8, num_test=8)
