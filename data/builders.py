@@ -512,6 +512,19 @@ def tfds_dir(opts) -> Path:
   return listops_lib.cache_root(opts.get("cache_dir")) / "tfds"
 
 
+class _QuietTfds(logging.Filter):
+  """Drops TFDS's warnings about what is intended here (configs made at run time, a
+  version folder not prepared yet); its other messages pass."""
+
+  EXPECTED = ("Using custom data configuration", "has no dataset_info.json")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_QuietTfds())
+
+
 def builder(opts) -> tfds.core.DatasetBuilder:
   """The (unprepared or prepared) builder of a task's options."""
   make_config, _ = TASKS[opts["task"]]
