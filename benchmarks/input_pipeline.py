@@ -1,17 +1,21 @@
-r"""Input-pipeline throughput: examples/s of the NumPy loader for every registered task.
+r"""Input-pipeline throughput: examples/s of the grain loader for every registered task.
 
   python -m benchmarks.input_pipeline                 # every task in data.registry.TASKS
   python -m benchmarks.input_pipeline --quick         # small generated sets, fewer batches
-  python -m benchmarks.input_pipeline --tasks lm,mqar --batch-size 64
+  python -m benchmarks.input_pipeline --tasks lm,mqar --batch-size 64 --workers 0
 
 For each task: build the splits with data.load_task (generated tasks at a reduced size,
-file-backed ones from ../shared/data and their caches; the first run of a file-backed task
-may spend minutes decoding into its cache, later runs read the cache), then time `--batches`
-train batches (shuffle, drop_remainder, as the trainer draws them) after one warm-up batch,
-with prefetch 0 (the cost of assembling a batch on the calling thread) and prefetch 2 (the
-trainer's default; here the consumer does no work, so this shows the thread's overhead,
-not overlap with a training step). A task that cannot be built offline (its files are
-missing) gets a row saying why. CPU only: the loader is NumPy and never touches a device.
+file-backed ones from ../shared/data; the first run prepares each task's TFDS dataset,
+which for the file-backed ones may take minutes; build_s of later runs is the time to
+read the prepared array_record files back), then time `--batches` train batches
+(shuffle, drop_remainder, as the trainer draws them) after one warm-up batch (which also
+waits for worker processes to start), with prefetch 0 (the cost of assembling a batch on
+the calling thread), prefetch 2 (the trainer's default: a grain prefetch thread; the
+consumer does no work here, so this shows its overhead, not overlap with a training
+step) and, for each `--workers` count > 0, that many grain worker processes. ex_per_s is
+over wall time; ex_per_cpu_s over this process's CPU time (prefetch threads included),
+which a shared, loaded machine disturbs less. A task that cannot be built offline (its
+files are missing) gets a row saying why. CPU only.
 """
 
 from __future__ import annotations
@@ -42,19 +46,25 @@ def task_config(name: str, quick: bool) -> dict:
   return {"task": name, **{k: v for k, v in overrides.items() if k in defaults or not defaults}}
 
 
-def measure(dataset, *, batch_size: int, batches: int, prefetch: int) -> float:
-  """Examples per second over `batches` train batches (after one warm-up batch)."""
+def measure(dataset, *, batch_size: int, batches: int, prefetch: int,
+            workers: int = 0) -> tuple[float, float]:
+  """(examples per second of wall time, per second of this process's CPU time) over
+  `batches` train batches, after warm-up batches (one per worker process, and one more)."""
   from data.pipeline import make_loader
   with make_loader(dataset, batch_size=batch_size, shuffle=True, seed=0, drop_remainder=True,
-                   prefetch=prefetch) as loader:
-    next(loader)
-    start = time.perf_counter()
+                   prefetch=prefetch, worker_count=workers) as loader:
+    for _ in range(1 + workers * loader.chunk):
+      next(loader)
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
       next(loader)
-    return batches * batch_size / (time.perf_counter() - start)
+    examples = batches * batch_size
+    return (examples / (time.perf_counter() - start),
+            examples / max(time.process_time() - cpu, 1e-9))
 
 
-def bench_task(name: str, *, quick: bool, batch_size: int, batches: int) -> list[dict]:
+def bench_task(name: str, *, quick: bool, batch_size: int, batches: int,
+               workers: tuple[int, ...] = (2,)) -> list[dict]:
   import data
   start = time.perf_counter()
   try:
@@ -66,10 +76,14 @@ def bench_task(name: str, *, quick: bool, batch_size: int, batches: int) -> list
   row_bytes = sum(a.nbytes for _, a in train.items()) / len(train)
   shape = "x".join(str(d) for d in train["inputs"].shape[1:])
   rows = []
-  for prefetch in (0, 2):
-    eps = measure(train, batch_size=batch_size, batches=batches, prefetch=prefetch)
+  settings = [(0, 0), (2, 0)] + [(2, w) for w in workers if w > 0]
+  for prefetch, n_workers in settings:
+    eps, eps_cpu = measure(train, batch_size=batch_size, batches=batches, prefetch=prefetch,
+                           workers=n_workers)
     rows.append(dict(task=name, kind=spec.kind, n_train=len(train), inputs=shape,
-                     build_s=build_s, prefetch=prefetch, ex_per_s=eps,
+                     build_s=build_s, prefetch=prefetch, workers=n_workers, ex_per_s=eps,
+                     # the workers' CPU is not this process's: no CPU figure for them
+                     ex_per_cpu_s=eps_cpu if not n_workers else "-",
                      MB_per_s=eps * row_bytes / 1e6, note=""))
   return rows
 
@@ -80,6 +94,8 @@ def main(argv=None):
   parser.add_argument("--tasks", default="", help="comma-separated task names; default: all")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--batches", type=int, default=0, help="timed batches (default 200; 20 quick)")
+  parser.add_argument("--workers", default="2", help="comma-separated grain worker counts "
+                      "to time besides none (0: none)")
   args = parser.parse_args(argv)
   from data.registry import TASKS
   names = [t for t in args.tasks.split(",") if t] or list(TASKS)
@@ -87,15 +103,18 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown task(s) {unknown}; registered: {sorted(TASKS)}")
   batches = args.batches or (20 if args.quick else 200)
+  workers = tuple(int(w) for w in args.workers.split(",") if w)
   rows = []
   for name in names:
-    rows += bench_task(name, quick=args.quick, batch_size=args.batch_size, batches=batches)
-  print_table(rows, ["task", "kind", "n_train", "inputs", "build_s", "prefetch", "ex_per_s",
-                     "MB_per_s", "note"],
-              title=f"Input pipeline (CPU, NumPy loader), batch {args.batch_size}, "
+    rows += bench_task(name, quick=args.quick, batch_size=args.batch_size, batches=batches,
+                       workers=workers)
+  print_table(rows, ["task", "kind", "n_train", "inputs", "build_s", "prefetch", "workers",
+                     "ex_per_s", "ex_per_cpu_s", "MB_per_s", "note"],
+              title=f"Input pipeline (CPU, grain loader over TFDS array_record), batch "
+                    f"{args.batch_size}, "
                     f"{batches} timed batches{' [quick]' if args.quick else ''}")
   return rows
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard grain's spawned worker processes need
   main()

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
       task="listops",
       seq_len=2000,
       seed=0,
+      # Where the task's TFDS dataset is prepared and read (data/builders.py); None:
+      # <cache>/tfds. Point it at datasets prepared elsewhere to read them there.
+      tfds_dir=config_dict.placeholder(str),
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -96,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
       halt_at_step=0,          # stop this invocation at that step (checkpointed); 0 = never
       resume="auto",           # "auto" | "allow_changes" | "restart": a workdir whose saved
                                # config differs (see train/workdir.py)
-      prefetch=2,              # batches the loader prepares ahead
+      prefetch=2,              # batches the loader prepares ahead (per worker)
+      data_workers=0,          # grain worker processes making train batches; 0: in process
   ))
   return config
 

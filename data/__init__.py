@@ -1,8 +1,12 @@
-"""Input pipelines: tasks as in-memory NumPy datasets and a sharded, resumable loader.
+"""Input pipelines: tasks as TFDS datasets read into NumPy, and a sharded grain loader.
 
     spec, splits = load_task(config.data)        # TaskSpec, {"train", "validation", "test"}
     loader = make_loader(splits["train"], batch_size=32, shuffle=True, seed=0,
                          drop_remainder=True)    # infinite; get_state()/set_state() resume
+
+load_task prepares the task's TFDS dataset once (array_record, data/builders.py) and
+reads it back with tfds.data_source (no TensorFlow); make_loader is a grain pipeline
+(data/pipeline.py) whose iterator state goes into the checkpoint.
 
 Tasks: see `data.registry.TASKS`: the LRA tasks "listops", "text", "retrieval", "image",
 "pathfinder", "pathx"; the recall task "mqar"; language-modelling corpora "lm". Batches are dicts of NumPy

@@ -1,10 +1,15 @@
 """Registry of data tasks: `load_task(data_cfg) -> (TaskSpec, splits)`.
 
-Each entry names a loader `f(options: dict) -> (TaskSpec, {"train", "validation",
-"test"} -> ArrayDataset)` by "module:attribute", imported on first use so that
-importing `data` stays cheap and one task's heavy imports do not burden the others.
-A loader declares its options with their defaults and passes the config through
-`task_options`, which rejects keys it does not know.
+The built-in tasks are TFDS datasets (data/builders.py): prepared once as array_record
+under config.data.tfds_dir (default <cache>/tfds) and read with tfds.data_source. Their
+options are the DEFAULTS of data/<task>.py plus `tfds_dir` and `cache_dir`.
+
+TASKS names each task's direct reader `f(options: dict) -> (TaskSpec, {"train",
+"validation", "test"} -> ArrayDataset)` by "module:attribute", imported on first use so
+that importing `data` stays cheap: for the built-ins it is the reference the builders
+are tested against (and what they store); a task added with `register_task` is read
+through it. A loader declares its options with their defaults and passes the config
+through `task_options`, which rejects keys it does not know.
 """
 
 from __future__ import annotations
@@ -30,10 +35,25 @@ TASKS: dict[str, str] = {
 
 SPLITS = ("train", "validation", "test")
 
+# Built-in tasks read through TFDS: task -> "module:DEFAULTS" of their options.
+TFDS_TASKS: dict[str, str] = {
+    "listops": "data.listops:DEFAULTS", "mqar": "data.mqar:DEFAULTS",
+    "pathfinder": "data.pathfinder:DEFAULTS", "pathx": "data.pathfinder:PATHX_DEFAULTS",
+    "image": "data.image:DEFAULTS", "text": "data.text:DEFAULTS",
+    "retrieval": "data.retrieval:DEFAULTS", "lm": "data.lm:DEFAULTS",
+}
+TFDS_OPTIONS = dict(tfds_dir=None, cache_dir=None)  # where datasets are prepared / found
+
 
 def register_task(name: str, target: str) -> None:
-  """Add a task; target is "module:loader"."""
+  """Add a task (or replace a built-in one) read by a direct loader; target is "module:loader"."""
   TASKS[name] = target
+  TFDS_TASKS.pop(name, None)
+
+
+def _attr(target: str):
+  module_name, attr = target.split(":")
+  return getattr(importlib.import_module(module_name), attr)
 
 
 def _as_dict(data_cfg) -> dict[str, Any]:
@@ -72,9 +92,13 @@ def load_task(data_cfg) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
   task = cfg.get("task")
   if task not in TASKS:
     raise ValueError(f"unknown data task {task!r}; valid tasks: {sorted(TASKS)}")
-  module_name, attr = TASKS[task].split(":")
-  loader = getattr(importlib.import_module(module_name), attr)
-  spec, splits = loader(cfg)
+  if task in TFDS_TASKS:
+    opts = task_options(cfg, {**_attr(TFDS_TASKS[task]), **TFDS_OPTIONS})
+    from data import builders  # noqa: PLC0415 -- tensorflow_datasets on first use only
+    spec, splits = builders.load(opts)
+  else:  # a registered task: its own loader, which need not know the TFDS options
+    spec, splits = _attr(TASKS[task])({k: v for k, v in cfg.items()
+                                       if not (k in TFDS_OPTIONS and v is None)})
   missing = set(SPLITS) - set(splits)
   if missing:
     raise RuntimeError(f"task {task!r} loader returned no {sorted(missing)} split(s)")

@@ -2,7 +2,9 @@
 
 Given a source or cache with a fault, when a task loads, then a cache is rebuilt (with a
 warning naming it) and yields the data it should, and a source stops with a DataError
-naming the file: nothing trains on part of the data, or on one class.
+naming the file: nothing trains on part of the data, or on one class. The caches are the
+direct readers' (data/<task>.py, which the TFDS builders read from): their tests call
+those readers; the source errors go through data.load_task.
 """
 
 import io
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import data
-from data import integrity, listops, text
+from data import integrity, listops, pathfinder, text
 from tests.test_data_listops import SMALL
 from tests.test_data_text import _reviews
 
@@ -27,7 +29,7 @@ def _cut_lines(path, keep: int):
 
 
 def _listops(cache_dir, **kw):
-  return data.load_task(dict(task="listops", cache_dir=str(cache_dir), seq_len=64,
+  return listops.load_task(dict(task="listops", cache_dir=str(cache_dir), seq_len=64,
                              **SMALL, **kw))
 
 
@@ -107,8 +109,8 @@ def _imdb_tarball(path, labels=("pos", "neg")):
   return path
 
 
-def _text(source, cache):
-  return data.load_task(dict(task="text", data_dir=str(source), cache_dir=str(cache), seq_len=24))
+def _text(source, cache, load=data.load_task):
+  return load(dict(task="text", data_dir=str(source), cache_dir=str(cache), seq_len=24))
 
 
 def test_imdb_with_one_class_is_an_error(tmp_path):
@@ -127,7 +129,7 @@ def test_imdb_truncated_archive_names_the_file(tmp_path):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "edited"])
 def test_imdb_damaged_cache_is_named_and_rebuilt(tmp_path, caplog, damage):
   source = _imdb_tarball(tmp_path / "aclImdb.tar.gz")
-  _, good = _text(source, tmp_path / "cache")
+  _, good = _text(source, tmp_path / "cache", text.load_task)  # the direct reader's cache
   (cache,) = (tmp_path / "cache").glob("imdb-bytes-*.npz")
   if damage == "garbage":
     cache.write_bytes(b"not a zip file at all")
@@ -139,7 +141,7 @@ def test_imdb_damaged_cache_is_named_and_rebuilt(tmp_path, caplog, damage):
     arrays["train_labels"] = 1 - arrays["train_labels"]
     np.savez(cache, **arrays)
   caplog.set_level(logging.WARNING, logger="data")
-  _, again = _text(source, tmp_path / "cache")
+  _, again = _text(source, tmp_path / "cache", text.load_task)
   assert f"data cache {cache} is" in caplog.text and "rebuilding it" in caplog.text
   np.testing.assert_array_equal(again["train"]["targets"], good["train"]["targets"])
   assert integrity.load_npz(cache) is not None  # the rebuilt cache verifies
@@ -149,11 +151,12 @@ def test_imdb_damaged_cache_is_named_and_rebuilt(tmp_path, caplog, damage):
 
 def test_pathfinder_cache_missing_an_image_is_rebuilt(tmp_path, caplog):
   cfg = dict(task="pathfinder", cache_dir=str(tmp_path), num_examples=20, num_workers=1)
-  _, good = data.load_task(cfg)
+  load = pathfinder.load_task  # the direct reader and its cache of generated images
+  _, good = load(cfg)
   (image,) = list(tmp_path.rglob("sample_3.png"))
   image.write_bytes(b"")  # read as a skipped (empty) image: one example short
   caplog.set_level(logging.WARNING, logger="data")
-  _, again = data.load_task(cfg)
+  _, again = load(cfg)
   assert "19 images, expected 20" in caplog.text and "generating it again" in caplog.text
   np.testing.assert_array_equal(again["train"]["inputs"], good["train"]["inputs"])
 

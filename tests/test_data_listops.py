@@ -208,8 +208,12 @@ def test_load_task_generates_once_into_the_cache(tmp_path, monkeypatch):
   assert spec == data.TaskSpec(name="listops", kind="classification", input_kind="tokens",
                                seq_len=128, num_classes=10, vocab_size=listops.VOCAB_SIZE)
   assert {k: len(v) for k, v in splits.items()} == {"train": 60, "validation": 10, "test": 10}
-  folders = [p for p in (tmp_path / "env_cache").iterdir()]
-  assert [p.name for p in folders] == [listops.cache_name(**SMALL)]  # no temp folder left
+  # A TFDS dataset named by the generator's options (data/builders.py), no temp folder left.
+  name = listops.cache_name(**SMALL).replace("listops-", "gen-n")
+  prepared = tmp_path / "env_cache" / "tfds" / "ssmlab_listops"
+  assert [p.name for p in (tmp_path / "env_cache").iterdir()] == ["tfds"]
+  assert [p.name for p in prepared.iterdir()] == [name]
+  assert (prepared / name / "1.0.0" / "ssmlab_listops-train.array_record-00000-of-00001").is_file()
 
   def fail(*args, **kwargs):
     raise AssertionError("a cached set must not be generated again")
@@ -220,7 +224,7 @@ def test_load_task_generates_once_into_the_cache(tmp_path, monkeypatch):
   # data.cache_dir wins over the environment variable.
   monkeypatch.undo()
   data.load_task(dict(cfg, cache_dir=str(tmp_path / "cfg_cache")))
-  assert (tmp_path / "cfg_cache" / listops.cache_name(**SMALL) / "basic_val.tsv").is_file()
+  assert (tmp_path / "cfg_cache" / "tfds" / "ssmlab_listops" / name).is_dir()
 
 
 def test_interrupted_generation_leaves_no_set_behind(tmp_path, monkeypatch):

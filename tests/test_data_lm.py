@@ -294,7 +294,8 @@ def test_configs_build_and_match_in_size():
 
 def test_input_pipeline_benchmark_runs(capsys):
   from benchmarks import input_pipeline
-  rows = input_pipeline.main(["--quick", "--tasks", "mqar,lm", "--batches", "2", "--batch-size", "4"])
+  rows = input_pipeline.main(["--quick", "--tasks", "mqar,lm", "--batches", "2", "--batch-size", "4",
+                              "--workers", "0"])
   assert [(r["task"], r["prefetch"]) for r in rows] == [("mqar", 0), ("mqar", 2), ("lm", 0), ("lm", 2)]
   assert all(r["ex_per_s"] > 0 for r in rows) and "ex_per_s" in capsys.readouterr().out
   with pytest.raises(SystemExit):

@@ -1,8 +1,9 @@
-"""ArrayDataset and the loader: coverage per epoch across shards, padding, resumption, threads."""
+"""ArrayDataset and the grain loader: coverage per epoch across shards, padding, resumption
+(grain's iterator state, with and without worker processes), prefetch."""
 
-import gc
 import json
 
+import chex
 import numpy as np
 import pytest
 
@@ -72,8 +73,10 @@ def test_eval_loader_stays_exhausted_and_reports_its_end():
     loader = make_loader(dataset(5), batch_size=2, shuffle=False, seed=0, drop_remainder=False,
                          prefetch=prefetch)
     assert ids(loader) == [[0, 1], [2, 3], [4, 0]]  # padded with a copy of the shard's first row
-    assert list(loader) == [] and loader.get_state() == {"epoch": 1, "position": 0}
-    loader.set_state({"epoch": 0, "position": 2})
+    assert list(loader) == []
+    two_in = make_loader(dataset(5), batch_size=2, shuffle=False, seed=0, drop_remainder=False)
+    take(two_in, 2)
+    loader.set_state(two_in.get_state())
     assert ids(loader) == [[4, 0]]
 
 
@@ -128,75 +131,122 @@ def test_order_is_a_function_of_the_seed():
 
 @pytest.mark.parametrize("consumed", [0, 3, 4, 6, 9])  # 4 batches per epoch: edges and middles
 @pytest.mark.parametrize("prefetch", [0, 3])
-def test_set_state_resumes_the_identical_stream(consumed, prefetch):
+@pytest.mark.parametrize("chunk", [1, 3, None])  # batches per grain element (None: auto, 16)
+def test_set_state_resumes_the_identical_stream(consumed, prefetch, chunk):
   def new():
     return make_loader(dataset(17), batch_size=4, shuffle=True, seed=3, drop_remainder=True,
-                       prefetch=prefetch)
-  reference = ids(take(new(), consumed + 6))
+                       prefetch=prefetch, chunk=chunk)
+  reference = take(new(), consumed + 6)
   first = new()
   take(first, consumed)
-  state = json.loads(json.dumps(first.get_state()))
-  assert state == {"epoch": consumed // 4, "position": consumed % 4}
+  state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
+  if chunk == 1:  # grain's own state counts the batches (prefetched ones not counted)
+    assert state == {"grain": {"next_index": consumed}, "skip": 0, "chunk": 1}
   resumed = new()
   resumed.set_state(state)
-  assert ids(take(resumed, 6)) == reference[consumed:]
+  chex.assert_trees_all_equal(take(resumed, 6), reference[consumed:])  # every array, exactly
   # And rewinding a running loader (its prefetch thread has run ahead).
   take(first, 5)
   first.set_state(state)
-  assert ids(take(first, 6)) == reference[consumed:]
+  chex.assert_trees_all_equal(take(first, 6), reference[consumed:])
 
 
-def test_state_at_the_end_of_an_epoch_is_the_next_epoch():
-  loader = make_loader(dataset(8), batch_size=4, shuffle=True, seed=0, drop_remainder=True)
-  a = ids(take(loader, 4))
-  loader.set_state({"epoch": 0, "position": 2})
-  assert loader.get_state() == {"epoch": 1, "position": 0}
-  assert ids(take(loader, 2)) == a[2:]
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume_exactly():
+  """Given 2 grain worker processes, the stream equals the in-process one, and a state
+  saved mid-stream (JSON) resumes to the same batches in a new loader."""
+  def new(workers):
+    return make_loader(dataset(40), batch_size=4, shuffle=True, seed=5, drop_remainder=True,
+                       worker_count=workers)
+  reference = take(new(0), 14)
+  with new(2) as loader:
+    chex.assert_trees_all_equal(take(loader, 7), reference[:7])
+    state = json.loads(json.dumps(loader.get_state()))
+  with new(2) as resumed:
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(take(resumed, 7), reference[7:])
+  with pytest.raises(ValueError, match="worker processes"):
+    new(0).set_state(state)
+
+
+def test_the_state_before_grain_still_resumes():
+  """Checkpoints of the earlier loader hold {"epoch", "position"}: the same batch follows."""
+  def new():
+    return make_loader(dataset(17), batch_size=4, shuffle=True, seed=3, drop_remainder=True)
+  reference = take(new(), 9)
+  loader = new()
+  loader.set_state({"epoch": 1, "position": 2})
+  chex.assert_trees_all_equal(take(loader, 3), reference[6:])
+  loader.set_state({"epoch": 0, "position": 4})  # the end of an epoch is the next one
+  chex.assert_trees_all_equal(next(loader), reference[4])
+
+
+def test_order_matches_the_loader_before_grain():
+  """Epoch e is permutation(n) of default_rng([seed, e]), shard s every S-th of it."""
+  n, batch, shards, seed = 26, 3, 2, 4
+  for s in range(shards):
+    got = ids(take(make_loader(dataset(n), batch_size=batch, shuffle=True, seed=seed,
+                               drop_remainder=True, shard_index=s, shard_count=shards), 8))
+    want = []
+    for e in range(2):
+      order = np.random.default_rng([seed, e]).permutation(n)[s::shards]
+      want += [order[i * batch:(i + 1) * batch].tolist() for i in range(4)]
+    assert got == want
+
+
+def test_grain_shard_options():
+  import grain
+  opts = grain.sharding.ShardOptions(shard_index=1, shard_count=2)
+  a = make_loader(dataset(8), batch_size=2, shuffle=False, seed=0, drop_remainder=True,
+                  shard_options=opts)
+  assert ids(take(a, 2)) == [[1, 3], [5, 7]]
+  b = make_loader(dataset(8), batch_size=2, shuffle=False, seed=0, drop_remainder=True,
+                  shard_options=grain.sharding.ShardByJaxProcess())
+  assert ids(take(b, 1)) == [[0, 1]]  # one process: the whole data
+
+
+GOOD = {"grain": {"next_index": 1}, "skip": 0, "chunk": 2}
 
 
 @pytest.mark.parametrize("state,match", [
+    ([3], "must be a dict"),
     ({"epoch": 0}, "keys"),
+    (dict(GOOD, grain={"next_index": -1}), "non-negative"),
+    (dict(GOOD, grain={"next_index": 1.5}), "non-negative int"),
+    (dict(GOOD, grain={"workers": []}), "worker processes"),
+    (dict(GOOD, skip=2), "skip must be"),
+    (dict(GOOD, chunk=3), "3 batches per grain element"),
     ({"epoch": -1, "position": 0}, "non-negative"),
-    ({"epoch": 0, "position": 1.5}, "non-negative int"),
     ({"epoch": 0, "position": 5}, "exceeds"),
 ])
 def test_bad_state_fails_clearly(state, match):
-  loader = make_loader(dataset(8), batch_size=4, shuffle=True, seed=0, drop_remainder=True)
+  loader = make_loader(dataset(8), batch_size=4, shuffle=True, seed=0, drop_remainder=True,
+                       chunk=2)
+  loader.set_state(GOOD)  # the shape of a good one
   with pytest.raises(ValueError, match=match):
     loader.set_state(state)
 
 
-# The prefetch thread.
+# Prefetch and errors.
 
-def test_prefetch_thread_stops_when_the_loader_is_dropped_or_reset():
-  loader = make_loader(dataset(64), batch_size=2, shuffle=True, seed=0, drop_remainder=True,
-                       prefetch=2)
-  next(loader)
-  old = loader._holder["worker"].thread
-  loader.set_state({"epoch": 0, "position": 0})
-  assert not old.is_alive()  # set_state joins the old thread
-  next(loader)
-  thread = loader._holder["worker"].thread
-  assert thread.is_alive()  # blocked on its full queue
-  del loader
-  gc.collect()
-  thread.join(timeout=5)
-  assert not thread.is_alive()
-  with make_loader(dataset(64), batch_size=2, shuffle=False, seed=0, drop_remainder=True) as ld:
-    next(ld)
-    thread = ld._holder["worker"].thread
-  assert not thread.is_alive()
+def test_close_stops_prefetching_and_next_continues():
+  with make_loader(dataset(64), batch_size=2, shuffle=False, seed=0, drop_remainder=True,
+                   prefetch=2) as loader:
+    assert ids(take(loader, 2)) == [[0, 1], [2, 3]]
+    loader.close()
+    assert ids(take(loader, 1)) == [[4, 5]]  # restarted from the state at close
 
 
-def test_errors_in_the_prefetch_thread_reach_the_caller():
+def test_errors_in_the_pipeline_reach_the_caller():
   class Broken(ArrayDataset):
     def take(self, indices):
       raise OSError("disk gone")
 
-  loader = make_loader(Broken({"a": np.zeros(4)}), batch_size=2, shuffle=False, seed=0,
-                       drop_remainder=True)
-  with pytest.raises(OSError, match="disk gone"):
-    next(loader)
+  for prefetch in (0, 2):
+    loader = make_loader(Broken({"a": np.zeros(4)}), batch_size=2, shuffle=False, seed=0,
+                         drop_remainder=True, prefetch=prefetch, chunk=1)  # no probe read
+    with pytest.raises(OSError, match="disk gone"):
+      next(loader)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -204,6 +254,8 @@ def test_errors_in_the_prefetch_thread_reach_the_caller():
     (dict(seed=-1), "seed"),
     (dict(shard_index=2, shard_count=2), "shard_index"),
     (dict(prefetch=-1), "prefetch"),
+    (dict(worker_count=-1), "worker_count"),
+    (dict(chunk=0), "chunk"),
     (dict(batch_size=5, shard_count=2), "no full batch"),
 ])
 def test_bad_loader_arguments_fail_clearly(kwargs, match):

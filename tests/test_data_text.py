@@ -95,15 +95,21 @@ def _first_test_review(files):
 
 
 def test_cache_is_written_and_reused(imdb, tmp_path):
+  """The direct reader's byte cache (data.load_task reads the TFDS dataset instead)."""
   _, folder, tarball, _ = imdb
   cache = tmp_path / "cache"
+
+  def _load(data_dir, cache_dir):
+    return text.load_task(dict(task="text", data_dir=str(data_dir), cache_dir=str(cache_dir),
+                               seq_len=SEQ_LEN))
   _, first = _load(tarball, cache)
   assert len(list(cache.glob("imdb-bytes-*.npz"))) == 1
   _, again = _load(tarball, cache)
   for split in first:
     for key in ("inputs", "mask", "targets"):
       np.testing.assert_array_equal(first[split][key], again[split][key])
-  _, longer = load_task(dict(task="text", data_dir=str(tarball), cache_dir=str(cache), seq_len=100))
+  _, longer = text.load_task(dict(task="text", data_dir=str(tarball), cache_dir=str(cache),
+                                  seq_len=100))
   assert longer["train"]["inputs"].shape[1] == 100
   np.testing.assert_array_equal(longer["train"]["inputs"][:, :SEQ_LEN], first["train"]["inputs"])
   assert len(list(cache.glob("imdb-bytes-*.npz"))) == 1  # one cache for every seq_len

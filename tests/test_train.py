@@ -93,6 +93,14 @@ def train_losses(workdir) -> dict[int, float]:
   return out
 
 
+def tb_scalars(workdir, tag) -> list[tuple[int, float]]:
+  """(step, value) of a scalar as TensorBoard shows it (its own reader, purges applied)."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(str(pathlib.Path(workdir) / "tb"))
+  acc.Reload()
+  return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def split_metrics(workdir, split) -> dict[int, dict]:
   return {m["step"]: m for m in metrics_lib.read_metrics(str(workdir)) if m["split"] == split}
 
@@ -150,11 +158,11 @@ def test_outputs_in_workdir(reference, data_cache):
               "step_time_s"):
     assert key in later and math.isfinite(later[key]), key
   assert later["lr"] == pytest.approx(0.03)
-  # TensorBoard event file with the same train losses.
+  # TensorBoard event file with the same train losses, read by TensorBoard's reader.
   (event_file,) = (workdir / "tb").iterdir()
-  tb = {(step, tag): v for step, tag, v in metrics_lib.read_event_scalars(str(event_file))}
-  for step, loss in train_losses(workdir).items():
-    assert tb[(step, "train/loss")] == pytest.approx(loss, rel=1e-6)
+  tb = dict(tb_scalars(workdir, "train/loss"))
+  assert tb == pytest.approx(train_losses(workdir), rel=1e-6)
+  assert [s for s, _ in tb_scalars(workdir, "val/accuracy")] == [4, 8, 12, 16]
   # Config saved as JSON and as a loadable Python file.
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["data"]["seq_len"] == 32 and saved["model"]["mixer"]["d_state"] == 4
@@ -359,6 +367,28 @@ def test_kill_9_mid_run_then_resume_matches(jax_cache, data_cache, tmp_path):
   superseded = workdir / "metrics_superseded.jsonl"
   if superseded.exists():
     assert all(json.loads(line)["step"] > resumed for line in superseded.read_text().splitlines())
+  # TensorBoard too: two event files, and each step shown once (purge_step on resume).
+  assert len(list((workdir / "tb").iterdir())) == 2
+  shown = tb_scalars(workdir, "train/loss")
+  assert [s for s, _ in shown] == list(range(1, 301))
+  assert dict(shown) == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_grain_worker_processes_train_and_resume_like_the_reference(reference, jax_cache,
+                                                                   data_cache, tmp_path):
+  """Given 2 grain worker processes, when the CLI (absl, a __main__ guard) halts at step 8
+  and the run resumes in process, then the losses are the uninterrupted run's without workers."""
+  workers = {"train.data_workers": 2}
+  proc = subprocess.run(cli_args(data_cache, tmp_path, **workers, **{"train.halt_at_step": 8}),
+                        cwd=REPO, env=env_for_subprocess(jax_cache), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  state = json.loads((tmp_path / "checkpoints" / "8" / "loader" / "metadata").read_text())
+  assert len(state["grain"]["iterators_in_use_states"]) == 2  # grain's multi-worker state
+  results = trainer.run(tiny_config(data_cache, **workers), str(tmp_path))
+  assert train_losses(tmp_path) == train_losses(reference[0])
+  assert results["test_loss"] == reference[1]["test_loss"]
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -397,17 +427,23 @@ def test_loss_sums_match_numpy_with_weights_and_mask():
     metrics_lib.loss_sums(logits, dict(targets=targets[:, 0], weights=weights), "classification")
 
 
-def test_event_file_format(tmp_path):
-  assert metrics_lib.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  writer = metrics_lib.EventFileWriter(str(tmp_path))
-  writer.scalars(3, {"train/loss": 1.5, "train/accuracy": 0.25})
-  writer.scalars(7, {"val/loss": 2.0})
-  writer.close()
-  assert metrics_lib.read_event_scalars(writer.path) == [
-      (3, "train/loss", 1.5), (3, "train/accuracy", 0.25), (7, "val/loss", 2.0)]
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+  """A writer resumed at step 3 hides what an earlier process logged past it."""
+  first = metrics_lib.MetricWriter(str(tmp_path))
+  for step in range(1, 7):
+    first.write(step, "train", {"loss": float(step)})
+  first.close()
+  resumed = metrics_lib.MetricWriter(str(tmp_path))
+  assert resumed.resume_at(3) == 3  # metrics.jsonl: steps 4..6 moved aside
+  for step in range(4, 9):
+    resumed.write(step, "train", {"loss": step + 0.5, "note": "text is not a scalar"})
+  resumed.close()
+  assert tb_scalars(tmp_path, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.5),
+                                                 (5, 5.5), (6, 6.5), (7, 7.5), (8, 8.5)]
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
-def test_progress_line_on_a_terminal_and_in_a_log():
+def test_progress_bar_on_a_terminal_and_lines_in_a_log():
   import io
 
   class Tty(io.StringIO):
@@ -416,8 +452,12 @@ def test_progress_line_on_a_terminal_and_in_a_log():
 
   tty, plain = Tty(), io.StringIO()
   for stream in (tty, plain):
-    progress = metrics_lib.Progress(10, stream=stream)
-    progress.live(1, {"loss": 2.5})
-    progress.line(2, {"loss": 2.25}, prefix="train")
-  assert tty.getvalue().startswith("\rstep 1/10  loss 2.5") and tty.getvalue().endswith("\n")
-  assert plain.getvalue() == "train step 2/10  loss 2.25\n"  # no live redraws in a log
+    progress = metrics_lib.Progress(10, initial=2, stream=stream)
+    for step in (3, 4, 5):
+      progress.live(step, {"loss": 2.5})
+    progress.line(5, {"loss": 2.25}, prefix="train")
+    progress.close()
+  shown = tty.getvalue()
+  assert "5/10" in shown and "step/s" in shown and "<" in shown  # count, rate, ETA
+  assert "loss=2.5" in shown and "train step 5/10  loss 2.25\n" in shown
+  assert plain.getvalue() == "train step 5/10  loss 2.25\n"  # no bar in a log

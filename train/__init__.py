@@ -2,5 +2,6 @@
 
 Modules: trainer (the run loop and pure jitted steps), optim (parameter groups and
 schedules), sharding (mesh, shardings, multi-host), checkpoint (orbax, resume, best,
-corruption fallback), metrics (losses, metrics.jsonl, TensorBoard files, progress line).
+corruption fallback), metrics (losses, metrics.jsonl, TensorBoard files through
+tensorboardX, a tqdm progress bar).
 """

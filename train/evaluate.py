@@ -29,13 +29,14 @@ older checkpoint is substituted silently.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
 import math
 import os
 import sys
+
+from absl import app, flags
 
 log = logging.getLogger(__name__)
 
@@ -201,36 +202,53 @@ def evaluate(workdir: str, split: str = "test", step: int | str | None = None, *
   return out
 
 
-def _step_arg(text: str) -> int | str:
-  if text == "best":
+# -- command line (absl flags, as the trainer's) -------------------------------------------
+
+PROG = "python -m train.evaluate"
+# Our own FlagValues: the trainer's CLI defines --workdir too, and main(argv) may be called
+# more than once in one process (tests); absl's global flags take whatever is left.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The run directory.", flag_values=FLAGS)
+flags.DEFINE_enum("split", "test", sorted(SPLITS), "The split to evaluate.", flag_values=FLAGS)
+flags.DEFINE_string("step", None, "Checkpoint step, or 'best' (default: the latest).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("fsdp", None, "fsdp mesh axis size (default: the run's mesh where it "
+                     "fits).", lower_bound=1, flag_values=FLAGS)
+
+
+def _step_value(text: str | None) -> int | str | None:
+  if text is None or text == "best":
     return text
   try:
     value = int(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"--step must be an integer or 'best', got {text!r}")
+    raise app.UsageError(f"--step must be an integer or 'best', got {text!r}") from None
   if value < 0:
-    raise argparse.ArgumentTypeError(f"--step must be >= 0, got {value}")
+    raise app.UsageError(f"--step must be >= 0, got {value}")
   return value
 
 
-def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(
-      prog="python -m train.evaluate",
-      description="Evaluate a run's checkpoint on the current devices.")
-  parser.add_argument("--workdir", required=True, help="the run directory")
-  parser.add_argument("--split", default="test", choices=sorted(SPLITS))
-  parser.add_argument("--step", type=_step_arg, default=None,
-                      help="checkpoint step, or 'best' (default: the latest)")
-  parser.add_argument("--fsdp", type=int, default=None,
-                      help="fsdp mesh axis size (default: the run's mesh where it fits)")
-  args = parser.parse_args(argv)
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags_parser: this module's flags, then absl's global ones from the rest."""
+  try:
+    rest = FLAGS(argv, known_only=True)
+    return flags.FLAGS(rest)
+  except flags.Error as e:
+    raise app.UsageError(str(e)) from None
+
+
+def _run(argv: list[str]) -> dict:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (the run directory)")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file at INFO
   from train import checkpoint, sharding
   checkpoint.shorten_orbax_errors()  # a damaged checkpoint: one line per orbax error
   checkpoint.quiet_abandoned_reads()
   sharding.maybe_initialize_distributed()
-  out = evaluate(args.workdir, args.split, args.step, fsdp=args.fsdp)
+  out = evaluate(FLAGS.workdir, SPLITS[FLAGS.split], _step_value(FLAGS.step), fsdp=FLAGS.fsdp)
   print(f"{out['split']} step {out['step']}  loss {out['loss']:.6g}  "
         f"accuracy {out['accuracy']:.6g}  ({int(out['examples'])} examples, "
         f"{out['device_count']} {out['device_kind']} device(s), mesh {out['mesh']})")
@@ -238,9 +256,31 @@ def main(argv: list[str] | None = None) -> dict:
   return out
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict:
+  """Parses `argv` (flags only, no program name; None: sys.argv[1:]) and evaluates."""
+  FLAGS.unparse_flags()
+  rest = parse_flags([PROG, *(sys.argv[1:] if argv is None else argv)])
+  return _run(rest)
+
+
+def _cli(argv: list[str]) -> None:
   try:
-    main()
+    _run(argv)
   except (FileNotFoundError, ValueError, RuntimeError) as err:  # clear one-line errors
     print(f"train.evaluate: error: {type(err).__name__}: {err}", file=sys.stderr)
     sys.exit(1)
+
+
+def _cli_parse(argv: list[str]) -> list[str]:
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print((__doc__ or "").strip() + "\n\nflags:\n" + FLAGS.get_help())
+    sys.exit(0)
+  try:
+    return parse_flags(argv)
+  except app.UsageError as e:
+    print(f"train.evaluate: error: {e}  ({PROG} --helpshort lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(_cli, flags_parser=_cli_parse)

@@ -2,7 +2,7 @@ r"""The LRA table: our runs' test accuracy beside the published numbers of the s
 
   python -m train.lra_table runs/                      # markdown
   python -m train.lra_table runs/ --format=plain       # aligned columns for a terminal
-  python -m train.lra_table runs/ --include-unfinished # also halted runs (validation only)
+  python -m train.lra_table runs/ --include_unfinished # also halted runs (validation only)
 
 Finds every `results.json` under RUNS_DIR (train.trainer.run writes one when a run
 finishes), identifies the task and model of each from its `config_name`
@@ -37,7 +37,6 @@ API: `collect(runs_dir) -> list[Run]`, `table(runs, fmt) -> str`, `main(argv)`, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -45,6 +44,8 @@ import math
 import os
 import sys
 import warnings
+
+from absl import app, flags
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 TASK_TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
@@ -510,30 +511,61 @@ def _plain(header, body) -> list[str]:
 
 # -- command line -------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m train.lra_table",
-      description="The LRA table of the runs under RUNS_DIR beside the published numbers.")
-  parser.add_argument("runs_dir", metavar="RUNS_DIR")
-  parser.add_argument("--format", choices=("markdown", "plain"), default="markdown")
-  parser.add_argument("--include-unfinished", action="store_true",
-                      help="also runs without results.json (best validation accuracy)")
-  args = parser.parse_args(argv)
+PROG = "python -m train.lra_table"
+# Our own FlagValues, so main(argv) can be called again in one process (notebooks, tests).
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("format", "markdown", ["markdown", "plain"], "Table format.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("include_unfinished", False, "Also runs without results.json (best "
+                  "validation accuracy).", flag_values=FLAGS)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags_parser: this module's flags, then absl's global ones; returns [prog, RUNS_DIR]."""
+  try:
+    rest = flags.FLAGS(FLAGS(argv, known_only=True))
+  except flags.Error as e:
+    raise app.UsageError(str(e)) from None
+  if len(rest) != 2:
+    raise app.UsageError(f"usage: {PROG} RUNS_DIR [--format=markdown|plain] "
+                         f"[--include_unfinished]; got arguments {rest[1:]}")
+  return rest
+
+
+def _run(argv: list[str]) -> int:
+  runs_dir = argv[1]
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     try:
-      runs = collect(args.runs_dir, include_unfinished=args.include_unfinished)
+      runs = collect(runs_dir, include_unfinished=FLAGS.include_unfinished)
     except FileNotFoundError as e:
       print(f"lra_table: error: {e}", file=sys.stderr)
       return 1
   for w in caught:
     print(f"lra_table: warning: {w.message}", file=sys.stderr)
   if not runs:
-    print(f"lra_table: error: no readable LRA run under {args.runs_dir!r}", file=sys.stderr)
+    print(f"lra_table: error: no readable LRA run under {runs_dir!r}", file=sys.stderr)
     return 1
-  sys.stdout.write(table(runs, args.format))
+  sys.stdout.write(table(runs, FLAGS.format))
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Parses `argv` (RUNS_DIR and flags, no program name; None: sys.argv[1:]); exit status."""
+  FLAGS.unparse_flags()
+  return _run(parse_flags([PROG, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def _cli_parse(argv: list[str]) -> list[str]:
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print((__doc__ or "").strip() + "\n\nflags:\n" + FLAGS.get_help())
+    sys.exit(0)
+  try:
+    return parse_flags(argv)
+  except app.UsageError as e:
+    print(f"lra_table: error: {e}  ({PROG} --helpshort lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(lambda argv: sys.exit(_run(argv)), flags_parser=_cli_parse)

@@ -36,8 +36,9 @@ plain optax state over params. The model's graph is split once (`nnx.split`) and
 inside the jitted functions, so no nnx transform runs in the hot loop.
 
 Determinism: dropout keys are derived from (config.train.seed, step) inside the step,
-and the loader's batch order from its seed and saved position, so a run resumed from a
-checkpoint reproduces the uninterrupted run exactly (same devices and mesh).
+and the loader's batch order from its seed and grain's saved iterator state, so a run
+resumed from a checkpoint reproduces the uninterrupted run exactly (same devices, mesh
+and config.train.data_workers).
 
 Non-finite loss, gradients or updated state (parameters, optimizer moments, BatchNorm
 statistics, checked on device in the step): the step keeps the previous state (the
@@ -147,7 +148,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                "keep_checkpoints"):
     _check(isinstance(t[name], int) and t[name] >= 1, f"train.{name}", t[name],
            "must be an int >= 1")
-  for name in ("checkpoint_every", "halt_at_step", "prefetch", "fsdp_min_size", "seed"):
+  for name in ("checkpoint_every", "halt_at_step", "prefetch", "data_workers", "fsdp_min_size",
+               "seed"):
     _check(isinstance(t[name], int) and t[name] >= 0, f"train.{name}", t[name],
            "must be an int >= 0")
   _check(t.resume in workdir_lib.RESUME_MODES, "train.resume", t.resume,
@@ -413,10 +415,11 @@ def _setup(config, mesh, train_bs):
            "per optimizer group %s", task.name, task.kind, task.seq_len, task.num_classes,
            dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind,
            trainer.group_sizes)
+  import grain  # noqa: PLC0415
   loader = make_loader(splits["train"], batch_size=train_bs, shuffle=True,
                        seed=config.train.seed, drop_remainder=True,
-                       shard_index=jax.process_index(), shard_count=jax.process_count(),
-                       prefetch=config.train.prefetch)
+                       shard_options=grain.sharding.ShardByJaxProcess(),
+                       prefetch=config.train.prefetch, worker_count=config.train.data_workers)
   return task, splits, trainer, loader
 
 
@@ -475,7 +478,7 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
     raise RuntimeError(f"checkpoint step {start} holds a train state at step "
                        f"{int(jax.device_get(state.step))}")
   end = tc.num_steps if not 0 < tc.halt_at_step < tc.num_steps else tc.halt_at_step
-  progress = metrics_lib.Progress(tc.num_steps)
+  progress = metrics_lib.Progress(tc.num_steps, initial=start)
   last_saved = start if restored is not None else None
   val = None
 
@@ -571,6 +574,7 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
     if pending is not None:
       flush(pending)
 
+  progress.close()
   final_step = int(jax.device_get(state.step))
   if stopping:
     ckpt.wait()

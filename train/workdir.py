@@ -51,7 +51,10 @@ LOCK_FILE = "lock"
 HARMLESS_KEYS = ("name", "train.num_steps", "train.eval_every", "train.eval_batch_size",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                  "train.halt_at_step", "train.prefetch", "train.resume", "train.fsdp_min_size",
-                 "data.cache_dir", "data.num_workers")
+                 "data.cache_dir", "data.tfds_dir", "data.num_workers",
+                 # the batch stream is the same with any number of grain workers (a state
+                 # saved with workers resumes only with as many: data/pipeline.py says so)
+                 "train.data_workers")
 HARMLESS_PREFIXES = ("train.mesh.",)
 # What a run leaves in its workdir; "restart" moves these aside.
 RUN_FILES = ("checkpoints", "best", "corrupt", "tb", "metrics.jsonl", "metrics_superseded.jsonl",
