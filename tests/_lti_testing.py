@@ -1,7 +1,5 @@
 """Float64 NumPy references for LTIMixer-based layers (shared by the LTI layer tests)."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy.special import erf
 
@@ -52,20 +50,3 @@ def reference_mixer(mixer, x_blh):
     a, g = np.split(y, 2, axis=-1)
     y = a / (1 + np.exp(-g))
   return y
-
-
-def run_steps(mixer, x_blh):
-  """The recurrent mode over a whole sequence: init_state, then step under lax.scan."""
-  state = mixer.init_state(x_blh.shape[0])
-
-  @jax.jit
-  def scan(state, x_lbh):
-    return jax.lax.scan(mixer.step, state, x_lbh)
-
-  _, y_lbh = scan(state, jnp.swapaxes(x_blh, 0, 1))
-  return jnp.swapaxes(y_lbh, 0, 1)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from ssm.ops import fft_conv
 from ssm.ops import fft_conv_pallas as fcp
+from _testing import rel
 
 
 def direct(u, k, gate=None, circular=False):
@@ -41,11 +42,6 @@ def direct_grads(u, k, w, gate=None, circular=False):
     du += k[:, s][None, None] * back
     dk[:, s] = np.sum(dy * shifted, axis=(0, 1))
   return du, dk, dgate
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def run(u, k, w, gate=None, circular=False):

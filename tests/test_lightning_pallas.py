@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from ssm.ops import lightning_attention
 from ssm.ops.lightning_attention import lightning_attention_xla
+from _testing import rel
 
 attn = jax.jit(lightning_attention, static_argnames=("return_state", "chunk_size", "impl"))
 
@@ -29,12 +30,6 @@ def inputs(seed, b, l, h, dk, dv, dtype=jnp.float32):
   # measures the kernel's own rounding (of scores and states), not the inputs'.
   rnd = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(dtype)
   return rnd(q), rnd(k), rnd(v), jnp.asarray(log_decay, jnp.float32), jnp.asarray(h0, jnp.float32)
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert np.all(np.isfinite(a)), "non-finite values"
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def loss_fn(impl):

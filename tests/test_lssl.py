@@ -10,6 +10,7 @@ from flax import nnx
 from ssm import hippo, lssl
 from ssm.lti_mixer import LTIMixer
 from ssm.params import SSMParam
+from _testing import parallel_and_steps
 
 
 def naive_kernel(Ab, Bb, C, L):
@@ -27,19 +28,6 @@ def direct_conv(x, k):
   l = x.shape[1]
   shifted = lambda s: jnp.pad(x, ((0, 0), (s, 0), (0, 0)))[:, :l, None, :]
   return sum(k[None, None, :, :, s] * shifted(s) for s in range(l))
-
-
-def parallel_and_recurrent(mixer, x):
-  """mixer(x) and the same sequence stepped token by token, under one jit."""
-  graphdef, state = nnx.split(mixer)
-
-  @jax.jit
-  def run(state, x):
-    m = nnx.merge(graphdef, state)
-    _, ys = jax.lax.scan(m.step, m.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
-    return m(x), jnp.swapaxes(ys, 0, 1)
-
-  return run(state, x)
 
 
 def test_krylov_matches_powers():
@@ -101,7 +89,7 @@ def test_parallel_equals_recurrent():
                           dt_min=0.01, dt_max=0.5)
   assert isinstance(mixer, LTIMixer)
   x = jax.random.normal(jax.random.key(2), (2, 24, 3))
-  y, y_rec = parallel_and_recurrent(mixer, x)
+  y, y_rec = parallel_and_steps(mixer, x)
   assert y.shape == y_rec.shape == (2, 24, 3)
   err = float(jnp.abs(y - y_rec).max() / jnp.abs(y).max())
   assert err < 1e-4, err

@@ -10,6 +10,7 @@ from models.registry import build_mixer, mixer_factory, mixer_options
 from ssm import hippo, s4
 from ssm.lti_mixer import LTIMixer
 from ssm.params import SSMParam
+from _testing import parallel_and_steps
 
 
 def bilinear_np(A, B, dt):
@@ -100,24 +101,12 @@ def test_module_parameters_and_truncation():
   assert np.abs(K32).max() > 0
 
 
-def run_parallel_and_recurrent(mixer, x):
-  graphdef, state = nnx.split(mixer)
-
-  @jax.jit
-  def run(state, x):
-    m = nnx.merge(graphdef, state)
-    _, ys = jax.lax.scan(m.step, m.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
-    return m(x), jnp.swapaxes(ys, 0, 1)
-
-  return run(state, x)
-
-
 def test_parallel_equals_recurrent():
   mixer = s4.make_mixer(3, rngs=nnx.Rngs(1), d_state=8, channels=2, l_max=32, dt_min=0.01,
                         dt_max=0.3)
   assert isinstance(mixer, LTIMixer)
   x = jax.random.normal(jax.random.key(2), (2, 24, 3))
-  y, y_rec = run_parallel_and_recurrent(mixer, x)
+  y, y_rec = parallel_and_steps(mixer, x)
   assert y.shape == y_rec.shape == (2, 24, 3)
   err = float(jnp.abs(y - y_rec).max() / jnp.abs(y).max())
   assert err < 1e-4, err

@@ -15,22 +15,7 @@ import pytest
 
 from ssm.ops import linear_scan, selective_scan
 from ssm.ops import scan_pallas as sp
-
-
-def rel(x, y):
-  x, y = np.asarray(x, np.complex128), np.asarray(y, np.complex128)
-  return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
-
-
-def _grads(fn, args, cts, jit=False):
-  """Gradients of sum(out_i * ct_i) (real part) w.r.t. every argument. jit=True for the
-  XLA references (one compilation instead of hundreds of eager ops); the interpreted
-  kernels run faster eagerly than compiled as one large program."""
-  def loss(*a):
-    outs = fn(*a)
-    return sum(jnp.real(jnp.sum(o * c)) for o, c in zip(outs, cts))
-  grad = jax.grad(loss, argnums=tuple(range(len(args))))
-  return (jax.jit(grad) if jit else grad)(*args)
+from _testing import grads, rel
 
 
 def _lin_inputs(rng, shape, complex_=False):
@@ -61,7 +46,7 @@ def test_linear_scan_kernel_matches_xla(seq_len, reverse, complex_):
   g = rng.standard_normal(h.shape) + (1j * rng.standard_normal(h.shape) if complex_ else 0)
   g_last = rng.standard_normal(last.shape)
   cts = (jnp.asarray(g, h.dtype), jnp.asarray(g_last, last.dtype))
-  for d, d_ref in zip(_grads(kern, (a, b, h0), cts), _grads(ref, (a, b, h0), cts, jit=True)):
+  for d, d_ref in zip(grads(kern, (a, b, h0), cts), grads(ref, (a, b, h0), cts, jit=True)):
     assert d.dtype == d_ref.dtype
     assert rel(d, d_ref) < 1e-6
 
@@ -112,9 +97,9 @@ def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
   rng = np.random.default_rng(11)
   cts = (jnp.asarray(rng.standard_normal(y.shape), jnp.float32),
          jnp.asarray(rng.standard_normal(last.shape), jnp.float32))
-  grads = _grads(run("pallas"), args, cts)
-  grads_ref = _grads(run("xla"), args, cts, jit=True)
-  for name, d, d_ref in zip(names, grads, grads_ref):
+  got = grads(run("pallas"), args, cts)
+  want = grads(run("xla"), args, cts, jit=True)
+  for name, d, d_ref in zip(names, got, want):
     assert d.shape == d_ref.shape, name
     assert rel(d, d_ref) < 1e-5, (name, rel(d, d_ref))
 
