@@ -72,9 +72,8 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
       inverse (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel,
       both directions as one circular convolution with the two-sided kernel.
       "auto" stays on the bank even on Hopper, where `fft_conv` alone takes the kernel at
-      FFT sizes 2048-4096: measured on an H100 (results/README.md), the kernel made an
-      LRA layer's forward+backward 2-3% faster but a whole ListOps S4 training step no
-      faster (within the spread between machines), and added about 90 s of compilation.
+      FFT sizes 2048-4096: end to end the kernel made a ListOps S4 training step no faster
+      and added compilation time (results/README.md).
 
   Returns:
     (b, l, c, h).

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ssm.discretize import discretize
 from ssm.lti_mixer import LTIMixer, check_mixer_options
 from ssm.params import SSMParam
 
@@ -105,7 +106,8 @@ def diag_eigenvalues(a_re, a_im, real_transform: str = "exp"):
 
 
 def discretize_diag(dt_h, a_hn, b_hn, disc: str = "zoh"):
-  """Discretise a diagonal SSM with one step size per feature.
+  """Discretise a diagonal SSM with one step size per feature (`ssm.discretize`'s
+  `zoh_diag` / `bilinear_diag`), plus log Ab for the Vandermonde kernel.
 
   ZOH:      Ab = exp(dt A),                Bb = (exp(dt A) - 1) / A * B  (by expm1: exact
             for small dt A, where exp(dt A) - 1 would cancel)
@@ -119,14 +121,10 @@ def discretize_diag(dt_h, a_hn, b_hn, disc: str = "zoh"):
     ab_hn, bb_hn: (h, n) complex; log_ab_hn: (h, n) complex with exp(log_ab) = Ab
     (exactly dt A for ZOH, so Ab^l = exp(l dt A) keeps full precision).
   """
-  dta = dt_h[:, None] * a_hn
-  if disc == "zoh":
-    return jnp.exp(dta), jnp.expm1(dta) / a_hn * b_hn, dta
-  if disc == "bilinear":
-    inv_back = 1 / (1 - dta / 2)
-    ab = (1 + dta / 2) * inv_back
-    return ab, dt_h[:, None] * inv_back * b_hn, jnp.log(ab)
-  raise ValueError(f"S4D: disc must be one of {DISCS}, got {disc!r}")
+  if disc not in DISCS:
+    raise ValueError(f"S4D: disc must be one of {DISCS}, got {disc!r}")
+  ab, bb = discretize(a_hn, b_hn, dt_h[:, None], disc, diagonal=True)
+  return ab, bb, (dt_h[:, None] * a_hn if disc == "zoh" else jnp.log(ab))
 
 
 def vandermonde_kernel(c_chn, bb_hn, log_ab_hn, seq_len: int):

@@ -116,12 +116,14 @@ def test_sequence_segments_match_xla():
 
 def test_segment_count_fills_the_gpu():
   from ssm.ops.lightning_pallas import num_segments  # pylint: disable=import-outside-toplevel
-  assert num_segments(8, 4096, 16, 64) == 1      # 128 CTAs already
-  assert num_segments(4, 8192, 16, 64) == 1      # 64 CTAs: the pre-pass costs more
-  assert num_segments(2, 16384, 16, 64) == 4     # 32 CTAs -> 128
-  assert num_segments(1, 32768, 16, 64) == 8     # 16 CTAs -> 128
-  assert num_segments(1, 1000, 16, 64) == 1      # not whole blocks: no split
-  assert num_segments(1, 2048, 16, 64) == 2      # segments of at least 1024 tokens
+  sms = dict(num_sms=132)                        # an H100 SXM
+  assert num_segments(8, 4096, 16, 64, **sms) == 1      # 128 CTAs already
+  assert num_segments(4, 8192, 16, 64, **sms) == 1      # 64 CTAs: the pre-pass costs more
+  assert num_segments(2, 16384, 16, 64, **sms) == 4     # 32 CTAs -> 128
+  assert num_segments(1, 32768, 16, 64, **sms) == 8     # 16 CTAs -> 128
+  assert num_segments(1, 1000, 16, 64, **sms) == 1      # not whole blocks: no split
+  assert num_segments(1, 2048, 16, 64, **sms) == 2      # segments of at least 1024 tokens
+  assert num_segments(1, 32768, 16, 64, num_sms=0) == 1  # no GPU to fill: no split
 
 
 def test_segment_split_must_divide_the_length():
