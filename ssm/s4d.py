@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from ssm.discretize import discretize
-from ssm.lti_mixer import LTIMixer, check_mixer_options
+from ssm.lti_mixer import lti_factory
 from ssm.params import SSMParam
 
 INITS = ("legs", "lin", "inv", "real")
@@ -260,19 +260,11 @@ class S4DKernel(nnx.Module):
     return state, y.astype(jnp.float32)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 64, channels: int = 1,
-               bidirectional: bool = False, init: str = "legs", disc: str = "zoh",
-               real_transform: str = "exp", dt_min: float = 1e-3, dt_max: float = 1e-1,
-               activation: str = "gelu", postact: str = "glu", dropout: float = 0.0,
-               impl: str = "auto") -> LTIMixer:
-  """An S4D layer: S4DKernel inside LTIMixer (conv + D u, activation, dropout, GLU).
+# Registry factory: the kernel's and LTIMixer's options, their defaults written once in
+# the two classes (`ssm.lti_mixer.lti_factory`).
+make_mixer = lti_factory(
+    S4DKernel,
+    """An S4D layer: S4DKernel inside LTIMixer (conv + D u, activation, dropout, GLU).
 
-  With bidirectional=True the kernel has 2 * channels output maps sharing A, B, dt
-  (the last `channels` run backwards in time) and the layer has no step mode.
-  """
-  check_mixer_options(activation, postact, impl, d_model)
-  kernel = S4DKernel(d_model, d_state=d_state, channels=channels * (2 if bidirectional else 1),
-                     init=init, disc=disc, real_transform=real_transform, dt_min=dt_min,
-                     dt_max=dt_max, rngs=rngs)
-  return LTIMixer(kernel, bidirectional=bidirectional, activation=activation, postact=postact,
-                  dropout=dropout, impl=impl, rngs=rngs)
+    With bidirectional=True the kernel has 2 * channels output maps sharing A, B, dt (the last
+    `channels` run backwards in time) and the layer has no step mode.""")

@@ -66,13 +66,13 @@ def grads(fn, args, cts, *, jit=False):
 
 
 def perturbed(module, seed, scale=0.3):
-  """The module with scale * N(0, 1) added to every parameter (D = 1 and the structured
-  inits would hide mistakes)."""
+  """The module with scale * N(0, 1) added to every nnx.Param (D = 1 and the structured
+  inits would hide mistakes); other variables (fixed decays, statistics) stay."""
   rng = np.random.default_rng(seed)
-  graphdef, params = nnx.split(module)
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
   params = jax.tree.map(
       lambda p: p + scale * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-  return nnx.merge(graphdef, params)
+  return nnx.merge(graphdef, params, rest)
 
 
 # -- mixer runners -----------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_one_segment_memory_caching_equals_base_mixer(kind):
   base = build_mixer(kind, D, rngs=nnx.Rngs(5), num_heads=H, chunk_size=4)
   cached = build_mixer(kind, D, rngs=nnx.Rngs(5), num_heads=H, chunk_size=4,
                        memory_caching=dict(segment_size=L))
-  assert cached.gate_proj is not None
+  assert cached.memory.gate is not None
   cached_params = nnx.state(cached, nnx.Param)
   nnx.update(cached, nnx.state(base, nnx.Param))  # same projections
   assert jax.tree.structure(cached_params) != jax.tree.structure(nnx.state(base, nnx.Param))

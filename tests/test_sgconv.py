@@ -104,8 +104,10 @@ def test_bad_inputs():
     mixer.step(jnp.zeros((1, 16, 4)), jnp.zeros((1, 4)))
   with pytest.raises(ValueError, match="unknown options"):
     build_mixer("sgconv", 4, rngs=nnx.Rngs(0), l_max=32, d_state=64)
-  with pytest.raises(TypeError, match="l_max"):
-    build_mixer("sgconv", 4, rngs=nnx.Rngs(0))
+  default = build_mixer("sgconv", 4, rngs=nnx.Rngs(0))  # l_max defaults to S4's 1024
+  assert default.kernel.l_max == 1024
+  with pytest.raises(ValueError, match="exceeds l_max=1024"):
+    default(jnp.zeros((1, 1025, 4)))
 
 
 @pytest.mark.parametrize("opts,match", [
