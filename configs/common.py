@@ -155,6 +155,36 @@ def local_optim(model: str, lr: float, warmup_steps: int) -> dict:
               schedule="cosine")
 
 
+def local_size(config: ml_collections.ConfigDict, model: str, mixer: dict, *,
+               warmup_steps: int, num_steps: int, eval_every: int, eval_batch_size: int,
+               log_every: int, kernel_dim: int, batch_size: int = 32, lr: float | None = None,
+               **model_fields) -> dict:
+  """Makes config the "local" size (a CPU demo of a few minutes): model_fields, a short
+  training evaluated and checkpointed every eval_every steps, `local_optim` from lr (None:
+  4e-3, 1e-3 for the transformer); returns the mixer shrunk (`shrink_mixer`, state 16,
+  4 heads)."""
+  if lr is None:
+    lr = 1e-3 if model == "transformer" else 4e-3
+  config.model.update(model_fields)
+  config.train.update(dict(num_steps=num_steps, batch_size=batch_size, log_every=log_every,
+                           eval_batch_size=eval_batch_size, eval_every=eval_every,
+                           checkpoint_every=eval_every))
+  config.optim.update(local_optim(model, lr, warmup_steps))
+  return shrink_mixer(model, mixer, d_state=16, heads=4, kernel_dim=kernel_dim)
+
+
+def tiny_size(config: ml_collections.ConfigDict, model: str, mixer: dict, *, num_steps: int,
+              batch_size: int, kernel_dim: int, **model_fields) -> dict:
+  """Makes config the "tiny" size (tests): 2 layers of 16, num_steps steps evaluated and
+  checkpointed twice, `TINY_OPTIM`; returns the mixer shrunk (state 4, 2 heads)."""
+  config.model.update(dict(num_layers=2, d_model=16, **model_fields))
+  config.train.update(dict(num_steps=num_steps, batch_size=batch_size,
+                           eval_batch_size=2 * batch_size, eval_every=num_steps // 2,
+                           checkpoint_every=num_steps // 2, log_every=1, keep_checkpoints=2))
+  config.optim.update(TINY_OPTIM)
+  return shrink_mixer(model, mixer, d_state=4, heads=2, kernel_dim=kernel_dim)
+
+
 def shrink_mixer(model: str, mixer: dict, *, d_state: int, heads: int, kernel_dim: int) -> dict:
   """Smaller state / fewer heads for the CPU sizes (sgconv: shorter sub-kernels, so that
   short sequences still have several scales)."""

@@ -33,7 +33,6 @@ pass d_state=128, chunk_size=256 for the paper's layer.
 """
 
 import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ from flax import nnx
 
 from ssm import memory_caching as mcache
 from ssm._checks import positive_int
-from ssm.mamba import causal_depthwise_conv, conv_init, conv_step, dt_bias_init
+from ssm.mamba import MambaState, causal_depthwise_conv, conv_init, conv_step, dt_bias_init
 from ssm.mixer import Mixer, cached_memory
 from ssm.ops import ssd
 from ssm.ops._impl import check_impl
@@ -100,14 +99,11 @@ def gated_rms_norm(y, z, weight, groups, eps=RMS_EPS):
 
 # -- the layer ------------------------------------------------------------------------
 
-class Mamba2State(NamedTuple):
-  """Recurrent state of `Mamba2`: conv (b, d_inner + 2 G N, d_conv - 1), ssm (b, H, P, N).
-
-  With memory caching, ssm is None and mc holds the `MemoryCacheState`.
-  """
-  conv: jax.Array
-  ssm: jax.Array | None
-  mc: Any = None
+class Mamba2State(MambaState):
+  """Recurrent state of `Mamba2` (MambaState's fields): conv (b, d_inner + 2 G N,
+  d_conv - 1), ssm (b, H, P, N); with memory caching, ssm is None and mc holds the
+  `MemoryCacheState`."""
+  __slots__ = ()
 
 
 class Mamba2(Mixer):

@@ -1,6 +1,9 @@
 """Float64 NumPy references for LTIMixer-based layers (shared by the LTI layer tests)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from scipy.special import erf
 
 
@@ -50,3 +53,27 @@ def reference_mixer(mixer, x_blh):
     a, g = np.split(y, 2, axis=-1)
     y = a / (1 + np.exp(-g))
   return y
+
+
+def direct_conv(x, k):
+  """Causal convolution as a sum of shifted copies: x (b, l, h), k (c, h, l) -> (b, l, c, h)."""
+  l = x.shape[1]
+  shifted = lambda s: jnp.pad(x, ((0, 0), (s, 0), (0, 0)))[:, :l, None, :]
+  return sum(k[None, None, :, :, s] * shifted(s) for s in range(l))
+
+
+def bidirectional_and_reference(mixer, x):
+  """A bidirectional LTIMixer's output and the same layer from its two directions computed
+  apart (the first half of the kernel's channels forward, the second on the reversed
+  sequence), under one jit."""
+  graphdef, state = nnx.split(mixer)
+  c = mixer.channels
+
+  @jax.jit
+  def run(state, x):
+    m = nnx.merge(graphdef, state)
+    k = m.kernel(x.shape[1])
+    conv = direct_conv(x, k[:c]) + direct_conv(x[:, ::-1], k[c:])[:, ::-1]
+    return m(x), m._tail(conv, x, True)
+
+  return run(state, x)

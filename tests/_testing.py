@@ -9,6 +9,7 @@
     run_parallel(m, x)     m(x) under jit
     run_steps(m, x)        init_state + step over x one token at a time, under jit
     parallel_and_steps     both at once, under one jit
+    assert_steps_match     the step mode equals the parallel form (max_rel < tol)
 
 The jitted runners take the module's graph definition as a static argument, so tests that
 build mixers of one configuration share a compilation.
@@ -114,3 +115,12 @@ def run_steps(mixer, x, *, max_len=None):
 def parallel_and_steps(mixer, x, *, max_len=None):
   """(mixer(x), run_steps(mixer, x)) under one jit."""
   return _both(*nnx.split(mixer), x, x.shape[1] if max_len is True else max_len)
+
+
+def assert_steps_match(mixer, x, *, tol, max_len=None):
+  """Given a causal mixer and x (b, l, d), its step mode over x equals its parallel form:
+  both (b, l, d_model), max_rel(steps, parallel) < tol."""
+  y, y_steps = parallel_and_steps(mixer, x, max_len=max_len)
+  assert y.shape == y_steps.shape == x.shape[:2] + (mixer.d_model,)
+  err = max_rel(y_steps, y)
+  assert err < tol, err

@@ -87,17 +87,12 @@ def get_config(arg: str = "s4") -> ml_collections.ConfigDict:
   if size == "local":
     # Full CIFAR-10 data, a small model, 300 steps. s4d: about 3 min on 2 shared CPU
     # cores once the decoded images are cached, test accuracy about 0.35 (chance 0.10).
-    config.model.update(dict(num_layers=2, d_model=32, dropout=0.0))
-    config.train.update(dict(num_steps=300, batch_size=32, eval_batch_size=250,
-                             eval_every=300, checkpoint_every=300, log_every=25))
-    config.optim.update(common.local_optim(model, 4e-3, warmup_steps=30))
-    mixer = common.shrink_mixer(model, mixer, d_state=16, heads=4, kernel_dim=16)
+    mixer = common.local_size(config, model, mixer, num_layers=2, d_model=32, dropout=0.0,
+                              num_steps=300, eval_every=300, eval_batch_size=250, log_every=25,
+                              lr=4e-3, warmup_steps=30, kernel_dim=16)
   elif size == "tiny":
-    config.model.update(dict(num_layers=2, d_model=16, dropout=0.0))
-    config.train.update(dict(num_steps=4, batch_size=8, eval_batch_size=16, eval_every=2,
-                             checkpoint_every=2, log_every=1, keep_checkpoints=2))
-    config.optim.update(common.TINY_OPTIM)
-    mixer = common.shrink_mixer(model, mixer, d_state=4, heads=2, kernel_dim=16)
+    mixer = common.tiny_size(config, model, mixer, num_steps=4, batch_size=8, kernel_dim=16,
+                             dropout=0.0)
 
   common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)

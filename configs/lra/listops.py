@@ -110,21 +110,14 @@ def get_config(arg: str = "s4d") -> ml_collections.ConfigDict:
     seq_len.set(128)
     config.data.update(dict(min_length=20, max_length=120, num_train=10_000, num_val=500,
                             num_test=500))
-    config.model.update(dict(num_layers=4, d_model=64))
-    config.train.update(dict(num_steps=1_200, batch_size=32, eval_batch_size=100,
-                             eval_every=400, checkpoint_every=400, log_every=50))
-    config.optim.update(common.local_optim(model, 1e-3 if model == "transformer" else 4e-3,
-                                           warmup_steps=100))
-    mixer = common.shrink_mixer(model, mixer, d_state=16, heads=4, kernel_dim=8)
+    mixer = common.local_size(config, model, mixer, num_layers=4, d_model=64, num_steps=1_200,
+                              eval_every=400, eval_batch_size=100, log_every=50,
+                              warmup_steps=100, kernel_dim=8)
   elif size == "tiny":
     seq_len.set(64)
     config.data.update(dict(min_length=5, max_length=60, num_train=96, num_val=40,
                             num_test=40))
-    config.model.update(dict(num_layers=2, d_model=16))
-    config.train.update(dict(num_steps=6, batch_size=8, eval_batch_size=16, eval_every=3,
-                             checkpoint_every=3, log_every=1, keep_checkpoints=2))
-    config.optim.update(common.TINY_OPTIM)
-    mixer = common.shrink_mixer(model, mixer, d_state=4, heads=2, kernel_dim=8)
+    mixer = common.tiny_size(config, model, mixer, num_steps=6, batch_size=8, kernel_dim=8)
 
   common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)

@@ -88,20 +88,13 @@ def build(task: str, arg: str, *, recipes: dict, data_fields, default_len: int, 
   if size == "local":
     seq_len.set(512)
     config.data.update(local)
-    config.model.update(dict(num_layers=4, d_model=64))
-    config.train.update(dict(num_steps=1_000, batch_size=32, eval_batch_size=128,
-                             eval_every=250, checkpoint_every=250, log_every=50))
-    config.optim.update(common.local_optim(model, 1e-3 if model == "transformer" else 4e-3,
-                                           warmup_steps=100))
-    mixer = common.shrink_mixer(model, mixer, d_state=16, heads=4, kernel_dim=8)
+    mixer = common.local_size(config, model, mixer, num_layers=4, d_model=64, num_steps=1_000,
+                              eval_every=250, eval_batch_size=128, log_every=50,
+                              warmup_steps=100, kernel_dim=8)
   elif size == "tiny":
     seq_len.set(64)
-    config.model.update(dict(num_layers=2, d_model=16))
-    config.model.retrieval_mlp_dim = 16
-    config.train.update(dict(num_steps=4, batch_size=4, eval_batch_size=8, eval_every=2,
-                             checkpoint_every=2, log_every=1, keep_checkpoints=2))
-    config.optim.update(common.TINY_OPTIM)
-    mixer = common.shrink_mixer(model, mixer, d_state=4, heads=2, kernel_dim=8)
+    mixer = common.tiny_size(config, model, mixer, num_steps=4, batch_size=4, kernel_dim=8,
+                             retrieval_mlp_dim=16)
   common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)
 

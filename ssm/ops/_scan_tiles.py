@@ -22,6 +22,8 @@ matrix kernels, lightning attention and SSD, share `_tiles.py` instead.)
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -31,6 +33,20 @@ CHUNK = 32  # tokens per TMA tile
 LINE = plgpu.Layout.WG_STRIDED((BLOCK_D,), vec_size=1)  # thread i holds channel i
 F32 = jnp.float32
 _SMEM_BYTES = 200 * 1024  # shared memory we allow one CTA (227 KB on a Hopper SM, less bookkeeping)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanCfg:
+  """The static facts of a scan kernel call (a jit static argument): batch, the length
+  padded to whole CHUNK tiles, channels, and whether to interpret."""
+  batch: int
+  seq_len: int  # padded
+  dim: int
+  interpret: bool
+
+  @property
+  def n_tiles(self) -> int:
+    return self.seq_len // CHUNK
 
 
 def params():

@@ -30,10 +30,9 @@ Hopper GPU (float32 inputs stay here, where the products are float32).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from ssm._checks import check_float, check_integer, positive_int
+from ssm._checks import check_float, check_integer, check_nonpositive, positive_int
 from ssm.ops._impl import choose_impl, interpret_mode, on_gpu
 from ssm.ops import lightning_pallas
 from ssm.ops._dtypes import compute_dtype
@@ -57,13 +56,7 @@ def check_lightning_args(q, k, v, log_decay, h0, chunk_size, segment_ids=None):
   if log_decay is not None and jnp.shape(log_decay) != (h,):
     raise ValueError(f"lightning_attention: log_decay must be None or (heads,) = ({h},), "
                      f"got shape {jnp.shape(log_decay)}")
-  if log_decay is not None:
-    try:  # concrete values only; under jit the caller is trusted
-      positive = bool(np.any(np.asarray(log_decay) > 0))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-      positive = False
-    if positive:
-      raise ValueError(f"lightning_attention: log_decay must be <= 0, got {log_decay}")
+  check_nonpositive("lightning_attention", "log_decay", log_decay)
   if h0 is not None and h0.shape != (b, h, dk, v.shape[3]):
     raise ValueError(f"lightning_attention: h0 must be (batch, heads, dk, dv) = "
                      f"{(b, h, dk, v.shape[3])}, got {h0.shape}")

@@ -290,6 +290,14 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
 
 # ----------------------------------------------------------------------------- backward
 
+def _bwd_sources(q_ref, k_ref, v_ref, do_ref, bi, hi, cols):
+  """What both backward pipelines read per 64-token block n: q and k of the head (all of
+  dk), v and do of this CTA's value columns."""
+  rows = lambda n: pl.ds(n * C, C)
+  return [lambda n: q_ref.at[bi, rows(n), hi], lambda n: k_ref.at[bi, rows(n), hi],
+          lambda n: v_ref.at[bi, rows(n), hi, cols], lambda n: do_ref.at[bi, rows(n), hi, cols]]
+
+
 def _backward_dq(q, k, v, do, ld, h0, cfg: _Cfg):
   """dq (nvt, B, Lp, H, Dk): one partial per value tile (float32 when nvt > 1), and the
   float32 row sums q_t . dq_t (nvt, B, H, Lp) for d log_decay."""
@@ -329,10 +337,7 @@ def _backward_dq(q, k, v, do, ld, h0, cfg: _Cfg):
 
     _pipeline(
         n_blocks, reverse=False,
-        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols],
-                 lambda n: do_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        sources=_bwd_sources(q_ref, k_ref, v_ref, do_ref, bi, hi, cols),
         buffers=[q_s, k_s, v_s, do_s], barrier=in_bar, step=step, init=s0)
     plgpu.wait_smem_to_gmem(0)
 
@@ -395,10 +400,7 @@ def _backward_dkv(q, k, v, do, ld, dht, cfg: _Cfg):
 
     e = _pipeline(
         n_blocks, reverse=True,
-        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols],
-                 lambda n: do_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        sources=_bwd_sources(q_ref, k_ref, v_ref, do_ref, bi, hi, cols),
         buffers=[q_s, k_s, v_s, do_s], barrier=in_bar, step=step, init=e0)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     e_f32[...] = e

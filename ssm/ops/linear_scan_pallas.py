@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ssm.ops import _pallas
-from ssm.ops._scan_tiles import (BLOCK_D, CHUNK, F32, LINE, pad_len, pad_time, params,
+from ssm.ops._scan_tiles import (BLOCK_D, CHUNK, F32, LINE, ScanCfg, pad_len, pad_time, params,
                                  stage_count, unrolled)
 
 
@@ -41,17 +41,9 @@ def check_supported(a, b) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LinCfg:
-  batch: int
-  seq_len: int  # padded
-  dim: int
+class _LinCfg(ScanCfg):
   complex: bool
   reverse: bool  # direction of the forward recurrence
-  interpret: bool
-
-  @property
-  def n_tiles(self) -> int:
-    return self.seq_len // CHUNK
 
 
 def _cmul(x, y):
@@ -79,6 +71,25 @@ def _lin_walk(cfg: _LinCfg, backward: bool):
   return tile, token, against
 
 
+def _groups(refs, npl: int, n: int):
+  """A kernel's refs as n groups of npl planes (re/im or one), then the barrier."""
+  return [refs[i * npl:(i + 1) * npl] for i in range(n)] + [refs[n * npl]]
+
+
+def _tile_fetcher(srcs, dsts, bars, tile_of):
+  """This CTA's batch row, channel block and `fetch(i, slot)`: the TMA copies of the i-th
+  tile of the walk from every source into its slot, completing on bars[slot]."""
+  bi = lax.axis_index("b")
+  cols = pl.ds(lax.axis_index("d") * BLOCK_D, BLOCK_D)
+
+  def fetch(i, slot):
+    rows = pl.ds(tile_of(i) * CHUNK, CHUNK)
+    for src, dst in zip(srcs, dsts):
+      plgpu.copy_gmem_to_smem(src.at[bi, rows, cols], dst.at[slot], bars.at[slot])
+
+  return bi, cols, fetch
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _lin_fwd_call(cfg: _LinCfg, a_planes, b_planes, h0_planes):
   """h (out planes, f32 math) and the final state. a/b planes (B, Lp, D); h0 planes (B, D) f32."""
@@ -96,18 +107,8 @@ def _lin_fwd_call(cfg: _LinCfg, a_planes, b_planes, h0_planes):
   interp = cfg.interpret
 
   def body(*refs):
-    a_g, b_g = refs[:npl], refs[npl:2 * npl]
-    h0_g = refs[2 * npl:3 * npl]
-    h_g, last_g = refs[3 * npl:4 * npl], refs[4 * npl:5 * npl]
-    a_s, b_s = refs[5 * npl:6 * npl], refs[6 * npl:7 * npl]
-    bars = refs[7 * npl]
-    bi = lax.axis_index("b")
-    cols = pl.ds(lax.axis_index("d") * BLOCK_D, BLOCK_D)
-
-    def fetch(i, slot):
-      rows = pl.ds(tile_of(i) * CHUNK, CHUNK)
-      for src, dst in zip(a_g + b_g, a_s + b_s):
-        plgpu.copy_gmem_to_smem(src.at[bi, rows, cols], dst.at[slot], bars.at[slot])
+    a_g, b_g, h0_g, h_g, last_g, a_s, b_s, bars = _groups(refs, npl, 7)
+    bi, cols, fetch = _tile_fetcher(a_g + b_g, a_s + b_s, bars, tile_of)
 
     for i in range(stages):
       fetch(i, i)
@@ -173,20 +174,8 @@ def _lin_bwd_call(cfg: _LinCfg, a_planes, h_planes, g_planes, h0_planes, dlast_p
   nxt = 1 if against else -1
 
   def body(*refs):
-    a_g, h_g, g_g = refs[:npl], refs[npl:2 * npl], refs[2 * npl:3 * npl]
-    h0_g, dl_g = refs[3 * npl:4 * npl], refs[4 * npl:5 * npl]
-    da_g, db_g = refs[5 * npl:6 * npl], refs[6 * npl:7 * npl]
-    dh0_g = refs[7 * npl:8 * npl]
-    a_s = refs[8 * npl:9 * npl]
-    h_s, g_s = refs[9 * npl:10 * npl], refs[10 * npl:11 * npl]
-    bars = refs[11 * npl]
-    bi = lax.axis_index("b")
-    cols = pl.ds(lax.axis_index("d") * BLOCK_D, BLOCK_D)
-
-    def fetch(i, slot):
-      rows = pl.ds(tile_of(i) * CHUNK, CHUNK)
-      for src, dst in zip(a_g + h_g + g_g, a_s + h_s + g_s):
-        plgpu.copy_gmem_to_smem(src.at[bi, rows, cols], dst.at[slot], bars.at[slot])
+    a_g, h_g, g_g, h0_g, dl_g, da_g, db_g, dh0_g, a_s, h_s, g_s, bars = _groups(refs, npl, 11)
+    bi, cols, fetch = _tile_fetcher(a_g + h_g + g_g, a_s + h_s + g_s, bars, tile_of)
 
     for i in range(stages):
       fetch(i, i)

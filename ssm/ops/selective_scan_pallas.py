@@ -46,7 +46,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
 from ssm.ops import _impl, _pallas
-from ssm.ops._scan_tiles import (BLOCK_D, CHUNK, F32, LINE, pad_len, pad_time, params,
+from ssm.ops._scan_tiles import (BLOCK_D, CHUNK, F32, LINE, ScanCfg, pad_len, pad_time, params,
                                  stage_count, unrolled)
 
 BWD_TILE = 16  # tokens per tile of the backward (the forward saves a state each)
@@ -74,22 +74,14 @@ def check_supported(u, A, B) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SSCfg:
-  batch: int
-  seq_len: int  # padded
-  dim: int
+class _SSCfg(ScanCfg):
   n_state: int
   groups: int
   softplus: bool
   has_z: bool
   save_states: bool
-  interpret: bool
   bwd_segments: int = 1  # parallel pieces of each sequence in the backward
   true_len: int = 0  # the unpadded length (0: seq_len)
-
-  @property
-  def n_tiles(self) -> int:
-    return self.seq_len // CHUNK
 
   @property
   def group_blocks(self) -> int:  # channel blocks per group

@@ -38,9 +38,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ssm._checks import check_float, check_integer, positive_int
+from ssm._checks import check_float, check_integer, check_nonpositive, positive_int
 from ssm.ops import ssd_pallas
 from ssm.ops._dtypes import compute_dtype
 from ssm.ops._impl import choose_impl
@@ -84,12 +83,7 @@ def check_ssd_args(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, dt_bias
       raise ValueError(f"{fn}: segment_ids must be (batch, length) = {(b, l)}, got shape "
                        f"{jnp.shape(segment_ids)}")
   positive_int(fn, "chunk_size", chunk_size)
-  try:  # concrete values only; under jit the caller is trusted
-    positive = bool(np.any(np.asarray(A) > 0))
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    positive = False
-  if positive:
-    raise ValueError(f"{fn}: A must be <= 0 (a decay), got {A}")
+  check_nonpositive(fn, "A", A)
 
 
 # -- reference and step -------------------------------------------------------------------
