@@ -41,8 +41,8 @@ Recurrent mode: x_t = Ab x_{t-1} + Bb u_t, y_t = 2 Re(C x_t) on the half state
 inner products over the full state are 2 Re of the half ones. C is recovered from
 C~ by solving (I - Ab^L)^T C^T = C~^T with the dense (N x N) Ab (`step_params`,
 O(H N^3 log L)). `init_state` does that set-up once and the state (`S4State`) carries
-it, as the repo's _setup_step does (XLA does not hoist it out of a scan over steps:
-per step it would cost ~80x more on an H100).
+it, as the repo's _setup_step does (XLA does not hoist it out of a scan over steps,
+so per step it would dominate the step's cost: results/README.md).
 
 Parameters (complex ones as float32 (..., 2) real/imaginary pairs, so that
 optimizers, checkpoints and shardings see real arrays and real gradients):
