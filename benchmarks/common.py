@@ -17,6 +17,19 @@ from typing import Any
 import jax
 
 
+def _median_seconds(fn: Callable, args, run: Callable, *, warmup: int, repeats: int) -> float:
+  """`warmup` untimed calls of fn(*args), then the median wall time of `repeats` runs of
+  run() (which waits for its own outputs)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def time_fn(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
   """Median wall time of fn(*args) in seconds, over `iters` timed calls.
 
@@ -25,14 +38,8 @@ def time_fn(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
   """
   if iters < 1 or warmup < 0:
     raise ValueError(f"time_fn: need iters >= 1 and warmup >= 0, got {iters}, {warmup}")
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return _median_seconds(fn, args, lambda: jax.block_until_ready(fn(*args)), warmup=warmup,
+                         repeats=iters)
 
 
 def time_fn_pipelined(fn: Callable, *args, calls: int = 20, repeats: int = 5,
@@ -42,16 +49,13 @@ def time_fn_pipelined(fn: Callable, *args, calls: int = 20, repeats: int = 5,
   the queued work (as a training step sees it); time_fn's figure includes that cost."""
   if calls < 1 or repeats < 1 or warmup < 0:
     raise ValueError(f"time_fn_pipelined: need calls, repeats >= 1, warmup >= 0")
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+
+  def burst():
     for _ in range(calls):  # one stream runs them in order: the last finishes last
       out = fn(*args)  # earlier outputs are freed as they go (holding them all inflates memory)
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / calls)
-  return statistics.median(times)
+
+  return _median_seconds(fn, args, burst, warmup=warmup, repeats=repeats) / calls
 
 
 def device_name() -> str:

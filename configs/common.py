@@ -3,7 +3,8 @@
 Every config has four sections (field meanings below) plus `name`, the config's own
 label ("listops:s4d", ...), which the trainer writes into results.json.
 
-  model   what `models.build_model` reads (contract in the models package).
+  model   what `models.build_model` reads: its fields and defaults are
+          `models.model.MODEL_DEFAULTS`, the one place they are written.
   data    what `data.load_task` reads: task, seq_len, seed, plus the task's own fields,
           which each config file adds (e.g. `listops_data()`).
   optim   optimizer and learning-rate schedule (train/optim.py).
@@ -17,7 +18,13 @@ ConfigDict refuses new keys, so a typo on the command line
 import ml_collections
 from ml_collections import config_dict
 
+from models.model import ALIASES, MODEL_DEFAULTS
+from models.registry import kinds, mixer_spec
+
 SIZES = ("", "local", "tiny")
+# The time-invariant layers (S4-like): their SSM parameters train at their own rate.
+LTI = kinds(family="lti")
+TINY_OPTIM = dict(lr=1e-2, ssm_lr=1e-2, warmup_steps=1, schedule="cosine")
 
 
 def parse_arg(arg: str | None, *, models, sizes=SIZES) -> tuple[str, str]:
@@ -44,21 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = ""
 
-  config.model = ml_collections.ConfigDict(dict(
-      name="s4d",
-      d_model=128,
-      num_layers=4,
-      dropout=0.0,
-      norm="layer",            # "layer" | "rms" | "batch"
-      prenorm=True,
-      ffn="none",              # "none" | "mlp" | "glu"
-      ffn_mult=2,
-      pooling="mean",          # "mean" | "last" | "first" | "none"
-      bidirectional=False,
-      tie_embeddings=False,
-      retrieval_mlp_dim=256,
-      mixer=ml_collections.ConfigDict(),  # extra keyword options for models.build_mixer
-  ))
+  config.model = ml_collections.ConfigDict(
+      dict(MODEL_DEFAULTS, name="s4d", mixer=ml_collections.ConfigDict()))
 
   # Only the keys every task has; each config file adds its task's own (data.load_task
   # rejects keys its task does not know).
@@ -129,19 +123,82 @@ def listops_data(seq_len=2000) -> dict:
   )
 
 
-# Mixers built for a maximum length: their l_max (kernels) or max_len (KV cache) must
-# follow data.seq_len.
-NEEDS_L_MAX = ("s4", "lssl", "sgconv")
-
-
 def set_mixer(config: ml_collections.ConfigDict, model: str, mixer: dict, seq_len) -> None:
-  """config.model.mixer = mixer, with the length options tied to seq_len.
+  """config.model.mixer = mixer, with the kind's length option (the registry's
+  `length_option`: l_max of the kernels built for a maximum length, max_len of a KV cache)
+  tied to seq_len.
 
   seq_len is the FieldReference behind config.data.seq_len, so overriding
   --config.data.seq_len moves l_max / max_len with it.
   """
   config.model.mixer = ml_collections.ConfigDict(mixer)
-  if model in NEEDS_L_MAX:
-    config.model.mixer.l_max = seq_len
-  if model == "transformer":
-    config.model.mixer.max_len = seq_len
+  option = mixer_spec(ALIASES.get(model, model)).length_option
+  if option is not None:
+    config.model.mixer[option] = seq_len
+
+
+def recipe_config(task: str, model: str, size: str, *, model_fields: dict, optim: dict,
+                  train: dict, eval_every: int, eval_batch_size: int | None = None):
+  """base_config with a published recipe's model, optim and train fields, named
+  "task:model[,size]"; evaluation and checkpoints every eval_every steps."""
+  config = base_config()
+  config.name = f"{task}:{model}" + (f",{size}" if size else "")
+  config.model.update(model_fields)
+  config.model.name = model
+  config.optim.update(optim)
+  config.train.update(train)
+  config.train.update(dict(eval_batch_size=eval_batch_size or 2 * config.train.batch_size,
+                           eval_every=eval_every, checkpoint_every=eval_every, log_every=100))
+  return config
+
+
+def local_optim(model: str, lr: float, warmup_steps: int) -> dict:
+  """The optim fields of a "local" CPU run: a cosine schedule from lr, the SSM parameters of
+  the LTI layers at most 1e-3."""
+  return dict(lr=lr, ssm_lr=min(lr, 1e-3) if model in LTI else lr, warmup_steps=warmup_steps,
+              schedule="cosine")
+
+
+def local_size(config: ml_collections.ConfigDict, model: str, mixer: dict, *,
+               warmup_steps: int, num_steps: int, eval_every: int, eval_batch_size: int,
+               log_every: int, kernel_dim: int, batch_size: int = 32, lr: float | None = None,
+               **model_fields) -> dict:
+  """Makes config the "local" size (a CPU demo of a few minutes): model_fields, a short
+  training evaluated and checkpointed every eval_every steps, `local_optim` from lr (None:
+  4e-3, 1e-3 for the transformer); returns the mixer shrunk (`shrink_mixer`, state 16,
+  4 heads)."""
+  if lr is None:
+    lr = 1e-3 if model == "transformer" else 4e-3
+  config.model.update(model_fields)
+  config.train.update(dict(num_steps=num_steps, batch_size=batch_size, log_every=log_every,
+                           eval_batch_size=eval_batch_size, eval_every=eval_every,
+                           checkpoint_every=eval_every))
+  config.optim.update(local_optim(model, lr, warmup_steps))
+  return shrink_mixer(model, mixer, d_state=16, heads=4, kernel_dim=kernel_dim)
+
+
+def tiny_size(config: ml_collections.ConfigDict, model: str, mixer: dict, *, num_steps: int,
+              batch_size: int, kernel_dim: int, **model_fields) -> dict:
+  """Makes config the "tiny" size (tests): 2 layers of 16, num_steps steps evaluated and
+  checkpointed twice, `TINY_OPTIM`; returns the mixer shrunk (state 4, 2 heads)."""
+  config.model.update(dict(num_layers=2, d_model=16, **model_fields))
+  config.train.update(dict(num_steps=num_steps, batch_size=batch_size,
+                           eval_batch_size=2 * batch_size, eval_every=num_steps // 2,
+                           checkpoint_every=num_steps // 2, log_every=1, keep_checkpoints=2))
+  config.optim.update(TINY_OPTIM)
+  return shrink_mixer(model, mixer, d_state=4, heads=2, kernel_dim=kernel_dim)
+
+
+def shrink_mixer(model: str, mixer: dict, *, d_state: int, heads: int, kernel_dim: int) -> dict:
+  """Smaller state / fewer heads for the CPU sizes (sgconv: shorter sub-kernels, so that
+  short sequences still have several scales)."""
+  mixer = dict(mixer)
+  if model in LTI and "d_state" in mixer:
+    mixer["d_state"] = min(mixer["d_state"], d_state)
+  elif model == "mamba2":
+    mixer.update(d_state=16, headdim=16)
+  elif model == "sgconv":
+    mixer["kernel_dim"] = kernel_dim
+  if "num_heads" in mixer:
+    mixer["num_heads"] = heads
+  return mixer

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm._checks import check_float, positive_int
+from ssm._checks import positive_int
+from ssm.mixer import Mixer
 
 ROTARY_BASE = 10000.0
 
@@ -48,8 +49,9 @@ def apply_rotary(x, angles):
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-class Attention(nnx.Module):
-  """Multi-head softmax attention, causal or bidirectional.
+class Attention(Mixer):
+  """Multi-head softmax attention, causal or bidirectional (the call, state and step
+  contract is `ssm.mixer.Mixer`'s; the KV cache's length axis grows with max_len).
 
   Args:
     d_model: h, split into num_heads heads of head_dim = h // num_heads.
@@ -59,6 +61,9 @@ class Attention(nnx.Module):
     max_len: default KV-cache length for `init_state`.
     rotary: rotary position embedding on q and k (needs an even head_dim).
   """
+
+  name = "attention"
+  capacity_fields = ("k", "v")  # the KV cache: its length axis is max_len
 
   def __init__(self, d_model: int, *, num_heads: int | None = None,
                bidirectional: bool = False, dropout: float = 0.0, max_len: int = 2048,
@@ -83,12 +88,6 @@ class Attention(nnx.Module):
     self.out_proj = nnx.Linear(d_model, d_model, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-  def _check_x(self, x, ndim, what):
-    check_float("attention", **{what: x})
-    if x.ndim != ndim or x.shape[-1] != self.d_model:
-      raise ValueError(f"attention: {what} must have {ndim} dims ending in "
-                       f"d_model={self.d_model}, got shape {x.shape}")
-
   def _project(self, x, positions):
     """x (..., h), positions broadcastable to x[..., 0] -> q, k, v (..., heads, head_dim)."""
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
@@ -103,9 +102,9 @@ class Attention(nnx.Module):
     o = o.reshape(*o.shape[:-2], self.d_model)
     return self.out_proj(self.dropout(o, deterministic=deterministic))
 
-  def __call__(self, x, *, mask=None, deterministic: bool | None = None):
+  def forward(self, x, *, mask, deterministic, segment_ids):
     """x (b, l, h), mask (b, l) bool (False keys are ignored) or None -> (b, l, h)."""
-    self._check_x(x, 3, "x")
+    del segment_ids  # refused by Mixer.__call__
     b, l, _ = x.shape
     if mask is not None and mask.shape != (b, l):
       raise ValueError(f"attention: mask shape {mask.shape} != (batch, length) {(b, l)}")
@@ -116,35 +115,15 @@ class Attention(nnx.Module):
     return self._output(o, deterministic)
 
   # -- recurrent mode: KV cache ------------------------------------------------------
-  def init_state(self, batch_size: int, *, max_len: int | None = None) -> dict:
+  def _init_state(self, batch_size: int, max_len: int | None) -> dict:
     """Empty cache {"k", "v": (b, max_len, heads, head_dim) float32, "pos": int32 ()}."""
-    if self.bidirectional:
-      raise ValueError("a bidirectional mixer has no recurrent step (it is not causal)")
     max_len = self.max_len if max_len is None else max_len
-    batch_size = positive_int("attention", "batch_size", batch_size)
-    max_len = positive_int("attention", "max_len", max_len)
     shape = (batch_size, max_len, self.num_heads, self.head_dim)
     return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
             "pos": jnp.zeros((), jnp.int32)}
 
-  def _check_state(self, state, batch_size):
-    want = (batch_size, self.num_heads, self.head_dim)  # k, v: (b, max_len, heads, head_dim)
-    ok = (isinstance(state, dict) and set(state) == {"k", "v", "pos"}
-          and state["k"].ndim == 4 and state["k"].shape == state["v"].shape
-          and (state["k"].shape[0],) + state["k"].shape[2:] == want)
-    if not ok:
-      got = ({n: getattr(a, "shape", a) for n, a in state.items()}
-             if isinstance(state, dict) else type(state).__name__)
-      raise ValueError(f"attention.step: state must come from init_state(batch_size="
-                       f"{batch_size}): k, v of shape (b, max_len, {self.num_heads}, "
-                       f"{self.head_dim}) and pos; got {got}")
-
-  def step(self, state: dict, x_t) -> tuple[dict, Any]:
+  def _step(self, state: dict, x_t) -> tuple[dict, Any]:
     """One token: x_t (b, h) -> (state, y_t (b, h)); attends to the cache and itself."""
-    if self.bidirectional:
-      raise ValueError("a bidirectional mixer has no recurrent step (it is not causal)")
-    self._check_x(x_t, 2, "x_t")
-    self._check_state(state, x_t.shape[0])
     pos = state["pos"]
     cache_len = state["k"].shape[1]
     q, k, v = self._project(x_t, pos)  # (b, heads, head_dim)
@@ -161,9 +140,5 @@ class Attention(nnx.Module):
     return new_state, self._output(o, deterministic=True)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, num_heads: int | None = None,
-               bidirectional: bool = False, dropout: float = 0.0, max_len: int = 2048,
-               rotary: bool = True) -> Attention:
-  """Registry factory for kind "attention" (see `Attention`)."""
-  return Attention(d_model, num_heads=num_heads, bidirectional=bidirectional,
-                   dropout=dropout, max_len=max_len, rotary=rotary, rngs=rngs)
+# Registry factory for kind "attention": the class itself (one source of defaults).
+make_mixer = Attention

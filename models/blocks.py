@@ -4,9 +4,10 @@ Every sequence module here maps x (b, l, h) -> (b, l, h) and takes
 
     mask (b, l) bool, True at real positions (None: all real). Padded positions
       are held at zero in the residual stream after every block, BatchNorm
-      statistics ignore them and mixers that accept a `mask` (attention) are
-      told about them, so padding never leaks into real positions through a
-      causal mixer, and only as zeros through a bidirectional convolution.
+      statistics ignore them and every mixer is told about them (attention reads
+      the mask; the others see zeros there), so padding never leaks into real
+      positions through a causal mixer, and only as zeros through a bidirectional
+      convolution. Mixers follow `ssm.mixer.Mixer`'s contract.
     deterministic: True turns dropout off and makes BatchNorm use its running
       statistics (evaluation); False is training.
 
@@ -24,7 +25,6 @@ BatchNorm uses running statistics, so step mode equals the parallel forward with
 deterministic=True.
 """
 
-import inspect
 from typing import Any, Sequence
 
 import jax
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm._checks import check_float, optional_positive_int, positive_int
+from ssm.mixer import Mixer
 
 NORMS = ("layer", "rms", "batch")
 FFNS = ("none", "mlp", "glu")
@@ -39,15 +40,6 @@ FFNS = ("none", "mlp", "glu")
 
 def _gelu(x):
   return jax.nn.gelu(x, approximate=False)
-
-
-def _accepts(fn, name: str) -> bool:
-  """Whether callable fn takes a keyword argument called name."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def zero_padding(x, mask):
@@ -183,8 +175,8 @@ class ResidualBlock(nnx.Module):
   residual connection (layout in the module docstring).
 
   Args:
-    mixer: a sequence mixer (b, l, h) -> (b, l, h) from `models.build_mixer`. Its
-      `deterministic` and `mask` keyword arguments are passed when it accepts them.
+    mixer: a sequence mixer (b, l, h) -> (b, l, h) from `models.build_mixer`: an
+      `ssm.mixer.Mixer`, which takes mask, deterministic and segment_ids.
     norm: "layer" | "rms" | "batch".
     prenorm: True for x + f(norm(x)), False for norm(x + f(x)).
     ffn: "none" | "mlp" | "glu"; ffn_mult its hidden width in units of d_model.
@@ -194,6 +186,9 @@ class ResidualBlock(nnx.Module):
   def __init__(self, mixer: nnx.Module, d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
                dropout: float = 0.0, rngs: nnx.Rngs):
+    if not isinstance(mixer, Mixer):
+      raise TypeError(f"ResidualBlock: mixer must be an ssm.mixer.Mixer (the mixer contract), "
+                      f"got {type(mixer).__name__}")
     if ffn not in FFNS:
       raise ValueError(f"unknown ffn {ffn!r}; valid ffn kinds: {list(FFNS)}")
     if not 0.0 <= dropout < 1.0:
@@ -209,10 +204,6 @@ class ResidualBlock(nnx.Module):
     else:
       self.ffn = FFN(d_model, kind=ffn, mult=ffn_mult, rngs=rngs)
       self.ffn_norm = make_norm(norm, d_model, rngs=rngs)
-    # Which optional keywords the mixer understands (static, decided once).
-    self._mixer_takes_det = _accepts(mixer.__call__, "deterministic")
-    self._mixer_takes_mask = _accepts(mixer.__call__, "mask")
-    self._mixer_takes_segments = _accepts(mixer.__call__, "segment_ids")
 
   def _sublayer(self, x, f, norm, mask, deterministic):
     """One residual sub-block: prenorm x + drop(f(norm(x))) or postnorm norm(x + drop(f(x)))."""
@@ -228,17 +219,9 @@ class ResidualBlock(nnx.Module):
     """x (b, l, h), mask (b, l) bool or None -> (b, l, h). segment_ids (b, l) int or None:
     packed documents, passed to mixers that take them (the recurrent ones restart their
     state where the id changes); a mixer that cannot take them refuses them."""
-    kw = {}
-    if self._mixer_takes_det:
-      kw["deterministic"] = deterministic
-    if self._mixer_takes_mask and mask is not None:
-      kw["mask"] = mask
-    if segment_ids is not None:
-      if not self._mixer_takes_segments:
-        raise ValueError(f"mixer {type(self.mixer).__name__} does not take segment_ids "
-                         "(packed documents)")
-      kw["segment_ids"] = segment_ids
-    x = self._sublayer(x, lambda u: self.mixer(u, **kw), self.norm, mask, deterministic)
+    mix = lambda u: self.mixer(u, mask=mask, deterministic=deterministic,
+                               segment_ids=segment_ids)
+    x = self._sublayer(x, mix, self.norm, mask, deterministic)
     if self.ffn is not None:
       x = self._sublayer(x, self.ffn, self.ffn_norm, mask, deterministic)
     return zero_padding(x, mask)
@@ -246,12 +229,7 @@ class ResidualBlock(nnx.Module):
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> Any:
     batch_size = positive_int("ResidualBlock", "batch_size", batch_size)
     max_len = optional_positive_int("ResidualBlock", "max_len", max_len)
-    if not hasattr(self.mixer, "init_state"):
-      raise ValueError(f"mixer {type(self.mixer).__name__} has no recurrent mode "
-                       "(init_state/step)")
-    if max_len is not None and _accepts(self.mixer.init_state, "max_len"):
-      return self.mixer.init_state(batch_size, max_len=max_len)
-    return self.mixer.init_state(batch_size)
+    return self.mixer.init_state(batch_size, max_len=max_len)
 
   def step(self, state, x_t, *, mask_t=None):
     """x_t (b, h), mask_t (b,) bool or None -> (state, y_t (b, h)). Evaluation mode."""

@@ -39,20 +39,22 @@ from models.heads import (POOLINGS, ClassificationHead, LMHead, PixelEncoder, Re
                           TokenEncoder, pool, tied_logits)
 from models.registry import MIXERS, build_mixer, mixer_options
 
+# The one place the model section's fields and defaults are written (configs/common.py's
+# base_config builds config.model from it).
 MODEL_DEFAULTS: dict[str, Any] = {
-    "name": None,  # required
+    "name": None,              # required: a mixer kind or an alias
     "d_model": 128,
     "num_layers": 4,
     "dropout": 0.0,
-    "norm": "layer",
+    "norm": "layer",           # "layer" | "rms" | "batch"
     "prenorm": True,
-    "ffn": "none",
+    "ffn": "none",             # "none" | "mlp" | "glu"
     "ffn_mult": 2,
-    "pooling": "mean",
+    "pooling": "mean",         # "mean" | "last" | "first" | "none"
     "bidirectional": False,
     "tie_embeddings": False,
     "retrieval_mlp_dim": 256,
-    "mixer": {},
+    "mixer": {},               # extra keyword options for models.build_mixer
 }
 ALIASES = {"transformer": "attention"}
 

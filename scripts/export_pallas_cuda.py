@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import export
 
 from ssm.ops import fft_conv_pallas as fcp
-from ssm.ops import lightning_pallas, scan_pallas, ssd_pallas
+from ssm.ops import lightning_pallas, linear_scan_pallas, selective_scan_pallas, ssd_pallas
 
 
 def fftconv_cases():
@@ -47,11 +47,11 @@ def scan_cases():
   """The scan kernels, forward and forward+backward (small shapes)."""
   f32, bf16 = jnp.float32, jnp.bfloat16
   s = jax.ShapeDtypeStruct
-  lin = lambda a, b: scan_pallas.linear_scan_pallas(a, b, interpret=False)
+  lin = lambda a, b: linear_scan_pallas.linear_scan_pallas(a, b, interpret=False)
   yield "linear_scan f32 fwd", lin, (s((2, 256, 128), f32), s((2, 256, 128), f32))
   yield "linear_scan f32 fwd+bwd", _loss_grad(lin, (0, 1)), (s((2, 256, 128), f32),
                                                            s((2, 256, 128), f32))
-  sel = lambda u, dt, a, b, c: scan_pallas.selective_scan_pallas(
+  sel = lambda u, dt, a, b, c: selective_scan_pallas.selective_scan_pallas(
       u, dt, a, b, c, delta_softplus=True, interpret=False, bwd_segments=2)
   shapes = (s((2, 256, 128), f32), s((2, 256, 128), f32), s((128, 16), f32),
             s((2, 256, 1, 16), f32), s((2, 256, 1, 16), f32))

@@ -7,5 +7,6 @@ Axis legend used in names, einsum strings and docstrings across the package:
     k  key dim (Dk)     v  value dim (Dv)       s  segments (memory caching)
 
 Sequences are channels-last: (batch, length, features). SSM parameters and
-recurrent states are float32 (complex64 for diagonal complex SSMs).
+recurrent states are float32 (complex64 for diagonal complex SSMs). Every layer
+module is a sequence mixer under the one contract of `ssm/mixer.py`.
 """

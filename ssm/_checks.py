@@ -9,12 +9,14 @@ names the op (or module) and the argument.
     check_float("linear_scan", complex_ok=True, a=a)    # real or complex
     d_model = positive_int("Mamba", "d_model", d_model) # an int >= 1, never a bool
     check_integer("ssd", segment_ids=segment_ids)       # integer ids, not floats or bools
+    check_nonpositive("ssd", "A", A)                     # a decay's log, when concrete
 """
 
 from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,6 +45,19 @@ def check_integer(who: str, **arrays) -> None:
     if x is not None and (not jnp.issubdtype(jnp.result_type(x), jnp.integer)
                           or jnp.result_type(x) == jnp.bool_):
       raise TypeError(f"{who}: {name} must be an integer array, got dtype {jnp.result_type(x)}")
+
+
+def check_nonpositive(who: str, name: str, x) -> None:
+  """ValueError if a concrete array x has a positive entry (a log-decay or decay rate must be
+  <= 0); under jit the values are unknown and the caller is trusted."""
+  if x is None:
+    return
+  try:
+    positive = bool(np.any(np.asarray(x) > 0))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if positive:
+    raise ValueError(f"{who}: {name} must be <= 0, got {x}")
 
 
 def _is_int(value) -> bool:

@@ -23,18 +23,11 @@ Recurrent state: (b, h, dk, dv) float32, or a `MemoryCacheState` with caching.
 """
 
 import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm._checks import positive_int
-from ssm.linear_attention import (check_chunk, check_heads, check_input, check_state,
-                                  split_heads, srms_norm)
-from ssm.memory_caching import (MemoryCachingConfig, cached_memory_read, cached_memory_step,
-                                init_cache_state, memory_caching_config)
-from ssm.ops import lightning_attention
+from ssm.linear_attention import LinearMemoryMixer, split_heads, srms_norm
 
 
 class FixedDecay(nnx.Variable):
@@ -60,7 +53,7 @@ def lightning_log_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1)
   return [-s * ratio for s in alibi_slopes(num_heads)]
 
 
-class Lightning(nnx.Module):
+class Lightning(LinearMemoryMixer):
   """TransNormerLLM's lightning-attention mixer (b, l, d_model) -> (b, l, d_model).
 
   Args:
@@ -72,83 +65,50 @@ class Lightning(nnx.Module):
     impl: "auto" | "xla" | "pallas", passed to the op.
   """
 
+  name = "lightning"
+
   def __init__(self, d_model: int, *, num_heads: int | None = None, layer_idx: int = 0,
                num_layers: int = 1, memory_caching=None, chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
-    kind = "lightning"
-    h = check_heads(d_model, num_heads, kind)
+    kind = self.name
+    config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching)
     if not isinstance(num_layers, int) or num_layers < 1:
       raise ValueError(f"{kind}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
       raise ValueError(f"{kind}: layer_idx must be an int in [0, num_layers={num_layers}), "
                        f"got {layer_idx!r}")
-    check_chunk(chunk_size, kind)
-    self.mc: MemoryCachingConfig | None = memory_caching_config(memory_caching)
-    self.d_model, self.num_heads, self.head_dim = d_model, h, d_model // h
+    h = self.num_heads
+    self.value_dim = self.head_dim
     self.layer_idx, self.num_layers = layer_idx, num_layers
     self.log_decay = FixedDecay(jnp.asarray(lightning_log_decay(h, layer_idx, num_layers),
                                             jnp.float32))
-    self.chunk_size, self.impl = chunk_size, impl
     self.qkvu_proj = nnx.Linear(d_model, 4 * d_model, use_bias=False, rngs=rngs)
     self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
-    self.gate_proj = (nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
-                      if self.mc is not None and self.mc.gated else None)
+    self._add_memory(config, rngs)
+
+  def _log_decay(self):
+    return self.log_decay[...]
 
   def _project(self, x):
-    x32 = x.astype(jnp.float32)
-    q, k, v, u = jnp.split(self.qkvu_proj(x32), 4, axis=-1)
+    """x (..., d) -> silu(q), silu(k), v (..., h, dh) and the output gate u (..., d)."""
+    q, k, v, u = jnp.split(self.qkvu_proj(x.astype(jnp.float32)), 4, axis=-1)
     q, k = jax.nn.silu(q), jax.nn.silu(k)
     q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
-    g = None if self.gate_proj is None else split_heads(self.gate_proj(x32), self.num_heads)
-    return q, k, v, u, g
+    return q, k, v, u
 
   def _finish(self, o, u, x):
     o = srms_norm(o.reshape(o.shape[:-2] + (self.d_model,)))
     return self.out_proj(o * u).astype(x.dtype)
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x (b, l, d_model) -> (b, l, d_model); segment_ids (b, l) int: packed documents (the
-    state restarts where the id changes; not with memory caching)."""
-    check_input(x, self.d_model, 3, "x", "lightning")
-    if segment_ids is not None and self.mc is not None:
-      raise ValueError("lightning: segment_ids (packed documents) are not supported with "
-                       "memory_caching")
-    q, k, v, u, g = self._project(x)
-    log_decay = self.log_decay[...]
-    if self.mc is None:
-      o = lightning_attention(q, k, v, log_decay, segment_ids=segment_ids,
-                              chunk_size=self.chunk_size, impl=self.impl)
-    else:
-      log_a = jnp.broadcast_to(log_decay, x.shape[:2] + (self.num_heads,))
-      o = cached_memory_read(q, k, v, log_a, gate_u=g, chunk_size=self.chunk_size,
-                             **self.mc.read_kwargs())
-    return self._finish(o, u, x)
-
-  def init_state(self, batch_size: int) -> Any:
-    batch_size = positive_int("lightning", "batch_size", batch_size)
+  def _plain_state(self, batch_size):
     h, dh = self.num_heads, self.head_dim
-    if self.mc is not None:
-      return init_cache_state(batch_size, h, dh, dh, max_segments=self.mc.max_segments)
     return jnp.zeros((batch_size, h, dh, dh), jnp.float32)
 
-  def step(self, state: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:
-    """One token: x_t (b, d_model) -> (state, y_t (b, d_model))."""
-    check_input(x_t, self.d_model, 2, "x_t", "lightning")
-    check_state(state, jax.eval_shape(lambda: self.init_state(x_t.shape[0])), "lightning")
-    q, k, v, u, g = self._project(x_t)
-    log_decay = self.log_decay[...]
-    if self.mc is not None:
-      log_a = jnp.broadcast_to(log_decay, (x_t.shape[0], self.num_heads))
-      state, o = cached_memory_step(state, q, k, v, log_a, gate_u_t=g, **self.mc.read_kwargs())
-    else:
-      state = jnp.exp(log_decay)[None, :, None, None] * state + k[..., :, None] * v[..., None, :]
-      o = jnp.einsum("bhk,bhkv->bhv", q, state)
-    return state, self._finish(o, u, x_t)
+  def _plain_step(self, state, q, k, v):
+    state = jnp.exp(self._log_decay())[None, :, None, None] * state + (
+        k[..., :, None] * v[..., None, :])
+    return state, jnp.einsum("bhk,bhkv->bhv", q, state)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, num_heads: int | None = None,
-               layer_idx: int = 0, num_layers: int = 1, memory_caching=None,
-               chunk_size: int = 64, impl: str = "auto") -> Lightning:
-  """Registry factory for kind "lightning"."""
-  return Lightning(d_model, num_heads=num_heads, layer_idx=layer_idx, num_layers=num_layers,
-                   memory_caching=memory_caching, chunk_size=chunk_size, impl=impl, rngs=rngs)
+# Registry factory for kind "lightning": the class itself (one source of defaults).
+make_mixer = Lightning

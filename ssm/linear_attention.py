@@ -27,16 +27,15 @@ Recurrent state: without memory caching a dict {"kv": (b, h, dk, dv), "z": (b, h
 the extra denominator column. States are float32.
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm._checks import check_float, positive_int
-from ssm.memory_caching import (MemoryCachingConfig, cached_memory_read, cached_memory_step,
-                                init_cache_state, memory_caching_config)
+from ssm._checks import positive_int
+from ssm.memory_caching import memory_caching_config
+from ssm.mixer import Mixer, cached_memory
 from ssm.ops import lightning_attention
+from ssm.ops._impl import check_impl
 
 FEATURE_MAPS = ("elu1", "relu", "identity")
 NORMALIZE = ("denominator", "rmsnorm", "none")
@@ -70,23 +69,77 @@ def check_heads(d_model: int, num_heads, kind: str) -> int:
   return num_heads
 
 
-def check_chunk(chunk_size, kind):
-  positive_int(kind, "chunk_size", chunk_size)
-
-
 def split_heads(x, h):
   """(..., h * d) -> (..., h, d)."""
   return x.reshape(x.shape[:-1] + (h, x.shape[-1] // h))
 
 
-def check_input(x, d_model, ndim, what, kind):
-  check_float(kind, **{what: x})
-  if x.ndim != ndim or x.shape[-1] != d_model:
-    raise ValueError(f"{kind}: {what} must have {ndim} dims ending in d_model={d_model}, "
-                     f"got {x.shape}")
+class LinearMemoryMixer(Mixer):
+  """What linear attention and lightning share: heads whose memory is a (dk, dv) state,
+  S_t = lambda S_{t-1} + k_t v_t^T, read in parallel by `ssm.ops.lightning_attention`
+  (packed documents restart it) or through memory caching (`self.memory`).
+
+  A subclass builds its projections after `_setup` and writes
+    _project(x) -> q, k (..., h, dk), v (..., h, dv), aux      float32; aux: its own
+    _finish(o, aux, x) -> (..., d_model)                        in x's dtype
+    _log_decay() -> (h,) log lambda or None (no decay)
+    _plain_state(batch_size), _plain_step(state, q, k, v) -> (state, o)   without caching
+  and `value_dim` (dv).
+  """
+
+  takes_segments = True
+
+  def _setup(self, d_model, num_heads, chunk_size, impl, memory_caching):
+    """Checks and stores the shared options; returns the memory-caching config (or None),
+    validated before any parameter is built."""
+    h = check_heads(d_model, num_heads, self.name)
+    positive_int(self.name, "chunk_size", chunk_size)
+    check_impl(self.name, impl)
+    self.d_model, self.num_heads, self.head_dim = d_model, h, d_model // h
+    self.chunk_size, self.impl = chunk_size, impl
+    return memory_caching_config(memory_caching)
+
+  def _add_memory(self, config, rngs):
+    """The memory-caching hook: gate tokens u_t = W_u x_t, one per head (the paper's)."""
+    self.memory = cached_memory(config, self.d_model, gate_heads=self.num_heads,
+                                gate_dim=self.head_dim, rngs=rngs)
+
+  def _log_a(self, lead):
+    """log lambda broadcast to lead + (h,) for memory caching, or None."""
+    log_decay = self._log_decay()
+    return None if log_decay is None else jnp.broadcast_to(log_decay, lead + (self.num_heads,))
+
+  def forward(self, x, *, mask, deterministic, segment_ids):
+    """x (b, l, d_model) -> (b, l, d_model); segment_ids (b, l) int: packed documents (the
+    state restarts where the id changes; not with memory caching)."""
+    del mask, deterministic
+    q, k, v, aux = self._project(x)
+    if self.memory is None:
+      o = lightning_attention(q, k, v, self._log_decay(), segment_ids=segment_ids,
+                              chunk_size=self.chunk_size, impl=self.impl)
+    else:
+      o = self.memory.read(x, q, k, v, self._log_a(x.shape[:2]), chunk_size=self.chunk_size)
+    return self._finish(o, aux, x)
+
+  def _init_state(self, batch_size, max_len):
+    if self.memory is None:
+      return self._plain_state(batch_size)
+    return self.memory.init_state(batch_size, self.num_heads, self.head_dim, self.value_dim,
+                                  max_len=max_len)
+
+  def _step(self, state, x_t):
+    q, k, v, aux = self._project(x_t)
+    if self.memory is None:
+      state, o = self._plain_step(state, q, k, v)
+    else:
+      state, o = self.memory.step(state, x_t, q, k, v, self._log_a(x_t.shape[:1]))
+    return state, self._finish(o, aux, x_t)
+
+  def _log_decay(self):
+    return None
 
 
-class LinearAttention(nnx.Module):
+class LinearAttention(LinearMemoryMixer):
   """Causal linear attention mixer (b, l, d_model) -> (b, l, d_model).
 
   Args:
@@ -99,11 +152,13 @@ class LinearAttention(nnx.Module):
     impl: passed to `ssm.ops.lightning_attention`.
   """
 
+  name = "linear_attention"
+
   def __init__(self, d_model: int, *, num_heads: int | None = None, feature_map: str = "elu1",
                normalize: bool | str = True, memory_caching=None, chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
-    kind = "linear_attention"
-    h = check_heads(d_model, num_heads, kind)
+    kind = self.name
+    config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching)
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"{kind}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     norm = {True: "denominator", False: "none", None: "none"}.get(normalize, normalize)
@@ -113,30 +168,25 @@ class LinearAttention(nnx.Module):
     if norm == "denominator" and feature_map == "identity":
       raise ValueError(f"{kind}: normalize='denominator' needs a non-negative feature map "
                        f"('elu1' or 'relu'); 'identity' can divide by zero")
-    check_chunk(chunk_size, kind)
-    self.mc: MemoryCachingConfig | None = memory_caching_config(memory_caching)
-    self.d_model, self.num_heads, self.head_dim = d_model, h, d_model // h
     self.feature_map, self.normalize = feature_map, norm
-    self.chunk_size, self.impl = chunk_size, impl
+    self.value_dim = self.head_dim + (norm == "denominator")
     self.qkv_proj = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
     self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
-    self.gate_proj = (nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
-                      if self.mc is not None and self.mc.gated else None)
+    self._add_memory(config, rngs)
 
-  # -- shared pieces ------------------------------------------------------------
   def _project(self, x):
-    """x (..., d) -> phi(q), phi(k), v' (..., h, dh[+1]) float32 and gate tokens or None."""
-    x32 = x.astype(jnp.float32)
-    q, k, v = jnp.split(self.qkv_proj(x32), 3, axis=-1)
+    """x (..., d) -> phi(q), phi(k), v' (..., h, dh[+1]) float32 (v' = [v, 1] with the
+    denominator)."""
+    q, k, v = jnp.split(self.qkv_proj(x.astype(jnp.float32)), 3, axis=-1)
     q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
     q, k = feature_map(self.feature_map, q), feature_map(self.feature_map, k)
     if self.normalize == "denominator":
       v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-    u = None if self.gate_proj is None else split_heads(self.gate_proj(x32), self.num_heads)
-    return q, k, v, u
+    return q, k, v, None
 
-  def _finish(self, o, x):
+  def _finish(self, o, aux, x):
     """o (..., h, dh[+1]) -> (..., d_model) in x's dtype."""
+    del aux
     if self.normalize == "denominator":
       o = o[..., :-1] / (o[..., -1:] + DENOM_EPS)
     elif self.normalize == "rmsnorm":
@@ -144,68 +194,24 @@ class LinearAttention(nnx.Module):
     o = o.reshape(o.shape[:-2] + (self.d_model,))
     return self.out_proj(o).astype(x.dtype)
 
-  # -- parallel mode --------------------------------------------------------------
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x (b, l, d_model) -> (b, l, d_model); segment_ids (b, l) int: packed documents (the
-    state restarts where the id changes; not with memory caching)."""
-    check_input(x, self.d_model, 3, "x", "linear_attention")
-    if segment_ids is not None and self.mc is not None:
-      raise ValueError("linear_attention: segment_ids (packed documents) are not supported with "
-                       "memory_caching")
-    q, k, v, u = self._project(x)
-    if self.mc is None:
-      o = lightning_attention(q, k, v, None, segment_ids=segment_ids, chunk_size=self.chunk_size,
-                              impl=self.impl)
-    else:
-      o = cached_memory_read(q, k, v, None, gate_u=u, chunk_size=self.chunk_size,
-                             **self.mc.read_kwargs())
-    return self._finish(o, x)
-
-  # -- recurrent mode -------------------------------------------------------------
-  def init_state(self, batch_size: int) -> Any:
-    batch_size = positive_int("linear_attention", "batch_size", batch_size)
+  def _plain_state(self, batch_size):
     h, dh = self.num_heads, self.head_dim
-    dv = dh + (self.normalize == "denominator")
-    if self.mc is not None:
-      return init_cache_state(batch_size, h, dh, dv, max_segments=self.mc.max_segments)
     state = {"kv": jnp.zeros((batch_size, h, dh, dh), jnp.float32)}
     if self.normalize == "denominator":
       state["z"] = jnp.zeros((batch_size, h, dh), jnp.float32)
     return state
 
-  def step(self, state: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:
-    """One token: x_t (b, d_model) -> (state, y_t (b, d_model))."""
-    check_input(x_t, self.d_model, 2, "x_t", "linear_attention")
-    q, k, v, u = self._project(x_t)
-    check_state(state, jax.eval_shape(lambda: self.init_state(x_t.shape[0])), "linear_attention")
-    if self.mc is not None:
-      state, o = cached_memory_step(state, q, k, v, gate_u_t=u, **self.mc.read_kwargs())
-      return state, self._finish(o, x_t)
+  def _plain_step(self, state, q, k, v):
     if self.normalize == "denominator":
       v = v[..., :-1]
       z = state["z"] + k
       kv = state["kv"] + k[..., :, None] * v[..., None, :]
       num = jnp.einsum("bhk,bhkv->bhv", q, kv)
       den = jnp.einsum("bhk,bhk->bh", q, z)[..., None]
-      o = jnp.concatenate([num, den], axis=-1)
-      return {"kv": kv, "z": z}, self._finish(o, x_t)
+      return {"kv": kv, "z": z}, jnp.concatenate([num, den], axis=-1)
     kv = state["kv"] + k[..., :, None] * v[..., None, :]
-    return {"kv": kv}, self._finish(jnp.einsum("bhk,bhkv->bhv", q, kv), x_t)
+    return {"kv": kv}, jnp.einsum("bhk,bhkv->bhv", q, kv)
 
 
-def check_state(state, like, kind):
-  """A step state must have the structure and shapes `init_state` gives."""
-  shapes = lambda t: jax.tree.map(lambda a: tuple(jnp.shape(a)), t)
-  if (jax.tree.structure(state) != jax.tree.structure(like)
-      or shapes(state) != shapes(like)):
-    raise ValueError(f"{kind}: step state must look like init_state's {shapes(like)}, "
-                     f"got {shapes(state)}")
-
-
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, num_heads: int | None = None,
-               feature_map: str = "elu1", normalize: bool | str = True, memory_caching=None,
-               chunk_size: int = 64, impl: str = "auto") -> LinearAttention:
-  """Registry factory for kind "linear_attention"."""
-  return LinearAttention(d_model, num_heads=num_heads, feature_map=feature_map,
-                         normalize=normalize, memory_caching=memory_caching,
-                         chunk_size=chunk_size, impl=impl, rngs=rngs)
+# Registry factory for kind "linear_attention": the class itself (one source of defaults).
+make_mixer = LinearAttention

@@ -39,7 +39,7 @@ from flax import nnx
 
 from ssm import hippo
 from ssm.discretize import METHODS, discretize, full_precision
-from ssm.lti_mixer import LTIMixer
+from ssm.lti_mixer import lti_factory
 from ssm.params import SSMParam
 
 LEARN = ("none", "shared", "per_feature")
@@ -212,18 +212,11 @@ class LSSLKernel(nnx.Module):
     return LSSLState(x, state.Ab, state.Bb), y
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 64, channels: int = 1,
-               bidirectional: bool = False, l_max: int | None = None,
-               activation: str = "gelu", postact: str = "linear", dropout: float = 0.0,
-               impl: str = "auto", measure: str = "legs", dt_min: float = 1e-3,
-               dt_max: float = 1e-1, learn: str = "none", disc: str = "bilinear") -> LTIMixer:
-  """An LSSL layer: LSSLKernel inside LTIMixer (GELU, then a linear over c*h, as the repo).
+# Registry factory: the kernel's and LTIMixer's options, their defaults written once in
+# the two classes (`ssm.lti_mixer.lti_factory`).
+make_mixer = lti_factory(
+    LSSLKernel,
+    """An LSSL layer: LSSLKernel inside LTIMixer (GELU, then a linear over c*h, as the repo).
 
-  With bidirectional=True the kernel gets 2*channels output maps (forward half,
-  backward half) sharing A, B and dt.
-  """
-  kernel = LSSLKernel(d_model, d_state=d_state, channels=2 * channels if bidirectional else channels,
-                      l_max=l_max, measure=measure, dt_min=dt_min, dt_max=dt_max, learn=learn,
-                      disc=disc, rngs=rngs)
-  return LTIMixer(kernel, bidirectional=bidirectional, activation=activation, postact=postact,
-                  dropout=dropout, impl=impl, rngs=rngs)
+    With bidirectional=True the kernel gets 2*channels output maps (forward half, backward half)
+    sharing A, B and dt.""", postact="linear")

@@ -24,16 +24,18 @@ built with 2c channels; the first c run forward in time, the last c run on the
 time-reversed sequence, and the two outputs are added (S4's `bidirectional=True`).
 """
 
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm._checks import check_float, positive_int
+from ssm._checks import positive_int
+from ssm.mixer import Mixer
 from ssm.ops import fft_conv
 from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
-from ssm.ops._impl import IMPLS
+from ssm.ops._impl import check_impl
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 POSTACTS = ("glu", "linear", "none")
@@ -47,8 +49,7 @@ def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> 
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
   if postact not in POSTACTS:
     raise ValueError(f"postact must be one of {POSTACTS}, got {postact!r}")
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  check_impl("LTI mixer", impl)
 
 
 def _activation(name: str):
@@ -72,16 +73,14 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
       inverse (`fft_conv_bank_xla`); "pallas": one `fft_conv` kernel call per channel,
       both directions as one circular convolution with the two-sided kernel.
       "auto" stays on the bank even on Hopper, where `fft_conv` alone takes the kernel at
-      FFT sizes 2048-4096: measured on an H100 (results/README.md), the kernel made an
-      LRA layer's forward+backward 2-3% faster but a whole ListOps S4 training step no
-      faster (within the spread between machines), and added about 90 s of compilation.
+      FFT sizes 2048-4096: end to end the kernel made a ListOps S4 training step no faster
+      and added compilation time (results/README.md).
 
   Returns:
     (b, l, c, h).
   """
   c = kernel_chl.shape[0] // 2 if bidirectional else kernel_chl.shape[0]
-  if impl not in IMPLS:
-    raise ValueError(f"lti_conv: impl must be one of {IMPLS}, got {impl!r}")
+  check_impl("lti_conv", impl)
   if impl != "pallas":
     return fft_conv_bank_xla(x, kernel_chl[:c], kernel_chl[c:] if bidirectional else None)
   if not bidirectional:
@@ -96,8 +95,9 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
                     for i in range(c)], axis=2)
 
 
-class LTIMixer(nnx.Module):
-  """A linear time-invariant SSM layer around a kernel module.
+class LTIMixer(Mixer):
+  """A linear time-invariant SSM layer around a kernel module (the call, state and step
+  contract is `ssm.mixer.Mixer`'s).
 
   Args:
     kernel: a kernel module (see the module docstring). For bidirectional=True it
@@ -125,6 +125,7 @@ class LTIMixer(nnx.Module):
     c = c_total // 2 if bidirectional else c_total
     if postact == "none" and c != 1:
       raise ValueError("postact='none' needs one channel per direction")
+    self.name = who
     self.kernel = kernel
     self.d_model, self.channels = h, c
     self.bidirectional = bidirectional
@@ -151,31 +152,63 @@ class LTIMixer(nnx.Module):
       y = self.out_proj(y)
     return y.astype(x.dtype)
 
-  def _check_x(self, x, ndim, what):
-    check_float(f"{type(self.kernel).__name__} mixer", **{what: x})
-    if x.ndim != ndim or x.shape[-1] != self.d_model:
-      raise ValueError(f"{type(self.kernel).__name__} mixer: {what} must have "
-                       f"{ndim} dims ending in d_model={self.d_model}, got {x.shape}")
-
   # -- parallel (convolution) mode --------------------------------------------
-  def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
-    """x (b, l, h) -> (b, l, h)."""
-    self._check_x(x, 3, "x")
+  def forward(self, x, *, mask, deterministic, segment_ids):
+    """x (b, l, h) -> (b, l, h); padded rows of x are zero already (mask unused)."""
+    del mask, segment_ids
     k = self.kernel(x.shape[1])
     y = lti_conv(x.astype(jnp.float32), k, bidirectional=self.bidirectional, impl=self.impl)
     return self._tail(y, x, deterministic)
 
   # -- recurrent mode ----------------------------------------------------------
-  def init_state(self, batch_size: int) -> Any:
-    if self.bidirectional:
-      raise ValueError("a bidirectional mixer has no recurrent step (it is not causal)")
-    return self.kernel.init_state(
-        positive_int(f"{type(self.kernel).__name__} mixer", "batch_size", batch_size))
+  def _init_state(self, batch_size: int, max_len: int | None) -> Any:
+    del max_len  # a constant-size state
+    return self.kernel.init_state(batch_size)
 
-  def step(self, state: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:
+  def _step(self, state: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:
     """One token: x_t (b, h) -> (state, y_t (b, h)). Dropout is off in step mode."""
-    if self.bidirectional:
-      raise ValueError("a bidirectional mixer has no recurrent step (it is not causal)")
-    self._check_x(x_t, 2, "x_t")
     state, y = self.kernel.step(state, x_t.astype(jnp.float32))
     return state, self._tail(y, x_t, deterministic=True)
+
+
+# -- the registry factory of an LTI layer -----------------------------------------------
+
+def _keyword_options(fn) -> list[inspect.Parameter]:
+  return [p for p in inspect.signature(fn).parameters.values()
+          if p.kind == p.KEYWORD_ONLY and p.name not in ("rngs", "kernel")]
+
+
+def lti_factory(kernel_cls, doc: str, **defaults):
+  """The registry factory of an LTI layer: a `kernel_cls` kernel inside `LTIMixer`.
+
+  Its options are the kernel's keyword options and LTIMixer's, their defaults read off
+  the two signatures (written once, in the classes); `defaults` overrides those a layer
+  sets differently (LSSL's postact="linear"). With bidirectional=True the kernel gets
+  2 * channels output maps (the forward half, the backward half). The factory's
+  signature lists them all, so `models.mixer_options` reads them as for any factory.
+  """
+  kernel_opts = _keyword_options(kernel_cls.__init__)
+  mixer_opts = _keyword_options(LTIMixer.__init__)
+  params = [p.replace(default=defaults.pop(p.name, p.default)) for p in kernel_opts + mixer_opts]
+  if defaults:
+    raise TypeError(f"lti_factory({kernel_cls.__name__}): no options {sorted(defaults)}")
+  kernel_names = {p.name for p in kernel_opts}
+
+  def make_mixer(d_model: int, *, rngs: nnx.Rngs, **options) -> LTIMixer:
+    opts = {p.name: p.default for p in params}
+    unknown = sorted(set(options) - set(opts))
+    if unknown:
+      raise TypeError(f"{kernel_cls.__name__} mixer: unknown options {unknown}")
+    opts.update(options)
+    check_mixer_options(opts["activation"], opts["postact"], opts["impl"], d_model)
+    kernel_kw = {n: v for n, v in opts.items() if n in kernel_names}
+    kernel_kw["channels"] *= 2 if opts["bidirectional"] else 1
+    kernel = kernel_cls(d_model, rngs=rngs, **kernel_kw)
+    return LTIMixer(kernel, rngs=rngs, **{n: v for n, v in opts.items() if n not in kernel_names})
+
+  make_mixer.__signature__ = inspect.Signature(
+      [inspect.Parameter("d_model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int),
+       inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, annotation=nnx.Rngs)] + params,
+      return_annotation=LTIMixer)
+  make_mixer.__doc__ = doc
+  return make_mixer

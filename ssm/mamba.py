@@ -39,10 +39,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm._checks import check_float, optional_positive_int, positive_int
 from ssm import memory_caching as mcache
+from ssm._checks import positive_int
+from ssm.mixer import Mixer, cached_memory
 from ssm.ops import selective_scan
-from ssm.ops._impl import IMPLS
+from ssm.ops._impl import check_impl
 from ssm.ops.selective_scan import DEFAULT_CHUNK_SIZE
 from ssm.params import NoDecayParam
 
@@ -81,29 +82,6 @@ def conv_init(key, shape, width):
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-def check_state(state, cls, expected: dict, who: str):
-  """state must be a `cls` whose fields have the expected shapes (None: a memory-cache state)."""
-  if not isinstance(state, cls):
-    raise ValueError(f"{who}: state must be a {cls.__name__} (from init_state), "
-                     f"got {type(state).__name__}")
-  for name, shape in expected.items():
-    got = getattr(state, name)
-    if shape is None:
-      if not isinstance(got, mcache.MemoryCacheState):
-        raise ValueError(f"{who}: state.{name} must be a MemoryCacheState (from init_state "
-                         f"of a mixer with memory caching), got {type(got).__name__}")
-    elif got is None or tuple(got.shape) != tuple(shape):
-      raise ValueError(f"{who}: state.{name} must have shape {tuple(shape)}, "
-                       f"got {None if got is None else got.shape}")
-
-
-def cache_segments(config, max_len):
-  """Cached-memory slots for the step state: enough for max_len tokens when given."""
-  if max_len is None:
-    return config.max_segments
-  return max(1, -(-max_len // config.segment_size) - 1)
-
-
 # -- the layer ----------------------------------------------------------------
 
 class MambaState(NamedTuple):
@@ -117,8 +95,11 @@ class MambaState(NamedTuple):
   mc: Any = None
 
 
-class Mamba(nnx.Module):
-  """The Mamba-1 mixer: (b, l, d_model) -> (b, l, d_model). See the module docstring."""
+class Mamba(Mixer):
+  """The Mamba-1 mixer: (b, l, d_model) -> (b, l, d_model). See the module docstring; the
+  call, state and step contract is `ssm.mixer.Mixer`'s."""
+
+  name = "Mamba"
 
   def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
@@ -129,9 +110,8 @@ class Mamba(nnx.Module):
       positive_int("Mamba", name, v)
     dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
     positive_int("Mamba", "dt_rank", dt_rank)
-    if impl not in IMPLS:
-      raise ValueError(f"Mamba: impl must be one of {IMPLS}, got {impl!r}")
-    self.memory_caching = mcache.memory_caching_config(memory_caching)
+    check_impl("Mamba", impl)
+    memory_caching = mcache.memory_caching_config(memory_caching)  # fails before any parameter
     d_inner = expand * d_model
     self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, d_inner, d_state, d_conv
     self.dt_rank, self.chunk_size, self.impl = dt_rank, chunk_size, impl
@@ -149,8 +129,9 @@ class Mamba(nnx.Module):
     self.A_log = NoDecayParam(jnp.broadcast_to(a_log, (d_inner, d_state)))
     self.D = NoDecayParam(jnp.ones((d_inner,), jnp.float32))
     self.out_proj = nnx.Linear(d_inner, d_model, use_bias=False, rngs=rngs)
-    gated = self.memory_caching is not None and self.memory_caching.gated
-    self.mc_gate = nnx.Linear(d_model, d_state, use_bias=False, rngs=rngs) if gated else None
+    # Memory caching: one gate token of N per position, scored against the B_t (the keys).
+    self.memory = cached_memory(memory_caching, d_model, gate_heads=1, gate_dim=d_state,
+                                rngs=rngs)
 
   # -- shared pieces -------------------------------------------------------------
   def _ssm_inputs(self, xc):
@@ -161,71 +142,48 @@ class Mamba(nnx.Module):
     delta = jnp.dot(dt_low, self.dt_proj.kernel[...])  # the bias goes into the softplus
     return delta, B, C
 
-  def _check_x(self, x, ndim, what):
-    check_float("Mamba", **{what: x})
-    if x.ndim != ndim or x.shape[-1] != self.d_model:
-      raise ValueError(f"Mamba: {what} must have {ndim} dims ending in d_model={self.d_model}, "
-                       f"got {x.shape}")
-
   # -- parallel mode ---------------------------------------------------------------
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x (b, l, d_model) -> (b, l, d_model)."""
-    self._check_x(x, 3, "x")
+  def forward(self, x, *, mask, deterministic, segment_ids):
+    """x (b, l, d_model) -> (b, l, d_model). No dropout; padded rows are zero already."""
+    del mask, deterministic, segment_ids
     xz = self.in_proj(x)
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
     xc = jax.nn.silu(causal_depthwise_conv(xs, self.conv_w[...], self.conv_b[...]))
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
-    if self.memory_caching is None:
+    if self.memory is None:
       y = selective_scan(xc, delta, A, B, C, self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
                          delta_softplus=True, chunk_size=self.chunk_size, impl=self.impl)
     else:
       y = self._cached_read(x, xc, delta, A, B, C, z)
     return self.out_proj(y).astype(x.dtype)
 
-  def _gate_u(self, x):
-    """The learned gate token u_t (..., 1, N), or None (ungated variants)."""
-    return None if self.mc_gate is None else self.mc_gate(x).astype(jnp.float32)[..., None, :]
-
   def _cached_read(self, x, xc, delta, A, B, C, z):
     """The SSM as a linear memory read through memory caching (see the module docstring)."""
     f32 = jnp.float32
     dt = jax.nn.softplus(delta.astype(f32) + self.dt_proj.bias[...])        # (b, l, d)
     u = xc.astype(f32)
-    y = mcache.cached_memory_read(
-        C.astype(f32)[:, :, None], B.astype(f32)[:, :, None], (dt * u)[..., None],
-        dt[..., None] * A, gate_u=self._gate_u(x), **self.memory_caching.read_kwargs())
+    y = self.memory.read(x, C.astype(f32)[:, :, None], B.astype(f32)[:, :, None],
+                         (dt * u)[..., None], dt[..., None] * A)
     y = (y[..., 0] + self.D[...] * u) * jax.nn.silu(z.astype(f32))
     return y.astype(xc.dtype)
 
   # -- recurrent mode ----------------------------------------------------------------
-  def init_state(self, batch_size: int, *, max_len: int | None = None) -> MambaState:
+  def _init_state(self, batch_size: int, max_len: int | None) -> MambaState:
     """Zero state for `step`.
 
     With memory caching the SSM state lives in `mc` (its online memory) and the
     cache holds enough segments for max_len tokens (default: max_segments of the
     option).
     """
-    batch_size = positive_int("Mamba", "batch_size", batch_size)
-    optional_positive_int("Mamba", "max_len", max_len)
     conv = jnp.zeros((batch_size, self.d_inner, self.d_conv - 1), jnp.float32)
-    if self.memory_caching is None:
+    if self.memory is None:
       return MambaState(conv, jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32))
-    mc_state = mcache.init_cache_state(
-        batch_size, self.d_inner, self.d_state, 1, gate_heads=1, gate_dim=self.d_state,
-        max_segments=cache_segments(self.memory_caching, max_len))
-    return MambaState(conv, None, mc_state)
+    return MambaState(conv, None, self.memory.init_state(
+        batch_size, self.d_inner, self.d_state, 1, key_heads=1, max_len=max_len))
 
-  def step(self, state: MambaState, x_t: jax.Array) -> tuple[MambaState, jax.Array]:
+  def _step(self, state: MambaState, x_t: jax.Array) -> tuple[MambaState, jax.Array]:
     """One token: x_t (b, d_model) -> (state, y_t (b, d_model))."""
-    self._check_x(x_t, 2, "x_t")
-    b = x_t.shape[0]
-    expected = {"conv": (b, self.d_inner, self.d_conv - 1)}
-    if self.memory_caching is None:
-      expected["ssm"] = (b, self.d_inner, self.d_state)
-    else:
-      expected["mc"] = None
-    check_state(state, MambaState, expected, "Mamba.step")
     f32 = jnp.float32
     xz = self.in_proj(x_t)
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
@@ -234,27 +192,19 @@ class Mamba(nnx.Module):
     delta, B, C = self._ssm_inputs(xc)
     dt = jax.nn.softplus(delta + self.dt_proj.bias[...])                      # (b, d)
     A = -jnp.exp(self.A_log[...])
-    if self.memory_caching is None:
+    if self.memory is None:
       h = jnp.exp(dt[..., None] * A) * state.ssm + (dt * xc)[..., None] * B[:, None, :]
       y = jnp.sum(h * C[:, None, :], axis=-1)
       new_state = MambaState(conv, h)
     else:
-      gate_u = self._gate_u(x_t)
-      mc_state, y = mcache.cached_memory_step(
-          state.mc, C[:, None], B[:, None], (dt * xc)[..., None], dt[..., None] * A,
-          gate_u_t=gate_u,
-          **self.memory_caching.read_kwargs())
+      mc_state, y = self.memory.step(state.mc, x_t, C[:, None], B[:, None],
+                                     (dt * xc)[..., None], dt[..., None] * A)
       y = y[..., 0]
       new_state = MambaState(conv, None, mc_state)
     y = (y + self.D[...] * xc) * jax.nn.silu(z.astype(f32))
     return new_state, self.out_proj(y).astype(x_t.dtype)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 16, d_conv: int = 4,
-               expand: int = 2, dt_rank: int | None = None, dt_min: float = 1e-3,
-               dt_max: float = 1e-1, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               memory_caching: dict | None = None, impl: str = "auto") -> Mamba:
-  """Registry factory for kind "mamba"."""
-  return Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
-               dt_min=dt_min, dt_max=dt_max, chunk_size=chunk_size,
-               memory_caching=memory_caching, impl=impl, rngs=rngs)
+# Registry factory for kind "mamba": the class itself, so its options and defaults are
+# written once (models.registry reads them off the signature).
+make_mixer = Mamba

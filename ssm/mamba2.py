@@ -33,18 +33,17 @@ pass d_state=128, chunk_size=256 for the paper's layer.
 """
 
 import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ssm import memory_caching as mcache
-from ssm._checks import check_float, optional_positive_int, positive_int
-from ssm.mamba import (cache_segments, causal_depthwise_conv, check_state, conv_init, conv_step,
-                       dt_bias_init)
+from ssm._checks import positive_int
+from ssm.mamba import MambaState, causal_depthwise_conv, conv_init, conv_step, dt_bias_init
+from ssm.mixer import Mixer, cached_memory
 from ssm.ops import ssd
-from ssm.ops._impl import IMPLS
+from ssm.ops._impl import check_impl
 from ssm.ops.ssd import ssd_path, ssd_step
 from ssm.params import NoDecayParam
 
@@ -100,18 +99,19 @@ def gated_rms_norm(y, z, weight, groups, eps=RMS_EPS):
 
 # -- the layer ------------------------------------------------------------------------
 
-class Mamba2State(NamedTuple):
-  """Recurrent state of `Mamba2`: conv (b, d_inner + 2 G N, d_conv - 1), ssm (b, H, P, N).
-
-  With memory caching, ssm is None and mc holds the `MemoryCacheState`.
-  """
-  conv: jax.Array
-  ssm: jax.Array | None
-  mc: Any = None
+class Mamba2State(MambaState):
+  """Recurrent state of `Mamba2` (MambaState's fields): conv (b, d_inner + 2 G N,
+  d_conv - 1), ssm (b, H, P, N); with memory caching, ssm is None and mc holds the
+  `MemoryCacheState`."""
+  __slots__ = ()
 
 
-class Mamba2(nnx.Module):
-  """The Mamba-2 mixer: (b, l, d_model) -> (b, l, d_model). See the module docstring."""
+class Mamba2(Mixer):
+  """The Mamba-2 mixer: (b, l, d_model) -> (b, l, d_model). See the module docstring; the
+  call, state and step contract is `ssm.mixer.Mixer`'s."""
+
+  name = "Mamba2"
+  takes_segments = True
 
   def __init__(self, d_model: int, *, d_state: int = 64, headdim: int = 64, expand: int = 2,
                ngroups: int = 1, d_conv: int = 4, chunk_size: int = 64,
@@ -131,9 +131,8 @@ class Mamba2(nnx.Module):
     lo, hi = A_init_range
     if not 0 < lo <= hi:
       raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
-    if impl not in IMPLS:
-      raise ValueError(f"Mamba2: impl must be one of {IMPLS}, got {impl!r}")
-    self.memory_caching = mcache.memory_caching_config(memory_caching)
+    check_impl("Mamba2", impl)
+    memory_caching = mcache.memory_caching_config(memory_caching)  # fails before any parameter
     self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, d_inner, d_state, d_conv
     self.headdim, self.nheads, self.ngroups = headdim, nheads, ngroups
     self.chunk_size, self.impl = chunk_size, impl
@@ -149,8 +148,9 @@ class Mamba2(nnx.Module):
     self.D = NoDecayParam(jnp.ones((nheads,), jnp.float32))
     self.norm_w = nnx.Param(jnp.ones((d_inner,), jnp.float32))
     self.out_proj = nnx.Linear(d_inner, d_model, use_bias=False, rngs=rngs)
-    gated = self.memory_caching is not None and self.memory_caching.gated
-    self.mc_gate = nnx.Linear(d_model, d_state, use_bias=False, rngs=rngs) if gated else None
+    # Memory caching: one gate token of N per position, scored against the B_t (the keys).
+    self.memory = cached_memory(memory_caching, d_model, gate_heads=1, gate_dim=d_state,
+                                rngs=rngs)
 
   # -- shared pieces -------------------------------------------------------------------
   def _split_in(self, zxbcdt):
@@ -171,32 +171,21 @@ class Mamba2(nnx.Module):
     y = gated_rms_norm(y, z.astype(y.dtype), self.norm_w[...], self.ngroups)
     return self.out_proj(y).astype(dtype)
 
-  def _check_x(self, x, ndim, what):
-    check_float("Mamba2", **{what: x})
-    if x.ndim != ndim or x.shape[-1] != self.d_model:
-      raise ValueError(f"Mamba2: {what} must have {ndim} dims ending in d_model={self.d_model}, "
-                       f"got {x.shape}")
-    if ndim == 3 and x.shape[1] < 1:
-      raise ValueError(f"Mamba2: empty sequence ({what} {x.shape})")
-
   # -- parallel mode ---------------------------------------------------------------------
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x (b, l, d_model) -> (b, l, d_model).
+  def forward(self, x, *, mask, deterministic, segment_ids):
+    """x (b, l, d_model) -> (b, l, d_model). No dropout; padded rows are zero already.
 
     segment_ids (b, l) int: packed documents; the SSM state restarts where the id
     changes (the depthwise convolution still sees the previous document's last
     d_conv - 1 tokens, as in the reference's packed training).
     """
-    self._check_x(x, 3, "x")
-    if segment_ids is not None and self.memory_caching is not None:
-      raise ValueError("Mamba2: segment_ids (packed documents) are not supported with "
-                       "memory_caching")
+    del mask, deterministic
     f32 = jnp.float32
     z, xbc, dt = self._split_in(self.in_proj(x))
     xbc = jax.nn.silu(causal_depthwise_conv(xbc, self.conv_w[...], self.conv_b[...]))
     xs, B, C = (v.astype(f32) for v in self._split_xbc(xbc))
     A = -jnp.exp(self.A_log[...])
-    if self.memory_caching is None:
+    if self.memory is None:
       y = ssd(xs, dt.astype(f32), A, B, C, D=self.D[...], segment_ids=segment_ids,
               dt_bias=self.dt_bias[...], dt_softplus=True, chunk_size=self.chunk_size,
               impl=self.impl)
@@ -210,67 +199,47 @@ class Mamba2(nnx.Module):
     r = self.nheads // self.ngroups
     return tuple(jnp.repeat(v, r, axis=-2) if self.ngroups > 1 else v for v in (C, B))
 
-  def _gate_u(self, u):
-    """The learned gate token u_t (..., 1, N), or None (ungated variants)."""
-    return None if self.mc_gate is None else self.mc_gate(u).astype(jnp.float32)[..., None, :]
-
   def _cached_read(self, u, x, dt, A, B, C):
     """SSD as a linear memory (heads = H, dk = N, dv = P) read through memory caching;
     on the kernel path the online read and the segment states come from `ssm.ops.ssd`
     (`ssd_segment_reads`), else from memory caching's own chunked recurrence."""
     q, k = self._qk(C, B)
-    online = None
+    online, config = None, self.memory.config
     if ssd_path(self.impl, x, B, C) == "pallas":
-      online = ssd_segment_reads(x, dt, A, B, C, segment_size=self.memory_caching.segment_size,
-                                 state_init=self.memory_caching.state_init, impl=self.impl)
-    return mcache.cached_memory_read(q, k, dt[..., None] * x, dt * A, gate_u=self._gate_u(u),
-                                     chunk_size=self.chunk_size, online=online,
-                                     **self.memory_caching.read_kwargs())
+      online = ssd_segment_reads(x, dt, A, B, C, segment_size=config.segment_size,
+                                 state_init=config.state_init, impl=self.impl)
+    return self.memory.read(u, q, k, dt[..., None] * x, dt * A, chunk_size=self.chunk_size,
+                            online=online)
 
   # -- recurrent mode ----------------------------------------------------------------------
-  def init_state(self, batch_size: int, *, max_len: int | None = None) -> Mamba2State:
+  def _init_state(self, batch_size: int, max_len: int | None) -> Mamba2State:
     """Zero state for `step`.
 
     With memory caching the SSM state lives in `mc` (its online memory, (b, H, N, P))
     and the cache holds enough segments for max_len tokens (default: max_segments).
     """
-    positive_int("Mamba2.init_state", "batch_size", batch_size)
-    optional_positive_int("Mamba2.init_state", "max_len", max_len)
     conv = jnp.zeros((batch_size, self.conv_dim, self.d_conv - 1), jnp.float32)
-    if self.memory_caching is None:
+    if self.memory is None:
       ssm = jnp.zeros((batch_size, self.nheads, self.headdim, self.d_state), jnp.float32)
       return Mamba2State(conv, ssm)
-    mc_state = mcache.init_cache_state(
+    return Mamba2State(conv, None, self.memory.init_state(
         batch_size, self.nheads, self.d_state, self.headdim,
-        gate_heads=1 if self.ngroups == 1 else self.nheads, gate_dim=self.d_state,
-        max_segments=cache_segments(self.memory_caching, max_len))
-    return Mamba2State(conv, None, mc_state)
+        key_heads=1 if self.ngroups == 1 else self.nheads, max_len=max_len))
 
-  def step(self, state: Mamba2State, x_t: jax.Array) -> tuple[Mamba2State, jax.Array]:
+  def _step(self, state: Mamba2State, x_t: jax.Array) -> tuple[Mamba2State, jax.Array]:
     """One token: x_t (b, d_model) -> (state, y_t (b, d_model))."""
-    self._check_x(x_t, 2, "x_t")
-    b = x_t.shape[0]
-    expected = {"conv": (b, self.conv_dim, self.d_conv - 1)}
-    if self.memory_caching is None:
-      expected["ssm"] = (b, self.nheads, self.headdim, self.d_state)
-    else:
-      expected["mc"] = None
-    check_state(state, Mamba2State, expected, "Mamba2.step")
     f32 = jnp.float32
     z, xbc, dt = self._split_in(self.in_proj(x_t))
     conv, xbc = conv_step(state.conv, xbc.astype(f32), self.conv_w[...], self.conv_b[...])
     x, B, C = self._split_xbc(jax.nn.silu(xbc))
     dt = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...])
     A = -jnp.exp(self.A_log[...])
-    if self.memory_caching is None:
+    if self.memory is None:
       ssm, y = ssd_step(state.ssm, x, dt, A, B, C)
       new_state = Mamba2State(conv, ssm)
     else:
       q, k = self._qk(C, B)
-      gate_u = self._gate_u(x_t)
-      mc_state, y = mcache.cached_memory_step(
-          state.mc, q, k, dt[..., None] * x, dt * A, gate_u_t=gate_u,
-          **self.memory_caching.read_kwargs())
+      mc_state, y = self.memory.step(state.mc, x_t, q, k, dt[..., None] * x, dt * A)
       new_state = Mamba2State(conv, None, mc_state)
     return new_state, self._tail(y + self.D[...][:, None] * x, z, x_t.dtype)
 

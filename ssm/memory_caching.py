@@ -72,7 +72,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssm.ops.lightning_attention import scan_states
+from ssm.ops._dtypes import compute_dtype
+from ssm.ops.linear_scan import assoc_scan
+from ssm.ops.ssd import segsum
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
 STATE_INITS = ("checkpoint", "restart")
@@ -112,6 +114,13 @@ class MemoryCachingConfig:
   def gated(self) -> bool:
     """Whether the variant needs gate tokens u_t (all but "residual")."""
     return self.variant != "residual"
+
+  def capacity(self, max_len: int | None = None) -> int:
+    """Cached-memory slots of the step state: enough for max_len tokens when given (the
+    segments before the last one), else max_segments."""
+    if max_len is None:
+      return self.max_segments
+    return max(1, -(-max_len // self.segment_size) - 1)
 
   def read_kwargs(self) -> dict[str, Any]:
     """The keyword arguments of `cached_memory_read` / `cached_memory_step`."""
@@ -207,23 +216,6 @@ def _check_read_args(q, k, v, log_a, gate_u, gate_keys, fn="cached_memory_read")
 
 # -- the online recurrence (parallel over chunks) ---------------------------------
 
-def _segsum(x):
-  """x (..., c) -> (..., c, c): out[t, s] = sum_{s < m <= t} x[m] for t >= s, -inf above.
-
-  A cumulative sum of masked copies, never a difference of cumsums (stable).
-  """
-  c = x.shape[-1]
-  xx = jnp.broadcast_to(x[..., :, None], x.shape + (c,))   # [m, s] = x[m]
-  strict = jnp.tril(jnp.ones((c, c), bool), -1)            # m > s
-  cs = jnp.cumsum(jnp.where(strict, xx, 0.0), axis=-2)      # [t, s] = sum_{s<m<=t}
-  return jnp.where(jnp.tril(jnp.ones((c, c), bool)), cs, -jnp.inf)
-
-
-def _acc_dtype(*xs):
-  """float32, or float64 when an input is (tests under jax.experimental.enable_x64)."""
-  return jnp.result_type(jnp.float32, *[x.dtype for x in xs])
-
-
 def _bcast_heads(x, h):
   return jnp.broadcast_to(x, x.shape[:2] + (h,) + x.shape[3:])
 
@@ -245,7 +237,7 @@ def _online_scalar(q, k, v, log_a, reset, c):
     la = jnp.zeros((1, nc, h, c), v.dtype)
   else:
     la = jnp.moveaxis(chunks(_bcast_heads(log_a[..., None], h)[..., 0]), 2, 3)  # (b,nc,h,c)
-  seg = _segsum(la)                                           # (b?, nc, h, c, c)
+  seg = segsum(la)                                            # (b?, nc, h, c, c)
   cum = jnp.cumsum(la, axis=-1)                               # (b?, nc, h, c) inclusive
   scores = jnp.einsum("bnthk,bnshk->bnhts", qc, kc) * jnp.exp(seg)
   y_intra = jnp.einsum("bnhts,bnshv->bnthv", scores, vc)
@@ -254,7 +246,7 @@ def _online_scalar(q, k, v, log_a, reset, c):
   x_chunk = jnp.einsum("bnhs,bnshk,bnshv->bnhkv", to_end, kc, vc)
   keep = 1.0 - reset.astype(v.dtype)[None, :, None]
   a_chunk = jnp.exp(cum[..., -1]) * keep                      # (b?, nc, h)
-  states = scan_states(a_chunk[..., None, None], x_chunk)    # after each chunk
+  states = assoc_scan(a_chunk[..., None, None], x_chunk)    # after each chunk
   before = jnp.concatenate([jnp.zeros_like(states[:, :1]), states[:, :-1]], axis=1)
   before = before * keep[..., None, None]
   q_decay = qc * jnp.exp(jnp.moveaxis(cum, 2, 3))[..., None]  # (b, nc, c, h, dk)
@@ -271,7 +263,7 @@ def _online_per_key(q, k, v, log_a, reset):
   h = v.shape[2]
   a = jnp.exp(_bcast_heads(log_a, h)) * (1.0 - reset.astype(v.dtype))[None, :, None, None]
   x = _bcast_heads(k, h)[..., :, None] * v[..., None, :]
-  states = scan_states(a[..., None], x)
+  states = assoc_scan(a[..., None], x)
   y = jnp.einsum("blhk,blhkv->blhv", _bcast_heads(q, h), states)
   return y, states
 
@@ -332,7 +324,7 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
   if not _is_int(chunk_size) or chunk_size < 1:
     raise ValueError(f"cached_memory_read: chunk_size must be an int >= 1, got {chunk_size!r}")
   out_dtype = q.dtype
-  acc = _acc_dtype(q, k, v)
+  acc = compute_dtype(q, k, v)
   f32 = lambda x: None if x is None else x.astype(acc)
   q, k, v, log_a = f32(q), f32(k), _bcast_heads(f32(v), h), f32(log_a)
   gu = q if gate_u is None else f32(gate_u)
@@ -486,7 +478,7 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
       raise ValueError(f"cached_memory_step: {name} must have shape {w} (head axis 1 or "
                        f"{w[1]}) to match the state, got {x.shape}")
   out_dtype = q_t.dtype
-  acc = _acc_dtype(state.online, q_t, k_t, v_t)
+  acc = compute_dtype(state.online, q_t, k_t, v_t)
   f32 = lambda x: x.astype(acc)
   q, k, v, gu, gk = f32(q_t), f32(k_t), f32(v_t), f32(gu), f32(gk)
 

@@ -41,8 +41,8 @@ Recurrent mode: x_t = Ab x_{t-1} + Bb u_t, y_t = 2 Re(C x_t) on the half state
 inner products over the full state are 2 Re of the half ones. C is recovered from
 C~ by solving (I - Ab^L)^T C^T = C~^T with the dense (N x N) Ab (`step_params`,
 O(H N^3 log L)). `init_state` does that set-up once and the state (`S4State`) carries
-it, as the repo's _setup_step does (XLA does not hoist it out of a scan over steps:
-per step it would cost ~80x more on an H100).
+it, as the repo's _setup_step does (XLA does not hoist it out of a scan over steps,
+so per step it would dominate the step's cost: results/README.md).
 
 Parameters (complex ones as float32 (..., 2) real/imaginary pairs, so that
 optimizers, checkpoints and shardings see real arrays and real gradients):
@@ -69,7 +69,7 @@ from flax import nnx
 from ssm import hippo
 from ssm.discretize import full_precision, gbt_dense
 from ssm.lssl import check_dt_range
-from ssm.lti_mixer import LTIMixer
+from ssm.lti_mixer import lti_factory
 from ssm.params import SSMParam
 
 _RE_FLOOR = 1e-4  # smallest -Re Lambda at init (the repo clamps the same way)
@@ -337,18 +337,11 @@ class S4Kernel(nnx.Module):
     return S4State(x, state.params), y.astype(jnp.float32)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 64, channels: int = 1,
-               bidirectional: bool = False, l_max: int = 1024, activation: str = "gelu",
-               postact: str = "glu", dropout: float = 0.0, impl: str = "auto",
-               measure: str = "legs", rank: int = 1, dt_min: float = 1e-3,
-               dt_max: float = 1e-1) -> LTIMixer:
-  """An S4 layer: S4Kernel inside LTIMixer (GELU, then Linear to 2h and GLU, as S4).
+# Registry factory: the kernel's and LTIMixer's options, their defaults written once in
+# the two classes (`ssm.lti_mixer.lti_factory`).
+make_mixer = lti_factory(
+    S4Kernel,
+    """An S4 layer: S4Kernel inside LTIMixer (GELU, then Linear to 2h and GLU, as S4).
 
-  With bidirectional=True the kernel gets 2*channels C~ maps (forward half, backward
-  half) sharing Lambda, P, B and dt, as the repo does.
-  """
-  kernel = S4Kernel(d_model, d_state=d_state, channels=2 * channels if bidirectional else channels,
-                    l_max=l_max, measure=measure, rank=rank, dt_min=dt_min, dt_max=dt_max,
-                    rngs=rngs)
-  return LTIMixer(kernel, bidirectional=bidirectional, activation=activation, postact=postact,
-                  dropout=dropout, impl=impl, rngs=rngs)
+    With bidirectional=True the kernel gets 2*channels C~ maps (forward half, backward half)
+    sharing Lambda, P, B and dt, as the repo does.""")

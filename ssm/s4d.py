@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssm.lti_mixer import LTIMixer, check_mixer_options
+from ssm.discretize import discretize
+from ssm.lti_mixer import lti_factory
 from ssm.params import SSMParam
 
 INITS = ("legs", "lin", "inv", "real")
@@ -105,7 +106,8 @@ def diag_eigenvalues(a_re, a_im, real_transform: str = "exp"):
 
 
 def discretize_diag(dt_h, a_hn, b_hn, disc: str = "zoh"):
-  """Discretise a diagonal SSM with one step size per feature.
+  """Discretise a diagonal SSM with one step size per feature (`ssm.discretize`'s
+  `zoh_diag` / `bilinear_diag`), plus log Ab for the Vandermonde kernel.
 
   ZOH:      Ab = exp(dt A),                Bb = (exp(dt A) - 1) / A * B  (by expm1: exact
             for small dt A, where exp(dt A) - 1 would cancel)
@@ -119,14 +121,10 @@ def discretize_diag(dt_h, a_hn, b_hn, disc: str = "zoh"):
     ab_hn, bb_hn: (h, n) complex; log_ab_hn: (h, n) complex with exp(log_ab) = Ab
     (exactly dt A for ZOH, so Ab^l = exp(l dt A) keeps full precision).
   """
-  dta = dt_h[:, None] * a_hn
-  if disc == "zoh":
-    return jnp.exp(dta), jnp.expm1(dta) / a_hn * b_hn, dta
-  if disc == "bilinear":
-    inv_back = 1 / (1 - dta / 2)
-    ab = (1 + dta / 2) * inv_back
-    return ab, dt_h[:, None] * inv_back * b_hn, jnp.log(ab)
-  raise ValueError(f"S4D: disc must be one of {DISCS}, got {disc!r}")
+  if disc not in DISCS:
+    raise ValueError(f"S4D: disc must be one of {DISCS}, got {disc!r}")
+  ab, bb = discretize(a_hn, b_hn, dt_h[:, None], disc, diagonal=True)
+  return ab, bb, (dt_h[:, None] * a_hn if disc == "zoh" else jnp.log(ab))
 
 
 def vandermonde_kernel(c_chn, bb_hn, log_ab_hn, seq_len: int):
@@ -262,19 +260,11 @@ class S4DKernel(nnx.Module):
     return state, y.astype(jnp.float32)
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, d_state: int = 64, channels: int = 1,
-               bidirectional: bool = False, init: str = "legs", disc: str = "zoh",
-               real_transform: str = "exp", dt_min: float = 1e-3, dt_max: float = 1e-1,
-               activation: str = "gelu", postact: str = "glu", dropout: float = 0.0,
-               impl: str = "auto") -> LTIMixer:
-  """An S4D layer: S4DKernel inside LTIMixer (conv + D u, activation, dropout, GLU).
+# Registry factory: the kernel's and LTIMixer's options, their defaults written once in
+# the two classes (`ssm.lti_mixer.lti_factory`).
+make_mixer = lti_factory(
+    S4DKernel,
+    """An S4D layer: S4DKernel inside LTIMixer (conv + D u, activation, dropout, GLU).
 
-  With bidirectional=True the kernel has 2 * channels output maps sharing A, B, dt
-  (the last `channels` run backwards in time) and the layer has no step mode.
-  """
-  check_mixer_options(activation, postact, impl, d_model)
-  kernel = S4DKernel(d_model, d_state=d_state, channels=channels * (2 if bidirectional else 1),
-                     init=init, disc=disc, real_transform=real_transform, dt_min=dt_min,
-                     dt_max=dt_max, rngs=rngs)
-  return LTIMixer(kernel, bidirectional=bidirectional, activation=activation, postact=postact,
-                  dropout=dropout, impl=impl, rngs=rngs)
+    With bidirectional=True the kernel has 2 * channels output maps sharing A, B, dt (the last
+    `channels` run backwards in time) and the layer has no step mode.""")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssm.lti_mixer import LTIMixer, check_mixer_options
+from ssm.lti_mixer import lti_factory
 from ssm.params import SSMParam
 
 
@@ -118,13 +118,13 @@ class SGConvKernel(nnx.Module):
 
   Args:
     d_model: h.
-    l_max: the kernel length; sequences may be at most this long.
+    l_max: the kernel length; sequences may be at most this long (default 1024, as S4's).
     channels: c, kernels per feature.
     kernel_dim: d, the length of each scale's sub-kernel (64 in the paper).
     decay: scale i is weighted by alpha^i, alpha = 1/decay (2 in the paper).
   """
 
-  def __init__(self, d_model: int, *, l_max: int, channels: int = 1, kernel_dim: int = 64,
+  def __init__(self, d_model: int, *, l_max: int = 1024, channels: int = 1, kernel_dim: int = 64,
                decay: float = 2.0, rngs: nnx.Rngs):
     for name, v in (("d_model", d_model), ("l_max", l_max), ("channels", channels),
                     ("kernel_dim", kernel_dim)):
@@ -175,17 +175,11 @@ class SGConvKernel(nnx.Module):
     return state, y
 
 
-def make_mixer(d_model: int, *, rngs: nnx.Rngs, l_max: int, channels: int = 1,
-               bidirectional: bool = False, kernel_dim: int = 64, decay: float = 2.0,
-               activation: str = "gelu", postact: str = "glu", dropout: float = 0.0,
-               impl: str = "auto") -> LTIMixer:
-  """An SGConv layer: SGConvKernel inside LTIMixer (conv + D u, activation, dropout, GLU).
+# Registry factory: the kernel's and LTIMixer's options, their defaults written once in
+# the two classes (`ssm.lti_mixer.lti_factory`).
+make_mixer = lti_factory(
+    SGConvKernel,
+    """An SGConv layer: SGConvKernel inside LTIMixer (conv + D u, activation, dropout, GLU).
 
-  With bidirectional=True the kernel has 2 * channels sub-kernel sets (the last
-  `channels` run backwards in time) and the layer has no step mode.
-  """
-  check_mixer_options(activation, postact, impl, d_model)
-  kernel = SGConvKernel(d_model, l_max=l_max, channels=channels * (2 if bidirectional else 1),
-                        kernel_dim=kernel_dim, decay=decay, rngs=rngs)
-  return LTIMixer(kernel, bidirectional=bidirectional, activation=activation, postact=postact,
-                  dropout=dropout, impl=impl, rngs=rngs)
+    With bidirectional=True the kernel has 2 * channels sub-kernel sets (the last `channels` run
+    backwards in time) and the layer has no step mode.""")

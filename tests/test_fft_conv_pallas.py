@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from ssm.ops import fft_conv
 from ssm.ops import fft_conv_pallas as fcp
+from _testing import rel
 
 
 def direct(u, k, gate=None, circular=False):
@@ -41,11 +42,6 @@ def direct_grads(u, k, w, gate=None, circular=False):
     du += k[:, s][None, None] * back
     dk[:, s] = np.sum(dy * shifted, axis=(0, 1))
   return du, dk, dgate
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def run(u, k, w, gate=None, circular=False):
@@ -189,14 +185,14 @@ def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch, seq_le
                                                              kernel):
   """On a Hopper GPU (simulated) fft_conv(impl="auto") calls the kernel at the FFT sizes of
   AUTO_FFT_SIZES and the XLA path elsewhere; off Hopper always XLA."""
-  from ssm.ops import _impl, _pallas
+  from ssm.ops import _impl
   calls = []
   monkeypatch.setattr(fcp, "fft_conv_pallas", lambda u, k, **kw: calls.append(kw) or u)
   u, k = jnp.ones((1, seq_len, 1)), jnp.ones((1, 8))
   fft_conv(u, k, impl="auto", circular=circular)
   assert calls == []                                        # the CPU is not Hopper
   monkeypatch.setattr(_impl, "on_gpu", lambda: True)
-  monkeypatch.setattr(_pallas, "on_hopper", lambda: True)
+  monkeypatch.setattr(_impl, "on_hopper", lambda: True)
   fft_conv(u, k, impl="auto", circular=circular)
   assert len(calls) == int(kernel)
   if kernel:
@@ -208,11 +204,11 @@ def test_lti_conv_auto_keeps_the_bank_on_hopper(monkeypatch):
   ssm/lti_mixer.py), even at the ListOps layer's size where fft_conv's "auto" would take
   the kernel; impl="pallas" calls it."""
   from ssm import lti_mixer
-  from ssm.ops import _impl, _pallas
+  from ssm.ops import _impl
   calls = []
   monkeypatch.setattr(fcp, "fft_conv_pallas", lambda u, k, **kw: calls.append(kw) or u)
   monkeypatch.setattr(_impl, "on_gpu", lambda: True)
-  monkeypatch.setattr(_pallas, "on_hopper", lambda: True)
+  monkeypatch.setattr(_impl, "on_hopper", lambda: True)
   x, kern = jnp.ones((1, 2000, 2)), jnp.ones((2, 2, 2000))
   y = lti_mixer.lti_conv(x, kern, bidirectional=True, impl="auto")
   assert calls == [] and y.shape == (1, 2000, 1, 2)

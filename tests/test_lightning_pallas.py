@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from ssm.ops import lightning_attention
 from ssm.ops.lightning_attention import lightning_attention_xla
+from _testing import rel
 
 attn = jax.jit(lightning_attention, static_argnames=("return_state", "chunk_size", "impl"))
 
@@ -29,12 +30,6 @@ def inputs(seed, b, l, h, dk, dv, dtype=jnp.float32):
   # measures the kernel's own rounding (of scores and states), not the inputs'.
   rnd = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(dtype)
   return rnd(q), rnd(k), rnd(v), jnp.asarray(log_decay, jnp.float32), jnp.asarray(h0, jnp.float32)
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert np.all(np.isfinite(a)), "non-finite values"
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def loss_fn(impl):
@@ -121,12 +116,14 @@ def test_sequence_segments_match_xla():
 
 def test_segment_count_fills_the_gpu():
   from ssm.ops.lightning_pallas import num_segments  # pylint: disable=import-outside-toplevel
-  assert num_segments(8, 4096, 16, 64) == 1      # 128 CTAs already
-  assert num_segments(4, 8192, 16, 64) == 1      # 64 CTAs: the pre-pass costs more
-  assert num_segments(2, 16384, 16, 64) == 4     # 32 CTAs -> 128
-  assert num_segments(1, 32768, 16, 64) == 8     # 16 CTAs -> 128
-  assert num_segments(1, 1000, 16, 64) == 1      # not whole blocks: no split
-  assert num_segments(1, 2048, 16, 64) == 2      # segments of at least 1024 tokens
+  sms = dict(num_sms=132)                        # an H100 SXM
+  assert num_segments(8, 4096, 16, 64, **sms) == 1      # 128 CTAs already
+  assert num_segments(4, 8192, 16, 64, **sms) == 1      # 64 CTAs: the pre-pass costs more
+  assert num_segments(2, 16384, 16, 64, **sms) == 4     # 32 CTAs -> 128
+  assert num_segments(1, 32768, 16, 64, **sms) == 8     # 16 CTAs -> 128
+  assert num_segments(1, 1000, 16, 64, **sms) == 1      # not whole blocks: no split
+  assert num_segments(1, 2048, 16, 64, **sms) == 2      # segments of at least 1024 tokens
+  assert num_segments(1, 32768, 16, 64, num_sms=0) == 1  # no GPU to fill: no split
 
 
 def test_segment_split_must_divide_the_length():

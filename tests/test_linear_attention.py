@@ -11,6 +11,7 @@ from flax import nnx
 
 from models import build_mixer, mixer_options
 from ssm.lightning import alibi_slopes, lightning_log_decay
+from _testing import run_parallel, run_steps
 
 D, H, L = 16, 2, 13
 
@@ -24,20 +25,6 @@ def _full_float32_matmuls():
 
 def x_input(seed=0, b=2, l=L, dtype=jnp.float32):
   return jnp.asarray(np.random.default_rng(seed).standard_normal((b, l, D)), dtype)
-
-
-@jax.jit
-def run_parallel(mixer, x):
-  return mixer(x)
-
-
-@jax.jit
-def run_steps(mixer, x):
-  """Feed x one token at a time through init_state/step (a scan over time)."""
-  def body(state, x_t):
-    return mixer.step(state, x_t)
-  _, ys = jax.lax.scan(body, mixer.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
-  return jnp.swapaxes(ys, 0, 1)
 
 
 def close(a, b, rtol=2e-5):
@@ -130,7 +117,7 @@ def test_one_segment_memory_caching_equals_base_mixer(kind):
   base = build_mixer(kind, D, rngs=nnx.Rngs(5), num_heads=H, chunk_size=4)
   cached = build_mixer(kind, D, rngs=nnx.Rngs(5), num_heads=H, chunk_size=4,
                        memory_caching=dict(segment_size=L))
-  assert cached.gate_proj is not None
+  assert cached.memory.gate is not None
   cached_params = nnx.state(cached, nnx.Param)
   nnx.update(cached, nnx.state(base, nnx.Param))  # same projections
   assert jax.tree.structure(cached_params) != jax.tree.structure(nnx.state(base, nnx.Param))

@@ -43,26 +43,54 @@ def random_inputs(rng, shape, complex_=False):
   return a, b, h0
 
 
-@pytest.mark.parametrize("seq_len,chunk_size,reverse,use_h0,complex_", [
-    (1, None, False, True, False),
-    (37, None, False, False, False),
-    (37, 8, False, True, False),     # length not a multiple of the chunk
-    (37, 8, True, True, False),
-    (32, 8, True, False, True),
-    (41, 16, False, True, True),
-    (16, 64, False, True, False),    # chunk longer than the sequence
-])
-def test_matches_sequential_loop(seq_len, chunk_size, reverse, use_h0, complex_):
-  rng = np.random.default_rng(seq_len)
-  a, b, h0 = random_inputs(rng, (2, seq_len, 3), complex_)
-  dtype = jnp.complex64 if complex_ else jnp.float32
-  h, last = linear_scan(jnp.asarray(a, dtype), jnp.asarray(b, dtype),
-                        jnp.asarray(h0, dtype) if use_h0 else None, reverse=reverse,
-                        chunk_size=chunk_size, return_state=True, impl="xla")
-  ref, ref_last = loop_scan(a, b, h0 if use_h0 else None, reverse)
-  assert h.dtype == dtype and last.dtype == dtype
-  np.testing.assert_allclose(np.asarray(h), ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(last), ref_last, rtol=1e-5, atol=1e-5)
+def pytest_generate_tests(metafunc):
+  """Each suite class runs its own table of cases (`CASES`)."""
+  if "case" in metafunc.fixturenames:
+    cases = metafunc.cls.CASES
+    metafunc.parametrize("case", cases, ids=[
+        f"L{c[0]}-chunk{c[1]}" + "-rev" * c[2] + "-h0" * c[3] + "-complex" * c[4] for c in cases])
+
+
+class TestXLA:
+  """The op against a float64 sequential loop, written once and run for each
+  implementation (the subclass flips IMPL): tolerances by dtype, features the kernel takes."""
+
+  IMPL = "xla"
+  FEATURES = 3
+  # (seq_len, chunk_size, reverse, use_h0, complex)
+  CASES = [
+      (1, None, False, True, False),
+      (37, None, False, False, False),
+      (37, 8, False, True, False),     # length not a multiple of the chunk
+      (37, 8, True, True, False),
+      (32, 8, True, False, True),
+      (41, 16, False, True, True),
+      (16, 64, False, True, False),    # chunk longer than the sequence
+  ]
+
+  def test_matches_sequential_loop(self, case):
+    seq_len, chunk_size, reverse, use_h0, complex_ = case
+    rng = np.random.default_rng(seq_len)
+    a, b, h0 = random_inputs(rng, (2, seq_len, self.FEATURES), complex_)
+    dtype = jnp.complex64 if complex_ else jnp.float32
+    h, last = linear_scan(jnp.asarray(a, dtype), jnp.asarray(b, dtype),
+                          jnp.asarray(h0, dtype) if use_h0 else None, reverse=reverse,
+                          chunk_size=chunk_size, return_state=True, impl=self.IMPL)
+    ref, ref_last = loop_scan(a, b, h0 if use_h0 else None, reverse)
+    assert h.dtype == dtype and last.dtype == dtype
+    np.testing.assert_allclose(np.asarray(h), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(last), ref_last, rtol=1e-5, atol=1e-5)
+
+
+class TestPallas(TestXLA):
+  """The same suite on the Mosaic GPU kernel (interpreted on the CPU; chunk_size does not
+  apply to it): 128 channels, one CTA, the cases that differ for it (one token, a ragged
+  tile reversed, complex planes)."""
+
+  IMPL = "pallas"
+  FEATURES = 128
+  CASES = [(1, None, False, True, False), (37, None, True, True, False),
+           (41, None, False, True, True)]
 
 
 def test_chunked_equals_unchunked():

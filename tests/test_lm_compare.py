@@ -4,7 +4,6 @@ One module-scoped run trains s4d (recurrent) and the transformer (KV cache) for 
 at size "tiny" and measures decoding at contexts 64 and 256; the tests read its outputs.
 """
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -15,11 +14,8 @@ import pytest
 from flax import nnx
 
 from data import lm
+from scripts import lm_compare
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lm_compare", REPO / "scripts" / "lm_compare.py")
-lm_compare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lm_compare)
 
 MODELS = ("s4d", "transformer")
 CONTEXTS = (64, 256)

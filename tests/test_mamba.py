@@ -11,16 +11,8 @@ from flax import nnx
 from models.registry import build_mixer
 from ssm.mamba import Mamba, MambaState, causal_depthwise_conv, conv_step
 from ssm.params import NoDecayParam
-from _mamba_testing import run_parallel, run_steps
+from _testing import perturbed, run_parallel, run_steps
 
-
-def perturbed(model, seed):
-  """Randomise every parameter (D = 1 and the structured inits would hide mistakes)."""
-  rng = np.random.default_rng(seed)
-  graphdef, params = nnx.split(model)
-  params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.standard_normal(p.shape), p.dtype),
-                        params)
-  return nnx.merge(graphdef, params)
 
 
 def paper_mamba(model, x):
@@ -87,7 +79,8 @@ def test_matches_paper_equations():
 def test_parallel_equals_step():
   m = perturbed(build_mixer("mamba", 8, rngs=nnx.Rngs(3), **CONFIG), 3)
   x = jax.random.normal(jax.random.key(4), X_SHAPE)
-  np.testing.assert_allclose(run_steps(m, x), run_parallel(m, x), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(run_steps(m, x, max_len=True), run_parallel(m, x),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_depthwise_conv_step_matches_parallel():
@@ -120,7 +113,7 @@ def test_memory_caching_parallel_equals_step_and_first_segment_is_mamba():
   nnx.update(m, nnx.state(plain))   # same weights; the gate projection stays random
   x = jax.random.normal(jax.random.key(9), X_SHAPE)
   y = run_parallel(m, x)
-  np.testing.assert_allclose(run_steps(m, x), y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(run_steps(m, x, max_len=True), y, rtol=1e-4, atol=1e-5)
   # Before the first cached segment only the online memory exists: plain Mamba.
   np.testing.assert_allclose(y[:, :4], run_parallel(plain, x)[:, :4], rtol=1e-5, atol=1e-6)
   assert np.abs(y[:, 4:] - run_parallel(plain, x)[:, 4:]).max() > 1e-4

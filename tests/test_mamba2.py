@@ -9,7 +9,7 @@ from flax import nnx
 from models.registry import build_mixer
 from ssm.mamba2 import Mamba2, gated_rms_norm
 from ssm.params import NoDecayParam
-from _mamba_testing import run_parallel, run_steps
+from _testing import perturbed, run_parallel, run_steps
 
 # One mixer configuration for most tests (shared compilations): 4 heads of 4, 2 groups.
 CONFIG = dict(d_state=4, headdim=4, ngroups=2, chunk_size=4)
@@ -39,18 +39,12 @@ def test_init_follows_the_reference():
   assert m.in_proj.kernel[...].shape == (8, 16 + 32 + 4)
 
 
-def perturbed(model, seed):
-  rng = np.random.default_rng(seed)
-  graphdef, params = nnx.split(model)
-  params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.standard_normal(p.shape), p.dtype),
-                        params)
-  return nnx.merge(graphdef, params)
-
 
 def test_parallel_equals_step():
   m = perturbed(build_mixer("mamba2", 8, rngs=nnx.Rngs(4), **CONFIG), 4)
   x = jax.random.normal(jax.random.key(5), X_SHAPE)   # 11 tokens: 3 chunks, the last padded
-  np.testing.assert_allclose(run_steps(m, x), run_parallel(m, x), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(run_steps(m, x, max_len=True), run_parallel(m, x),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_memory_caching_parallel_equals_step_and_first_segment_is_mamba2():
@@ -60,7 +54,7 @@ def test_memory_caching_parallel_equals_step_and_first_segment_is_mamba2():
   nnx.update(m, nnx.state(plain))
   x = jax.random.normal(jax.random.key(7), X_SHAPE)
   y = run_parallel(m, x)
-  np.testing.assert_allclose(run_steps(m, x), y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(run_steps(m, x, max_len=True), y, rtol=1e-4, atol=1e-5)
   y_plain = run_parallel(plain, x)
   np.testing.assert_allclose(y[:, :3], y_plain[:, :3], rtol=1e-5, atol=1e-6)
   assert np.abs(y[:, 3:] - y_plain[:, 3:]).max() > 1e-4

@@ -12,7 +12,8 @@ from data.task import TaskSpec
 from models.blocks import BatchNorm, LayerNorm, RMSNorm, ResidualBlock
 from models.generate import generate
 from models.heads import pool
-from models.registry import MIXERS, mixer_factory, mixer_options
+from models.registry import MIXERS, MixerSpec, mixer_factory, mixer_options
+from ssm.mixer import Mixer
 
 B, L, D, V = 2, 8, 8, 11
 C = V  # classes = vocabulary: heads share shapes, so fewer eager compilations
@@ -28,24 +29,27 @@ TASKS = {
 
 # -- a causal stand-in mixer with a step mode, registered for these tests only -----------
 
-class CausalConvMixer(nnx.Module):
-  """y[t] = tanh(sum_j w[j] x[t - j] + bias): a depthwise causal conv of width 3. Its
-  __call__ takes neither `deterministic` nor `mask` (blocks must cope)."""
+class CausalConvMixer(Mixer):
+  """y[t] = tanh(sum_j w[j] x[t - j] + bias): a depthwise causal conv of width 3, written
+  to the Mixer contract with nothing but its own math (the base does the checks)."""
+
+  name = "causal_conv_standin"
 
   def __init__(self, d_model, *, width, rngs):
+    self.d_model = d_model
     self.w = nnx.Param(jax.random.normal(rngs.params(), (width, d_model)) / width)
     self.bias = nnx.Param(0.1 * jax.random.normal(rngs.params(), (d_model,)))
 
-  def __call__(self, x):
+  def forward(self, x, *, mask, deterministic, segment_ids):
     l = x.shape[1]
     xp = jnp.pad(x, ((0, 0), (self.w.shape[0] - 1, 0), (0, 0)))
     y = sum(self.w[j] * xp[:, self.w.shape[0] - 1 - j:][:, :l] for j in range(self.w.shape[0]))
     return jnp.tanh(y + self.bias[...])
 
-  def init_state(self, batch_size):
+  def _init_state(self, batch_size, max_len):
     return jnp.zeros((batch_size, self.w.shape[0] - 1, self.w.shape[1]))  # past inputs
 
-  def step(self, state, x_t):
+  def _step(self, state, x_t):
     window = jnp.concatenate([state, x_t[:, None]], axis=1)  # oldest first
     y = jnp.einsum("bjh,jh->bh", window, self.w[...][::-1])
     return window[:, 1:], jnp.tanh(y + self.bias[...])
@@ -57,7 +61,7 @@ def make_conv_mixer(d_model, *, rngs, width=3):
 
 @pytest.fixture(autouse=True)
 def standin_registered(monkeypatch):
-  monkeypatch.setitem(MIXERS, STANDIN, f"{__name__}:make_conv_mixer")
+  monkeypatch.setitem(MIXERS, STANDIN, MixerSpec(f"{__name__}:make_conv_mixer"))
 
 
 def importable(kind):

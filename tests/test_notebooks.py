@@ -7,13 +7,14 @@ fails the test when a cell raises, which includes the asserts the notebooks make
 the agreements they show. They are also checked to be stored without outputs.
 """
 
-import importlib.util
 import os
 import pathlib
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from scripts import run_notebook
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -49,14 +50,6 @@ def test_notebook_runs(path, monkeypatch):
   assert not errors, errors
 
 
-def _load_runner():
-  spec = importlib.util.spec_from_file_location(
-      "run_notebook", NOTEBOOKS_DIR.parent / "scripts" / "run_notebook.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _notebook(path, *sources):
   nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title")]
                                 + [nbformat.v4.new_code_cell(s) for s in sources])
@@ -67,7 +60,7 @@ def _notebook(path, *sources):
 def test_plain_python_runner(tmp_path, capsys):
   """scripts/run_notebook.py (the GPU machines have no Jupyter): cells share one namespace
   and run from the notebook's folder, plt.show saves the figures, an error stops the run."""
-  runner = _load_runner()
+  runner = run_notebook
   good = _notebook(tmp_path / "good.ipynb",
                    "import os, matplotlib.pyplot as plt\nx = 3\nhere = os.getcwd()",
                    "plt.plot([0, x]); plt.show()\nplt.plot([1]); plt.figure(); plt.show()\n"

@@ -6,17 +6,12 @@ GPU, which rejects what the hardware cannot do (e.g. wgmma operands with differe
 swizzles, which broke every FFT size below 4096 until this test existed). Machine code is
 still produced only on a GPU. scripts/export_pallas_cuda.py runs the full list.
 """
-import importlib.util
-import pathlib
-
 import jax
 import pytest
 from jax import export
 
-_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "export_pallas_cuda.py"
-_spec = importlib.util.spec_from_file_location("export_pallas_cuda", _SCRIPT)
-export_pallas_cuda = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_pallas_cuda)
+from scripts import export_pallas_cuda
+
 
 # forward+backward of every size class (tile widths c = 16, 32, 64; order 3; bf16;
 # circular).

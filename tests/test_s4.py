@@ -10,6 +10,8 @@ from models.registry import build_mixer, mixer_factory, mixer_options
 from ssm import hippo, s4
 from ssm.lti_mixer import LTIMixer
 from ssm.params import SSMParam
+from _lti_testing import bidirectional_and_reference
+from _testing import assert_steps_match
 
 
 def bilinear_np(A, B, dt):
@@ -30,13 +32,6 @@ def random_dplr(rng, h, n, c, r):
   lam = -np.exp(rng.standard_normal((h, n))) - 1j * np.exp(rng.standard_normal((h, n)))
   dt = np.exp(rng.uniform(np.log(1e-2), np.log(0.5), h))
   return lam, cn(r, h, n), cn(h, n), cn(c, h, n), dt
-
-
-def direct_conv(x, k):
-  """Causal convolution as a sum of shifted copies: x (b, l, h), k (c, h, l) -> (b, l, c, h)."""
-  l = x.shape[1]
-  shifted = lambda s: jnp.pad(x, ((0, 0), (s, 0), (0, 0)))[:, :l, None, :]
-  return sum(k[None, None, :, :, s] * shifted(s) for s in range(l))
 
 
 def test_kernel_and_step_match_the_dense_system(rank=2, L=15):
@@ -100,42 +95,18 @@ def test_module_parameters_and_truncation():
   assert np.abs(K32).max() > 0
 
 
-def run_parallel_and_recurrent(mixer, x):
-  graphdef, state = nnx.split(mixer)
-
-  @jax.jit
-  def run(state, x):
-    m = nnx.merge(graphdef, state)
-    _, ys = jax.lax.scan(m.step, m.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
-    return m(x), jnp.swapaxes(ys, 0, 1)
-
-  return run(state, x)
-
-
 def test_parallel_equals_recurrent():
   mixer = s4.make_mixer(3, rngs=nnx.Rngs(1), d_state=8, channels=2, l_max=32, dt_min=0.01,
                         dt_max=0.3)
   assert isinstance(mixer, LTIMixer)
   x = jax.random.normal(jax.random.key(2), (2, 24, 3))
-  y, y_rec = run_parallel_and_recurrent(mixer, x)
-  assert y.shape == y_rec.shape == (2, 24, 3)
-  err = float(jnp.abs(y - y_rec).max() / jnp.abs(y).max())
-  assert err < 1e-4, err
+  assert_steps_match(mixer, x, tol=1e-4)
 
 
 def test_bidirectional_is_sum_of_two_directions():
   mixer = s4.make_mixer(3, rngs=nnx.Rngs(3), d_state=4, channels=2, bidirectional=True, l_max=16)
   assert mixer.kernel.channels == 4
-  graphdef, state = nnx.split(mixer)
-
-  @jax.jit
-  def run(state, x):
-    m = nnx.merge(graphdef, state)
-    k = m.kernel(x.shape[1])
-    conv = direct_conv(x, k[:2]) + direct_conv(x[:, ::-1], k[2:])[:, ::-1]
-    return m(x), m._tail(conv, x, True)
-
-  y, ref = run(state, jax.random.normal(jax.random.key(4), (2, 10, 3)))
+  y, ref = bidirectional_and_reference(mixer, jax.random.normal(jax.random.key(4), (2, 10, 3)))
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
 
 

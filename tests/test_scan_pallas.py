@@ -1,5 +1,5 @@
-"""The Pallas scan kernels (ssm/ops/scan_pallas.py) against the XLA paths, in Mosaic GPU
-interpret mode on the CPU: outputs, final states and every gradient, odd lengths
+"""The Pallas scan kernels (ssm/ops/linear_scan_pallas.py, selective_scan_pallas.py) against
+the XLA paths, in Mosaic GPU interpret mode on the CPU: outputs, final states and every gradient, odd lengths
 (not multiples of the 32-token tile, and more tiles than prefetch stages), h0,
 reverse, complex, groups, with and without softplus / z / D.
 
@@ -14,23 +14,8 @@ import numpy as np
 import pytest
 
 from ssm.ops import linear_scan, selective_scan
-from ssm.ops import scan_pallas as sp
-
-
-def rel(x, y):
-  x, y = np.asarray(x, np.complex128), np.asarray(y, np.complex128)
-  return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
-
-
-def _grads(fn, args, cts, jit=False):
-  """Gradients of sum(out_i * ct_i) (real part) w.r.t. every argument. jit=True for the
-  XLA references (one compilation instead of hundreds of eager ops); the interpreted
-  kernels run faster eagerly than compiled as one large program."""
-  def loss(*a):
-    outs = fn(*a)
-    return sum(jnp.real(jnp.sum(o * c)) for o, c in zip(outs, cts))
-  grad = jax.grad(loss, argnums=tuple(range(len(args))))
-  return (jax.jit(grad) if jit else grad)(*args)
+from ssm.ops import linear_scan_pallas, selective_scan_pallas
+from _testing import grads, rel
 
 
 def _lin_inputs(rng, shape, complex_=False):
@@ -61,7 +46,7 @@ def test_linear_scan_kernel_matches_xla(seq_len, reverse, complex_):
   g = rng.standard_normal(h.shape) + (1j * rng.standard_normal(h.shape) if complex_ else 0)
   g_last = rng.standard_normal(last.shape)
   cts = (jnp.asarray(g, h.dtype), jnp.asarray(g_last, last.dtype))
-  for d, d_ref in zip(_grads(kern, (a, b, h0), cts), _grads(ref, (a, b, h0), cts, jit=True)):
+  for d, d_ref in zip(grads(kern, (a, b, h0), cts), grads(ref, (a, b, h0), cts, jit=True)):
     assert d.dtype == d_ref.dtype
     assert rel(d, d_ref) < 1e-6
 
@@ -70,7 +55,7 @@ def test_linear_scan_kernel_bf16_inputs_accumulate_in_f32():
   rng = np.random.default_rng(3)
   a, b, _ = _lin_inputs(rng, (1, 70, 128))
   a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  h, last = sp.linear_scan_pallas(a, b, interpret=True)
+  h, last = linear_scan_pallas.linear_scan_pallas(a, b, interpret=True)
   assert h.dtype == jnp.bfloat16 and last.dtype == jnp.float32
   # Same bf16 inputs through the float32 XLA path: only the output rounding differs.
   h_ref, last_ref = linear_scan(a.astype(jnp.float32), b.astype(jnp.float32), return_state=True,
@@ -97,7 +82,7 @@ def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
     def fn(*args):
       kw = dict(zip(names, args))
       if impl == "pallas" and bwd_segments:
-        return sp.selective_scan_pallas(
+        return selective_scan_pallas.selective_scan_pallas(
             kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), kw.pop("D"),
             delta_softplus=softplus, interpret=True, bwd_segments=bwd_segments, **kw)
       return selective_scan(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
@@ -112,9 +97,9 @@ def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
   rng = np.random.default_rng(11)
   cts = (jnp.asarray(rng.standard_normal(y.shape), jnp.float32),
          jnp.asarray(rng.standard_normal(last.shape), jnp.float32))
-  grads = _grads(run("pallas"), args, cts)
-  grads_ref = _grads(run("xla"), args, cts, jit=True)
-  for name, d, d_ref in zip(names, grads, grads_ref):
+  got = grads(run("pallas"), args, cts)
+  want = grads(run("xla"), args, cts, jit=True)
+  for name, d, d_ref in zip(names, got, want):
     assert d.shape == d_ref.shape, name
     assert rel(d, d_ref) < 1e-5, (name, rel(d, d_ref))
 
@@ -143,7 +128,7 @@ def test_selective_scan_kernel_groups_n16_no_softplus():
 def test_selective_scan_kernel_bf16():
   x = _ss_inputs(np.random.default_rng(8), 1, 33, 128, 8, 1)
   xb = {k: (v.astype(jnp.bfloat16) if k in ("u", "delta", "z") else v) for k, v in x.items()}
-  y, last = sp.selective_scan_pallas(xb["u"], xb["delta"], xb["A"], xb["B"], xb["C"], xb["D"],
+  y, last = selective_scan_pallas.selective_scan_pallas(xb["u"], xb["delta"], xb["A"], xb["B"], xb["C"], xb["D"],
                                      z=xb["z"], delta_bias=xb["delta_bias"], delta_softplus=True,
                                      h0=xb["h0"], interpret=True)
   assert y.dtype == jnp.bfloat16 and last.dtype == jnp.float32
@@ -166,7 +151,7 @@ def test_selective_scan_kernel_rejects_unsupported_shapes(kw, match):
   x = _ss_inputs(np.random.default_rng(0), 1, 8, dim, n, groups)
   with pytest.raises(ValueError, match=match):
     if "bwd_segments" in kw:  # two backward tiles of 16 tokens cannot be split in three
-      sp.selective_scan_pallas(x["u"], x["delta"], x["A"], x["B"], x["C"], interpret=True,
+      selective_scan_pallas.selective_scan_pallas(x["u"], x["delta"], x["A"], x["B"], x["C"], interpret=True,
                                bwd_segments=kw["bwd_segments"])
     selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="pallas")
   # "auto" takes the XLA path for them (and everywhere off a Hopper GPU).

@@ -77,16 +77,9 @@ def image_data(seq_len=1024) -> dict:
 
 def get_config(arg: str = "s4") -> ml_collections.ConfigDict:
   model, size = common.parse_arg(arg, models=MODELS)
-  config = common.base_config()
-  config.name = f"image:{model}" + (f",{size}" if size else "")
-
   model_fields, mixer, optim = RECIPES[model]
-  config.model.update(model_fields)
-  config.model.name = model
-  config.optim.update(optim)
-  config.train.update(_BUDGET)
-  config.train.update(dict(eval_batch_size=100, eval_every=4_500, checkpoint_every=4_500,
-                           log_every=100))
+  config = common.recipe_config("image", model, size, model_fields=model_fields, optim=optim,
+                                train=_BUDGET, eval_every=4_500, eval_batch_size=100)
   seq_len = ml_collections.FieldReference(1024)  # mixer l_max follows data.seq_len
   config.data = ml_collections.ConfigDict(image_data(seq_len))
   mixer = dict(mixer)
@@ -94,37 +87,12 @@ def get_config(arg: str = "s4") -> ml_collections.ConfigDict:
   if size == "local":
     # Full CIFAR-10 data, a small model, 300 steps. s4d: about 3 min on 2 shared CPU
     # cores once the decoded images are cached, test accuracy about 0.35 (chance 0.10).
-    config.model.update(dict(num_layers=2, d_model=32, dropout=0.0))
-    config.train.update(dict(num_steps=300, batch_size=32, eval_batch_size=250,
-                             eval_every=300, checkpoint_every=300, log_every=25))
-    lr = 4e-3
-    config.optim.update(dict(lr=lr, ssm_lr=1e-3 if _is_lti(model) else lr,
-                             warmup_steps=30, schedule="cosine"))
-    mixer = _shrink_mixer(model, mixer, d_state=16, heads=4)
+    mixer = common.local_size(config, model, mixer, num_layers=2, d_model=32, dropout=0.0,
+                              num_steps=300, eval_every=300, eval_batch_size=250, log_every=25,
+                              lr=4e-3, warmup_steps=30, kernel_dim=16)
   elif size == "tiny":
-    config.model.update(dict(num_layers=2, d_model=16, dropout=0.0))
-    config.train.update(dict(num_steps=4, batch_size=8, eval_batch_size=16, eval_every=2,
-                             checkpoint_every=2, log_every=1, keep_checkpoints=2))
-    config.optim.update(dict(lr=1e-2, ssm_lr=1e-2, warmup_steps=1, schedule="cosine"))
-    mixer = _shrink_mixer(model, mixer, d_state=4, heads=2)
+    mixer = common.tiny_size(config, model, mixer, num_steps=4, batch_size=8, kernel_dim=16,
+                             dropout=0.0)
 
   common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)
-
-
-def _is_lti(model: str) -> bool:
-  return model in ("s4", "s4d", "lssl", "sgconv")
-
-
-def _shrink_mixer(model: str, mixer: dict, *, d_state: int, heads: int) -> dict:
-  """Smaller state / fewer heads for the CPU sizes."""
-  mixer = dict(mixer)
-  if model in ("s4", "s4d", "lssl"):
-    mixer["d_state"] = min(mixer["d_state"], d_state)
-  elif model == "mamba2":
-    mixer.update(d_state=16, headdim=16)
-  elif model == "sgconv":
-    mixer["kernel_dim"] = 16
-  if "num_heads" in mixer:
-    mixer["num_heads"] = heads
-  return mixer

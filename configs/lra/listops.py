@@ -95,21 +95,11 @@ RECIPES = {
                     dict(batch_size=32, num_steps=5_000)),
 }
 
-_LTI = ("s4", "s4d", "lssl", "sgconv")
-
-
 def get_config(arg: str = "s4d") -> ml_collections.ConfigDict:
   model, size = common.parse_arg(arg, models=MODELS)
-  config = common.base_config()
-  config.name = f"listops:{model}" + (f",{size}" if size else "")
-
   model_fields, mixer, optim, train = RECIPES[model]
-  config.model.update(model_fields)
-  config.model.name = model
-  config.optim.update(optim)
-  config.train.update(train)
-  config.train.update(dict(eval_batch_size=2 * config.train.batch_size, eval_every=2_000,
-                           checkpoint_every=2_000, log_every=100))
+  config = common.recipe_config("listops", model, size, model_fields=model_fields,
+                                optim=optim, train=train, eval_every=2_000)
   seq_len = ml_collections.FieldReference(2000)  # mixer l_max follows data.seq_len
   config.data = ml_collections.ConfigDict(common.listops_data(seq_len))
   mixer = dict(mixer)
@@ -120,36 +110,14 @@ def get_config(arg: str = "s4d") -> ml_collections.ConfigDict:
     seq_len.set(128)
     config.data.update(dict(min_length=20, max_length=120, num_train=10_000, num_val=500,
                             num_test=500))
-    config.model.update(dict(num_layers=4, d_model=64))
-    config.train.update(dict(num_steps=1_200, batch_size=32, eval_batch_size=100,
-                             eval_every=400, checkpoint_every=400, log_every=50))
-    lr = 1e-3 if model == "transformer" else 4e-3
-    config.optim.update(dict(lr=lr, ssm_lr=min(lr, 1e-3) if model in _LTI else lr,
-                             warmup_steps=100, schedule="cosine"))
-    mixer = _shrink_mixer(model, mixer, d_state=16, heads=4)
+    mixer = common.local_size(config, model, mixer, num_layers=4, d_model=64, num_steps=1_200,
+                              eval_every=400, eval_batch_size=100, log_every=50,
+                              warmup_steps=100, kernel_dim=8)
   elif size == "tiny":
     seq_len.set(64)
     config.data.update(dict(min_length=5, max_length=60, num_train=96, num_val=40,
                             num_test=40))
-    config.model.update(dict(num_layers=2, d_model=16))
-    config.train.update(dict(num_steps=6, batch_size=8, eval_batch_size=16, eval_every=3,
-                             checkpoint_every=3, log_every=1, keep_checkpoints=2))
-    config.optim.update(dict(lr=1e-2, ssm_lr=1e-2, warmup_steps=1, schedule="cosine"))
-    mixer = _shrink_mixer(model, mixer, d_state=4, heads=2)
+    mixer = common.tiny_size(config, model, mixer, num_steps=6, batch_size=8, kernel_dim=8)
 
   common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)
-
-
-def _shrink_mixer(model: str, mixer: dict, *, d_state: int, heads: int) -> dict:
-  """Smaller state / fewer heads for the CPU sizes."""
-  mixer = dict(mixer)
-  if model in ("s4", "s4d", "lssl"):
-    mixer["d_state"] = min(mixer["d_state"], d_state)
-  elif model == "mamba2":
-    mixer.update(d_state=16, headdim=16)
-  elif model == "sgconv":
-    mixer["kernel_dim"] = 8  # several scales even at short lengths
-  if "num_heads" in mixer:
-    mixer["num_heads"] = heads
-  return mixer

@@ -36,7 +36,6 @@ from configs import common
 from configs.lra import listops
 
 MODELS = listops.MODELS
-_LTI = ("s4", "s4d", "lssl", "sgconv")
 
 _S4_BODY = dict(norm="batch", prenorm=True, ffn="none", pooling="mean", bidirectional=True,
                 dropout=0.0, num_layers=6, d_model=256)
@@ -80,36 +79,22 @@ def build(task: str, arg: str, *, recipes: dict, data_fields, default_len: int, 
   data_fields(seq_len) -> the config.data dict; local: data fields of the "local" size.
   """
   model, size = common.parse_arg(arg, models=MODELS)
-  config = common.base_config()
-  config.name = f"{task}:{model}" + (f",{size}" if size else "")
   model_fields, mixer, optim, train = recipes[model]
-  config.model.update(model_fields)
-  config.model.name = model
-  config.optim.update(optim)
-  config.train.update(train)
-  config.train.update(dict(eval_batch_size=2 * config.train.batch_size, eval_every=eval_every,
-                           checkpoint_every=eval_every, log_every=100))
+  config = common.recipe_config(task, model, size, model_fields=model_fields, optim=optim,
+                                train=train, eval_every=eval_every)
   seq_len = ml_collections.FieldReference(default_len)  # mixer l_max follows data.seq_len
   config.data = ml_collections.ConfigDict(data_fields(seq_len))
   mixer = dict(mixer)
   if size == "local":
     seq_len.set(512)
     config.data.update(local)
-    config.model.update(dict(num_layers=4, d_model=64))
-    config.train.update(dict(num_steps=1_000, batch_size=32, eval_batch_size=128,
-                             eval_every=250, checkpoint_every=250, log_every=50))
-    lr = 1e-3 if model == "transformer" else 4e-3
-    config.optim.update(dict(lr=lr, ssm_lr=min(lr, 1e-3) if model in _LTI else lr,
-                             warmup_steps=100, schedule="cosine"))
-    mixer = listops._shrink_mixer(model, mixer, d_state=16, heads=4)
+    mixer = common.local_size(config, model, mixer, num_layers=4, d_model=64, num_steps=1_000,
+                              eval_every=250, eval_batch_size=128, log_every=50,
+                              warmup_steps=100, kernel_dim=8)
   elif size == "tiny":
     seq_len.set(64)
-    config.model.update(dict(num_layers=2, d_model=16))
-    config.model.retrieval_mlp_dim = 16
-    config.train.update(dict(num_steps=4, batch_size=4, eval_batch_size=8, eval_every=2,
-                             checkpoint_every=2, log_every=1, keep_checkpoints=2))
-    config.optim.update(dict(lr=1e-2, ssm_lr=1e-2, warmup_steps=1, schedule="cosine"))
-    mixer = listops._shrink_mixer(model, mixer, d_state=4, heads=2)
+    mixer = common.tiny_size(config, model, mixer, num_steps=4, batch_size=4, kernel_dim=8,
+                             retrieval_mlp_dim=16)
   common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)
 

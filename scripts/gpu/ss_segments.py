@@ -14,12 +14,13 @@ import jax.numpy as jnp
 
 from benchmarks.common import print_table, time_fn_pipelined
 from benchmarks.scan import ss_inputs, vjp_fn
-from ssm.ops import scan_pallas as sp
+from ssm.ops import _impl
+from ssm.ops import selective_scan_pallas as sp
 
 
 def main(counts):
   b, l, d, n = 4, 2048, 1536, 16
-  sms = getattr(jax.devices()[0], "core_count", 0)
+  sms = _impl.num_sms()
   rows = []
   for dtype in (jnp.float32, jnp.bfloat16):
     u, delta, A, B, C, D, z, bias = ss_inputs(b, l, d, n, dtype)

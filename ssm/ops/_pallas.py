@@ -12,6 +12,7 @@ two places:
 The interpreter has no rule for register-layout casts (`plgpu.layout_cast`) or
 for `plgpu.load` with a layout, and layouts mean nothing on the CPU, so kernels
 go through `cast` and `load` below, which drop the layout when interpreting.
+Which path a call takes (kernel or XLA) is decided in `ssm.ops._impl.choose_impl`.
 The interpreter lives under `jax._src` in jax 0.10 (the local/CI version); the
 import is guarded so that a JAX without it fails only when a test asks for it.
 """
@@ -25,7 +26,7 @@ import jax
 import jax.experimental.pallas as pl  # noqa: F401  (re-exported for kernels)
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ssm.ops._impl import interpret_mode, resolve_impl
+from ssm.ops._impl import interpret_mode
 
 
 @functools.cache
@@ -58,31 +59,3 @@ def load(ref, layout, interpret: bool) -> Any:
   if interpret:
     return ref[...]
   return plgpu.load(ref, (), layout=layout, optimized=False)
-
-
-def on_hopper() -> bool:
-  """True on an sm_90 GPU (the kernels use Hopper-only TMA and wgmma)."""
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return False
-  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-
-
-def choose_impl(impl: str, *, op: str, check) -> str:
-  """resolve_impl for an op with a kernel whose `check()` raises ValueError on inputs it
-  cannot take: impl="pallas" raises that error, impl="auto" then takes the XLA path (as it
-  does off Hopper GPUs)."""
-  path = resolve_impl(impl, op=op, has_pallas=True)
-  if path != "pallas":
-    return path
-  if impl == "auto":
-    if not on_hopper():
-      return "xla"
-    try:
-      check()
-    except ValueError:
-      return "xla"
-    return "pallas"
-  check()
-  return "pallas"

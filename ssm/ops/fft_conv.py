@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm._checks import check_float
-from ssm.ops._impl import interpret_mode
-from ssm.ops._pallas import choose_impl
+from ssm.ops._impl import choose_impl, interpret_mode
 
 
 def _fft_size(n: int) -> int:
@@ -120,12 +119,11 @@ def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array 
   if gate is not None and gate.shape != u.shape:
     raise ValueError(f"fft_conv: gate must have u's shape {u.shape}, got {gate.shape}")
 
-  def check():  # "pallas": can the kernel take it; "auto": also, is it faster there
-    take = fft_conv_pallas.check_supported if impl == "pallas" else fft_conv_pallas.check_auto
-    take(u.shape, k.shape, circular)
-
   from ssm.ops import fft_conv_pallas  # deferred: the kernel module loads only when called
-  if choose_impl(impl, op="fft_conv", check=check) == "pallas":
+  path = choose_impl(impl, op="fft_conv",
+                     check=lambda: fft_conv_pallas.check_supported(u.shape, k.shape, circular),
+                     prefer=lambda: fft_conv_pallas.check_preferred(u.shape, circular))
+  if path == "pallas":
     return fft_conv_pallas.fft_conv_pallas(
         u, k, gate=gate, circular=circular, interpret=interpret_mode())
   y = fft_conv_xla(u, k, circular=circular)

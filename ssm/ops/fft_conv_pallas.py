@@ -307,17 +307,13 @@ def check_supported(u_shape, k_shape, circular: bool) -> None:
 
 
 # FFT sizes at which "auto" takes the kernel: where it measured faster than jnp.fft both
-# forward and forward+backward on an H100 (f32, B 8, H 1024: results/pallas_fftconv_h100.txt).
-# Order 2 at n = 2048 and 4096 (L 1024 and 2048 causal, 1.1-1.4x). At n <= 1024 the forward
-# wins but the backward's correlation loses; from n = 8192 the order-3 step's HBM passes in
-# XLA cost more than the kernel saves.
+# forward and forward+backward (results/README.md, results/pallas_fftconv_h100.txt).
 AUTO_FFT_SIZES = (2048, 4096)
 
 
-def check_auto(u_shape, k_shape, circular: bool) -> None:
-  """check_supported, and ValueError where the kernel measured slower than jnp.fft (so
-  fft_conv's "auto" takes the XLA path there)."""
-  check_supported(u_shape, k_shape, circular)
+def check_preferred(u_shape, circular: bool) -> None:
+  """ValueError where the kernel measured slower than jnp.fft (fft_conv's "auto" then
+  takes the XLA path; `ssm.ops._impl.choose_impl`'s prefer)."""
   n = fft_size(u_shape[1], circular)
   if n not in AUTO_FFT_SIZES:
     raise ValueError(f"fft_conv pallas: FFT size {n} is not one where the kernel beats "

@@ -30,12 +30,13 @@ Hopper GPU (float32 inputs stay here, where the products are float32).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from ssm._checks import check_float, check_integer, positive_int
-from ssm.ops._impl import interpret_mode, on_gpu, resolve_impl
-from ssm.ops import _pallas, lightning_pallas
+from ssm._checks import check_float, check_integer, check_nonpositive, positive_int
+from ssm.ops._impl import choose_impl, interpret_mode, on_gpu
+from ssm.ops import lightning_pallas
+from ssm.ops._dtypes import compute_dtype
+from ssm.ops.linear_scan import assoc_scan
 from ssm.ops.ssd import ssd
 
 
@@ -55,13 +56,7 @@ def check_lightning_args(q, k, v, log_decay, h0, chunk_size, segment_ids=None):
   if log_decay is not None and jnp.shape(log_decay) != (h,):
     raise ValueError(f"lightning_attention: log_decay must be None or (heads,) = ({h},), "
                      f"got shape {jnp.shape(log_decay)}")
-  if log_decay is not None:
-    try:  # concrete values only; under jit the caller is trusted
-      positive = bool(np.any(np.asarray(log_decay) > 0))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-      positive = False
-    if positive:
-      raise ValueError(f"lightning_attention: log_decay must be <= 0, got {log_decay}")
+  check_nonpositive("lightning_attention", "log_decay", log_decay)
   if h0 is not None and h0.shape != (b, h, dk, v.shape[3]):
     raise ValueError(f"lightning_attention: h0 must be (batch, heads, dk, dv) = "
                      f"{(b, h, dk, v.shape[3])}, got {h0.shape}")
@@ -75,26 +70,13 @@ def _dtypes(q, v):
   """(accumulation dtype, matmul operand dtype): float32 (float64 under x64 tests),
   and on a GPU the input dtype for 16-bit inputs. (XLA:CPU cannot run some
   bf16 x bf16 -> f32 dots, and gains nothing from them.)"""
-  acc = jnp.result_type(jnp.float32, q.dtype, v.dtype)
+  acc = compute_dtype(q, v)
   low = jnp.dtype(q.dtype).itemsize < 4 and jnp.issubdtype(q.dtype, jnp.floating)
   return acc, (q.dtype if low and on_gpu() else acc)
 
 
-def scan_states(a, x):
-  """S_n = a_n S_{n-1} + x_n along axis 1 from S_{-1} = 0; a broadcasts against x.
-
-  Shared with ssm/memory_caching.py (segment and chunk states of linear memories).
-  """
-  def op(left, right):
-    a1, x1 = left
-    a2, x2 = right
-    return a1 * a2, a2 * x1 + x2
-  a = jnp.broadcast_to(a, x.shape[:2] + a.shape[2:])
-  return lax.associative_scan(op, (a, x), axis=1)[1]
-
-
 def _scan_states_sequential(a, x):
-  """The same recurrence as `scan_states`, as a lax.scan over axis 1 (n cheap steps)."""
+  """The same recurrence as `assoc_scan`, as a lax.scan over axis 1 (n cheap steps)."""
   a = jnp.broadcast_to(a, x.shape[:2] + a.shape[2:])
   def body(state, ax):
     state = ax[0] * state + ax[1]
@@ -140,7 +122,7 @@ def lightning_attention_xla(q, k, v, log_decay=None, h0=None, *, chunk_size=64,
   k_dec = (kb.astype(acc) * k_decay[None, ..., None]).astype(mm)
   x = jnp.einsum("bnjhk,bnjhv->bnhkv", k_dec, vb, preferred_element_type=acc)
   block_decay = jnp.exp(lam[None, :] * n_valid[:, None])            # (n, h)
-  scan = {"associative": scan_states, "sequential": _scan_states_sequential}[state_scan]
+  scan = {"associative": assoc_scan, "sequential": _scan_states_sequential}[state_scan]
   states = scan(block_decay[None, :, :, None, None], x)             # after each block
   if h0 is not None:
     ends = jnp.cumsum(n_valid)                                       # tokens up to block end
@@ -180,6 +162,13 @@ def lightning_attention_reference(q, k, v, log_decay=None, *, h0=None, return_st
   return (o, state) if return_state else o
 
 
+def _bf16_only(dtype) -> None:
+  """"auto" gives the kernel bf16 calls only: it feeds bf16 to the matrix units, and float32
+  calls keep float32 products on the XLA path (ValueError otherwise)."""
+  if dtype != jnp.bfloat16:
+    raise ValueError(f"lightning_attention: 'auto' keeps {dtype} inputs on the XLA path")
+
+
 def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay=None, *,
                         h0: jax.Array | None = None, segment_ids: jax.Array | None = None,
                         return_state: bool = False, chunk_size: int = 64, impl: str = "auto"):
@@ -207,12 +196,9 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay=None
   if segment_ids is not None:
     o, state = _packed(q, k, v, log_decay, h0, segment_ids, chunk_size, impl)
     return (o, state) if return_state else o
-  path = resolve_impl(impl, op="lightning_attention", has_pallas=True)
-  if impl == "auto" and (q.dtype != jnp.bfloat16 or not _pallas.on_hopper()
-                         or lightning_pallas.unsupported_reason(q, k, v)):
-    # The kernel feeds bf16 to the matrix units: "auto" gives it bf16 calls only (float32
-    # calls keep float32 products here), on a Hopper GPU, in the shapes it takes.
-    path = "xla"
+  path = choose_impl(impl, op="lightning_attention",
+                     check=lambda: lightning_pallas.check_supported(q, k, v),
+                     prefer=lambda: _bf16_only(q.dtype))
   if path == "pallas":
     o, state = lightning_pallas.lightning_attention_pallas(q, k, v, log_decay, h0,
                                                            interpret=interpret_mode())
@@ -224,12 +210,11 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay=None
 def _packed(q, k, v, log_decay, h0, segment_ids, chunk_size, impl):
   """Lightning attention over packed documents as SSD: v the values, k and q the keys and
   queries of their own head (groups = heads), a decay log_decay per token (dt = 1). The
-  SSD state is the lightning state transposed. Measured on an H200 (results/ssd_h200.txt):
-  without documents lightning's own kernel is faster (0.090 / 0.318 ms against 0.107 /
-  0.402 ms fwd / fwd+bwd at B=8 H=16 L=4096 D=64 bf16), so only packed calls come here."""
+  SSD state is the lightning state transposed. Without documents lightning's own kernel is
+  faster (results/README.md, results/ssd_h200.txt), so only packed calls come here."""
   b, l, h, _ = q.shape
   if impl == "auto" and q.dtype != jnp.bfloat16:
-    impl = "xla"  # as above: "auto" feeds the matrix units bf16 only for bf16 calls
+    impl = "xla"  # as `_bf16_only`: "auto" feeds the matrix units bf16 only for bf16 calls
   A = jnp.zeros((h,), jnp.float32) if log_decay is None else jnp.asarray(log_decay, jnp.float32)
   h0t = None if h0 is None else jnp.swapaxes(h0, 2, 3)
   o, state = ssd(v, jnp.ones((b, l, h), jnp.float32), A, k, q, h0=h0t, segment_ids=segment_ids,

@@ -60,7 +60,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ssm.ops import _pallas
+from ssm.ops import _impl, _pallas
 from ssm.ops._impl import interpret_mode
 from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, feed as _feed,
                             load_t as _load_t, mm as _mm, mm_init as _mm_init,
@@ -71,15 +71,16 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def unsupported_reason(q, k, v) -> str | None:
-  """Why the kernel cannot take this call (None if it can); shapes already checked."""
+def check_supported(q, k, v) -> None:
+  """ValueError naming why the kernel cannot take this call; shapes already checked."""
   dk, dv = q.shape[3], v.shape[3]
   if dk not in HEAD_DIMS or dv not in HEAD_DIMS:
-    return f"head dims dk={dk}, dv={dv} must be in {HEAD_DIMS}"
+    raise ValueError(f"lightning_attention(impl='pallas'): head dims dk={dk}, dv={dv} must be "
+                     f"in {HEAD_DIMS}")
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
-    return f"q, k, v must share a dtype in (float32, bfloat16), got {q.dtype}, {k.dtype}, {v.dtype}"
-  return None
+    raise ValueError(f"lightning_attention(impl='pallas'): q, k, v must share a dtype in "
+                     f"(float32, bfloat16), got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -278,6 +279,14 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
 
 # ----------------------------------------------------------------------------- backward
 
+def _bwd_sources(q_ref, k_ref, v_ref, do_ref, bi, hi, cols):
+  """What both backward pipelines read per 64-token block n: q and k of the head (all of
+  dk), v and do of this CTA's value columns."""
+  rows = lambda n: pl.ds(n * C, C)
+  return [lambda n: q_ref.at[bi, rows(n), hi], lambda n: k_ref.at[bi, rows(n), hi],
+          lambda n: v_ref.at[bi, rows(n), hi, cols], lambda n: do_ref.at[bi, rows(n), hi, cols]]
+
+
 def _backward_dq(q, k, v, do, ld, h0, cfg: _Cfg):
   """dq (nvt, B, Lp, H, Dk): one partial per value tile (float32 when nvt > 1), and the
   float32 row sums q_t . dq_t (nvt, B, H, Lp) for d log_decay."""
@@ -317,10 +326,7 @@ def _backward_dq(q, k, v, do, ld, h0, cfg: _Cfg):
 
     _pipeline(
         n_blocks, reverse=False,
-        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols],
-                 lambda n: do_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        sources=_bwd_sources(q_ref, k_ref, v_ref, do_ref, bi, hi, cols),
         buffers=[q_s, k_s, v_s, do_s], barrier=in_bar, step=step, init=s0)
     plgpu.wait_smem_to_gmem(0)
 
@@ -383,10 +389,7 @@ def _backward_dkv(q, k, v, do, ld, dht, cfg: _Cfg):
 
     e = _pipeline(
         n_blocks, reverse=True,
-        sources=[lambda n: q_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: k_ref.at[bi, pl.ds(n * C, C), hi],
-                 lambda n: v_ref.at[bi, pl.ds(n * C, C), hi, cols],
-                 lambda n: do_ref.at[bi, pl.ds(n * C, C), hi, cols]],
+        sources=_bwd_sources(q_ref, k_ref, v_ref, do_ref, bi, hi, cols),
         buffers=[q_s, k_s, v_s, do_s], barrier=in_bar, step=step, init=e0)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     e_f32[...] = e
@@ -439,7 +442,7 @@ def _core_fwd(q, k, v, log_decay, h0, cfg: _Cfg):
 
 def _core_bwd(cfg: _Cfg, res, cts):
   qp, kp, vp, ld, log_decay, h0, state = res
-  q_dtype = v_dtype = cfg.out_dtype  # q, k, v share a dtype (unsupported_reason)
+  q_dtype = v_dtype = cfg.out_dtype  # q, k, v share a dtype (check_supported)
   do, dht = cts
   l = cfg.seq_len
   do = jnp.pad(do.astype(MM), [(0, 0), (0, qp.shape[1] - l), (0, 0), (0, 0)])
@@ -463,18 +466,17 @@ def _core_bwd(cfg: _Cfg, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-NUM_SMS = 132  # H100 SXM
-SPLIT_MAX_CTAS = 32  # split only at or below this many CTAs (64 unsplit ran 0.12 ms, split 0.20)
+SPLIT_MAX_CTAS = 32  # split only at or below this many CTAs (results/README.md)
 MIN_SEGMENT = 1024  # shorter segments spend more on the pre-pass than they save
 
 
-def num_segments(b, l, h, dv, *, num_sms: int = NUM_SMS) -> int:
+def num_segments(b, l, h, dv, *, num_sms: int) -> int:
   """Sequence segments that run as separate CTAs: 1 while B * H * Dv / 64 > SPLIT_MAX_CTAS
   (the warp-specialised forward then fills the GPU well enough that the pre-pass costs
   more than it saves), else the smallest power of two that brings the CTAs to about
-  num_sms, keeping whole 64-token blocks of at least MIN_SEGMENT tokens. Measured on an
-  H100 (32k tokens, H=16, bf16, pipelined): 32 CTAs 0.234 ms unsplit -> 0.200 ms with 4;
-  16 CTAs 0.441 -> 0.178 ms with 8."""
+  num_sms (the device's, `ssm.ops._impl.num_sms`; 0 never splits), keeping whole 64-token
+  blocks of at least MIN_SEGMENT tokens. Measurements: results/README.md ("Lightning
+  kernel: segments")."""
   ctas = b * h * max(1, dv // 64)
   s = 1
   if ctas > SPLIT_MAX_CTAS:
@@ -638,9 +640,7 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
   Returns:
     o (B, L, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) float32.
   """
-  reason = unsupported_reason(q, k, v)
-  if reason is not None:
-    raise ValueError(f"lightning_attention(impl='pallas'): {reason}")
+  check_supported(q, k, v)
   if interpret is None:
     interpret = interpret_mode()
   b, l, h, dk = q.shape
@@ -649,7 +649,7 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
   if h0 is not None:
     h0 = h0.astype(F32)
   if segments is None:
-    segments = num_segments(b, l, h, dv)
+    segments = num_segments(b, l, h, dv, num_sms=0 if interpret else _impl.num_sms())
   if segments < 1 or (segments > 1 and l % (segments * 64)):
     raise ValueError(f"lightning_attention(impl='pallas'): {segments} segments must divide "
                      f"the length {l} into whole 64-token blocks")

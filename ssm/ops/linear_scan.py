@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssm._checks import check_float, optional_positive_int
-from ssm.ops import _pallas
-from ssm.ops._impl import interpret_mode
+from ssm.ops._dtypes import compute_dtype
+from ssm.ops._impl import choose_impl, interpret_mode
 
 
 def _combine(first, second):
@@ -43,7 +43,13 @@ def _combine(first, second):
 
 
 def assoc_scan(a, b, h0=None):
-  """Inclusive scan over axis 1 in one piece. a, b (b, l, ...); h0 (b, ...) -> h (b, l, ...)."""
+  """Inclusive scan over axis 1 in one piece: h[t] = a[t] h[t-1] + b[t], h[-1] = h0 or 0.
+
+  a, b (b, l, ...), a broadcastable against b past the first two axes (a per-head decay
+  over (dk, dv) states: lightning attention's blocks, memory caching's chunks and
+  segments); h0 (b, ...) -> h (b, l, ...).
+  """
+  a = jnp.broadcast_to(a, b.shape[:2] + a.shape[2:])
   if h0 is not None:
     b = b.at[:, 0].add(a[:, 0] * h0)
   _, h = lax.associative_scan(_combine, (a, b), axis=1)
@@ -102,11 +108,6 @@ def _scan_bwd(chunk_size, res, g):
 scan_with_vjp.defvjp(_scan_fwd, _scan_bwd)
 
 
-def compute_dtype(*dtypes):
-  """The common dtype, at least float32 (complex64 for complex inputs)."""
-  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
-
-
 def check_linear_scan_args(a, b, h0, chunk_size):
   check_float("linear_scan", complex_ok=True, a=a, b=b, h0=h0)  # ints would give int states
   if a.ndim != 3:
@@ -135,7 +136,7 @@ def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
       sequences); None scans the whole length at once.
     return_state: also return the final state (h[length-1], or h[0] when reverse).
     impl: "auto" (the Pallas kernel on a Hopper GPU when it takes the inputs, else
-      XLA), "xla" or "pallas" (ssm/ops/scan_pallas.py: features a multiple of 128,
+      XLA), "xla" or "pallas" (ssm/ops/linear_scan_pallas.py: features a multiple of 128,
       float32/bfloat16/complex64; chunk_size does not apply to it).
 
   Returns:
@@ -143,12 +144,10 @@ def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
     the final state (batch, features) in float32/complex64 (or wider).
   """
   check_linear_scan_args(a, b, h0, chunk_size)
-  from ssm.ops import scan_pallas  # pylint: disable=import-outside-toplevel
-  path = _pallas.choose_impl(impl, op="linear_scan",
-                             check=lambda: scan_pallas.check_linear_scan_pallas(a, b))
+  from ssm.ops import linear_scan_pallas as kernel  # pylint: disable=import-outside-toplevel
+  path = choose_impl(impl, op="linear_scan", check=lambda: kernel.check_supported(a, b))
   if path == "pallas":
-    h, last = scan_pallas.linear_scan_pallas(a, b, h0, reverse=reverse,
-                                             interpret=interpret_mode())
+    h, last = kernel.linear_scan_pallas(a, b, h0, reverse=reverse, interpret=interpret_mode())
     return (h, last) if return_state else h
   return _linear_scan(a, b, h0, reverse=reverse, chunk_size=chunk_size,
                       return_state=return_state)
@@ -157,7 +156,7 @@ def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None = None, *,
 @functools.partial(jax.jit, static_argnames=("reverse", "chunk_size", "return_state"))
 def _linear_scan(a, b, h0, *, reverse, chunk_size, return_state):
   out_dtype = jnp.result_type(a, b)
-  dtype = compute_dtype(a, b) if h0 is None else compute_dtype(a, b, h0)
+  dtype = compute_dtype(a, b, h0)
   a, b = a.astype(dtype), b.astype(dtype)
   h0 = jnp.zeros((a.shape[0], a.shape[2]), dtype) if h0 is None else h0.astype(dtype)
   if reverse:

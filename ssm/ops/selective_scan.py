@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssm._checks import check_float, positive_int
-from ssm.ops import _pallas
-from ssm.ops._impl import interpret_mode
+from ssm.ops._impl import choose_impl, interpret_mode
+from ssm.ops._dtypes import compute_dtype
 from ssm.ops.linear_scan import scan_with_vjp
 
 DEFAULT_CHUNK_SIZE = 128
@@ -137,7 +137,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
     return_state: also return the last state.
     chunk_size: steps per chunk (bounds the (batch, chunk, D, N) working set).
     impl: "auto" (the Pallas kernel on a Hopper GPU when it takes the inputs, else
-      XLA), "xla" or "pallas" (ssm/ops/scan_pallas.py: N in {4, 8, 16}, each group
+      XLA), "xla" or "pallas" (ssm/ops/selective_scan_pallas.py: N in {4, 8, 16}, each group
       of channels a multiple of 128, float32/bfloat16; chunk_size does not apply).
 
   Returns:
@@ -145,11 +145,10 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
     (batch, D, N) float32.
   """
   B, C = check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, h0, chunk_size)
-  from ssm.ops import scan_pallas  # pylint: disable=import-outside-toplevel
-  path = _pallas.choose_impl(impl, op="selective_scan",
-                             check=lambda: scan_pallas.check_selective_scan_pallas(u, A, B))
+  from ssm.ops import selective_scan_pallas as kernel  # pylint: disable=import-outside-toplevel
+  path = choose_impl(impl, op="selective_scan", check=lambda: kernel.check_supported(u, A, B))
   if path == "pallas":
-    y, last = scan_pallas.selective_scan_pallas(
+    y, last = kernel.selective_scan_pallas(
         u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         h0=h0, interpret=interpret_mode())
     return (y, last) if return_state else y
@@ -162,7 +161,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
 def _selective_scan(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, return_state,
                     chunk_size):
   # float32 whatever the activation dtype (float64 only when the inputs are, for tests).
-  cdt = jnp.promote_types(jnp.result_type(u, delta, A, B, C), jnp.float32)
+  cdt = compute_dtype(u, delta, A, B, C)
   uc = u.astype(cdt)
   dt = delta.astype(cdt)
   if delta_bias is not None:

@@ -38,10 +38,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ssm._checks import check_float, check_integer, positive_int
-from ssm.ops import _pallas, ssd_pallas
+from ssm._checks import check_float, check_integer, check_nonpositive, positive_int
+from ssm.ops import ssd_pallas
+from ssm.ops._dtypes import compute_dtype
+from ssm.ops._impl import choose_impl
 from ssm.ops._segments import resets, run_index
 from ssm.ops.linear_scan import linear_scan
 
@@ -82,17 +83,7 @@ def check_ssd_args(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, dt_bias
       raise ValueError(f"{fn}: segment_ids must be (batch, length) = {(b, l)}, got shape "
                        f"{jnp.shape(segment_ids)}")
   positive_int(fn, "chunk_size", chunk_size)
-  try:  # concrete values only; under jit the caller is trusted
-    positive = bool(np.any(np.asarray(A) > 0))
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    positive = False
-  if positive:
-    raise ValueError(f"{fn}: A must be <= 0 (a decay), got {A}")
-
-
-def _compute_dtype(*xs):
-  """float32, or float64 when an input is (tests under jax.enable_x64)."""
-  return jnp.result_type(jnp.float32, *[v.dtype for v in xs if v is not None])
+  check_nonpositive(fn, "A", A)
 
 
 # -- reference and step -------------------------------------------------------------------
@@ -119,7 +110,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None):
 
 @jax.jit
 def _reference(x, dt, A, B, C, D, h0, segment_ids):
-  cdt = _compute_dtype(x, dt, A, B, C, D, h0)
+  cdt = compute_dtype(x, dt, A, B, C, D, h0)
   b, l, h, p = x.shape
   n = B.shape[3]
   state = jnp.zeros((b, h, p, n), cdt) if h0 is None else h0.astype(cdt)
@@ -172,7 +163,7 @@ def ssd_chunked(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None,
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
 def _chunked(x, dt, A, B, C, D, h0, segment_ids, *, chunk_size):
-  cdt = _compute_dtype(x, dt, A, B, C, D, h0)
+  cdt = compute_dtype(x, dt, A, B, C, D, h0)
   out_dtype = x.dtype
   xc, dt, A, B, C = (v.astype(cdt) for v in (x, dt, A, B, C))
   bsz, seq_len, h, p = xc.shape
@@ -248,13 +239,18 @@ def _full_f32_products() -> bool:
   return str(prec).lower() in ("highest", "float32", "precision.highest")
 
 
+def _prefer_kernel() -> None:
+  """ValueError when full float32 products are asked for: "auto" then keeps XLA (the
+  kernel rounds float32 inputs to bf16 for the matrix units)."""
+  if _full_f32_products():
+    raise ValueError("ssd: jax.default_matmul_precision asks for full float32 products")
+
+
 def ssd_path(impl: str, x, B, C) -> str:
   """The path `ssd` takes for these inputs: "pallas" or "xla" (module docstring).
   impl="pallas" raises ValueError for shapes or dtypes the kernel cannot take."""
-  path = _pallas.choose_impl(impl, op="ssd", check=lambda: ssd_pallas.check_supported(x, B, C))
-  if impl == "auto" and path == "pallas" and _full_f32_products():
-    path = "xla"
-  return path
+  return choose_impl(impl, op="ssd", check=lambda: ssd_pallas.check_supported(x, B, C),
+                     prefer=_prefer_kernel)
 
 
 def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *,
@@ -283,7 +279,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *
                  chunk_size=chunk_size)
   path = ssd_path(impl, x, B, C)
   if dt_bias is not None or dt_softplus:
-    dt = dt.astype(_compute_dtype(dt))
+    dt = dt.astype(compute_dtype(dt))
     if dt_bias is not None:
       dt = dt + dt_bias.astype(dt.dtype)
     if dt_softplus:

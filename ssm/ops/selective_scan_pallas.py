@@ -1,55 +1,32 @@
-"""Pallas Mosaic GPU kernels for the scans: linear_scan and Mamba-1's selective_scan.
+"""Pallas Mosaic GPU kernels of `ssm.ops.selective_scan` (Mamba-1).
 
-Both recurrences are elementwise in the channel axis, so the kernels give each
-thread of a warpgroup one channel and walk the sequence in time, the state in
-registers (the layout of Mamba's CUDA kernel and of the public Mosaic GPU scan
-kernels):
+One thread per channel, the sequence in CHUNK-token TMA tiles (layout and padding:
+`_scan_tiles`); the (batch, length, D, N) expansion exists only as N registers per
+thread. B and C are the same for all channels of a group: their (CHUNK, N) tiles are
+read as warp-uniform scalars from shared memory. Padded tokens have dt = 0.
 
-* grid (D / 128, batch): one CTA of 128 threads per block of 128 channels and
-  batch row; thread i owns channel d0 + i (layout `_LINE`).
-* The sequence arrives in tiles of `CHUNK` tokens: TMA copies of (CHUNK, 128)
-  slabs of the (batch, length, D) inputs into shared memory, `stages` deep, each
-  slot completing on its own barrier. A thread reads its column of the tile (one
-  coalesced 512-byte row per token across the CTA) and writes its output element
-  straight to device memory, so every input is read once and every output
-  written once; the (batch, length, D, N) expansion of the selective scan exists
-  only as N registers per thread.
-* B and C of the selective scan are the same for all channels of a group: their
-  (CHUNK, N) tiles are read as warp-uniform scalars from shared memory.
+Costs per token and thread: the forward N exp2 and about 4N FMAs, the backward about
+3N exp2 (the states are recomputed twice, see below), 12N other operations and 31
+shuffles per 32 dB/dC products, plus N exp2 in the segment pre-pass.
 
-Costs per token and thread: linear_scan one FMA (four for complex); the
-selective scan forward N exp2 and about 4N FMAs, the backward about 3N exp2 (the
-states are recomputed twice, see below), 12N other operations and 31 shuffles per
-32 dB/dC products, plus N exp2 in the segment pre-pass.
+Backward (custom_vjp), also kernels: the forward also writes the state entering every
+BWD_TILE tokens (batch, L / 16, N, D) float32 (1/16 of the states). The backward walks
+16-token tiles in reverse: it rebuilds the state entering each sub-tile of SUB
+tokens, then per sub-tile (last first) the state entering each token into a
+shared-memory history, and runs the adjoint backwards over it. dB and dC are
+sums over channels: each warp sums its 32 channels' products with a butterfly
+of lane shuffles (`_WarpRow`), the four warps' rows are added once per tile,
+and XLA adds the channel blocks (deterministic, no atomics). The tiles are
+small so that two CTAs share an SM (about 110 KB of shared memory each), and
+each sequence is split into `bwd_segments_for` pieces that run in parallel
+CTAs: the (D / 128) * batch CTAs alone leave most SMs idle. The cotangent
+entering each piece comes from a pre-pass kernel (the adjoint over the piece
+from a zero end cotangent, and the piece's total decay) chained in XLA; the
+adjoint is linear in it, so this is exact up to rounding.
 
-Backward passes (custom_vjp), also kernels:
-
-* linear_scan: the adjoint recurrence lam[t] = g[t] + a[t+1] lam[t+1] runs in the
-  other direction of time; da[t] = lam[t] h[t-1] uses the forward output h as its
-  only residual besides a (h is stored in the output dtype: with bf16 inputs da
-  sees h rounded to bf16, an error of the order of the inputs' own rounding).
-* selective_scan: the forward also writes the state entering every BWD_TILE
-  tokens (batch, L / 16, N, D) float32 (1/16 of the states). The backward walks
-  16-token tiles in reverse: it rebuilds the state entering each sub-tile of SUB
-  tokens, then per sub-tile (last first) the state entering each token into a
-  shared-memory history, and runs the adjoint backwards over it. dB and dC are
-  sums over channels: each warp sums its 32 channels' products with a butterfly
-  of lane shuffles (`_WarpRow`), the four warps' rows are added once per tile,
-  and XLA adds the channel blocks (deterministic, no atomics). The tiles are
-  small so that two CTAs share an SM (about 110 KB of shared memory each), and
-  each sequence is split into `bwd_segments_for` pieces that run in parallel
-  CTAs: the (D / 128) * batch CTAs alone leave most SMs idle. The cotangent
-  entering each piece comes from a pre-pass kernel (the adjoint over the piece
-  from a zero end cotangent, and the piece's total decay) chained in XLA; the
-  adjoint is linear in it, so this is exact up to rounding.
-
-Lengths that are not a multiple of CHUNK are padded at the end with identity
-steps (a = 1, b = 0; dt = 0), so padding never changes a state. Inputs are read
-in their dtype (float32 or bfloat16) and all arithmetic is float32.
-
-Constraints (else `check_*` raises ValueError; impl="auto" then takes the XLA
-path): D a multiple of 128; for the selective scan N in {4, 8, 16} and each
-group of D / G channels a multiple of 128.
+Constraints (else `check_supported` raises ValueError; impl="auto" then takes the XLA
+path): N in {4, 8, 16} and each group of D / G channels a multiple of 128; float32 or
+bfloat16. (Split out of the former scan_pallas.py, which held both scans.)
 """
 
 from __future__ import annotations
@@ -68,360 +45,22 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
-from ssm.ops import _pallas
+from ssm.ops import _impl, _pallas
+from ssm.ops._scan_tiles import (BLOCK_D, CHUNK, F32, LINE, ScanCfg, pad_len, pad_time, params,
+                                 stage_count, unrolled)
 
-BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup
-CHUNK = 32  # tokens per TMA tile
-BWD_TILE = 16  # tokens per tile of the selective-scan backward (the forward saves a state each)
-SUB = 4  # tokens per history sub-tile in the selective-scan backward
+BWD_TILE = 16  # tokens per tile of the backward (the forward saves a state each)
+SUB = 4  # tokens per history sub-tile in the backward
 _BWD_SMEM = 110 * 1024  # two backward CTAs per SM (228 KB, 1 KB reserved per CTA)
 SS_STATES = (4, 8, 16)
-_LINE = plgpu.Layout.WG_STRIDED((BLOCK_D,), vec_size=1)  # thread i holds channel i
 _WARP = 32
 _WARPS = BLOCK_D // _WARP
-_F32 = jnp.float32
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _PAD_DELTA = -1.0e4  # softplus(-1e4 + bias) == 0 in float32: a padded token is an identity step
-_SMEM_BYTES = 200 * 1024  # shared memory we allow one CTA (227 KB on an H100, less bookkeeping)
 
 
-def _params():
-  return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True)
-
-
-def _pad_len(seq_len: int) -> int:
-  return -(-seq_len // CHUNK) * CHUNK
-
-
-def _pad_time(x, padded: int, value=0.0):
-  pad = padded - x.shape[1]
-  if pad == 0:
-    return x
-  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-
-
-def _unrolled(n: int, step, carry, unroll: int = 4):
-  """fori_loop over range(n) with `unroll` steps per iteration, unrolled by hand (Mosaic GPU
-  lowers plain fori_loops; a full unroll only slows compilation)."""
-  def group(k, carry):
-    for r in range(unroll):
-      carry = step(k * unroll + r, carry)
-    return carry
-  return lax.fori_loop(0, n // unroll, group, carry)
-
-
-def _stages(n_tiles: int, bytes_per_stage: int, fixed: int = 0, most: int = 3,
-            budget: int = _SMEM_BYTES) -> int:
-  """Prefetch depth: as deep as `most` while the stages fit `budget` bytes of shared memory."""
-  s = most
-  while s > 1 and fixed + s * bytes_per_stage > budget:
-    s -= 1
-  return max(1, min(s, n_tiles))
-
-
-# ---------------------------------------------------------------------------------------------
-# linear_scan
-# ---------------------------------------------------------------------------------------------
-
-
-def check_linear_scan_pallas(a, b):
-  """Why the kernel cannot take these inputs (a ValueError), or None."""
-  d = a.shape[-1]
-  if d % BLOCK_D:
-    raise ValueError(f"linear_scan (pallas): the feature count {d} must be a multiple of {BLOCK_D}")
-  for x in (a, b):
-    base = jnp.real(jnp.zeros((), x.dtype)).dtype
-    if base not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-      raise ValueError(f"linear_scan (pallas): dtype {x.dtype} (float32, bfloat16 or complex64)")
-
-
-@dataclasses.dataclass(frozen=True)
-class _LinCfg:
-  batch: int
-  seq_len: int  # padded
-  dim: int
-  complex: bool
-  reverse: bool  # direction of the forward recurrence
-  interpret: bool
-
-  @property
-  def n_tiles(self) -> int:
-    return self.seq_len // CHUNK
-
-
-def _cmul(x, y):
-  """Complex product of (re, im) pairs (real when the tuples have one element)."""
-  if len(x) == 1:
-    return (x[0] * y[0],)
-  return (x[0] * y[0] - x[1] * y[1], x[0] * y[1] + x[1] * y[0])
-
-
-def _cadd(x, y):
-  return tuple(p + q for p, q in zip(x, y))
-
-
-def _lin_walk(cfg: _LinCfg, backward: bool):
-  """(tile index, token index) maps for a walk in time order (forward) or against it."""
-  against = cfg.reverse != backward  # True: from the end of the array to its start
-  nt = cfg.n_tiles
-
-  def tile(i):
-    return nt - 1 - i if against else i
-
-  def token(r):
-    return CHUNK - 1 - r if against else r
-
-  return tile, token, against
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _lin_fwd_call(cfg: _LinCfg, a_planes, b_planes, h0_planes):
-  """h (out planes, f32 math) and the final state. a/b planes (B, Lp, D); h0 planes (B, D) f32."""
-  npl = len(a_planes)
-  tile_of, token_of, _ = _lin_walk(cfg, backward=False)
-  nt = cfg.n_tiles
-  in_bytes = sum(CHUNK * BLOCK_D * x.dtype.itemsize for x in a_planes + b_planes)
-  stages = _stages(nt, in_bytes)
-  out_dtype = jnp.result_type(a_planes[0].dtype, b_planes[0].dtype)
-  shape = (cfg.batch, cfg.seq_len, cfg.dim)
-  out_type = ([jax.ShapeDtypeStruct(shape, out_dtype)] * npl
-              + [jax.ShapeDtypeStruct((cfg.batch, cfg.dim), _F32)] * npl)
-  scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), x.dtype) for x in a_planes + b_planes]
-  scratch.append(plgpu.Barrier(num_arrivals=2 * npl, num_barriers=stages))
-  interp = cfg.interpret
-
-  def body(*refs):
-    a_g, b_g = refs[:npl], refs[npl:2 * npl]
-    h0_g = refs[2 * npl:3 * npl]
-    h_g, last_g = refs[3 * npl:4 * npl], refs[4 * npl:5 * npl]
-    a_s, b_s = refs[5 * npl:6 * npl], refs[6 * npl:7 * npl]
-    bars = refs[7 * npl]
-    bi = lax.axis_index("b")
-    cols = pl.ds(lax.axis_index("d") * BLOCK_D, BLOCK_D)
-
-    def fetch(i, slot):
-      rows = pl.ds(tile_of(i) * CHUNK, CHUNK)
-      for src, dst in zip(a_g + b_g, a_s + b_s):
-        plgpu.copy_gmem_to_smem(src.at[bi, rows, cols], dst.at[slot], bars.at[slot])
-
-    for i in range(stages):
-      fetch(i, i)
-    h = tuple(_pallas.load(r.at[bi, cols], _LINE, interp) for r in h0_g)
-
-    def tile(i, h):
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(bars.at[slot])
-      base = tile_of(i) * CHUNK
-
-      def step(r, h):
-        t = token_of(r)
-        av = tuple(_pallas.load(s.at[slot, t], _LINE, interp).astype(_F32) for s in a_s)
-        bv = tuple(_pallas.load(s.at[slot, t], _LINE, interp).astype(_F32) for s in b_s)
-        h = _cadd(_cmul(av, h), bv)
-        for dst, x in zip(h_g, h):
-          dst[bi, base + t, cols] = x.astype(dst.dtype)
-        return h
-
-      h = _unrolled(CHUNK, step, h)
-      plgpu.commit_smem()  # every thread is done with this slot: refill it
-
-      @pl.when(i + stages < nt)
-      def _():
-        fetch(i + stages, slot)
-
-      return h
-
-    h = lax.fori_loop(0, nt, tile, h)
-    for dst, x in zip(last_g, h):
-      dst[bi, cols] = x
-
-  call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
-                        grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params(),
-                        kernel_name="linear_scan_fwd")
-  outs = call(*a_planes, *b_planes, *h0_planes)
-  return outs[:npl], outs[npl:]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _lin_bwd_call(cfg: _LinCfg, a_planes, h_planes, g_planes, h0_planes, dlast_planes):
-  """Adjoint sweep. Returns (da planes, db planes) (B, Lp, D) f32 and dh0 planes (B, D) f32.
-
-  lam[s] = g[s] + a[s+1] lam[s+1] (s in the forward's time order), lam[L] = dlast;
-  db[s] = lam[s]; da[s] = lam[s] h[s-1] (h[-1] = h0); dh0 = a[0] lam[0].
-  Written one step late: at step s the sweep knows lam[s+1] and reads h[s].
-  """
-  npl = len(a_planes)
-  tile_of, token_of, against = _lin_walk(cfg, backward=True)
-  nt = cfg.n_tiles
-  in_bytes = sum(CHUNK * BLOCK_D * x.dtype.itemsize for x in a_planes + h_planes + g_planes)
-  stages = _stages(nt, in_bytes)
-  shape = (cfg.batch, cfg.seq_len, cfg.dim)
-  out_type = ([jax.ShapeDtypeStruct(shape, _F32)] * (2 * npl)
-              + [jax.ShapeDtypeStruct((cfg.batch, cfg.dim), _F32)] * npl)
-  scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), x.dtype)
-             for x in a_planes + h_planes + g_planes]
-  scratch.append(plgpu.Barrier(num_arrivals=3 * npl, num_barriers=stages))
-  interp = cfg.interpret
-  # `against` (the sweep runs from the array's end to its start) means the forward ran
-  # from start to end, so the forward-time successor of position p is p + 1.
-  nxt = 1 if against else -1
-
-  def body(*refs):
-    a_g, h_g, g_g = refs[:npl], refs[npl:2 * npl], refs[2 * npl:3 * npl]
-    h0_g, dl_g = refs[3 * npl:4 * npl], refs[4 * npl:5 * npl]
-    da_g, db_g = refs[5 * npl:6 * npl], refs[6 * npl:7 * npl]
-    dh0_g = refs[7 * npl:8 * npl]
-    a_s = refs[8 * npl:9 * npl]
-    h_s, g_s = refs[9 * npl:10 * npl], refs[10 * npl:11 * npl]
-    bars = refs[11 * npl]
-    bi = lax.axis_index("b")
-    cols = pl.ds(lax.axis_index("d") * BLOCK_D, BLOCK_D)
-
-    def fetch(i, slot):
-      rows = pl.ds(tile_of(i) * CHUNK, CHUNK)
-      for src, dst in zip(a_g + h_g + g_g, a_s + h_s + g_s):
-        plgpu.copy_gmem_to_smem(src.at[bi, rows, cols], dst.at[slot], bars.at[slot])
-
-    for i in range(stages):
-      fetch(i, i)
-    lam = tuple(_pallas.load(r.at[bi, cols], _LINE, interp) for r in dl_g)
-    one = 1.0 + 0.0 * lam[0]
-    a_next = (one,) + tuple(0.0 * lam[0] for _ in range(npl - 1))
-
-    def step_fn(i, slot, base, write_prev):
-      def step(r, carry):
-        lam, a_next = carry
-        t = token_of(r)
-        av = tuple(_pallas.load(s.at[slot, t], _LINE, interp).astype(_F32) for s in a_s)
-        hv = tuple(_pallas.load(s.at[slot, t], _LINE, interp).astype(_F32) for s in h_s)
-        gv = tuple(_pallas.load(s.at[slot, t], _LINE, interp).astype(_F32) for s in g_s)
-        pos = base + t
-
-        # da[s + 1] = lam[s + 1] h[s]; the last position (s + 1 = L) has none.
-        @pl.when(write_prev(i, r))
-        def _():
-          for dst, x in zip(da_g, _cmul(lam, hv)):
-            dst[bi, pos + nxt, cols] = x
-
-        lam = _cadd(gv, _cmul(a_next, lam))
-        for dst, x in zip(db_g, lam):
-          dst[bi, pos, cols] = x
-        return lam, av
-
-      return step
-
-    def write_prev(i, r):
-      return jnp.logical_or(i > 0, r > 0)
-
-    def tile(i, carry):
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(bars.at[slot])
-      base = tile_of(i) * CHUNK
-      carry = _unrolled(CHUNK, step_fn(i, slot, base, write_prev), carry)
-      plgpu.commit_smem()
-
-      @pl.when(i + stages < nt)
-      def _():
-        fetch(i + stages, slot)
-
-      return carry
-
-    lam, a_first = lax.fori_loop(0, nt, tile, (lam, a_next))
-    # The sweep ended at the forward's first position p0: da[p0] = lam[p0] h0, dh0 = a[p0] lam[p0].
-    h0v = tuple(_pallas.load(r.at[bi, cols], _LINE, interp) for r in h0_g)
-    p0 = 0 if against else cfg.seq_len - 1
-    for dst, x in zip(da_g, _cmul(lam, h0v)):
-      dst[bi, p0, cols] = x
-    for dst, x in zip(dh0_g, _cmul(a_first, lam)):
-      dst[bi, cols] = x
-
-  call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
-                        grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params(),
-                        kernel_name="linear_scan_bwd")
-  outs = call(*a_planes, *h_planes, *g_planes, *h0_planes, *dlast_planes)
-  return outs[:npl], outs[npl:2 * npl], outs[2 * npl:]
-
-
-def _split(x, is_complex):
-  return (jnp.real(x), jnp.imag(x)) if is_complex else (x,)
-
-
-def _join(planes, is_complex):
-  return lax.complex(*planes) if is_complex else planes[0]
-
-
-def _lin_prepare(cfg: _LinCfg, a, b, h0):
-  """Planes padded with identity steps (a = 1, b = 0) at the end of the array."""
-  a_p = tuple(_pad_time(x, cfg.seq_len, v) for x, v in zip(_split(a, cfg.complex), (1.0, 0.0)))
-  b_p = tuple(_pad_time(x, cfg.seq_len) for x in _split(b, cfg.complex))
-  h0_p = tuple(x.astype(_F32) for x in _split(h0, cfg.complex))
-  return a_p, b_p, h0_p
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lin_scan(cfg: _LinCfg, seq_len: int, a, b, h0):
-  return _lin_scan_fwd(cfg, seq_len, a, b, h0)[0]
-
-
-def _lin_scan_fwd(cfg, seq_len, a, b, h0):
-  a_p, b_p, h0_p = _lin_prepare(cfg, a, b, h0)
-  h_p, last_p = _lin_fwd_call(cfg, a_p, b_p, h0_p)
-  h = _join(tuple(x[:, :seq_len] for x in h_p), cfg.complex)
-  last = _join(last_p, cfg.complex)
-  return (h, last), (a_p, h_p, h0_p, a, b, h0)
-
-
-def _lin_scan_bwd(cfg, seq_len, res, cts):
-  a_p, h_p, h0_p, a, b, h0 = res
-  g, dlast = cts
-  g_p = tuple(_pad_time(x.astype(_F32), cfg.seq_len) for x in _split(g, cfg.complex))
-  dl_p = tuple(x.astype(_F32) for x in _split(dlast, cfg.complex))
-  da_p, db_p, dh0_p = _lin_bwd_call(cfg, a_p, h_p, g_p, h0_p, dl_p)
-  da = _join(tuple(x[:, :seq_len] for x in da_p), cfg.complex)
-  db = _join(tuple(x[:, :seq_len] for x in db_p), cfg.complex)
-  dh0 = _join(dh0_p, cfg.complex)
-  return (_cotangent(da, a), _cotangent(db, b), _cotangent(dh0, h0))
-
-
-def _cotangent(d, x):
-  """Cast a float32/complex64 gradient to the primal's dtype (real part for a real primal)."""
-  if not jnp.iscomplexobj(x) and jnp.iscomplexobj(d):
-    d = jnp.real(d)
-  return d.astype(x.dtype)
-
-
-_lin_scan.defvjp(_lin_scan_fwd, _lin_scan_bwd)
-
-
-def linear_scan_pallas(a, b, h0=None, *, reverse: bool = False, interpret: bool = False):
-  """h[t] = a[t] h[t-1] + b[t] by the kernel; returns (h, final state).
-
-  a, b: (batch, length, D) float32/bfloat16 or complex64 (complex as re/im planes);
-  h0: (batch, D) or None. h has dtype result_type(a, b) (complex if either is);
-  the final state is float32/complex64.
-  """
-  check_linear_scan_pallas(a, b)
-  is_complex = jnp.iscomplexobj(a) or jnp.iscomplexobj(b)
-  if is_complex:
-    a, b = a.astype(jnp.complex64), b.astype(jnp.complex64)
-  bsz, seq_len, dim = a.shape
-  if h0 is None:
-    h0 = jnp.zeros((bsz, dim), jnp.complex64 if is_complex else _F32)
-  h0 = h0.astype(jnp.complex64 if is_complex else _F32)
-  cfg = _LinCfg(batch=bsz, seq_len=_pad_len(seq_len), dim=dim, complex=is_complex,
-                reverse=reverse, interpret=interpret)
-  return _lin_scan(cfg, seq_len, a, b, h0)
-
-
-# ---------------------------------------------------------------------------------------------
-# selective_scan
-# ---------------------------------------------------------------------------------------------
-
-
-def check_selective_scan_pallas(u, A, B):
+def check_supported(u, A, B) -> None:
   """ValueError when the kernel cannot take these shapes/dtypes. B is (b, l, g, n)."""
   d_inner, n_state = A.shape
   groups = B.shape[2]
@@ -435,22 +74,14 @@ def check_selective_scan_pallas(u, A, B):
 
 
 @dataclasses.dataclass(frozen=True)
-class _SSCfg:
-  batch: int
-  seq_len: int  # padded
-  dim: int
+class _SSCfg(ScanCfg):
   n_state: int
   groups: int
   softplus: bool
   has_z: bool
   save_states: bool
-  interpret: bool
   bwd_segments: int = 1  # parallel pieces of each sequence in the backward
   true_len: int = 0  # the unpadded length (0: seq_len)
-
-  @property
-  def n_tiles(self) -> int:
-    return self.seq_len // CHUNK
 
   @property
   def group_blocks(self) -> int:  # channel blocks per group
@@ -483,14 +114,14 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else [])
   arrays = dict(u=u, dt=dt, z=z, bm=bm, cm=cm)
   per_stage = sum(CHUNK * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * CHUNK * N * 4
-  stages = _stages(nt, per_stage)
+  stages = stage_count(nt, per_stage)
   out_type = [jax.ShapeDtypeStruct(u.shape, u.dtype),
-              jax.ShapeDtypeStruct((cfg.batch, N, cfg.dim), _F32)]
+              jax.ShapeDtypeStruct((cfg.batch, N, cfg.dim), F32)]
   if cfg.save_states:
-    out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len // BWD_TILE, N, cfg.dim), _F32))
+    out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len // BWD_TILE, N, cfg.dim), F32))
   smem_names = tile_names + ["bm", "cm"]
   scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
-  scratch += [plgpu.SMEM((stages, CHUNK, N), _F32)] * 2
+  scratch += [plgpu.SMEM((stages, CHUNK, N), F32)] * 2
   scratch.append(plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages))
   in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "h0t"]
   out_names = ["y", "final"] + (["states"] if cfg.save_states else [])
@@ -505,7 +136,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
     fetch = functools.partial(_ss_tiles, cfg, tile_names, refs, smem, bars, bi, gi, cols)
     for i in range(stages):
       fetch(i, i)
-    vec = lambda r: _pallas.load(r, _LINE, interp)
+    vec = lambda r: _pallas.load(r, LINE, interp)
     bias, dskip = vec(refs["bias"].at[cols]), vec(refs["dskip"].at[cols])
     a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
     h = tuple(vec(refs["h0t"].at[bi, j, cols]) for j in range(N))
@@ -516,9 +147,9 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
       bm_s, cm_s = smem["bm"].at[slot], smem["cm"].at[slot]
 
       def token(t, h):
-        x = vec(smem["dt"].at[slot, t]).astype(_F32) + bias
+        x = vec(smem["dt"].at[slot, t]).astype(F32) + bias
         delta = _softplus(x) if cfg.softplus else x
-        uu = vec(smem["u"].at[slot, t]).astype(_F32)
+        uu = vec(smem["u"].at[slot, t]).astype(F32)
         du = delta * uu
         y = dskip * uu
         h = list(h)
@@ -526,7 +157,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
           h[j] = jnp.exp2(delta * a2[j]) * h[j] + du * bm_s[t, j]
           y = y + h[j] * cm_s[t, j]
         if cfg.has_z:
-          zz = vec(smem["z"].at[slot, t]).astype(_F32)
+          zz = vec(smem["z"].at[slot, t]).astype(F32)
           y = y * (zz * jax.nn.sigmoid(zz))
         refs["y"][bi, n * CHUNK + t, cols] = y.astype(refs["y"].dtype)
         return tuple(h)
@@ -535,7 +166,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
         if cfg.save_states:
           for j in range(N):
             refs["states"][bi, n * (CHUNK // BWD_TILE) + part, j, cols] = h[j]
-        h = _unrolled(BWD_TILE, lambda t, h, o=part * BWD_TILE: token(o + t, h), h)
+        h = unrolled(BWD_TILE, lambda t, h, o=part * BWD_TILE: token(o + t, h), h)
       plgpu.commit_smem()
 
       @pl.when(n + stages < nt)
@@ -550,7 +181,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
-                        scratch_types=scratch, compiler_params=_params(),
+                        scratch_types=scratch, compiler_params=params(),
                         kernel_name="selective_scan_fwd")
   arrays.update(bias=bias, dskip=dskip, a2t=a2t, h0t=h0t)
   return call(*(arrays[k] for k in in_names))
@@ -592,13 +223,13 @@ def _mgpu_bfly(dist: int, vals):
   return out
 
 
-def _one_reg(x):  # the thread's single element of a (128,) _LINE array
+def _one_reg(x):  # the thread's single element of a (128,) LINE array
   return vector.extract(x.registers.flat[0], dynamic_position=[],
                         static_position=ir.DenseI64ArrayAttr.get([0]))
 
 
-@plgpu.inline_mgpu(arg_types=(_LINE, _LINE),
-                   return_type=plgpu.ShapeDtypeStruct((BLOCK_D,), _F32, layout=_LINE))
+@plgpu.inline_mgpu(arg_types=(LINE, LINE),
+                   return_type=plgpu.ShapeDtypeStruct((BLOCK_D,), F32, layout=LINE))
 def _first_step_gpu(ctx, lo, hi):
   del ctx
   (v,) = _mgpu_bfly(_WARP // 2, [_one_reg(lo), _one_reg(hi)])
@@ -607,7 +238,7 @@ def _first_step_gpu(ctx, lo, hi):
   return mgpu.FragmentedArray(_registers=regs, _layout=lo.layout, _is_signed=None)
 
 
-@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) + (_LINE,) * (_WARP // 2))
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) + (LINE,) * (_WARP // 2))
 def _finish_gpu(ctx, row_ref, *parts):
   """Steps 8..1, then lane l of warp w stores its sum of product l at row_ref[w, l]."""
   del ctx
@@ -684,11 +315,11 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
   tile_names = ["dt", "dout"] + (["z"] if cfg.has_z else [])
   arrays = dict(dt=dt, z=z, dout=dout, cm=cm)
   per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + BWD_TILE * N * 4
-  stages = _stages(per, per_stage)
-  shape = jax.ShapeDtypeStruct((cfg.batch, segments - 1, N, cfg.dim), _F32)
+  stages = stage_count(per, per_stage)
+  shape = jax.ShapeDtypeStruct((cfg.batch, segments - 1, N, cfg.dim), F32)
   smem_names = tile_names + ["cm"]
   scratch = [plgpu.SMEM((stages, BWD_TILE, BLOCK_D), arrays[k].dtype) for k in tile_names]
-  scratch += [plgpu.SMEM((stages, BWD_TILE, N), _F32),
+  scratch += [plgpu.SMEM((stages, BWD_TILE, N), F32),
               plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
   in_names = tile_names + ["cm", "bias", "a2t"]
 
@@ -709,7 +340,7 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
 
     for i in range(stages):
       fetch(i, i)
-    vec = lambda r: _pallas.load(r, _LINE, interp)
+    vec = lambda r: _pallas.load(r, LINE, interp)
     bias = vec(refs["bias"].at[cols])
     a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
     zero = 0.0 * bias
@@ -721,16 +352,16 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
       def token(k, carry):
         g, sumd = carry
         t = BWD_TILE - 1 - k
-        x = vec(smem["dt"].at[slot, t]).astype(_F32) + bias
+        x = vec(smem["dt"].at[slot, t]).astype(F32) + bias
         delta = _softplus(x) if cfg.softplus else x
-        dy = vec(smem["dout"].at[slot, t]).astype(_F32)
+        dy = vec(smem["dout"].at[slot, t]).astype(F32)
         if cfg.has_z:
-          zz = vec(smem["z"].at[slot, t]).astype(_F32)
+          zz = vec(smem["z"].at[slot, t]).astype(F32)
           dy = dy * (zz * jax.nn.sigmoid(zz))
         g = tuple((g[j] + dy * smem["cm"][slot, t, j]) * jnp.exp2(delta * a2[j]) for j in range(N))
         return g, sumd + delta
 
-      carry = _unrolled(BWD_TILE, token, carry)
+      carry = unrolled(BWD_TILE, token, carry)
       plgpu.commit_smem()  # every thread is done with the slot
 
       @pl.when(step + stages < per)
@@ -747,7 +378,7 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
   call = _pallas.kernel(body, interpret=interp, out_type=(shape, shape),
                         grid=(cfg.dim // BLOCK_D, cfg.batch, segments - 1),
                         grid_names=("d", "b", "s"), scratch_types=scratch,
-                        compiler_params=_params(), kernel_name="selective_scan_bwd_segments")
+                        compiler_params=params(), kernel_name="selective_scan_bwd_segments")
   arrays.update(bias=bias, a2t=a2t)
   return call(*(arrays[k] for k in in_names))
 
@@ -783,21 +414,21 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
   red_len = BWD_TILE * width
   fixed = (BWD_TILE // SUB + SUB) * N * BLOCK_D * 4 + (_WARPS + 1) * red_len * 4
   per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * BWD_TILE * N * 4
-  stages = _stages(per, per_stage, fixed, most=2, budget=_BWD_SMEM)
+  stages = stage_count(per, per_stage, fixed, most=2, budget=_BWD_SMEM)
   big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), u.dtype)  # written once, in u's dtype
-  per_seg = lambda *shape: jax.ShapeDtypeStruct((bsz, segments) + shape, _F32)
+  per_seg = lambda *shape: jax.ShapeDtypeStruct((bsz, segments) + shape, F32)
   out_names = ["du", "ddt"] + (["dz"] if cfg.has_z else []) + ["dbc", "ddskip", "dbias", "da",
                                                                  "dh0"]
   out_type = [big, big] + ([big] if cfg.has_z else []) + [
-      jax.ShapeDtypeStruct((bsz, dim // BLOCK_D, cfg.seq_len * width), _F32),
+      jax.ShapeDtypeStruct((bsz, dim // BLOCK_D, cfg.seq_len * width), F32),
       per_seg(dim), per_seg(dim), per_seg(N, dim), per_seg(N, dim)]
   smem_names = tile_names + ["bm", "cm"]
   scratch = [plgpu.SMEM((stages, BWD_TILE, BLOCK_D), arrays[k].dtype) for k in tile_names]
-  scratch += [plgpu.SMEM((stages, BWD_TILE, N), _F32)] * 2
-  scratch += [plgpu.SMEM((BWD_TILE // SUB, N, BLOCK_D), _F32),  # state entering each sub-tile
-              plgpu.SMEM((SUB, N, BLOCK_D), _F32),  # state entering each token of a sub-tile
-              plgpu.SMEM((_WARPS, red_len), _F32),  # per-warp channel sums of the tile's rows
-              plgpu.SMEM((red_len,), _F32),  # the CTA's sums for the tile
+  scratch += [plgpu.SMEM((stages, BWD_TILE, N), F32)] * 2
+  scratch += [plgpu.SMEM((BWD_TILE // SUB, N, BLOCK_D), F32),  # state entering each sub-tile
+              plgpu.SMEM((SUB, N, BLOCK_D), F32),  # state entering each token of a sub-tile
+              plgpu.SMEM((_WARPS, red_len), F32),  # per-warp channel sums of the tile's rows
+              plgpu.SMEM((red_len,), F32),  # the CTA's sums for the tile
               plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
   in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "states", "g_in"]
   red_line = plgpu.Layout.WG_STRIDED((red_len,), vec_size=1)
@@ -814,7 +445,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
     fetch = functools.partial(_ss_tiles, cfg, tile_names, refs, smem, bars, bi, gi, cols)
     for i in range(stages):
       fetch(last - i, i, size=BWD_TILE)
-    vec = lambda r: _pallas.load(r, _LINE, interp)
+    vec = lambda r: _pallas.load(r, LINE, interp)
     bias, dskip = vec(refs["bias"].at[cols]), vec(refs["dskip"].at[cols])
     a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
     zero = 0.0 * bias
@@ -828,9 +459,9 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
       tiles = {k: smem[k].at[slot] for k in smem_names}
 
       def inputs(t):
-        x = vec(tiles["dt"].at[t]).astype(_F32) + bias
+        x = vec(tiles["dt"].at[t]).astype(F32) + bias
         delta = _softplus(x) if cfg.softplus else x
-        return x, delta, vec(tiles["u"].at[t]).astype(_F32)
+        return x, delta, vec(tiles["u"].at[t]).astype(F32)
 
       def advance(h, t):
         _, delta, uu = inputs(t)
@@ -840,7 +471,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
       def entry(s, h):  # pass 1: the state entering every sub-tile
         for j in range(N):
           subs[s, j, :] = h[j]
-        return _unrolled(SUB, lambda r, h: tuple(advance(h, s * SUB + r)), h, unroll=2)
+        return unrolled(SUB, lambda r, h: tuple(advance(h, s * SUB + r)), h, unroll=2)
 
       h = tuple(vec(refs["states"].at[bi, n, j, cols]) for j in range(N))
       h = lax.fori_loop(0, BWD_TILE // SUB - 1, entry, h)
@@ -862,12 +493,12 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
         bt = [tiles["bm"][t, j] for j in range(N)]
         ct = [tiles["cm"][t, j] for j in range(N)]
         ht = [dec[j] * hp[j] + du * bt[j] for j in range(N)]
-        dout = vec(tiles["dout"].at[t]).astype(_F32)
+        dout = vec(tiles["dout"].at[t]).astype(F32)
         if cfg.has_z:
           y = dskip * uu
           for j in range(N):
             y = y + ht[j] * ct[j]
-          zz = vec(tiles["z"].at[t]).astype(_F32)
+          zz = vec(tiles["z"].at[t]).astype(F32)
           sgm = jax.nn.sigmoid(zz)
           dy = dout * (zz * sgm)
           refs["dz"][bi, pos, cols] = (dout * y * (sgm * (1.0 + zz * (1.0 - sgm)))).astype(
@@ -893,7 +524,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
         refs["du"][bi, pos, cols] = (dy * dskip + d_du * delta).astype(refs["du"].dtype)
         if not cfg.softplus and 0 < cfg.true_len < cfg.seq_len:
           # a padded step (delta = 0) still sees the final state's cotangent: not part of dbias
-          ddelta = ddelta * (pos < cfg.true_len).astype(_F32)
+          ddelta = ddelta * (pos < cfg.true_len).astype(F32)
         return tuple(g), (tuple(da), dd, db + ddelta)
 
       def sub_back(k, carry):  # pass 2, sub-tiles last first
@@ -944,7 +575,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(dim // BLOCK_D, bsz, segments), grid_names=("d", "b", "s"),
-                        scratch_types=scratch, compiler_params=_params(),
+                        scratch_types=scratch, compiler_params=params(),
                         kernel_name="selective_scan_bwd")
   arrays.update(bias=bias, dskip=dskip, a2t=a2t, states=states, g_in=g_in)
   outs = list(call(*(arrays[k] for k in in_names)))
@@ -956,18 +587,18 @@ def _ss_prepare(cfg: _SSCfg, seq_len, u, delta, z, B, C, bias, dskip, A, h0):
   """Kernel operands: padded in time with identity steps (dt = 0), B/C group-major."""
   Lp = cfg.seq_len
   if cfg.softplus:
-    dt_p = _pad_time(delta, Lp, _PAD_DELTA)
+    dt_p = pad_time(delta, Lp, _PAD_DELTA)
   else:  # delta + bias = 0 exactly on the padded tokens
     pad = Lp - seq_len
     tail = jnp.broadcast_to(-bias.astype(delta.dtype), (delta.shape[0], pad, delta.shape[2]))
     dt_p = jnp.concatenate([delta, tail], axis=1) if pad else delta
-  u_p = _pad_time(u, Lp)
-  z_p = None if z is None else _pad_time(z, Lp)
-  bm = jnp.moveaxis(_pad_time(B.astype(_F32), Lp), 2, 1)  # (b, g, Lp, n)
-  cm = jnp.moveaxis(_pad_time(C.astype(_F32), Lp), 2, 1)
-  a2t = (A.astype(_F32) * _LOG2E).T
-  h0t = jnp.swapaxes(h0.astype(_F32), 1, 2)
-  return u_p, dt_p, z_p, bm, cm, bias.astype(_F32), dskip.astype(_F32), a2t, h0t
+  u_p = pad_time(u, Lp)
+  z_p = None if z is None else pad_time(z, Lp)
+  bm = jnp.moveaxis(pad_time(B.astype(F32), Lp), 2, 1)  # (b, g, Lp, n)
+  cm = jnp.moveaxis(pad_time(C.astype(F32), Lp), 2, 1)
+  a2t = (A.astype(F32) * _LOG2E).T
+  h0t = jnp.swapaxes(h0.astype(F32), 1, 2)
+  return u_p, dt_p, z_p, bm, cm, bias.astype(F32), dskip.astype(F32), a2t, h0t
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -989,9 +620,9 @@ def _ss_bwd(cfg, seq_len, res, cts):
   ops, states, u, delta, A, B, C, D, z, bias, h0 = res
   u_p, dt_p, z_p, bm, cm, bias_f, dskip_f, a2t, _ = ops
   dy, dfinal = cts
-  dy_p = _pad_time(dy.astype(u.dtype), cfg.seq_len)
+  dy_p = pad_time(dy.astype(u.dtype), cfg.seq_len)
   outs = _ss_bwd_call(cfg, cfg.bwd_segments, u_p, dt_p, z_p, dy_p, bm, cm, bias_f, dskip_f, a2t, states,
-                      jnp.swapaxes(dfinal.astype(_F32), 1, 2))
+                      jnp.swapaxes(dfinal.astype(F32), 1, 2))
   du, ddt = outs[0], outs[1]
   dz = outs[2] if cfg.has_z else None
   dbc, ddskip, dbias, da, dh0 = outs[3:] if cfg.has_z else outs[2:]
@@ -1022,24 +653,24 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
   (None: `bwd_segments` for the device's SM count on a GPU, 1 when interpreting); it must
   divide the number of BWD_TILE-token tiles.
   """
-  check_selective_scan_pallas(u, A, B)
+  check_supported(u, A, B)
   bsz, seq_len, dim = u.shape
   n_state = A.shape[1]
   if delta.dtype != u.dtype:
     delta = delta.astype(u.dtype)
   if z is not None and z.dtype != u.dtype:
     z = z.astype(u.dtype)
-  D = jnp.zeros((dim,), _F32) if D is None else D
-  bias = jnp.zeros((dim,), _F32) if delta_bias is None else delta_bias
-  h0 = jnp.zeros((bsz, dim, n_state), _F32) if h0 is None else h0
-  n_tiles = _pad_len(seq_len) // BWD_TILE
+  D = jnp.zeros((dim,), F32) if D is None else D
+  bias = jnp.zeros((dim,), F32) if delta_bias is None else delta_bias
+  h0 = jnp.zeros((bsz, dim, n_state), F32) if h0 is None else h0
+  n_tiles = pad_len(seq_len) // BWD_TILE
   if bwd_segments is None:
-    sms = getattr(jax.devices()[0], "core_count", 0) if not interpret else 0
+    sms = 0 if interpret else _impl.num_sms()
     bwd_segments = bwd_segments_for(bsz, dim, n_tiles, sms) if sms else 1
   if bwd_segments < 1 or n_tiles % bwd_segments:
     raise ValueError(f"selective_scan (pallas): bwd_segments = {bwd_segments} must divide the "
                      f"{n_tiles} backward tiles of {BWD_TILE} tokens")
-  cfg = _SSCfg(batch=bsz, seq_len=_pad_len(seq_len), dim=dim, n_state=n_state,
+  cfg = _SSCfg(batch=bsz, seq_len=pad_len(seq_len), dim=dim, n_state=n_state,
                groups=B.shape[2], softplus=bool(delta_softplus), has_z=z is not None,
                save_states=False, interpret=interpret, bwd_segments=bwd_segments,
                true_len=seq_len)
