@@ -38,6 +38,8 @@ import sys
 
 from absl import app, flags
 
+from train import cli
+
 log = logging.getLogger(__name__)
 
 SPLITS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
@@ -271,15 +273,7 @@ def _cli(argv: list[str]) -> None:
     sys.exit(1)
 
 
-def _cli_parse(argv: list[str]) -> list[str]:
-  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print((__doc__ or "").strip() + "\n\nflags:\n" + FLAGS.get_help())
-    sys.exit(0)
-  try:
-    return parse_flags(argv)
-  except app.UsageError as e:
-    print(f"train.evaluate: error: {e}  ({PROG} --helpshort lists the flags)", file=sys.stderr)
-    sys.exit(2)
+_cli_parse = cli.flags_parser("train.evaluate", PROG, __doc__, FLAGS, parse_flags)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ import warnings
 
 from absl import app, flags
 
+from train import cli
+
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 TASK_TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
                "pathfinder": "Pathfinder", "pathx": "Path-X"}
@@ -556,15 +558,7 @@ def main(argv: list[str] | None = None) -> int:
   return _run(parse_flags([PROG, *(sys.argv[1:] if argv is None else argv)]))
 
 
-def _cli_parse(argv: list[str]) -> list[str]:
-  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print((__doc__ or "").strip() + "\n\nflags:\n" + FLAGS.get_help())
-    sys.exit(0)
-  try:
-    return parse_flags(argv)
-  except app.UsageError as e:
-    print(f"lra_table: error: {e}  ({PROG} --helpshort lists the flags)", file=sys.stderr)
-    sys.exit(2)
+_cli_parse = cli.flags_parser("lra_table", PROG, __doc__, FLAGS, parse_flags)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,10 @@ def num_sms() -> int:
   return int(getattr(dev, "core_count", 0) or 0) if dev.platform == "gpu" else 0
 
 
-def interpret_mode() -> bool:
-  """Pallas kernels run with interpret=True off the GPU (slow, exact)."""
-  return not on_gpu()
+def interpret_mode(interpret: bool | None = None) -> bool:
+  """Pallas kernels run with interpret=True off the GPU (slow, exact); an explicit
+  `interpret` wins."""
+  return (not on_gpu()) if interpret is None else bool(interpret)
 
 
 def _passes(check) -> bool:

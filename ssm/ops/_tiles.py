@@ -220,6 +220,13 @@ def publish(pub, value, i, slot, *, in_bar, ready, free, flush_stores=False):
   return pub.at[half]
 
 
+def drain(free, n_blocks):
+  """The state-chain warpgroup's last wait: the consumer has read the tiles published for
+  the sweep's last two blocks (so no barrier of the pair is left mid-phase)."""
+  for i in range(max(n_blocks - 2, 0), n_blocks):
+    plgpu.barrier_wait(free.at[i % 2])
+
+
 def store(pairs):
   """Write register tiles to SMEM staging and start their TMA stores to GMEM."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's stores read the staging
@@ -236,6 +243,16 @@ def send(buf, value, dst):
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(buf, dst)
   plgpu.wait_smem_to_gmem(0)
+
+
+def send_async(buf, value, dst):
+  """Start the TMA store of a register tile through `buf`, one half of a double-buffered
+  staging pair: first wait until at most one store (the other half's) is in flight, so
+  the store sent from `buf` two blocks ago has read it."""
+  plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+  buf[...] = value.astype(buf.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(buf, dst)
 
 
 def finish_together(done):

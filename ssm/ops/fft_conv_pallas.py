@@ -503,8 +503,7 @@ def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool 
   Output dtype of u; y * gate when gate is given (the product is fused by XLA into the
   transpose that unpacks the kernel's output). Shapes are checked by ssm.ops.fft_conv.
   """
-  if interpret is None:
-    interpret = _pallas.interpret_mode()
+  interpret = _pallas.interpret_mode(interpret)
   check_supported(u.shape, k.shape, circular)
   y = _conv(u, k, circular, interpret)
   if gate is not None:

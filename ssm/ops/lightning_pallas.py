@@ -62,10 +62,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ssm.ops import _impl, _pallas
 from ssm.ops._impl import interpret_mode
-from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, feed as _feed,
-                            load_t as _load_t, mm as _mm, mm_init as _mm_init,
-                            pipeline as _pipeline, publish as _publish, rows as _rows,
-                            send as _send, smem as _smem, stage as _stage, store as _store)
+from ssm.ops._tiles import (BV, C, F32, MM, ROWS, SMEM_BUDGET, WGMMA, drain as _drain,
+                            feed as _feed,
+                            finish_together as _finish_together, load_t as _load_t,
+                            mm as _mm, mm_init as _mm_init, pipeline as _pipeline,
+                            publish as _publish, rows as _rows, send as _send,
+                            send_async as _send_async, smem as _smem, stage as _stage,
+                            store as _store)
 
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -224,8 +227,7 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
         return st
 
       st = lax.fori_loop(0, n_blocks, step, s0)
-      for n in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
-        plgpu.barrier_wait(s_free.at[n % 2])
+      _drain(s_free, n_blocks)
       _send(st_f32, st, ht_ref.at[bi, hi, cols])
 
     @pl.when(wg == 1)
@@ -248,17 +250,13 @@ def _forward(q, k, v, ld, h0t, cfg: _Cfg):
                      interpret=interpret)
         plgpu.barrier_arrive(s_free.at[half])
         plgpu.barrier_arrive(in_free.at[slot])
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of block n - 2 was sent
-        o_out.at[half][...] = o.astype(o_out.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[bi, rows, hi, cols])
+        _send_async(o_out.at[half], o, o_ref.at[bi, rows, hi, cols])
         return carry
 
       lax.fori_loop(0, n_blocks, step, None)
       plgpu.wait_smem_to_gmem(0)
 
-    plgpu.barrier_arrive(done)  # no warpgroup exits while another still issues wgmma
-    plgpu.barrier_wait(done)
+    _finish_together(done)
 
   scratch = dict(
       q_s=_smem((stages, C, dk)), k_s=_smem((stages, C, dk)), v_s=_smem((stages, C, BV)),
@@ -641,8 +639,7 @@ def lightning_attention_pallas(q, k, v, log_decay=None, h0=None, *, interpret=No
     o (B, L, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) float32.
   """
   check_supported(q, k, v)
-  if interpret is None:
-    interpret = interpret_mode()
+  interpret = interpret_mode(interpret)
   b, l, h, dk = q.shape
   dv = v.shape[-1]
   log_decay = jnp.zeros((h,), F32) if log_decay is None else jnp.asarray(log_decay, F32)

@@ -78,7 +78,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ssm.ops import _pallas
 from ssm.ops import _tiles as t
 from ssm.ops._segments import resets, run_index
-from ssm.ops._impl import interpret_mode
+from ssm.ops._impl import interpret_mode, num_sms
 from ssm.ops._tiles import BV, C, COLS, F32, MM, ROWS, SMEM_BUDGET, WGMMA
 
 HEAD_DIMS = (64, 128)    # P
@@ -163,6 +163,70 @@ def _decay(gc_r, gc_c, run_r, run_c, *, transposed, interpret):
   return jnp.exp(jnp.where(keep, expo, -jnp.inf))
 
 
+def _dims(q, v, cfg: _Cfg):
+  """Sizes of a kernel call on q (B, Lp, G, N) and v (B, Lp, H, P): B, Lp, G, N, H, P, heads
+  per group, blocks, value tiles, and the dtype of per-head dB / dC partials (float32 when
+  a head's value tiles are summed after)."""
+  b, lp, g, n = q.shape
+  h, p = v.shape[2:]
+  nvt = p // BV
+  return b, lp, g, n, h, p, h // g, lp // C, nvt, (F32 if nvt > 1 else cfg.out_dtype)
+
+
+def _unpack(refs, n_tiles, vec_names, has_seg, *optional):
+  """A kernel's refs in groups: its n_tiles tile inputs, its per-token vectors by name
+  (and "run" with has_seg), one ref or None per optional input present or not, and the
+  outputs."""
+  refs = list(refs)
+  tiles, refs = refs[:n_tiles], refs[n_tiles:]
+  vrefs = dict(zip(vec_names, refs[:len(vec_names)]))
+  refs = refs[len(vec_names):]
+  if has_seg:
+    vrefs["run"] = refs.pop(0)
+  opts = [refs.pop(0) if present else None for present in optional]
+  return tiles, vrefs, opts, refs
+
+
+def _ids(heads_per_group):
+  """This CTA's batch row, head, value tile, group, value columns and warpgroup."""
+  bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+  return bi, hi, vi, hi // heads_per_group, pl.ds(vi * BV, BV), lax.axis_index("wg")
+
+
+def _consumer(n_blocks, stages, in_bar, vbufs, step, *, order=lambda i: i, interpret):
+  """A compute warpgroup's sweep: for the i-th block of the sweep (block nb = order(i),
+  ring slot i % stages, published tile i % 2), wait until its inputs have landed, then
+  step(nb, slot, half, rows, ld) with rows its tokens and ld(name, layout) loading its
+  per-token vector `name`; at the end wait for the warpgroup's last stores."""
+  t.consumer_registers(interpret)
+
+  def body(i, carry):
+    nb, slot = order(i), lax.rem(i, stages)
+    plgpu.barrier_wait(in_bar.at[slot])
+    ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+    step(nb, slot, lax.rem(i, 2), pl.ds(nb * C, C), ld)
+    return carry
+
+  lax.fori_loop(0, n_blocks, body, None)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _ws_scratch(stages, n, vec_bufs, *, tiles, pub="s", **extra):
+  """SMEM of a warp-specialised sweep: the input rings (C and B tiles, the (C, 64) tiles
+  named in `tiles`, one per per-token vector), their landed / released barriers, the
+  double-buffered state tile `{pub}_pub` with its ready / free barriers, and `done`."""
+  return dict(
+      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)),
+      **{name: t.smem((stages, C, BV)) for name in tiles},
+      **{f"{pub}_pub": t.smem((2, BV, n))},
+      in_bar=plgpu.Barrier(num_arrivals=2 + len(tiles) + len(vec_bufs), num_barriers=stages),
+      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      **{f"{pub}_ready": plgpu.Barrier(num_barriers=2),
+         f"{pub}_free": plgpu.Barrier(num_barriers=2)},
+      done=plgpu.Barrier(num_arrivals=3),
+      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs}, **extra)
+
+
 def _d_scalar(d_ref, d_s, d_bar, hi):
   """D of head hi (through the SMEM vector d_s), or None without D (d_ref None)."""
   if d_ref is None:
@@ -213,8 +277,7 @@ def _state_chain(s0, v_s, k_s, vbufs, s_pub, in_bar, in_free, s_ready, s_free, n
     return st
 
   st = lax.fori_loop(0, n_blocks, step, s0)
-  for nb in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of s_pub
-    plgpu.barrier_wait(s_free.at[nb % 2])
+  t.drain(s_free, n_blocks)
   return st
 
 
@@ -258,19 +321,9 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
   def body(*refs, q_s, k_s, v_s, s_pub, o_out, st_f32, d_s, in_bar, in_free, s_ready, s_free,
            h0_bar, d_bar, done, **vbufs):
-    refs = list(refs)
-    q_ref, k_ref, v_ref = refs[:3]
-    vrefs = dict(zip(("gc", "w", "qd", "kd"), refs[3:7]))
-    refs = refs[7:]
-    if has_seg:
-      vrefs["run"] = refs.pop(0)
-    d_ref = refs.pop(0) if has_d else None
-    h0_ref = refs.pop(0) if has_h0 else None
-    y_ref, ht_ref = refs
-    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    gi = hi // r
-    cols = pl.ds(vi * BV, BV)
-    wg = lax.axis_index("wg")
+    (q_ref, k_ref, v_ref), vrefs, (d_ref, h0_ref), (y_ref, ht_ref) = _unpack(
+        refs, 3, ("gc", "w", "qd", "kd"), has_seg, has_d, has_h0)
+    bi, hi, vi, gi, cols, wg = _ids(r)
 
     @pl.when(wg == 2)
     def _memory():
@@ -297,14 +350,9 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
     @pl.when(wg == 1)
     def _output():
-      t.consumer_registers(interpret)
       d_h = _d_scalar(d_ref, d_s, d_bar, hi)
 
-      def step(nb, carry):
-        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
-        rows = pl.ds(nb * C, C)
-        plgpu.barrier_wait(in_bar.at[slot])
-        ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+      def step(nb, slot, half, rows, ld):
         m = _block_m(vbufs, slot, has_seg, interpret)
         scores = t.mm_init(q_s.at[slot], k_s.at[slot], (C, C), tb=True, interpret=interpret)
         pm = (scores * m).astype(MM)
@@ -316,26 +364,16 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
         y = t.mm_init(pm, v_s.at[slot], (C, BV), init=init, interpret=interpret)
         plgpu.barrier_arrive(s_free.at[half])
         plgpu.barrier_arrive(in_free.at[slot])
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of block nb - 2 was sent
-        o_out.at[half][...] = y.astype(o_out.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_out.at[half], y_ref.at[bi, rows, hi, cols])
-        return carry
+        t.send_async(o_out.at[half], y, y_ref.at[bi, rows, hi, cols])
 
-      lax.fori_loop(0, n_blocks, step, None)
-      plgpu.wait_smem_to_gmem(0)
+      _consumer(n_blocks, stages, in_bar, vbufs, step, interpret=interpret)
 
     t.finish_together(done)
 
-  scratch = dict(
-      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)), v_s=t.smem((stages, C, BV)),
-      s_pub=t.smem((2, BV, n)), o_out=t.stage((2, C, BV), cfg.out_dtype),
-      st_f32=plgpu.SMEM((BV, n), F32), d_s=plgpu.SMEM((C,), F32),
-      in_bar=plgpu.Barrier(num_arrivals=3 + len(vec_bufs), num_barriers=stages),
-      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      s_ready=plgpu.Barrier(num_barriers=2), s_free=plgpu.Barrier(num_barriers=2),
-      h0_bar=plgpu.Barrier(), d_bar=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3),
-      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs})
+  scratch = _ws_scratch(
+      stages, n, vec_bufs, tiles=["v_s"], o_out=t.stage((2, C, BV), cfg.out_dtype),
+      st_f32=plgpu.SMEM((BV, n), F32), d_s=plgpu.SMEM((C,), F32), h0_bar=plgpu.Barrier(),
+      d_bar=plgpu.Barrier())
   out_type = (jax.ShapeDtypeStruct((b, lp, h, p), cfg.out_dtype),
               jax.ShapeDtypeStruct((b, h, p, n), F32))
   args = (q, k, v, vec.gc, vec.w, vec.qd, vec.kd)
@@ -388,11 +426,7 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
   bf16 (the reverse sweep pairs it with the state gradient). Warp-specialised forward
   sweep from h0 as the forward kernel: WG0 the state chain (publishing each block's
   entering state to WG1 and to GMEM), WG1 dC, WG2 the loads."""
-  b, lp, g, n = q.shape
-  h, p = v.shape[2:]
-  r = h // g
-  n_blocks, nvt = lp // C, p // BV
-  dq_dtype = F32 if nvt > 1 else cfg.out_dtype
+  b, lp, g, n, h, p, r, n_blocks, nvt, dq_dtype = _dims(q, v, cfg)
   interpret, has_h0, has_seg = cfg.interpret, cfg.has_h0, cfg.has_seg
   stages = _dc_stages(n, cfg, dq_dtype)
   vec_bufs = ["kd_c", "qd_0", "gc_r", "gc_c", "w_c", "qd_r"] + (["run_r", "run_c"] * has_seg)
@@ -400,18 +434,9 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
 
   def body(*refs, q_s, k_s, v_s, do_s, s_pub, dq_stage, dg_stage, in_bar, in_free, s_ready,
            s_free, h0_bar, done, st_f32=None, **vbufs):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref = refs[:4]
-    vrefs = dict(zip(("gc", "w", "qd", "kd"), refs[4:8]))
-    refs = refs[8:]
-    if has_seg:
-      vrefs["run"] = refs.pop(0)
-    h0_ref = refs.pop(0) if has_h0 else None
-    dq_ref, dg_ref, sb_ref = refs
-    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    gi = hi // r
-    cols = pl.ds(vi * BV, BV)
-    wg = lax.axis_index("wg")
+    (q_ref, k_ref, v_ref, do_ref), vrefs, (h0_ref,), (dq_ref, dg_ref, sb_ref) = _unpack(
+        refs, 4, ("gc", "w", "qd", "kd"), has_seg, has_h0)
+    bi, hi, vi, gi, cols, wg = _ids(r)
 
     @pl.when(wg == 2)
     def _memory():
@@ -429,13 +454,7 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
 
     @pl.when(wg == 1)
     def _grads():
-      t.consumer_registers(interpret)
-
-      def step(nb, carry):
-        slot, half = lax.rem(nb, stages), lax.rem(nb, 2)
-        rows = pl.ds(nb * C, C)
-        plgpu.barrier_wait(in_bar.at[slot])
-        ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+      def step(nb, slot, half, rows, ld):
         m = _block_m(vbufs, slot, has_seg, interpret)
         dot = do_s.at[slot]
         dp = t.mm(dot, v_s.at[slot], (C, C), tb=True, interpret=interpret)  # dy_i . x_j
@@ -451,22 +470,14 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
         dq = inter * t.rows(qd, (C, n)) + intra
         t.store([(dq_stage, dq, dq_ref.at[vi, bi, rows, hi]),
                  (dg_stage, (dq * qq).sum(axis=1), dg_ref.at[vi, bi, hi, rows])])
-        return carry
 
-      lax.fori_loop(0, n_blocks, step, None)
-      plgpu.wait_smem_to_gmem(0)
+      _consumer(n_blocks, stages, in_bar, vbufs, step, interpret=interpret)
 
     t.finish_together(done)
 
-  scratch = dict(
-      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)), v_s=t.smem((stages, C, BV)),
-      do_s=t.smem((stages, C, BV)), s_pub=t.smem((2, BV, n)),
-      dq_stage=t.stage((C, n), dq_dtype), dg_stage=plgpu.SMEM((C,), F32),
-      in_bar=plgpu.Barrier(num_arrivals=4 + len(vec_bufs), num_barriers=stages),
-      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      s_ready=plgpu.Barrier(num_barriers=2), s_free=plgpu.Barrier(num_barriers=2),
-      h0_bar=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3),
-      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs})
+  scratch = _ws_scratch(
+      stages, n, vec_bufs, tiles=["v_s", "do_s"], dq_stage=t.stage((C, n), dq_dtype),
+      dg_stage=plgpu.SMEM((C,), F32), h0_bar=plgpu.Barrier())
   if has_h0:
     scratch["st_f32"] = plgpu.SMEM((BV, n), F32)
   out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, n), dq_dtype),
@@ -497,11 +508,7 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
   partial sums over the state's rows (P of them, at the block's first P positions), and
   x_t . dy_t (with D). (<E, S_after> is the sum of the two block-end terms, but with the
   state after the block rounded to bf16 its dA was 4x further from the reference.)"""
-  b, lp, g, n = q.shape
-  h, p = v.shape[2:]
-  r = h // g
-  n_blocks, nvt = lp // C, p // BV
-  dk_dtype = F32 if nvt > 1 else cfg.out_dtype
+  b, lp, g, n, h, p, r, n_blocks, nvt, dk_dtype = _dims(q, v, cfg)
   interpret, has_d, has_seg = cfg.interpret, cfg.has_d, cfg.has_seg
   # A float32 dB staging tile, when there is one, also stages E in and out (same shape:
   # C == BV); WG0 takes it back only once WG1's last stores have read it.
@@ -515,20 +522,11 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
   def body(*refs, q_s, k_s, v_s, do_s, sb_s, e_pub, dk_stage, dx_stage, sum_stage, es_stage,
            d_s, in_bar, in_free, e_ready, e_free, sb_bar, misc_bar, d_bar, stores_done, done,
            e_f32=None, **vbufs):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, sb_ref = refs[:5]
-    vrefs = dict(zip(("gc", "w", "qd", "kn"), refs[5:9]))
-    refs = refs[9:]
-    if has_seg:
-      vrefs["run"] = refs.pop(0)
-    d_ref = refs.pop(0) if has_d else None
-    dht_ref = refs.pop(0)
-    dk_ref, dx_ref, dh0_ref, sums_ref = refs
+    (q_ref, k_ref, v_ref, do_ref, sb_ref), vrefs, (d_ref, dht_ref), outs = _unpack(
+        refs, 5, ("gc", "w", "qd", "kn"), has_seg, has_d, True)
+    dk_ref, dx_ref, dh0_ref, sums_ref = outs
     e_buf = dk_stage if share_e else e_f32
-    bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    gi = hi // r
-    cols = pl.ds(vi * BV, BV)
-    wg = lax.axis_index("wg")
+    bi, hi, vi, gi, cols, wg = _ids(r)
     order = lambda i: n_blocks - 1 - i   # the i-th block of the sweep
     sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
                            vec_srcs, bi, hi, gi, cols)
@@ -570,8 +568,7 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
         return e
 
       e = lax.fori_loop(0, n_blocks, step, e0)
-      for i in range(max(n_blocks - 2, 0), n_blocks):  # WG1's last reads of e_pub
-        plgpu.barrier_wait(e_free.at[i % 2])
+      t.drain(e_free, n_blocks)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       if share_e:
         plgpu.barrier_wait(stores_done)
@@ -579,14 +576,9 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
 
     @pl.when(wg == 1)
     def _grads():
-      t.consumer_registers(interpret)
       d_h = _d_scalar(d_ref, d_s, d_bar, hi)
 
-      def step(i, carry):
-        nb, slot, half = order(i), lax.rem(i, stages), lax.rem(i, 2)
-        rows = pl.ds(nb * C, C)
-        plgpu.barrier_wait(in_bar.at[slot])
-        ld = lambda name, layout: _vec(vbufs[name], slot, layout, interpret)
+      def step(nb, slot, half, rows, ld):
         qt, kt, vt, dot = q_s.at[slot], k_s.at[slot], v_s.at[slot], do_s.at[slot]
         pt, dpt = t.mm_group([([(kt, qt, True)], (C, C)),                 # B_j . C_i
                               ([(vt, dot, True)], (C, C))],               # x_j . dy_i
@@ -619,26 +611,18 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
                  (dx_stage, dx, dx_ref.at[bi, rows, hi, cols])]
                 + [(sum_stage.at[j], s_j, sums_ref.at[plane, vi, bi, hi, rows])
                    for j, (plane, s_j) in enumerate(sums)])
-        return carry
 
-      lax.fori_loop(0, n_blocks, step, None)
-      plgpu.wait_smem_to_gmem(0)
+      _consumer(n_blocks, stages, in_bar, vbufs, step, order=order, interpret=interpret)
       plgpu.barrier_arrive(stores_done)
 
     t.finish_together(done)
 
-  scratch = dict(
-      q_s=t.smem((stages, C, n)), k_s=t.smem((stages, C, n)), v_s=t.smem((stages, C, BV)),
-      do_s=t.smem((stages, C, BV)), sb_s=t.smem((BV, n)), e_pub=t.smem((2, BV, n)),
-      dk_stage=t.stage((C, n), dk_dtype),
-      dx_stage=t.stage((C, BV), cfg.out_dtype), sum_stage=plgpu.SMEM((n_sums - 1, C), F32),
-      es_stage=plgpu.SMEM((BV,), F32), d_s=plgpu.SMEM((C,), F32),
-      in_bar=plgpu.Barrier(num_arrivals=len(vec_bufs) + 4, num_barriers=stages),
-      in_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      e_ready=plgpu.Barrier(num_barriers=2), e_free=plgpu.Barrier(num_barriers=2),
-      sb_bar=plgpu.Barrier(), misc_bar=plgpu.Barrier(), d_bar=plgpu.Barrier(),
-      stores_done=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3),
-      **{name: plgpu.SMEM((stages, C), F32) for name in vec_bufs})
+  scratch = _ws_scratch(
+      stages, n, vec_bufs, tiles=["v_s", "do_s"], pub="e", sb_s=t.smem((BV, n)),
+      dk_stage=t.stage((C, n), dk_dtype), dx_stage=t.stage((C, BV), cfg.out_dtype),
+      sum_stage=plgpu.SMEM((n_sums - 1, C), F32), es_stage=plgpu.SMEM((BV,), F32),
+      d_s=plgpu.SMEM((C,), F32), sb_bar=plgpu.Barrier(), misc_bar=plgpu.Barrier(),
+      d_bar=plgpu.Barrier(), stores_done=plgpu.Barrier())
   if not share_e:
     scratch["e_f32"] = plgpu.SMEM((BV, n), F32)
   out_type = (jax.ShapeDtypeStruct((nvt, b, lp, h, n), dk_dtype),
@@ -857,13 +841,12 @@ def ssd_pallas(x, dt, A, B, Cm, *, D=None, h0=None, segment_ids=None, segments=N
     y (B, L, H, P) in x's dtype and the final state (B, H, P, N) float32.
   """
   check_supported(x, B, Cm)
-  if interpret is None:
-    interpret = interpret_mode()
+  interpret = interpret_mode(interpret)
   b, l, h, p = x.shape
   n_blocks = -(-l // C)
   if segments is None:
-    sms = None if interpret else getattr(jax.devices()[0], "core_count", None)
-    segments = 1 if not sms else auto_segments(b, h, p, n_blocks * C, sms)
+    sms = 0 if interpret else num_sms()
+    segments = auto_segments(b, h, p, n_blocks * C, sms) if sms else 1
   if (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1
       or n_blocks % segments):
     raise ValueError(f"ssd_pallas: segments={segments!r} must be a positive int dividing "
