@@ -48,10 +48,7 @@ def main(argv):
     checkpoint.shorten_orbax_errors()
     checkpoint.quiet_abandoned_reads()  # a failed save's threads print as it fails
   try:
-    # Multi-host jobs must connect before anything touches the devices.
-    from train import sharding
-    sharding.maybe_initialize_distributed()
-    from train import trainer
+    from train import trainer  # run() connects a multi-host job first thing
     out = trainer.run(_CONFIG.value, _WORKDIR.value)
   except BaseException as e:  # noqa: BLE001 -- reported in one line, or re-raised
     from train import errors

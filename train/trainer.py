@@ -66,6 +66,7 @@ import optax
 from flax import nnx
 
 from train import checkpoint as checkpoint_lib
+from train import chrono as chrono_lib
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as sharding_lib
@@ -355,22 +356,21 @@ def _bpb(summary: dict) -> dict:
 
 @dataclasses.dataclass
 class _Window:
-  """Host-side accumulation of train metrics between log lines."""
+  """Host-side sums of the train metrics between two log lines."""
   steps: int = 0
-  timed_steps: int = 0
   loss: float = 0.0
   accuracy: float = 0.0
   grad_norm: float = 0.0
-  examples: int = 0
-  start: float = dataclasses.field(default_factory=time.perf_counter)
 
-  def add(self, m: dict, examples: int) -> None:
+  def add(self, m: dict) -> None:
     self.steps += 1
-    self.timed_steps += 1
     self.loss += float(m["loss"])
     self.accuracy += float(m["accuracy"])
     self.grad_norm += float(m["grad_norm"])
-    self.examples += examples
+
+  def means(self) -> dict:
+    return dict(loss=self.loss / self.steps, accuracy=self.accuracy / self.steps,
+                grad_norm=self.grad_norm / self.steps)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -446,135 +446,138 @@ def nonfinite_message(step: int, m: dict, last_saved: int | None, workdir: str) 
           f"{kept}. {advice}.")
 
 
-def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, t_start,
-         restored):
-  tc = config.train
-  mesh = trainer.mesh
-  best = dict(accuracy=None, step=None)
-  # Wall time of the step loops (evaluation and saving included) that led to the state,
-  # summed over resumes through the checkpoint meta; what a killed process did after its
-  # last checkpoint is lost with it and not counted. `runs` counts those processes.
-  earlier = dict(train_time_s=0.0, runs=0)
-  if restored is None:
-    state, rngs = trainer.init_state()
-    start = 0
-    moved = writer.resume_at(0)  # records of a process killed before its first checkpoint
-    if moved:
-      log.info("%d metrics records of an earlier start moved to metrics_superseded.jsonl",
-               moved)
-  else:
-    start, state, loader_state, meta = restored
-    rngs = trainer.init_rngs()
-    loader.set_state(loader_state)
-    best = dict(accuracy=meta.get("best_val_accuracy"), step=meta.get("best_val_step"))
-    earlier = dict(train_time_s=float(meta.get("train_time_s") or 0.0),
-                   runs=int(meta.get("runs") or 1))  # older checkpoints: at least one run
-    log.info("resumed from step %d", start)
-    moved = writer.resume_at(start)
-    if moved:
-      log.info("%d metrics records past step %d (work lost with the last process) moved to "
-               "metrics_superseded.jsonl", moved, start)
-  if int(jax.device_get(state.step)) != start:
-    raise RuntimeError(f"checkpoint step {start} holds a train state at step "
-                       f"{int(jax.device_get(state.step))}")
-  end = tc.num_steps if not 0 < tc.halt_at_step < tc.num_steps else tc.halt_at_step
-  progress = metrics_lib.Progress(tc.num_steps, initial=start)
-  last_saved = start if restored is not None else None
-  val = None
+class _Loop:
+  """One process's step loop over a restored or fresh state: steps, the one-step-late
+  finiteness check and logging, evaluation, best and periodic checkpoints, and stops on
+  signals; `run` returns whether a signal stopped it."""
 
-  t_loop = time.time()
+  def __init__(self, config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs,
+               restored):
+    self.tc, self.workdir, self.task, self.splits = config.train, workdir, task, splits
+    self.trainer, self.loader, self.ckpt, self.writer = trainer, loader, ckpt, writer
+    self.eval_bs = eval_bs
+    self.best = dict(accuracy=None, step=None)
+    if restored is None:
+      self.state, self.rngs = trainer.init_state()
+      self.start, meta = 0, None
+      moved = writer.resume_at(0)  # records of a process killed before its first checkpoint
+      if moved:
+        log.info("%d metrics records of an earlier start moved to metrics_superseded.jsonl",
+                 moved)
+    else:
+      self.start, self.state, loader_state, meta = restored
+      self.rngs = trainer.init_rngs()
+      loader.set_state(loader_state)
+      self.best = dict(accuracy=meta.get("best_val_accuracy"), step=meta.get("best_val_step"))
+      log.info("resumed from step %d", self.start)
+      moved = writer.resume_at(self.start)
+      if moved:
+        log.info("%d metrics records past step %d (work lost with the last process) moved "
+                 "to metrics_superseded.jsonl", moved, self.start)
+    held = int(jax.device_get(self.state.step))
+    if held != self.start:
+      raise RuntimeError(f"checkpoint step {self.start} holds a train state at step {held}")
+    tc = self.tc
+    self.end = tc.num_steps if not 0 < tc.halt_at_step < tc.num_steps else tc.halt_at_step
+    self.progress = metrics_lib.Progress(tc.num_steps, initial=self.start)
+    self.last_saved = self.start if restored is not None else None
+    self.val = None
+    self.chrono = chrono_lib.Chrono(meta)
+    self.window = _Window()
+    self.tokens_per_example = None
 
-  def meta():
-    return dict(best_val_accuracy=best["accuracy"], best_val_step=best["step"],
-                train_time_s=round(earlier["train_time_s"] + time.time() - t_loop, 2),
-                runs=earlier["runs"] + 1)
+  def meta(self) -> dict:
+    return dict(best_val_accuracy=self.best["accuracy"], best_val_step=self.best["step"],
+                **self.chrono.meta())
 
-  def check(step: int, m: dict) -> dict:
-    """Host view of step `step`'s metrics; stops on a non-finite loss or state."""
-    m = jax.device_get(m)
+  def flush(self, step: int, dev_m: dict, examples: int) -> bool:
+    """Checks and logs step `step`'s metrics (stopping on a non-finite loss or state);
+    returns whether some process asked to stop."""
+    m = jax.device_get(dev_m)
     if not bool(m["finite"]):
-      ckpt.wait()
-      raise NonFiniteLossError(nonfinite_message(step, m, last_saved, workdir))
-    return m
-
-  window = _Window()
-  tokens_per_example = None
-  pending = None  # (step, device metrics) of the last dispatched step, checked one step late
-
-  def flush(p) -> bool:
-    """Checks and logs one step's metrics; returns whether some process asked to stop."""
-    nonlocal window
-    step, dev_m, n_examples = p
-    m = check(step, dev_m)
-    window.add(m, n_examples)
-    if step == start + 1:  # the first step includes compilation: keep it out of throughput
-      log.info("first train step (with compilation) took %.1f s", time.perf_counter()
-               - window.start)
-      window.start, window.examples, window.timed_steps = time.perf_counter(), 0, 0
-    progress.live(step, dict(loss=float(m["loss"]), lr=float(m["lr"])))
-    if step % tc.log_every == 0 or step == end:
-      out = dict(loss=window.loss / window.steps, accuracy=window.accuracy / window.steps,
-                 grad_norm=window.grad_norm / window.steps, lr=float(m["lr"]))
-      if window.timed_steps:
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
-        ex_s = window.examples / elapsed
-        out.update(examples_per_s=ex_s, tokens_per_s=ex_s * tokens_per_example,
-                   step_time_s=elapsed / window.timed_steps)
-      writer.write(step, "train", out)
+      self.ckpt.wait()
+      raise NonFiniteLossError(nonfinite_message(step, m, self.last_saved, self.workdir))
+    self.window.add(m)
+    self.chrono.step(examples)
+    if step == self.start + 1:  # the first step includes compilation: not in throughput
+      log.info("first train step (with compilation) took %.1f s",
+               self.chrono.first_step_done())
+    self.progress.live(step, dict(loss=float(m["loss"]), lr=float(m["lr"])))
+    if step % self.tc.log_every == 0 or step == self.end:
+      out = dict(self.window.means(), lr=float(m["lr"]))
+      rates = self.chrono.rates()
+      if rates:
+        out.update(examples_per_s=rates["examples_per_s"],
+                   tokens_per_s=rates["examples_per_s"] * self.tokens_per_example,
+                   step_time_s=rates["step_time_s"])
+      self.writer.write(step, "train", out)
       shown = dict(loss=out["loss"], acc=out["accuracy"], lr=out["lr"])
-      if "examples_per_s" in out:
+      if rates:
         shown["ex_per_s"] = round(out["examples_per_s"], 1)
-      progress.line(step, shown, prefix="train")
-      window = _Window()
+      self.progress.line(step, shown, prefix="train")
+      self.window = _Window()
     return bool(m["stop"])
 
-  def save(step):
-    nonlocal last_saved
-    ckpt.save(step, state, loader.get_state(), meta())
-    last_saved = step
+  def validate(self, done: int) -> None:
+    t0 = time.perf_counter()
+    self.val = val = self.trainer.evaluate(self.state, self.rngs, self.splits["validation"],
+                                           self.eval_bs)
+    self.writer.write(done, "val", dict(loss=val["loss"], accuracy=val["accuracy"],
+                                        eval_time_s=time.perf_counter() - t0, **_bpb(val)))
+    self.progress.line(done, dict(loss=val["loss"], acc=val["accuracy"]), prefix="val")
+    if self.best["accuracy"] is None or val["accuracy"] > self.best["accuracy"]:
+      self.best = dict(accuracy=val["accuracy"], step=done)
+      self.ckpt.save_best(done, self.state, self.loader.get_state(), self.meta())
 
-  # Every process sees a stop request in the same step's metrics (Trainer.train_step), and
-  # the flushes below happen at the same steps everywhere, so all stop at the same `done`.
-  stopping = False
-  with sharding_lib.mesh_context(mesh), signals_lib.StopOnSignal() as signals:
-    for step in range(start, end):
-      local = next(loader)
-      if tokens_per_example is None:
-        tokens_per_example = _tokens_per_example(local, task)
-      batch = sharding_lib.global_batch(local, mesh)
-      state, dev_m = trainer.train_step(state, rngs, batch,
-                                        trainer.stop_flags(signals.requested))
+  def save(self, done: int) -> None:
+    self.ckpt.save(done, self.state, self.loader.get_state(), self.meta())
+    self.last_saved = done
+
+  def run(self, signals) -> bool:
+    """Steps from `start` to `end`. Every process sees a stop request in the same step's
+    metrics (Trainer.train_step), and the flushes happen at the same steps everywhere, so
+    all stop at the same step."""
+    tc, stopping = self.tc, False
+    pending = None  # (step, device metrics, examples) of the last step, checked one late
+    for step in range(self.start, self.end):
+      local = next(self.loader)
+      if self.tokens_per_example is None:
+        self.tokens_per_example = _tokens_per_example(local, self.task)
+      batch = sharding_lib.global_batch(local, self.trainer.mesh)
+      self.state, dev_m = self.trainer.train_step(
+          self.state, self.rngs, batch, self.trainer.stop_flags(signals.requested))
       if pending is not None:
-        stopping |= flush(pending)
+        stopping |= self.flush(*pending)
       pending = (step + 1, dev_m, tc.batch_size)
       done = step + 1
       evaluate_now = done % tc.eval_every == 0 or done == tc.num_steps
-      save_now = ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end
-                  or stopping)
+      save_now = ((tc.checkpoint_every and done % tc.checkpoint_every == 0)
+                  or done == self.end or stopping)
       if evaluate_now or save_now:
-        stopping |= flush(pending)  # every step up to `done` is known finite before saving
+        stopping |= self.flush(*pending)  # every step up to `done` is known finite first
         pending = None
         save_now = save_now or stopping
-      t_pause = time.perf_counter()
-      if evaluate_now:
-        t0 = time.perf_counter()
-        val = trainer.evaluate(state, rngs, splits["validation"], eval_bs)
-        writer.write(done, "val", dict(loss=val["loss"], accuracy=val["accuracy"],
-                                       eval_time_s=time.perf_counter() - t0,
-                                       **_bpb(val)))
-        progress.line(done, dict(loss=val["loss"], acc=val["accuracy"]), prefix="val")
-        if best["accuracy"] is None or val["accuracy"] > best["accuracy"]:
-          best = dict(accuracy=val["accuracy"], step=done)
-          ckpt.save_best(done, state, loader.get_state(), meta())
-      if save_now:
-        save(done)
-      window.start += time.perf_counter() - t_pause  # evaluation and saving are not step time
+      with self.chrono.paused():  # evaluation and saving are not step time
+        if evaluate_now:
+          self.validate(done)
+        if save_now:
+          self.save(done)
       if stopping:
         break
     if pending is not None:
-      flush(pending)
+      self.flush(*pending)
+    return stopping
 
-  progress.close()
+
+def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, t_start,
+         restored):
+  tc, mesh = config.train, trainer.mesh
+  loop = _Loop(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs,
+               restored)
+  with sharding_lib.mesh_context(mesh), signals_lib.StopOnSignal() as signals:
+    stopping = loop.run(signals)
+  loop.progress.close()
+  state, val, best = loop.state, loop.val, loop.best
   final_step = int(jax.device_get(state.step))
   if stopping:
     ckpt.wait()
@@ -590,11 +593,11 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
 
   with sharding_lib.mesh_context(mesh):
     if val is None:  # resumed after the end: evaluate the final state again
-      val = trainer.evaluate(state, rngs, splits["validation"], eval_bs)
-    test = trainer.evaluate(state, rngs, splits["test"], eval_bs)
+      val = trainer.evaluate(state, loop.rngs, splits["validation"], eval_bs)
+    test = trainer.evaluate(state, loop.rngs, splits["test"], eval_bs)
   writer.write(final_step, "test", dict(loss=test["loss"], accuracy=test["accuracy"],
                                         **_bpb(test)))
-  progress.line(final_step, dict(loss=test["loss"], acc=test["accuracy"]), prefix="test")
+  loop.progress.line(final_step, dict(loss=test["loss"], acc=test["accuracy"]), prefix="test")
   ckpt.wait()
   results = dict(
       config_name=config.get("name", ""),
@@ -603,7 +606,7 @@ def _run(config, workdir, task, splits, trainer, loader, ckpt, writer, eval_bs, 
       test_loss=test["loss"], test_accuracy=test["accuracy"], test_examples=test["weight"],
       best_val_accuracy=best["accuracy"], best_val_step=best["step"],
       wall_time_s=round(time.time() - t_start, 2),  # this process only
-      **{k: v for k, v in meta().items() if k in ("train_time_s", "runs")},
+      **loop.chrono.meta(),
       # train_time_s: the step loops over every resume; runs: processes behind the state
       device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
       process_count=jax.process_count(), mesh=dict(mesh.shape),
