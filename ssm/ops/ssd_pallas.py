@@ -293,15 +293,21 @@ def _state_update(st, slot, v_s, k_s, vbufs, interpret):
 
 # ----------------------------------------------------------------------------- forward
 
+def _ring_depth(kernel, per_stage, fixed, depths):
+  """The deepest input ring of `depths` whose SMEM (per_stage bytes a block in flight plus
+  `fixed`) fits SMEM_BUDGET; ValueError naming the kernel when none does."""
+  for stages in depths:
+    if stages * per_stage + fixed <= SMEM_BUDGET:
+      return stages
+  raise ValueError(f"ssd {kernel}: {min(depths) * per_stage + fixed} bytes of SMEM do not fit")
+
+
 def _fwd_stages(n, cfg: _Cfg):
-  """Input pipeline depth (2 to 4 blocks in flight) that fits SMEM_BUDGET."""
+  """Input pipeline depth of the forward (2 to 4 blocks in flight)."""
   per_stage = 2 * (2 * C * n + C * BV) + (7 + 2 * cfg.has_seg) * C * 4
   fixed = (2 * 2 * BV * n + 2 * C * BV * jnp.dtype(cfg.out_dtype).itemsize + 4 * BV * n
            + 4 * C + 1024)
-  for stages in (4, 3, 2):
-    if stages * per_stage + fixed <= SMEM_BUDGET:
-      return stages
-  raise ValueError(f"ssd forward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+  return _ring_depth("forward", per_stage, fixed, (4, 3, 2))
 
 
 def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
@@ -327,19 +333,10 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
     @pl.when(wg == 2)
     def _memory():
-      t.producer_registers(interpret)
-
-      def issue(nb, slot):
-        rows = pl.ds(nb * C, C)
-        bar = in_bar.at[slot]
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, gi], q_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, gi], k_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], bar)
-        for name, src in zip(vec_bufs, vec_srcs):
-          view = vrefs[src].at[bi, rows] if src == "run" else vrefs[src].at[bi, hi, rows]
-          plgpu.copy_gmem_to_smem(view, vbufs[name].at[slot], bar)
-
-      t.feed(issue, n_blocks, stages, in_free)
+      sources = _sources(q_ref, k_ref, [v_ref], [vrefs[src] for src in vec_srcs], vec_srcs,
+                         bi, hi, gi, cols)
+      _memory_wg(sources, [q_s, k_s, v_s] + [vbufs[name] for name in vec_bufs], in_bar,
+                 in_free, n_blocks, stages, lambda i: i, interpret)
 
     @pl.when(wg == 0)
     def _state():
@@ -384,13 +381,14 @@ def _forward(q, k, v, vec: _Vectors, dtab, h0, cfg: _Cfg):
 
 # ----------------------------------------------------------------------------- backward
 
-def _bwd_sources(q_ref, k_ref, v_ref, do_ref, vec_refs, vec_srcs, bi, hi, gi, cols):
-  """Block n's GMEM views for the backward pipelines: C and B of the head's group, x and
-  dy of its value columns, then the per-token vectors (run ids are per batch row)."""
+def _sources(q_ref, k_ref, head_refs, vec_refs, vec_srcs, bi, hi, gi, cols):
+  """Block n's GMEM views for a sweep's input rings: C and B of the head's group, the
+  head's value columns of each of head_refs (x; x and dy in the backward), then the
+  per-token vectors (run ids are per batch row)."""
   blk = lambda nb: pl.ds(nb * C, C)
-  sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi],
-             lambda nb: v_ref.at[bi, blk(nb), hi, cols],
-             lambda nb: do_ref.at[bi, blk(nb), hi, cols]]
+  sources = [lambda nb: q_ref.at[bi, blk(nb), gi], lambda nb: k_ref.at[bi, blk(nb), gi]]
+  for ref in head_refs:
+    sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb), hi, cols])(ref))
   for ref, src in zip(vec_refs, vec_srcs):
     sources.append((lambda ref: lambda nb: ref.at[bi, blk(nb)])(ref) if src == "run"
                    else (lambda ref: lambda nb: ref.at[bi, hi, blk(nb)])(ref))
@@ -410,14 +408,11 @@ def _memory_wg(sources, rings, in_bar, in_free, n_blocks, stages, order, interpr
 
 
 def _dc_stages(n, cfg: _Cfg, dq_dtype):
-  """Input ring depth of the dC sweep (2 or 3 blocks) that fits SMEM_BUDGET."""
+  """Input ring depth of the dC sweep (2 or 3 blocks in flight)."""
   per_stage = 2 * (2 * C * n + 2 * C * BV) + (7 + 2 * cfg.has_seg) * C * 4
   fixed = (2 * 2 * BV * n + C * n * jnp.dtype(dq_dtype).itemsize + 4 * C + 1024
            + 4 * BV * n * cfg.has_h0)
-  for stages in (3, 2):
-    if stages * per_stage + fixed <= SMEM_BUDGET:
-      return stages
-  raise ValueError(f"ssd backward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+  return _ring_depth("dC", per_stage, fixed, (3, 2))
 
 
 def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
@@ -440,7 +435,7 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
 
     @pl.when(wg == 2)
     def _memory():
-      sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
+      sources = _sources(q_ref, k_ref, [v_ref, do_ref], [vrefs[src] for src in vec_srcs],
                              vec_srcs, bi, hi, gi, cols)
       _memory_wg(sources, [q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs],
                  in_bar, in_free, n_blocks, stages, lambda i: i, interpret)
@@ -488,14 +483,13 @@ def _backward_dc(q, k, v, do, vec: _Vectors, h0, cfg: _Cfg):
                  thread_name="wg")(*args)
 
 
-def _dbx_smem(n, cfg: _Cfg, dk_dtype, share_e):
-  """SMEM bytes of the reverse sweep (two blocks in flight); raises if over SMEM_BUDGET."""
+def _dbx_stages(n, cfg: _Cfg, dk_dtype, share_e):
+  """Input ring depth of the reverse sweep (two blocks in flight)."""
   per_stage = 2 * (2 * C * n + 2 * C * BV) + (5 + 2 * cfg.has_seg) * C * 4
   fixed = (2 * 2 * BV * n + 2 * BV * n + C * n * jnp.dtype(dk_dtype).itemsize
            + C * BV * jnp.dtype(cfg.out_dtype).itemsize + 4 * 5 * C + 1024
            + (0 if share_e else 4 * BV * n))
-  if 2 * per_stage + fixed > SMEM_BUDGET:
-    raise ValueError(f"ssd backward: {2 * per_stage + fixed} bytes of SMEM do not fit")
+  return _ring_depth("dB/dX", per_stage, fixed, (2,))
 
 
 def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
@@ -513,8 +507,7 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
   # A float32 dB staging tile, when there is one, also stages E in and out (same shape:
   # C == BV); WG0 takes it back only once WG1's last stores have read it.
   share_e = jnp.dtype(dk_dtype) == jnp.dtype(F32)
-  _dbx_smem(n, cfg, dk_dtype, share_e)
-  stages = 2
+  stages = _dbx_stages(n, cfg, dk_dtype, share_e)
   vec_bufs = ["gc_r", "gc_c", "w_r", "kn_r", "qd_c"] + (["run_r", "run_c"] * has_seg)
   vec_srcs = ["gc", "gc", "w", "kn", "qd"] + (["run", "run"] * has_seg)
   n_sums = 4 + has_d
@@ -528,7 +521,7 @@ def _backward_dbx(q, k, v, do, sb, vec: _Vectors, dtab, dht, cfg: _Cfg):
     e_buf = dk_stage if share_e else e_f32
     bi, hi, vi, gi, cols, wg = _ids(r)
     order = lambda i: n_blocks - 1 - i   # the i-th block of the sweep
-    sources = _bwd_sources(q_ref, k_ref, v_ref, do_ref, [vrefs[src] for src in vec_srcs],
+    sources = _sources(q_ref, k_ref, [v_ref, do_ref], [vrefs[src] for src in vec_srcs],
                            vec_srcs, bi, hi, gi, cols)
     rings = [q_s, k_s, v_s, do_s] + [vbufs[name] for name in vec_bufs]
     s_before_at = lambda i: sb_ref.at[bi, hi, order(i), cols]
