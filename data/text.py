@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.integrity import READ_ERRORS, DataError, check_count, load_npz, save_npz
+from data.archive import read_members
+from data.integrity import check_count, load_npz, save_npz
 from data.listops import cache_root
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
@@ -98,18 +98,14 @@ def read_folder(folder) -> Reviews:
   return _sorted_reviews(found)
 
 
-def read_tarball(path) -> Reviews:
-  """Reviews of an aclImdb tar.gz, streamed member by member."""
+def read_tarball(path, hint: str = "") -> Reviews:
+  """Reviews of an aclImdb tar.gz, streamed member by member (data/archive.py; DataError
+  naming a damaged archive, `hint` appended)."""
+  members = read_members(path, lambda name: _MEMBER.search(name) is not None, hint=hint)
   found = []
-  try:
-    tar = tarfile.open(path, "r:*")
-  except tarfile.ReadError as e:
-    raise ValueError(f"{path} is not a readable tar archive of aclImdb: {e}") from None
-  with tar:
-    for member in tar:
-      m = _MEMBER.search(member.name) if member.isfile() else None
-      if m:
-        found.append((m.group(1), m.group(2), int(m.group(3)), tar.extractfile(member).read()))
+  for name, data in members:
+    m = _MEMBER.search(name)
+    found.append((m.group(1), m.group(2), int(m.group(3)), data))
   return _sorted_reviews(found)
 
 
@@ -152,11 +148,7 @@ def _read_source(source: Path) -> Reviews:
   """Reviews of a folder or tarball; DataError naming a damaged archive."""
   if not source.is_file():
     return read_folder(source)
-  try:
-    return read_tarball(source)
-  except READ_ERRORS as e:
-    raise DataError(f"{source}: the archive is damaged or truncated ({type(e).__name__}: "
-                    f"{str(e)[:200]}); download it again from {DOWNLOAD}") from None
+  return read_tarball(source, hint=f"; download it again from {DOWNLOAD}")
 
 
 def _check_counts(source: Path, reviews: Reviews) -> None:
