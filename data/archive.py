@@ -40,6 +40,7 @@ def read_members(path, select: Callable[[str], bool], *, names_only: bool = Fals
         if member.isfile() and select(member.name):
           out.append((member.name, None if names_only else tar.extractfile(member).read()))
   except (*READ_ERRORS, tarfile.TarError) as e:
+    cause = " ".join(str(e).split())[:300]  # tarfile's "r:*" error lists every method tried
     raise DataError(f"{what}{path}: the archive is damaged or truncated, or not a readable tar "
-                    f"archive ({type(e).__name__}: {str(e)[:200]}){hint}") from None
+                    f"archive ({type(e).__name__}: {cause}){hint}") from None
   return out

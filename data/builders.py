@@ -305,7 +305,8 @@ class SsmlabLm(_TaskBuilder):
   def _read(self):
     o = self.options
     docs = lm_lib.read_documents(o["path"], pattern=o["pattern"],
-                                 document_split=o["document_split"], block_size=o["block_size"])
+                                 document_split=o["document_split"], block_size=o["block_size"],
+                                 members=o.get("members"))
     index = lm_lib.split_by_document(len(docs), val_fraction=o["val_fraction"],
                                      test_fraction=o["test_fraction"], seed=o["seed"],
                                      shuffle=o["shuffle_documents"])
@@ -418,17 +419,8 @@ def _mqar(opts):
 
 
 def _lm(opts):
-  for name, low in (("seq_len", 1), ("seed", 0), ("block_size", 1)):
-    lm_lib._check_int(name, opts[name], low)  # noqa: SLF001
-  if opts["document_split"] not in lm_lib._DOCUMENT_SPLITS:  # noqa: SLF001
-    raise ValueError(f"unknown lm document_split {opts['document_split']!r}; "
-                     f"valid: {list(lm_lib._DOCUMENT_SPLITS)}")  # noqa: SLF001
-  for name in ("val_fraction", "test_fraction"):
-    if not 0 <= opts[name] < 1:
-      raise ValueError(f"lm {name} must be in [0, 1), got {opts[name]!r}")
-  if opts["val_fraction"] <= 0:
-    raise ValueError("lm val_fraction must be > 0 (the trainer evaluates on validation)")
-  path = lm_lib.DEFAULT_PATH if opts["path"] is None else Path(opts["path"]).expanduser()
+  lm_lib.check_options(opts)
+  path, members = lm_lib.resolve_path(opts["path"])
   if not path.exists():
     lm_lib.read_documents(path)  # its FileNotFoundError names the corpus
   if opts["tokenizer"] != "char":  # a bad tokenizer fails before anything is prepared
@@ -437,9 +429,12 @@ def _lm(opts):
           "shuffle_documents", "seed")
   options = dict({k: opts[k] for k in keys}, path=str(path.resolve()), fingerprint=fingerprint(path))
   options["shuffle_documents"] = bool(options["shuffle_documents"])
+  if members is not None:  # a named corpus: its member filter is part of what is stored
+    options["members"] = members
+  stem = opts["path"] if members is not None else path.name.split(".")[0]
   split = (opts["document_split"] if opts["document_split"] == "paragraph"
            else f"block{opts['block_size']}")
-  name = (f"{path.name.split('.')[0]}-{options['fingerprint']}-{split}-val{opts['val_fraction']:g}"
+  name = (f"{stem}-{options['fingerprint']}-{split}-val{opts['val_fraction']:g}"
           f"-test{opts['test_fraction']:g}-{'shuffled' if options['shuffle_documents'] else 'kept'}"
           f"-seed{opts['seed']}-{_digest(repr(sorted(options.items())))}")
   return SsmlabLm, name, options
@@ -566,22 +561,7 @@ def read_split(b: tfds.core.DatasetBuilder, split: str) -> dict[str, list]:
 def _lm_splits(b, opts) -> tuple[TaskSpec, dict]:
   docs = {s: [d.tobytes().decode("utf-8", errors="surrogateescape") for d in read_split(b, s)["document"]]
           for s in b.info.splits.keys()}
-  tokenizer = lm_lib.make_tokenizer(opts["tokenizer"], docs["train"])
-  splits = {}
-  for name in SPLITS:
-    if name not in docs:  # test_fraction 0: test is validation (one object, evaluated once)
-      splits[name] = splits["validation"]
-      continue
-    arrays = lm_lib.pack([tokenizer.encode(d) for d in docs[name]], opts["seq_len"])
-    num_tokens = int(arrays["mask"].sum())
-    num_bytes = sum(len(d.encode("utf-8", errors="surrogateescape")) for d in docs[name])
-    splits[name] = lm_lib.LMDataset(arrays, dict(
-        num_documents=len(docs[name]), num_tokens=num_tokens, num_bytes=num_bytes,
-        bytes_per_token=num_bytes / max(num_tokens, 1), tokenizer=tokenizer.name,
-        vocab_size=tokenizer.vocab_size))
-  spec = TaskSpec(name="lm", kind="lm", input_kind="tokens", seq_len=opts["seq_len"],
-                  num_classes=tokenizer.vocab_size, vocab_size=tokenizer.vocab_size)
-  return spec, splits
+  return lm_lib.build_splits(docs, opts)  # no stored test split: test is validation
 
 
 def _spec(opts, splits) -> TaskSpec:

@@ -1,16 +1,26 @@
 """Language-modelling corpora: documents -> tokens -> packed fixed-length sequences.
 
 Source (data.path). A directory: every file matching `pattern` below it (recursively,
-sorted by relative path) is one document. A single file: split into documents by
-`document_split`:
+sorted by relative path) is one document. A tar archive (a path ending in .tar, .tar.gz,
+.tgz, .tar.bz2, .tbz2, .tar.xz or .txz): every regular member whose basename matches
+`pattern` is one document, in sorted member-name order, streamed out of the archive
+member by member (data/archive.py; nothing is extracted to disk). A named corpus
+(NAMED_CORPORA; a local folder of that name is "./imdb"):
+
+    "imdb"       ../shared/data/imdb/aclImdb.tar.gz (data/text.py's DEFAULT_SOURCE): the
+                 50,000 reviews of aclImdb/{train,test}/{pos,neg}/ (65.5 MB), README and
+                 imdb.vocab left out; `pattern` still applies ("*_10.txt": 10-star ones)
+
+Any other single file is split into documents by `document_split`:
 
     "paragraph"  at blank lines (a newline, optional spaces/tabs/CR, a newline); the
                  blank lines themselves are dropped, empty paragraphs skipped
     "block"      consecutive blocks of `block_size` characters (the last one shorter)
 
-Files are read as UTF-8 with errors="surrogateescape", so byte-level tokens give back
-the file's exact bytes even where it is not valid UTF-8. Default: the Tiny Shakespeare
-file in ../shared/data (never fetched at run time).
+Files and members are read as UTF-8 with errors="surrogateescape", so byte-level tokens
+give back the file's exact bytes even where it is not valid UTF-8. Default: the Tiny
+Shakespeare file in ../shared/data (never fetched at run time). A damaged archive, or one
+without a matching member, is a one-line error naming it and the pattern.
 
 Tokens (data.tokenizer). Ids 0 and 1 are reserved in every vocabulary: 0 is padding,
 1 the separator that ends each document.
@@ -27,7 +37,9 @@ permuted by `seed` (or kept, with shuffle_documents=False, giving a contiguous t
 like char-rnn's), the last round(test_fraction * n) documents go to test, the
 round(val_fraction * n) before them to validation (at least one each when the
 fraction is > 0), the rest to train. With test_fraction=0 the test split is the
-validation split.
+validation split. IMDB's held-out reviews are this permutation's too (its own
+train/test folders are not used as splits): the GPT-2-small recipes set
+val_fraction=0.01, test_fraction=0.01, i.e. 500 reviews each and 49,000 for training.
 
 Packing. A split's documents, each followed by the separator, are concatenated after a
 leading separator: [1, d0..., 1, d1..., 1, ...]. The stream is cut into windows of
@@ -35,6 +47,16 @@ seq_len + 1 tokens overlapping by one, so example j has inputs = s[j L : j L + L
 targets = s[j L + 1 : j L + L + 1]: every token after the leading separator is a target
 exactly once (the separators too: ending a document is part of the model).
 The last window is padded with 0 and its padded targets get mask False.
+
+Segment ids (data.segment_ids=True). Every split also holds "segment_ids" (n, seq_len)
+int32, the document of each input position, for mixers that restart their state at
+document boundaries (`takes_segments`: mamba2, lightning, linear_attention; the others
+refuse them). The separator before a document belongs to that document (the model
+predicts its first token from the separator, with a fresh state), so the id goes up by
+one at every separator among the inputs and nowhere else. Ids are relative to the
+window (0 at its first position, whether that is a separator or the middle of a
+document); only where they change matters. The padded tail continues the last id.
+inputs/targets/mask are the same with and without the option.
 
 Bits per byte. Every split is an `LMDataset` whose `info` holds num_documents,
 num_tokens (targets with mask True), num_bytes (UTF-8 bytes of the split's documents;
@@ -46,15 +68,19 @@ document ends is charged to the text, so byte-level bpb sits slightly above loss
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import posixpath
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from data import archive
 from data.pipeline import ArrayDataset
 from data.task import TaskSpec
+from data.text import DEFAULT_SOURCE as IMDB_SOURCE
 
 PAD_ID, SEP_ID, UNK_ID = 0, 1, 2
 NUM_RESERVED = 2         # pad, separator (byte and subword ids start here)
@@ -62,10 +88,25 @@ BYTE_VOCAB_SIZE = 256 + NUM_RESERVED
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_PATH = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
+
+class NamedCorpus(NamedTuple):
+  """A corpus data.path may name: an archive and the member names (regex) that are documents."""
+
+  path: Path
+  members: str
+  about: str
+
+
+NAMED_CORPORA = {
+    "imdb": NamedCorpus(IMDB_SOURCE, r"^aclImdb/(?:train|test)/(?:pos|neg)/[^/]+$",
+                        "the 50,000 IMDB reviews (Maas et al. 2011)"),
+}
+IMDB_REVIEWS = 50_000
+
 DEFAULTS: dict[str, Any] = dict(
     task="lm",
-    path=None,                  # a text file or a directory of them; None: Tiny Shakespeare
-    pattern="*.txt",            # files of a directory that are documents
+    path=None,                  # text file, directory, tar archive or "imdb"; None: Tiny Shakespeare
+    pattern="*.txt",            # files of a directory / members of an archive that are documents
     document_split="paragraph",  # single file: "paragraph" | "block"
     block_size=4096,            # characters per document with document_split="block"
     tokenizer="byte",           # "byte" | "char" | path of a tokenizers JSON / sentencepiece model
@@ -74,6 +115,7 @@ DEFAULTS: dict[str, Any] = dict(
     test_fraction=0.05,
     shuffle_documents=True,
     seed=0,
+    segment_ids=False,          # also give "segment_ids" (n, seq_len) int32: document of each input
 )
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
@@ -119,13 +161,54 @@ def split_documents(text: str, mode: str, block_size: int = 4096) -> list[str]:
   raise ValueError(f"unknown lm document_split {mode!r}; valid: {list(_DOCUMENT_SPLITS)}")
 
 
-def read_documents(path, *, pattern: str = "*.txt", document_split: str = "paragraph",
-                   block_size: int = 4096) -> list[str]:
-  """Documents of a file or a directory (see module docstring).
+def resolve_path(path) -> tuple[Path, str | None]:
+  """data.path -> (file, folder or archive; member-name regex of a named corpus or None)."""
+  if path is None:
+    return DEFAULT_PATH, None
+  if isinstance(path, str) and path in NAMED_CORPORA:
+    corpus = NAMED_CORPORA[path]
+    return corpus.path, corpus.members
+  return Path(path).expanduser(), None
+
+
+def _selector(pattern: str, members: str | None):
+  regex = re.compile(members) if members else None
+  return lambda name: (fnmatch.fnmatch(posixpath.basename(name), pattern)
+                       and (regex is None or regex.search(name) is not None))
+
+
+def archive_members(path, *, pattern: str = "*.txt", members: str | None = None,
+                    names_only: bool = False) -> list[tuple[str, bytes | None]]:
+  """(name, bytes) of an archive's documents, sorted by name (bytes None with names_only).
 
   Raises:
-    FileNotFoundError: path missing, or a directory without files matching pattern.
+    DataError: a damaged or unreadable archive.
+    FileNotFoundError: no member matches pattern (and members, a regex on the full name).
   """
+  what = f" and {members!r}" if members else ""
+  found = archive.read_members(path, _selector(pattern, members), names_only=names_only,
+                               what="lm corpus archive ",
+                               hint=f"; its members matching {pattern!r}{what} are the documents")
+  if not found:
+    raise FileNotFoundError(f"lm corpus archive {path} holds no files matching {pattern!r}{what} "
+                            "(each such member is one document); set data.pattern or data.path")
+  return sorted(found, key=lambda item: item[0])
+
+
+def read_documents(path, *, pattern: str = "*.txt", document_split: str = "paragraph",
+                   block_size: int = 4096, members: str | None = None) -> list[str]:
+  """Documents of a file, a directory, an archive or a named corpus (see module docstring).
+
+  members: a regex on an archive member's full name, which must also match (set by a
+  named corpus).
+
+  Raises:
+    FileNotFoundError: path missing, or a directory or archive without files matching
+      pattern.
+    DataError: a damaged or unreadable archive.
+  """
+  if isinstance(path, str) and path in NAMED_CORPORA:
+    path, members = resolve_path(path)
   path = Path(path)
   if path.is_dir():
     files = sorted((p for p in path.rglob(pattern) if p.is_file()),
@@ -134,12 +217,18 @@ def read_documents(path, *, pattern: str = "*.txt", document_split: str = "parag
       raise FileNotFoundError(f"lm corpus directory {path} holds no files matching {pattern!r} "
                               "(each such file is one document); set data.pattern or data.path")
     return [_read_text(f) for f in files]
+  if path.is_file() and archive.is_archive(path):
+    return [data.decode("utf-8", errors="surrogateescape")
+            for _, data in archive_members(path, pattern=pattern, members=members)]
   if path.is_file():
     return split_documents(_read_text(path), document_split, block_size)
+  named = [name for name, c in NAMED_CORPORA.items() if path == c.path]
   hint = (" (the default Tiny Shakespeare corpus; see ../shared/data/README.md)"
-          if path == DEFAULT_PATH else "")
+          if path == DEFAULT_PATH else
+          f" (the {named[0]!r} corpus; see ../shared/data/README.md)" if named else "")
   raise FileNotFoundError(f"lm corpus {path} does not exist{hint}; set data.path to a text "
-                          "file or a directory of text files")
+                          "file, a directory of text files, a tar archive or one of "
+                          f"{sorted(NAMED_CORPORA)}")
 
 
 def split_by_document(num_documents: int, *, val_fraction: float, test_fraction: float,
@@ -267,25 +356,32 @@ def make_tokenizer(spec: str, train_documents=()):
 
 # -- packing -----------------------------------------------------------------------------
 
-def pack(token_docs, seq_len: int) -> dict[str, np.ndarray]:
+def pack(token_docs, seq_len: int, *, segment_ids: bool = False) -> dict[str, np.ndarray]:
   """Documents' ids (list of 1-D int arrays) -> inputs/targets/mask (n, seq_len).
 
   See the module docstring for the layout; n = ceil((stream length - 1) / seq_len).
+  segment_ids: also "segment_ids" (n, seq_len) int32, +1 at each separator of the
+  inputs, 0 at each window's first position.
   """
   if seq_len < 1:
     raise ValueError(f"lm seq_len must be >= 1, got {seq_len}")
   sep = np.array([SEP_ID], np.int32)
   pieces = [sep]
   for d in token_docs:
-    pieces += [np.asarray(d, np.int32), sep]
-  stream = np.concatenate(pieces)
-  n = max(1, -(-(len(stream) - 1) // seq_len))
+    pieces += [np.asarray(d, np.int32).reshape(-1), sep]
+  length = sum(len(p) for p in pieces)  # the stream [1, d0..., 1, d1..., 1, ...]
+  n = max(1, -(-(length - 1) // seq_len))
   padded = np.zeros(n * seq_len + 1, np.int32)
-  padded[:len(stream)] = stream
+  np.concatenate(pieces, out=padded[:length])
   inputs = padded[:-1].reshape(n, seq_len)
-  targets = padded[1:].reshape(n, seq_len)
-  mask = (np.arange(1, n * seq_len + 1) < len(stream)).reshape(n, seq_len)
-  return {"inputs": inputs.copy(), "targets": targets.copy(), "mask": mask}
+  mask = np.zeros(n * seq_len, bool)
+  mask[:length - 1] = True
+  out = {"inputs": inputs.copy(), "targets": padded[1:].reshape(n, seq_len).copy(),
+         "mask": mask.reshape(n, seq_len)}
+  if segment_ids:
+    seg = np.cumsum(inputs == SEP_ID, axis=1, dtype=np.int32)
+    out["segment_ids"] = seg - seg[:, :1]
+  return out
 
 
 def _check_int(name, v, low):
@@ -293,36 +389,60 @@ def _check_int(name, v, low):
     raise ValueError(f"lm {name} must be an int >= {low}, got {v!r}")
 
 
-def load_task(data_cfg) -> tuple[TaskSpec, dict[str, LMDataset]]:
-  """LM corpus for `data.load_task`; data_cfg keys and defaults: see DEFAULTS."""
-  from data.registry import task_options  # late: the registry imports this module lazily
-  opts = task_options(data_cfg, DEFAULTS)
+def check_options(opts: dict) -> None:
+  """ValueError naming the first bad option (before anything is read)."""
   _check_int("seq_len", opts["seq_len"], 1)
   _check_int("seed", opts["seed"], 0)
   _check_int("block_size", opts["block_size"], 1)
   if opts["document_split"] not in _DOCUMENT_SPLITS:
     raise ValueError(f"unknown lm document_split {opts['document_split']!r}; "
                      f"valid: {list(_DOCUMENT_SPLITS)}")
-  path = DEFAULT_PATH if opts["path"] is None else Path(opts["path"]).expanduser()
-  docs = read_documents(path, pattern=opts["pattern"], document_split=opts["document_split"],
-                        block_size=opts["block_size"])
-  index = split_by_document(len(docs), val_fraction=opts["val_fraction"],
-                            test_fraction=opts["test_fraction"], seed=opts["seed"],
-                            shuffle=bool(opts["shuffle_documents"]))
-  tokenizer = make_tokenizer(opts["tokenizer"], [docs[i] for i in index["train"]])
+  for name in ("val_fraction", "test_fraction"):
+    v = opts[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+      raise ValueError(f"lm {name} must be in [0, 1), got {v!r}")
+  if opts["val_fraction"] <= 0:
+    raise ValueError("lm val_fraction must be > 0 (the trainer evaluates on validation)")
+  if not isinstance(opts["segment_ids"], (bool, np.bool_)):
+    raise ValueError(f"lm segment_ids must be True or False, got {opts['segment_ids']!r}")
+
+
+def build_splits(docs: dict[str, list[str]], opts: dict) -> tuple[TaskSpec, dict[str, LMDataset]]:
+  """Each split's documents -> (spec, packed LMDatasets); no "test" in docs: test is validation.
+
+  The tokenizer is made (a "char" one fitted) on docs["train"]; opts: tokenizer, seq_len,
+  segment_ids.
+  """
+  tokenizer = make_tokenizer(opts["tokenizer"], docs["train"])
   splits = {}
-  for name, idx in index.items():
-    if name == "test" and not opts["test_fraction"]:
+  for name in ("train", "validation", "test"):
+    if name not in docs:
       splits[name] = splits["validation"]  # the same object: evaluated once, not twice
       continue
-    split_docs = [docs[i] for i in idx]
-    arrays = pack([tokenizer.encode(d) for d in split_docs], opts["seq_len"])
+    arrays = pack([tokenizer.encode(d) for d in docs[name]], opts["seq_len"],
+                  segment_ids=bool(opts["segment_ids"]))
     num_tokens = int(arrays["mask"].sum())
-    num_bytes = sum(len(d.encode("utf-8", errors="surrogateescape")) for d in split_docs)
+    num_bytes = sum(len(d.encode("utf-8", errors="surrogateescape")) for d in docs[name])
     splits[name] = LMDataset(arrays, dict(
-        num_documents=len(split_docs), num_tokens=num_tokens, num_bytes=num_bytes,
+        num_documents=len(docs[name]), num_tokens=num_tokens, num_bytes=num_bytes,
         bytes_per_token=num_bytes / max(num_tokens, 1), tokenizer=tokenizer.name,
         vocab_size=tokenizer.vocab_size))
   spec = TaskSpec(name="lm", kind="lm", input_kind="tokens", seq_len=opts["seq_len"],
                   num_classes=tokenizer.vocab_size, vocab_size=tokenizer.vocab_size)
   return spec, splits
+
+
+def load_task(data_cfg) -> tuple[TaskSpec, dict[str, LMDataset]]:
+  """LM corpus for `data.load_task`; data_cfg keys and defaults: see DEFAULTS."""
+  from data.registry import task_options  # late: the registry imports this module lazily
+  opts = task_options(data_cfg, DEFAULTS)
+  check_options(opts)
+  path, members = resolve_path(opts["path"])
+  docs = read_documents(path, pattern=opts["pattern"], document_split=opts["document_split"],
+                        block_size=opts["block_size"], members=members)
+  index = split_by_document(len(docs), val_fraction=opts["val_fraction"],
+                            test_fraction=opts["test_fraction"], seed=opts["seed"],
+                            shuffle=bool(opts["shuffle_documents"]))
+  if not opts["test_fraction"]:
+    del index["test"]  # the test split is the validation split
+  return build_splits({name: [docs[i] for i in idx] for name, idx in index.items()}, opts)

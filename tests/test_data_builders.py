@@ -19,7 +19,7 @@ import data.integrity
 import data.text
 from data import builders, pathfinder, registry
 from tests.test_data_image import write_pickles
-from tests.test_data_lm import PARAGRAPHS
+from tests.test_data_lm import ARCHIVE_FILES, PARAGRAPHS, write_archive
 from tests.test_data_retrieval import aan  # noqa: F401 -- fixture: the AAN release layout
 from tests.test_data_text import imdb  # noqa: F401 -- fixture: an aclImdb folder and tarball
 
@@ -112,6 +112,16 @@ def test_lm_corpus(tmp_path, tokenizer, test_fraction):
       test_fraction=test_fraction))
   if not test_fraction:
     assert splits["test"] is splits["validation"]
+
+
+def test_lm_archive_with_segment_ids(tmp_path):
+  path = write_archive(tmp_path / "docs.tar.gz", ARCHIVE_FILES)
+  for segment_ids in (False, True):
+    splits = assert_reads_like_the_reference(dict(
+        task="lm", path=str(path), cache_dir=str(tmp_path), seq_len=8, val_fraction=0.25,
+        test_fraction=0.25, segment_ids=segment_ids))
+    assert ("segment_ids" in splits["train"]) == segment_ids
+  assert len(prepared(tmp_path)) == 1  # segment ids are made when read
 
 
 def test_prepared_once_then_only_read(tmp_path, monkeypatch):

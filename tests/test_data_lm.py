@@ -1,14 +1,18 @@
 """LM corpora: documents, vocabularies, packing, splits by document, bits per byte, config."""
 
+import io
 import math
+import re
 import sys
+import tarfile
 import types
 
 import numpy as np
 import pytest
 
 import data
-from data import lm
+import data.text
+from data import integrity, lm
 
 PARAGRAPHS = [f"Para {i}: {'abc' * (i % 5 + 1)} done.\nSecond line {i}." for i in range(40)]
 
@@ -29,6 +33,38 @@ def corpus_dir(tmp_path):
     (root / ("sub" if i % 2 else "") / f"d{i:02d}.txt").write_text(p + "\n\nsame doc\n")
   (root / "ignored.md").write_text("not a document")
   return root
+
+
+def write_archive(path, files, *, extra_members=True):
+  """A tar archive (compression from the suffix) of name -> bytes, in the given order,
+  plus a directory and a symlink member (not regular files: never documents)."""
+  mode = {".gz": "w:gz", ".tgz": "w:gz", ".tar": "w"}[path.suffix]
+  with tarfile.open(path, mode) as tar:
+    for name, payload in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+    if extra_members:
+      folder = tarfile.TarInfo("docs/folder.txt")
+      folder.type = tarfile.DIRTYPE
+      tar.addfile(folder)
+      link = tarfile.TarInfo("docs/link.txt")
+      link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
+      tar.addfile(link)
+  return path
+
+
+# Members out of name order, nested, one not valid UTF-8, two that do not match "*.txt".
+ARCHIVE_FILES = {
+    "docs/sub/b.txt": b"second, nested\n\nstill one document",
+    "docs/a.txt": PARAGRAPHS[0].encode(),
+    "docs/README": b"not a document",
+    "docs/z/c.txt": b"bytes \xff\xfe survive",
+    "docs/notes.md": b"not a document either",
+    "docs/0.txt": "caf\u00e9 \U0001F600".encode(),
+}
+ARCHIVE_DOCS = [ARCHIVE_FILES[n].decode("utf-8", "surrogateescape")
+                for n in ("docs/0.txt", "docs/a.txt", "docs/sub/b.txt", "docs/z/c.txt")]
 
 
 def unpack(arrays):
@@ -73,6 +109,87 @@ def test_directory_documents(corpus_dir):
     lm.read_documents(corpus_dir / "missing.txt")
 
 
+@pytest.mark.parametrize("name", ["docs.tar", "docs.tar.gz", "docs.tgz"])
+def test_archive_documents(tmp_path, name):
+  """Given an archive with members out of order, when read, then each regular member whose
+  basename matches is one document, in member-name order, with its exact bytes."""
+  path = write_archive(tmp_path / name, ARCHIVE_FILES)
+  assert lm.read_documents(path) == ARCHIVE_DOCS
+  assert lm.read_documents(path)[3].encode("utf-8", "surrogateescape") == b"bytes \xff\xfe survive"
+  assert lm.read_documents(path, pattern="README") == ["not a document"]
+  assert lm.read_documents(path, pattern="*.txt", members=r"/sub/") == [ARCHIVE_DOCS[2]]
+  assert [n for n, b in lm.archive_members(path, names_only=True)] == [
+      "docs/0.txt", "docs/a.txt", "docs/sub/b.txt", "docs/z/c.txt"]
+
+
+def test_archive_reads_like_the_directory(corpus_dir, tmp_path):
+  tarball = tmp_path / "docs.tar.gz"
+  with tarfile.open(tarball, "w:gz") as tar:
+    tar.add(corpus_dir, arcname="docs")
+  assert lm.read_documents(tarball) == lm.read_documents(corpus_dir)
+
+
+def test_bad_archives_fail_clearly(tmp_path):
+  good = write_archive(tmp_path / "docs.tar.gz", ARCHIVE_FILES)
+  with pytest.raises(FileNotFoundError, match=r"docs.tar.gz holds no files matching '\*.csv'"):
+    lm.read_documents(good, pattern="*.csv")
+  cut = tmp_path / "cut.tar.gz"
+  cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+  junk = tmp_path / "junk.tgz"
+  junk.write_bytes(b"not a tar archive at all" * 40)
+  for bad in (cut, junk):
+    with pytest.raises(integrity.DataError) as e:
+      lm.read_documents(bad, pattern="*.txt")
+    message = str(e.value)
+    assert "\n" not in message and str(bad) in message and "'*.txt'" in message
+    assert "damaged or truncated" in message
+
+
+def test_imdb_named_corpus_selects_the_reviews(tmp_path, monkeypatch):
+  """Given "imdb", then the shared tarball (data/text.py's) and only the review members."""
+  path, members = lm.resolve_path("imdb")
+  assert path == data.text.DEFAULT_SOURCE
+  keep = ["aclImdb/train/pos/0_9.txt", "aclImdb/test/neg/12_1.txt"]
+  drop = ["aclImdb/README", "aclImdb/imdb.vocab", "aclImdb/train/unsup/5_0.txt",
+          "aclImdb/train/urls_pos.txt", "other/train/pos/1_7.txt", "aclImdb/train/pos/x/1_7.txt"]
+  assert [n for n in keep + drop if re.search(members, n)] == keep
+  files = {n: f"review {n}".encode() for n in drop + keep}
+  fake = write_archive(tmp_path / "aclImdb.tar.gz", files, extra_members=False)
+  monkeypatch.setitem(lm.NAMED_CORPORA, "imdb", lm.NAMED_CORPORA["imdb"]._replace(path=fake))
+  assert lm.read_documents("imdb") == [f"review {n}" for n in sorted(keep)]
+  spec, splits = data.load_task(dict(task="lm", path="imdb", cache_dir=str(tmp_path), seq_len=8,
+                                     val_fraction=0.01, test_fraction=0.0))
+  docs = sorted(documents_of(unpack(splits["train"])) + documents_of(unpack(splits["validation"])))
+  assert docs == sorted(lm.ByteTokenizer().encode(f"review {n}").tolist() for n in keep)
+  (tmp_path / "gone").mkdir()
+  monkeypatch.setitem(lm.NAMED_CORPORA, "imdb", lm.NAMED_CORPORA["imdb"]._replace(
+      path=tmp_path / "gone" / "aclImdb.tar.gz"))
+  with pytest.raises(FileNotFoundError, match="the 'imdb' corpus"):
+    data.load_task(dict(task="lm", path="imdb", cache_dir=str(tmp_path)))
+
+
+def test_archive_corpus_through_load_task(tmp_path):
+  path = write_archive(tmp_path / "docs.tar.gz", {f"d/{i:02d}.txt": p.encode()
+                                                  for i, p in enumerate(PARAGRAPHS)})
+  _, splits = data.load_task(dict(task="lm", path=str(path), cache_dir=str(tmp_path), seq_len=16,
+                                  val_fraction=0.1, test_fraction=0.1))
+  every = [lm.ByteTokenizer().decode(d) for s in splits.values() for d in documents_of(unpack(s))]
+  assert sorted(every) == sorted(PARAGRAPHS)
+  assert [splits[s].info["num_documents"] for s in ("train", "validation", "test")] == [32, 4, 4]
+
+
+def test_real_imdb_tarball_lists_50000_reviews():
+  path, members = lm.resolve_path("imdb")
+  if not path.is_file():
+    pytest.skip(f"{path} not present")
+  names = [n for n, _ in lm.archive_members(path, members=members, names_only=True)]
+  assert len(names) == lm.IMDB_REVIEWS == 50_000
+  folders = {}
+  for n in names:
+    folders[n.rsplit("/", 1)[0]] = folders.get(n.rsplit("/", 1)[0], 0) + 1
+  assert folders == {f"aclImdb/{s}/{lab}": 12_500 for s in ("train", "test") for lab in ("neg", "pos")}
+
+
 def test_byte_tokenizer_round_trip_and_ids():
   tok = lm.ByteTokenizer()
   text = "héllo\n\U0001F600"
@@ -109,6 +226,67 @@ def test_pack_layout_separators_and_shift(seq_len):
     assert flat_in[i] == (stream[i] if i < len(stream) else 0)
   assert [d.tolist() for d in docs] == documents_of(unpack(out))
   assert out["mask"].sum() == len(stream) - 1
+
+
+def check_segments(out, seq_len):
+  """segment_ids (n, seq_len) int32: 0 at each window's start, +1 exactly at each separator
+  input after it, constant elsewhere (the padded tail continuing the last id)."""
+  seg, inputs = out["segment_ids"], out["inputs"]
+  assert seg.dtype == np.int32 and seg.shape == inputs.shape
+  assert (seg[:, 0] == 0).all()
+  np.testing.assert_array_equal(np.diff(seg, axis=1), (inputs[:, 1:] == lm.SEP_ID).astype(np.int32))
+
+
+@pytest.mark.parametrize("seq_len", [1, 4, 7, 64])
+def test_segment_ids_change_at_separators(seq_len):
+  rng = np.random.default_rng(seq_len)
+  docs = [rng.integers(2, 50, size=int(n)).astype(np.int32) for n in rng.integers(0, 12, size=9)]
+  plain, out = lm.pack(docs, seq_len), lm.pack(docs, seq_len, segment_ids=True)
+  assert set(out) == set(plain) | {"segment_ids"}
+  for key in plain:  # the option only adds a key
+    np.testing.assert_array_equal(out[key], plain[key])
+  check_segments(out, seq_len)
+  # Naively, from the documents: document k is its separator and its tokens; the final
+  # separator (a target only) opens an empty document that the padding continues.
+  owner = []
+  for k, d in enumerate(docs):
+    owner += [k] * (1 + len(d))
+  owner += [len(docs)] * (out["inputs"].size - len(owner))
+  owner = np.array(owner).reshape(-1, seq_len)
+  np.testing.assert_array_equal(out["segment_ids"], owner - owner[:, :1])
+
+
+def test_segment_ids_mid_document_window_and_padded_tail():
+  # stream: 1 a a a a a 1 b b 1 | windows of 4: [1 a a a] [a a 1 b] [b 1 0 0]
+  out = lm.pack([np.full(5, 7), np.full(2, 9)], 4, segment_ids=True)
+  assert out["inputs"].tolist() == [[1, 7, 7, 7], [7, 7, 1, 9], [9, 1, 0, 0]]
+  assert out["segment_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 1, 1]]
+  assert out["mask"].tolist() == [[True] * 4, [True] * 4, [True, False, False, False]]
+  # A window that starts at a separator starts at 0 too.
+  out = lm.pack([np.full(3, 7), np.full(3, 9)], 4, segment_ids=True)
+  assert out["inputs"][1].tolist() == [1, 9, 9, 9] and out["segment_ids"][1].tolist() == [0] * 4
+
+
+def test_segment_ids_option_through_load_task_and_loader(corpus_file, tmp_path):
+  cfg = dict(task="lm", path=str(corpus_file), cache_dir=str(tmp_path), seq_len=24,
+             val_fraction=0.15, test_fraction=0.15)
+  _, plain = data.load_task(cfg)
+  assert not any("segment_ids" in ds for ds in plain.values())
+  _, seg = data.load_task(dict(cfg, segment_ids=True))
+  for name, ds in seg.items():
+    assert set(ds.keys()) == {"inputs", "targets", "mask", "segment_ids"}
+    for key in ("inputs", "targets", "mask"):
+      np.testing.assert_array_equal(ds[key], plain[name][key])
+    assert ds.info == plain[name].info
+    check_segments(ds, 24)
+  loader = data.pipeline.make_loader(seg["train"], batch_size=3, shuffle=True, seed=0,
+                                     drop_remainder=True, prefetch=0)
+  batch = next(loader)
+  assert set(batch) == {"inputs", "targets", "mask", "segment_ids", "weights"}
+  assert batch["segment_ids"].shape == (3, 24) and batch["segment_ids"].dtype == np.int32
+  check_segments(batch, 24)
+  with pytest.raises(ValueError, match="segment_ids must be True or False"):
+    data.load_task(dict(cfg, segment_ids="yes"))
 
 
 def test_split_by_document_is_a_partition():
