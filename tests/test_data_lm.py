@@ -466,6 +466,8 @@ def test_configs_build_and_match_in_size():
     counts[model] = sum(x.size for x in jax.tree.leaves(nnx.state(net, nnx.Param)))
   assert max(counts.values()) / min(counts.values()) < 1.05, counts
   assert shakespeare.get_config("transformer,long").model.mixer.max_len == 512
+  assert set(shakespeare.lm_data(256)) == set(lm.DEFAULTS)  # every lm option is settable
+  assert shakespeare.get_config("mamba2").data.segment_ids is False
   with pytest.raises(ValueError, match="unknown model"):
     shakespeare.get_config("s4")
 

@@ -11,7 +11,9 @@ setting for tests (point data.path at a small corpus).
 
 Data: the 1.1 MB corpus split into paragraphs (blank lines), paragraphs assigned to
 train/validation/test 90/5/5 by a seeded permutation, bytes packed with a separator
-(data/lm.py); vocabulary 258 (256 bytes, padding, separator).
+(data/lm.py); vocabulary 258 (256 bytes, padding, separator). data.path may also name a
+tar archive of documents or "imdb" (the 50,000 IMDB reviews); data.segment_ids=True gives
+the mixers that take them (mamba2, lightning) the document of each position.
 
 Models: prenorm LayerNorm residual blocks, untied embedding and LM head, widths chosen
 for about the same parameter count (measured with models.build_model):
@@ -54,7 +56,7 @@ def lm_data(seq_len) -> dict:
   """config.data for data/lm.py (byte-level Tiny Shakespeare by default)."""
   return dict(
       task="lm",
-      path=config_dict.placeholder(str),  # text file or directory; None: Tiny Shakespeare
+      path=config_dict.placeholder(str),  # file, directory, tar archive, "imdb"; None: Shakespeare
       pattern="*.txt",
       document_split="paragraph",
       block_size=4096,
@@ -64,6 +66,7 @@ def lm_data(seq_len) -> dict:
       test_fraction=0.05,
       shuffle_documents=True,
       seed=0,
+      segment_ids=False,  # True: batches carry "segment_ids" (mamba2, lightning, linear_attention)
   )
 
 
