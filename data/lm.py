@@ -5,7 +5,7 @@ sorted by relative path) is one document. A tar archive (a path ending in .tar, 
 .tgz, .tar.bz2, .tbz2, .tar.xz or .txz): every regular member whose basename matches
 `pattern` is one document, in sorted member-name order, streamed out of the archive
 member by member (data/archive.py; nothing is extracted to disk). A named corpus
-(NAMED_CORPORA; a local folder of that name is "./imdb"):
+(NAMED_CORPORA; write "./imdb" for a local path of that name):
 
     "imdb"       ../shared/data/imdb/aclImdb.tar.gz (data/text.py's DEFAULT_SOURCE): the
                  50,000 reviews of aclImdb/{train,test}/{pos,neg}/ (65.5 MB), README and
@@ -233,10 +233,10 @@ def read_documents(path, *, pattern: str = "*.txt", document_split: str = "parag
             for _, data in archive_members(path, pattern=pattern, members=members)]
   if path.is_file():
     return split_documents(_read_text(path), document_split, block_size)
-  named = [name for name, c in NAMED_CORPORA.items() if path == c.path]
+  named = [f"the {name!r} corpus, {c.about}" for name, c in NAMED_CORPORA.items() if path == c.path]
   hint = (" (the default Tiny Shakespeare corpus; see ../shared/data/README.md)"
           if path == DEFAULT_PATH else
-          f" (the {named[0]!r} corpus; see ../shared/data/README.md)" if named else "")
+          f" ({named[0]}; see ../shared/data/README.md)" if named else "")
   raise FileNotFoundError(f"lm corpus {path} does not exist{hint}; set data.path to a text "
                           "file, a directory of text files, a tar archive or one of "
                           f"{sorted(NAMED_CORPORA)}")
@@ -410,7 +410,8 @@ def check_options(opts: dict) -> None:
                      f"valid: {list(_DOCUMENT_SPLITS)}")
   for name in ("val_fraction", "test_fraction"):
     v = opts[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+        or not 0 <= v < 1:
       raise ValueError(f"lm {name} must be in [0, 1), got {v!r}")
   if opts["val_fraction"] <= 0:
     raise ValueError("lm val_fraction must be > 0 (the trainer evaluates on validation)")
