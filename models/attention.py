@@ -11,8 +11,12 @@ length without a learned table, and gives a bidirectional encoder (where
 attention alone is permutation-equivariant) a notion of order. rotary=False
 leaves the layer position-free (then order comes only from causality).
 
-Modes: the parallel forward calls `jax.nn.dot_product_attention` with
-implementation=None, so XLA (or cuDNN, where JAX picks it) decides. The
+Modes: the parallel forward calls `jax.nn.dot_product_attention`. impl="auto" takes
+cuDNN's fused (flash) attention on a GPU for 16-bit q, k, v with head_dim a multiple of
+8 up to 128, and XLA's otherwise ("xla", "cudnn" force one). cuDNN is given the padding
+as key lengths, which is exact for a prefix mask (real positions first, padding after:
+every loader's layout); a batch whose mask is not a prefix takes the XLA branch of a
+`lax.cond`, so the result never depends on that assumption. The
 recurrent mode keeps a KV cache of fixed length max_len (`init_state(batch_size,
 max_len=...)`): unlike an SSM's constant-size state it grows O(max_len), and each
 step costs O(max_len). Stepping past max_len cannot raise inside jit; the output
@@ -29,6 +33,7 @@ from ssm._checks import positive_int
 from ssm.mixer import Mixer
 
 ROTARY_BASE = 10000.0
+IMPLS = ("auto", "xla", "cudnn")
 
 
 def rotary_angles(positions, head_dim: int):
@@ -60,6 +65,9 @@ class Attention(Mixer):
     dropout: rate on the attention output, before the output projection.
     max_len: default KV-cache length for `init_state`.
     rotary: rotary position embedding on q and k (needs an even head_dim).
+    impl: "auto" | "xla" | "cudnn" (module docstring).
+    dtype, param_dtype: compute and projection-weight dtypes (`ssm.mixer.Mixer`); the
+      KV cache stays float32.
   """
 
   name = "attention"
@@ -67,8 +75,13 @@ class Attention(Mixer):
 
   def __init__(self, d_model: int, *, num_heads: int | None = None,
                bidirectional: bool = False, dropout: float = 0.0, max_len: int = 2048,
-               rotary: bool = True, rngs: nnx.Rngs):
+               rotary: bool = True, impl: str = "auto", dtype: str | None = None,
+               param_dtype: str = "float32", rngs: nnx.Rngs):
     d_model = positive_int("attention", "d_model", d_model)
+    if impl not in IMPLS:
+      raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
+    self._precision(dtype, param_dtype)
+    self.impl = impl
     if num_heads is None:
       num_heads = max(1, d_model // 64)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or (
@@ -84,9 +97,14 @@ class Attention(Mixer):
     positive_int("attention", "max_len", max_len)
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.bidirectional, self.rotary, self.max_len = bool(bidirectional), bool(rotary), max_len
-    self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
-    self.out_proj = nnx.Linear(d_model, d_model, rngs=rngs)
+    self.qkv = self.dense(d_model, 3 * d_model, use_bias=False, rngs=rngs)
+    self.out_proj = self.dense(d_model, d_model, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Scores q k^T and their product with v, 4 L d_model (PaLM's count: the causal mask's
+    skipped half is not subtracted)."""
+    return 4.0 * seq_len * self.d_model
 
   def _project(self, x, positions):
     """x (..., h), positions broadcastable to x[..., 0] -> q, k, v (..., heads, head_dim)."""
@@ -109,10 +127,33 @@ class Attention(Mixer):
     if mask is not None and mask.shape != (b, l):
       raise ValueError(f"attention: mask shape {mask.shape} != (batch, length) {(b, l)}")
     q, k, v = self._project(x, jnp.arange(l))
-    key_mask = None if mask is None else mask[:, None, None, :]  # (b, 1, 1, l)
-    o = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=not self.bidirectional,
-                                     implementation=None)
-    return self._output(o, deterministic)
+    causal = not self.bidirectional
+
+    def xla(q, k, v):
+      key_mask = None if mask is None else mask[:, None, None, :]  # (b, 1, 1, l)
+      return jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=causal,
+                                          implementation="xla")
+
+    if not self._cudnn(q):
+      return self._output(xla(q, k, v), deterministic)
+    if mask is None:
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+      return self._output(o, deterministic)
+    lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    prefix = jnp.all(mask == (jnp.arange(l) < lengths[:, None]))
+
+    def cudnn(q, k, v):
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn",
+                                          key_value_seq_lengths=lengths)
+
+    return self._output(jax.lax.cond(prefix, cudnn, xla, q, k, v), deterministic)
+
+  def _cudnn(self, q) -> bool:
+    """Whether the parallel form runs cuDNN's fused attention (module docstring)."""
+    if self.impl != "auto":
+      return self.impl == "cudnn"
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and self.head_dim % 8 == 0 and self.head_dim <= 128)
 
   # -- recurrent mode: KV cache ------------------------------------------------------
   def _init_state(self, batch_size: int, max_len: int | None) -> dict:

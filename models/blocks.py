@@ -19,6 +19,15 @@ Block layout (`prenorm` picks):
 A prenorm backbone ends with a final norm (the residual stream is otherwise
 never normalised); a postnorm one does not need it.
 
+Precision: the residual stream is float32 (as Mamba's residual_in_fp32); the norms keep
+float32 parameters and statistics; the mixers and FFNs compute in the model's `dtype`
+(their projections cast the normalised input) and return float32 to the stream.
+
+Rematerialisation (`remat`): "none" keeps every activation for the backward pass;
+"block" keeps only each block's input and recomputes the block; the name of a
+`jax.checkpoint_policies` policy (REMAT_POLICIES, e.g. "dots_with_no_batch_dims_saveable":
+keep the matmul outputs, recompute the elementwise work) remats each block with it.
+
 Recurrent mode (causal mixers only): `init_state(batch_size)` and
 `step(state, x_t) -> (state, y_t)` on one position x_t (b, h); dropout is off and
 BatchNorm uses running statistics, so step mode equals the parallel forward with
@@ -36,10 +45,27 @@ from ssm.mixer import Mixer
 
 NORMS = ("layer", "rms", "batch")
 FFNS = ("none", "mlp", "glu")
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+REMATS = ("none", "block") + REMAT_POLICIES
+
+
+def remat_policy(name: str):
+  """A `remat` option -> (whether to remat, the jax.checkpoint policy or None)."""
+  if name not in REMATS:
+    raise ValueError(f"unknown remat {name!r}; valid: {list(REMATS)}")
+  if name in ("none", "block"):
+    return name == "block", None
+  return True, getattr(jax.checkpoint_policies, name)
 
 
 def _gelu(x):
   return jax.nn.gelu(x, approximate=False)
+
+
+def _residual(x):
+  """x in the residual stream's dtype: float32 (float64 when x is, in tests)."""
+  return x.astype(jnp.result_type(jnp.float32, x))
 
 
 def zero_padding(x, mask):
@@ -151,21 +177,26 @@ class FFN(nnx.Module):
   Works on (..., h), so the same module serves the parallel and the step mode.
   """
 
-  def __init__(self, d_model: int, *, kind: str, mult: int, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, *, kind: str, mult: int, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in ("mlp", "glu"):
       raise ValueError(f"unknown ffn {kind!r}; valid ffn kinds: {list(FFNS)}")
     if not isinstance(mult, int) or mult < 1:
       raise ValueError(f"ffn_mult must be a positive int, got {mult!r}")
     hidden = mult * d_model
     self.kind = kind
-    self.fc1 = nnx.Linear(d_model, hidden, rngs=rngs)
-    self.gate = nnx.Linear(d_model, hidden, rngs=rngs) if kind == "glu" else None
-    self.fc2 = nnx.Linear(hidden, d_model, rngs=rngs)
+    dense = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+    self.fc1 = dense(d_model, hidden)
+    self.gate = dense(d_model, hidden) if kind == "glu" else None
+    self.fc2 = dense(hidden, d_model)
 
   def __call__(self, x):
+    """x (..., h) -> (..., h) in x's dtype (computed in the dtype given at build)."""
     if self.kind == "glu":
-      return self.fc2(_gelu(self.gate(x)) * self.fc1(x))
-    return self.fc2(_gelu(self.fc1(x)))
+      y = self.fc2(_gelu(self.gate(x)) * self.fc1(x))
+    else:
+      y = self.fc2(_gelu(self.fc1(x)))
+    return y.astype(x.dtype)
 
 
 # -- residual block -----------------------------------------------------------------
@@ -181,11 +212,12 @@ class ResidualBlock(nnx.Module):
     prenorm: True for x + f(norm(x)), False for norm(x + f(x)).
     ffn: "none" | "mlp" | "glu"; ffn_mult its hidden width in units of d_model.
     dropout: rate on each residual branch's output.
+    dtype, param_dtype: the FFN's compute and weight dtypes (the mixer has its own).
   """
 
   def __init__(self, mixer: nnx.Module, d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
-               dropout: float = 0.0, rngs: nnx.Rngs):
+               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(mixer, Mixer):
       raise TypeError(f"ResidualBlock: mixer must be an ssm.mixer.Mixer (the mixer contract), "
                       f"got {type(mixer).__name__}")
@@ -202,7 +234,8 @@ class ResidualBlock(nnx.Module):
     if ffn == "none":
       self.ffn, self.ffn_norm = None, None
     else:
-      self.ffn = FFN(d_model, kind=ffn, mult=ffn_mult, rngs=rngs)
+      self.ffn = FFN(d_model, kind=ffn, mult=ffn_mult, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
       self.ffn_norm = make_norm(norm, d_model, rngs=rngs)
 
   def _sublayer(self, x, f, norm, mask, deterministic):
@@ -250,20 +283,24 @@ class Backbone(nnx.Module):
 
   Args:
     mixers: one sequence mixer per layer (distinct modules).
-    d_model, norm, prenorm, ffn, ffn_mult, dropout: as `ResidualBlock`.
+    d_model, norm, prenorm, ffn, ffn_mult, dropout, dtype, param_dtype: as `ResidualBlock`.
+    remat: "none" | "block" | a REMAT_POLICIES name (module docstring).
   """
 
   def __init__(self, mixers: Sequence[nnx.Module], d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
-               dropout: float = 0.0, rngs: nnx.Rngs):
+               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32,
+               remat: str = "none", rngs: nnx.Rngs):
     if not mixers:
       raise ValueError("Backbone needs at least one mixer (num_layers >= 1)")
     if len({id(m) for m in mixers}) != len(mixers):
       raise ValueError("Backbone mixers must be distinct modules (one per layer)")
     self.d_model = positive_int("Backbone", "d_model", d_model)
+    self.remat, self.remat_policy = remat_policy(remat)
     self.blocks = nnx.List([
         ResidualBlock(m, d_model, norm=norm, prenorm=prenorm, ffn=ffn, ffn_mult=ffn_mult,
-                      dropout=dropout, rngs=rngs) for m in mixers])
+                      dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for m in mixers])
     self.final_norm = make_norm(norm, d_model, rngs=rngs) if prenorm else None
 
   def _check(self, x, ndim, what):
@@ -281,9 +318,15 @@ class Backbone(nnx.Module):
     if segment_ids is not None and jnp.shape(segment_ids) != x.shape[:2]:
       raise ValueError(f"Backbone: segment_ids shape {jnp.shape(segment_ids)} != (batch, "
                        f"length) {x.shape[:2]}")
-    x = zero_padding(x, mask)
+    x = zero_padding(_residual(x), mask)
+
+    def apply(block, x, mask, segment_ids):
+      return block(x, mask=mask, deterministic=deterministic, segment_ids=segment_ids)
+
+    if self.remat:
+      apply = nnx.remat(apply, policy=self.remat_policy)
     for block in self.blocks:
-      x = block(x, mask=mask, deterministic=deterministic, segment_ids=segment_ids)
+      x = apply(block, x, mask, segment_ids)
     if self.final_norm is not None:
       x = zero_padding(self.final_norm(x, mask=mask, deterministic=deterministic), mask)
     return x
@@ -300,7 +343,7 @@ class Backbone(nnx.Module):
     if not isinstance(state, (list, tuple)) or len(state) != len(self.blocks):
       raise ValueError(f"Backbone.step: state must be a list of {len(self.blocks)} "
                        "per-layer states (from init_state)")
-    x_t = zero_padding(x_t, mask_t)
+    x_t = zero_padding(_residual(x_t), mask_t)
     new_state = []
     for block, s in zip(self.blocks, state):
       s, x_t = block.step(s, x_t, mask_t=mask_t)

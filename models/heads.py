@@ -4,6 +4,10 @@ Encoders: token ids (b, l) -> (b, l, h) by an embedding table (id 0 is padding),
 pixels (b, l, c) -> (b, l, h) by a linear map. Heads: pooling + linear decoder
 for classification, the LRA retrieval dual-encoder MLP, and the language-model
 head (optionally tied to the token embedding).
+
+Precision: encoders return float32 (the residual stream's dtype); the heads' matrix
+products run in the model's dtype with float32 accumulation and return float32 logits
+(the loss is float32). dtype=None computes in the input's dtype.
 """
 
 import jax
@@ -22,15 +26,16 @@ class TokenEncoder(nnx.Module):
   """
 
   def __init__(self, vocab_size: int, d_model: int, *, init_std: float = 1.0,
-               rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.vocab_size, self.d_model = vocab_size, d_model
-    self.embedding = nnx.Param(
-        init_std * jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32))
+    self.embedding = nnx.Param((init_std * jax.random.normal(
+        rngs.params(), (vocab_size, d_model), jnp.float32)).astype(param_dtype))
 
   def __call__(self, ids):
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"token inputs must be integer ids, got dtype {ids.dtype}")
     x = jnp.take(self.embedding[...], ids, axis=0)
+    x = x.astype(jnp.result_type(jnp.float32, x))
     return jnp.where((ids != 0)[..., None], x, 0.0)
 
 
@@ -70,16 +75,23 @@ def pool(x, mask, mode: str):
                    f"output: {[p for p in POOLINGS if p != 'none']}")
 
 
+def head_linear(d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """A head's projection: products in dtype, float32 accumulation and output."""
+  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
+                    preferred_element_type=None if dtype is None else jnp.float32, rngs=rngs)
+
+
 class ClassificationHead(nnx.Module):
   """pool then Linear(h -> num_classes): (b, l, h), mask -> (b, num_classes)."""
 
-  def __init__(self, d_model: int, num_classes: int, *, pooling: str = "mean",
-               rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_classes: int, *, pooling: str = "mean", dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if pooling not in POOLINGS or pooling == "none":
       raise ValueError(f"unknown pooling {pooling!r} for classification; valid: "
                        f"{[p for p in POOLINGS if p != 'none']}")
     self.pooling = pooling
-    self.decoder = nnx.Linear(d_model, num_classes, rngs=rngs)
+    self.decoder = head_linear(d_model, num_classes, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
 
   def __call__(self, x, mask=None):
     return self.decoder(pool(x, mask, self.pooling))
@@ -91,11 +103,13 @@ class RetrievalHead(nnx.Module):
       logits = W2 gelu(W1 [u, v, u * v, u - v] + b1) + b2,   hidden mlp_dim.
   """
 
-  def __init__(self, d_model: int, num_classes: int, *, mlp_dim: int, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_classes: int, *, mlp_dim: int, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(mlp_dim, int) or mlp_dim < 1:
       raise ValueError(f"retrieval_mlp_dim must be a positive int, got {mlp_dim!r}")
-    self.fc1 = nnx.Linear(4 * d_model, mlp_dim, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, num_classes, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = head_linear(4 * d_model, mlp_dim, **kw)
+    self.fc2 = head_linear(mlp_dim, num_classes, **kw)
 
   def __call__(self, u, v):
     feats = jnp.concatenate([u, v, u * v, u - v], axis=-1)
@@ -106,13 +120,19 @@ class LMHead(nnx.Module):
   """Linear(h -> vocab): (..., h) -> (..., vocab). For tied embeddings the model
   computes x @ E^T itself (see `tied_logits`) and has no LMHead."""
 
-  def __init__(self, d_model: int, num_classes: int, *, rngs: nnx.Rngs):
-    self.proj = nnx.Linear(d_model, num_classes, rngs=rngs)
+  def __init__(self, d_model: int, num_classes: int, *, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.proj = head_linear(d_model, num_classes, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
 
   def __call__(self, x):
     return self.proj(x)
 
 
-def tied_logits(x, embedding):
-  """x (..., h), embedding E (vocab, h) -> x @ E^T (..., vocab)."""
-  return jnp.einsum("...h,vh->...v", x, embedding.astype(x.dtype))
+def tied_logits(x, embedding, dtype=None):
+  """x (..., h), embedding E (vocab, h) -> x @ E^T (..., vocab): products in dtype (None:
+  x's), accumulated and returned in float32 (or wider)."""
+  dtype = x.dtype if dtype is None else dtype
+  out = jnp.result_type(jnp.float32, x)
+  return jnp.einsum("...h,vh->...v", x.astype(dtype), embedding.astype(dtype),
+                    preferred_element_type=out)

@@ -26,6 +26,14 @@ config.model fields (all but `name` have defaults, see MODEL_DEFAULTS):
   mixer         extra keyword options for `models.build_mixer` (validated there). A
                 mixer whose factory takes `layer_idx` / `num_layers` gets them (per-layer
                 settings, e.g. lightning attention's decay) unless set here.
+  dtype         "float32" | "bfloat16": activations and matrix products (mixers, FFNs,
+                heads). The residual stream, SSM parameters and their kernels, softplus
+                of dt, recurrent states, norms' statistics, logits and the loss stay
+                float32 (`ssm.mixer`, `models.blocks`, `models.heads` say where).
+  param_dtype   "float32" | "bfloat16": the projections' and embedding's weights (norms
+                and SSM parameters are float32 whatever it is); the optimizer state
+                follows the parameters.
+  remat         "none" | "block" | a jax.checkpoint_policies name (`models.blocks.REMATS`)
 """
 
 from typing import Any, Mapping
@@ -34,7 +42,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data.task import TaskSpec
-from models.blocks import FFNS, NORMS, Backbone
+from models.blocks import FFNS, NORMS, REMATS, Backbone
+from ssm._checks import dtype_option
 from models.heads import (POOLINGS, ClassificationHead, LMHead, PixelEncoder, RetrievalHead,
                           TokenEncoder, pool, tied_logits)
 from models.registry import MIXERS, build_mixer, mixer_options
@@ -55,6 +64,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "tie_embeddings": False,
     "retrieval_mlp_dim": 256,
     "mixer": {},               # extra keyword options for models.build_mixer
+    "dtype": "float32",        # "float32" | "bfloat16": activations and matrix products
+    "param_dtype": "float32",  # the projections' weights
+    "remat": "none",           # "none" | "block" | a jax.checkpoint_policies name
 }
 ALIASES = {"transformer": "attention"}
 
@@ -80,7 +92,9 @@ def resolve_config(model_cfg) -> dict:
   cfg = {**MODEL_DEFAULTS, **cfg}
   if cfg["name"] not in model_names():
     raise ValueError(f"unknown model name {cfg['name']!r}; valid names: {model_names()}")
-  for key, valid in (("norm", NORMS), ("ffn", FFNS), ("pooling", POOLINGS)):
+  for key in ("dtype", "param_dtype"):
+    cfg[key] = dtype_option("model", key, cfg[key]).name
+  for key, valid in (("norm", NORMS), ("ffn", FFNS), ("pooling", POOLINGS), ("remat", REMATS)):
     if cfg[key] not in valid:
       raise ValueError(f"unknown model {key} {cfg[key]!r}; valid: {list(valid)}")
   for key in ("d_model", "num_layers", "ffn_mult", "retrieval_mlp_dim"):
@@ -92,8 +106,9 @@ def resolve_config(model_cfg) -> dict:
   if not isinstance(cfg["dropout"], (int, float)) or not 0.0 <= cfg["dropout"] < 1.0:
     raise ValueError(f"model dropout must be in [0, 1), got {cfg['dropout']!r}")
   cfg["mixer"] = _as_dict(cfg["mixer"] if cfg["mixer"] is not None else {})
-  if "bidirectional" in cfg["mixer"]:
-    raise ValueError("set model.bidirectional, not model.mixer.bidirectional")
+  for key in ("bidirectional", "dtype", "param_dtype"):
+    if key in cfg["mixer"]:
+      raise ValueError(f"set model.{key}, not model.mixer.{key}")
   return cfg
 
 
@@ -112,11 +127,12 @@ class _Encoded(nnx.Module):
   """Shared part: input encoder + backbone."""
 
   def __init__(self, task: TaskSpec, backbone: Backbone, *, rngs: nnx.Rngs,
-               init_std: float = 1.0):
+               init_std: float = 1.0, param_dtype=jnp.float32):
     d_model = backbone.d_model
     self.input_kind = task.input_kind
     if task.input_kind == "tokens":
-      self.encoder = TokenEncoder(task.vocab_size, d_model, init_std=init_std, rngs=rngs)
+      self.encoder = TokenEncoder(task.vocab_size, d_model, init_std=init_std,
+                                  param_dtype=param_dtype, rngs=rngs)
     else:
       self.encoder = PixelEncoder(task.in_channels, d_model, rngs=rngs)
     self.backbone = backbone
@@ -157,10 +173,11 @@ def _get(batch, key, what):
 class Classifier(_Encoded):
   """One sequence -> one label: backbone, pooling, linear decoder."""
 
-  def __init__(self, task: TaskSpec, backbone: Backbone, *, pooling: str, rngs: nnx.Rngs):
-    super().__init__(task, backbone, rngs=rngs)
+  def __init__(self, task: TaskSpec, backbone: Backbone, *, pooling: str, rngs: nnx.Rngs,
+               **precision):
+    super().__init__(task, backbone, rngs=rngs, param_dtype=precision["param_dtype"])
     self.head = ClassificationHead(backbone.d_model, task.num_classes, pooling=pooling,
-                                   rngs=rngs)
+                                   rngs=rngs, **precision)
 
   def __call__(self, batch, *, deterministic: bool):
     x, mask = self.features(_get(batch, "inputs", "classifier"), batch.get("mask"),
@@ -173,13 +190,14 @@ class RetrievalModel(_Encoded):
   pooled to u, v, then `RetrievalHead` on [u, v, u * v, u - v]."""
 
   def __init__(self, task: TaskSpec, backbone: Backbone, *, pooling: str, mlp_dim: int,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, **precision):
     if pooling not in POOLINGS or pooling == "none":
       raise ValueError(f"unknown pooling {pooling!r} for retrieval; valid: "
                        f"{[p for p in POOLINGS if p != 'none']}")
-    super().__init__(task, backbone, rngs=rngs)
+    super().__init__(task, backbone, rngs=rngs, param_dtype=precision["param_dtype"])
     self.pooling = pooling
-    self.head = RetrievalHead(backbone.d_model, task.num_classes, mlp_dim=mlp_dim, rngs=rngs)
+    self.head = RetrievalHead(backbone.d_model, task.num_classes, mlp_dim=mlp_dim, rngs=rngs,
+                              **precision)
 
   def __call__(self, batch, *, deterministic: bool):
     inputs = jnp.asarray(_get(batch, "inputs", "retrieval"))
@@ -200,22 +218,25 @@ class LanguageModel(_Encoded):
   generation. tie_embeddings: logits = x @ E^T with the input embedding E."""
 
   def __init__(self, task: TaskSpec, backbone: Backbone, *, tie_embeddings: bool,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, **precision):
     if tie_embeddings and task.input_kind != "tokens":
       raise ValueError("tie_embeddings needs token inputs")
     if tie_embeddings and task.num_classes != task.vocab_size:
       raise ValueError(f"tie_embeddings needs num_classes == vocab_size, got "
                        f"{task.num_classes} and {task.vocab_size}")
     super().__init__(task, backbone, rngs=rngs,
-                     init_std=backbone.d_model ** -0.5 if tie_embeddings else 1.0)
+                     init_std=backbone.d_model ** -0.5 if tie_embeddings else 1.0,
+                     param_dtype=precision["param_dtype"])
     self.tie_embeddings = tie_embeddings
     self.num_classes = task.num_classes
+    self.dtype = precision["dtype"]
     self.head = None if tie_embeddings else LMHead(backbone.d_model, task.num_classes,
-                                                   rngs=rngs)
+                                                   rngs=rngs, **precision)
 
   def _logits(self, x):
+    """x (..., h) -> float32 logits (..., num_classes)."""
     if self.tie_embeddings:
-      return tied_logits(x, self.encoder.embedding[...])
+      return tied_logits(x, self.encoder.embedding[...], self.dtype)
     return self.head(x)
 
   def __call__(self, batch, *, deterministic: bool):
@@ -252,6 +273,13 @@ def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs) -> nnx.Module:
   if cfg["bidirectional"]:
     options["bidirectional"] = True  # only when True: causal-only mixers lack the option
   accepted = mixer_options(kind)
+  precision = dict(dtype=jnp.dtype(cfg["dtype"]), param_dtype=jnp.dtype(cfg["param_dtype"]))
+  for key, value in precision.items():
+    if key in accepted:
+      options[key] = value
+    elif value != jnp.float32:  # a registered mixer without the option computes in float32
+      raise ValueError(f"mixer {kind!r} takes no {key} option: it cannot run "
+                       f"model.{key}={cfg[key]!r}")
   mixers = []
   for i in range(cfg["num_layers"]):
     layer_opts = dict(options)
@@ -262,10 +290,11 @@ def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs) -> nnx.Module:
     mixers.append(build_mixer(kind, cfg["d_model"], rngs=rngs, **layer_opts))
   backbone = Backbone(mixers, cfg["d_model"], norm=cfg["norm"], prenorm=cfg["prenorm"],
                       ffn=cfg["ffn"], ffn_mult=cfg["ffn_mult"], dropout=float(cfg["dropout"]),
-                      rngs=rngs)
+                      remat=cfg["remat"], rngs=rngs, **precision)
   if task.kind == "classification":
-    return Classifier(task, backbone, pooling=cfg["pooling"], rngs=rngs)
+    return Classifier(task, backbone, pooling=cfg["pooling"], rngs=rngs, **precision)
   if task.kind == "retrieval":
     return RetrievalModel(task, backbone, pooling=cfg["pooling"],
-                          mlp_dim=cfg["retrieval_mlp_dim"], rngs=rngs)
-  return LanguageModel(task, backbone, tie_embeddings=cfg["tie_embeddings"], rngs=rngs)
+                          mlp_dim=cfg["retrieval_mlp_dim"], rngs=rngs, **precision)
+  return LanguageModel(task, backbone, tie_embeddings=cfg["tie_embeddings"], rngs=rngs,
+                       **precision)

@@ -10,6 +10,7 @@ names the op (or module) and the argument.
     d_model = positive_int("Mamba", "d_model", d_model) # an int >= 1, never a bool
     check_integer("ssd", segment_ids=segment_ids)       # integer ids, not floats or bools
     check_nonpositive("ssd", "A", A)                     # a decay's log, when concrete
+    dtype = dtype_option("Mamba", "dtype", "bfloat16")  # a precision option -> jnp dtype
 """
 
 from __future__ import annotations
@@ -81,3 +82,22 @@ def nonnegative_int(who: str, name: str, value) -> int:
 def optional_positive_int(who: str, name: str, value) -> int | None:
   """None, or positive_int(value)."""
   return None if value is None else positive_int(who, name, value)
+
+
+# The precisions a model may compute or keep parameters in (config.model.dtype / param_dtype).
+DTYPES = ("float32", "bfloat16")
+
+
+def dtype_option(who: str, name: str, value, *, none_ok: bool = False):
+  """A precision option ("float32" | "bfloat16", or the dtype itself) -> a numpy dtype;
+  None passes through when none_ok (the mixers' dtype=None: compute in the input's dtype)."""
+  if value is None and none_ok:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in DTYPES:
+    raise ValueError(f"{who}: {name} must be one of {DTYPES}"
+                     f"{' or None' if none_ok else ''}, got {value!r}")
+  return dtype

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssm.linear_attention import LinearMemoryMixer, split_heads, srms_norm
+from ssm.linear_attention import LinearMemoryMixer, chunked_flops, split_heads, srms_norm
 
 
 class FixedDecay(nnx.Variable):
@@ -69,9 +69,11 @@ class Lightning(LinearMemoryMixer):
 
   def __init__(self, d_model: int, *, num_heads: int | None = None, layer_idx: int = 0,
                num_layers: int = 1, memory_caching=None, chunk_size: int = 64,
-               impl: str = "auto", rngs: nnx.Rngs):
+               impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
+               rngs: nnx.Rngs):
     kind = self.name
-    config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching)
+    config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching, dtype,
+                         param_dtype)
     if not isinstance(num_layers, int) or num_layers < 1:
       raise ValueError(f"{kind}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
@@ -82,23 +84,27 @@ class Lightning(LinearMemoryMixer):
     self.layer_idx, self.num_layers = layer_idx, num_layers
     self.log_decay = FixedDecay(jnp.asarray(lightning_log_decay(h, layer_idx, num_layers),
                                             jnp.float32))
-    self.qkvu_proj = nnx.Linear(d_model, 4 * d_model, use_bias=False, rngs=rngs)
-    self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
+    self.qkvu_proj = self.dense(d_model, 4 * d_model, use_bias=False, rngs=rngs)
+    self.out_proj = self.dense(d_model, d_model, use_bias=False, rngs=rngs)
     self._add_memory(config, rngs)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return chunked_flops(self.num_heads, self.head_dim, self.value_dim,
+                         min(self.chunk_size, seq_len))
 
   def _log_decay(self):
     return self.log_decay[...]
 
   def _project(self, x):
     """x (..., d) -> silu(q), silu(k), v (..., h, dh) and the output gate u (..., d)."""
-    q, k, v, u = jnp.split(self.qkvu_proj(x.astype(jnp.float32)), 4, axis=-1)
+    q, k, v, u = jnp.split(self.qkvu_proj(x), 4, axis=-1)
     q, k = jax.nn.silu(q), jax.nn.silu(k)
     q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
     return q, k, v, u
 
   def _finish(self, o, u, x):
-    o = srms_norm(o.reshape(o.shape[:-2] + (self.d_model,)))
-    return self.out_proj(o * u).astype(x.dtype)
+    o = srms_norm(o.reshape(o.shape[:-2] + (self.d_model,)))  # statistics in float32
+    return self.out_proj(self.compute(o * u)).astype(x.dtype)
 
   def _plain_state(self, batch_size):
     h, dh = self.num_heads, self.head_dim

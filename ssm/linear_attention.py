@@ -50,8 +50,15 @@ def feature_map(name: str, x):
 
 def srms_norm(x, eps: float = SRMS_EPS):
   """Simple RMSNorm without weight over the last axis: x / sqrt(mean(x^2) + eps)."""
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.result_type(jnp.float32, x))
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def chunked_flops(heads: int, dk: int, dv: int, chunk: int) -> float:
+  """Forward FLOPs per token of the chunked linear-memory read (`Mixer.flops_per_token`):
+  per head the scores within the chunk and their product with V (2 C (dk + dv)), the read
+  of the carried state and its update (4 dk dv)."""
+  return heads * (2.0 * chunk * (dk + dv) + 4.0 * dk * dv)
 
 
 def default_num_heads(d_model: int) -> int:
@@ -80,7 +87,7 @@ class LinearMemoryMixer(Mixer):
   (packed documents restart it) or through memory caching (`self.memory`).
 
   A subclass builds its projections after `_setup` and writes
-    _project(x) -> q, k (..., h, dk), v (..., h, dv), aux      float32; aux: its own
+    _project(x) -> q, k (..., h, dk), v (..., h, dv), aux      compute dtype; aux: its own
     _finish(o, aux, x) -> (..., d_model)                        in x's dtype
     _log_decay() -> (h,) log lambda or None (no decay)
     _plain_state(batch_size), _plain_step(state, q, k, v) -> (state, o)   without caching
@@ -89,12 +96,13 @@ class LinearMemoryMixer(Mixer):
 
   takes_segments = True
 
-  def _setup(self, d_model, num_heads, chunk_size, impl, memory_caching):
+  def _setup(self, d_model, num_heads, chunk_size, impl, memory_caching, dtype, param_dtype):
     """Checks and stores the shared options; returns the memory-caching config (or None),
     validated before any parameter is built."""
     h = check_heads(d_model, num_heads, self.name)
     positive_int(self.name, "chunk_size", chunk_size)
     check_impl(self.name, impl)
+    self._precision(dtype, param_dtype)
     self.d_model, self.num_heads, self.head_dim = d_model, h, d_model // h
     self.chunk_size, self.impl = chunk_size, impl
     return memory_caching_config(memory_caching)
@@ -156,9 +164,11 @@ class LinearAttention(LinearMemoryMixer):
 
   def __init__(self, d_model: int, *, num_heads: int | None = None, feature_map: str = "elu1",
                normalize: bool | str = True, memory_caching=None, chunk_size: int = 64,
-               impl: str = "auto", rngs: nnx.Rngs):
+               impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
+               rngs: nnx.Rngs):
     kind = self.name
-    config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching)
+    config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching, dtype,
+                         param_dtype)
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"{kind}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     norm = {True: "denominator", False: "none", None: "none"}.get(normalize, normalize)
@@ -170,14 +180,18 @@ class LinearAttention(LinearMemoryMixer):
                        f"('elu1' or 'relu'); 'identity' can divide by zero")
     self.feature_map, self.normalize = feature_map, norm
     self.value_dim = self.head_dim + (norm == "denominator")
-    self.qkv_proj = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
-    self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
+    self.qkv_proj = self.dense(d_model, 3 * d_model, use_bias=False, rngs=rngs)
+    self.out_proj = self.dense(d_model, d_model, use_bias=False, rngs=rngs)
     self._add_memory(config, rngs)
 
+  def flops_per_token(self, seq_len: int) -> float:
+    return chunked_flops(self.num_heads, self.head_dim, self.value_dim,
+                         min(self.chunk_size, seq_len))
+
   def _project(self, x):
-    """x (..., d) -> phi(q), phi(k), v' (..., h, dh[+1]) float32 (v' = [v, 1] with the
-    denominator)."""
-    q, k, v = jnp.split(self.qkv_proj(x.astype(jnp.float32)), 3, axis=-1)
+    """x (..., d) -> phi(q), phi(k), v' (..., h, dh[+1]) in the compute dtype (v' = [v, 1]
+    with the denominator)."""
+    q, k, v = jnp.split(self.qkv_proj(x), 3, axis=-1)
     q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
     q, k = feature_map(self.feature_map, q), feature_map(self.feature_map, k)
     if self.normalize == "denominator":
@@ -187,12 +201,13 @@ class LinearAttention(LinearMemoryMixer):
   def _finish(self, o, aux, x):
     """o (..., h, dh[+1]) -> (..., d_model) in x's dtype."""
     del aux
+    o = o.astype(jnp.result_type(jnp.float32, o))  # the division and norm in float32
     if self.normalize == "denominator":
       o = o[..., :-1] / (o[..., -1:] + DENOM_EPS)
     elif self.normalize == "rmsnorm":
       o = srms_norm(o)
     o = o.reshape(o.shape[:-2] + (self.d_model,))
-    return self.out_proj(o).astype(x.dtype)
+    return self.out_proj(self.compute(o)).astype(x.dtype)
 
   def _plain_state(self, batch_size):
     h, dh = self.num_heads, self.head_dim

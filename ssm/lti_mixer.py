@@ -25,6 +25,7 @@ time-reversed sequence, and the two outputs are added (S4's `bidirectional=True`
 """
 
 import inspect
+import math
 from typing import Any
 
 import jax
@@ -109,11 +110,14 @@ class LTIMixer(Mixer):
       ("none" requires a single causal channel: the output is act(y) itself).
     dropout: rate after the activation.
     impl: "auto", "xla" or "pallas" for the convolution (`lti_conv`).
+    dtype, param_dtype: of the output projection (`ssm.mixer.Mixer`); the kernel, its
+      generation, the convolution and the D skip stay float32.
   """
 
   def __init__(self, kernel: nnx.Module, *, bidirectional: bool = False,
                activation: str = "gelu", postact: str = "glu", dropout: float = 0.0,
-               impl: str = "auto", rngs: nnx.Rngs):
+               impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
+               rngs: nnx.Rngs):
     check_mixer_options(activation, postact, impl)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -126,15 +130,16 @@ class LTIMixer(Mixer):
     if postact == "none" and c != 1:
       raise ValueError("postact='none' needs one channel per direction")
     self.name = who
+    self._precision(dtype, param_dtype)
     self.kernel = kernel
     self.d_model, self.channels = h, c
     self.bidirectional = bidirectional
     self.activation, self.postact, self.impl = activation, postact, impl
     self.D = nnx.Param(jax.random.normal(rngs.params(), (c, h), jnp.float32))
     if postact == "glu":
-      self.out_proj = nnx.Linear(c * h, 2 * h, rngs=rngs)
+      self.out_proj = self.dense(c * h, 2 * h, rngs=rngs)
     elif postact == "linear":
-      self.out_proj = nnx.Linear(c * h, h, rngs=rngs)
+      self.out_proj = self.dense(c * h, h, rngs=rngs)
     else:
       self.out_proj = None
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -147,10 +152,18 @@ class LTIMixer(Mixer):
     y = y.reshape(*y.shape[:-2], self.channels * self.d_model)
     y = self.dropout(y, deterministic=deterministic)
     if self.postact == "glu":
-      y = jax.nn.glu(self.out_proj(y), axis=-1)
+      y = jax.nn.glu(self.out_proj(self.compute(y)), axis=-1)
     elif self.postact == "linear":
-      y = self.out_proj(y)
+      y = self.out_proj(self.compute(y))
     return y.astype(x.dtype)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """The FFT convolution of every (channel, feature) map: the input's transform and the
+    inverse at FFT size n = 2 L (causal) or L, 2.5 n log2 n real FLOPs each per sequence
+    (the kernel's transform is per step, not per token), plus the pointwise product."""
+    n = seq_len if self.bidirectional else 2 * seq_len
+    maps = self.channels * self.d_model * (2 if self.bidirectional else 1)
+    return maps * (5.0 * math.log2(max(n, 2)) + 6.0) * n / seq_len
 
   # -- parallel (convolution) mode --------------------------------------------
   def forward(self, x, *, mask, deterministic, segment_ids):

@@ -58,11 +58,20 @@ def dt_bias_init(key, shape, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
   return dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1(dt)
 
 
-def causal_depthwise_conv(x_bld, w_kd, bias_d):
-  """y[t] = sum_k w[k] x[t - K + 1 + k] + bias, zero before the start. (b, l, d) -> (b, l, d)."""
+def causal_depthwise_conv(x_bld, w_kd, bias_d, segment_ids=None):
+  """y[t] = sum_k w[k] x[t - K + 1 + k] + bias, zero before the start. (b, l, d) -> (b, l, d).
+
+  segment_ids (b, l) int: packed documents; a tap reaching into another document reads
+  zero (each document is convolved as if it started the sequence; the reference's
+  causal_conv1d with seq_idx)."""
   width, seq_len = w_kd.shape[0], x_bld.shape[1]
   xp = jnp.pad(x_bld, ((0, 0), (width - 1, 0), (0, 0)))
-  return sum(w_kd[k] * xp[:, k:k + seq_len] for k in range(width)) + bias_d
+  taps = [xp[:, k:k + seq_len] for k in range(width)]
+  if segment_ids is not None:
+    sp = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
+    taps = [jnp.where((sp[:, k:k + seq_len] == segment_ids)[..., None], tap, 0)
+            for k, tap in enumerate(taps)]
+  return sum(w_kd[k] * tap for k, tap in enumerate(taps)) + bias_d
 
 
 def conv_step(window_bdk, x_bd, w_kd, bias_d):
@@ -104,23 +113,26 @@ class Mamba(Mixer):
   def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
                chunk_size: int = DEFAULT_CHUNK_SIZE, memory_caching: dict | None = None,
-               impl: str = "auto", rngs: nnx.Rngs):
+               impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
+               rngs: nnx.Rngs):
     for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
                     ("expand", expand), ("chunk_size", chunk_size)):
       positive_int("Mamba", name, v)
     dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
     positive_int("Mamba", "dt_rank", dt_rank)
     check_impl("Mamba", impl)
+    self._precision(dtype, param_dtype)
     memory_caching = mcache.memory_caching_config(memory_caching)  # fails before any parameter
     d_inner = expand * d_model
     self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, d_inner, d_state, d_conv
     self.dt_rank, self.chunk_size, self.impl = dt_rank, chunk_size, impl
 
-    self.in_proj = nnx.Linear(d_model, 2 * d_inner, use_bias=False, rngs=rngs)
+    self.in_proj = self.dense(d_model, 2 * d_inner, use_bias=False, rngs=rngs)
     self.conv_w = nnx.Param(conv_init(rngs.params(), (d_conv, d_inner), d_conv))
     self.conv_b = nnx.Param(conv_init(rngs.params(), (d_inner,), d_conv))
-    self.x_proj = nnx.Linear(d_inner, dt_rank + 2 * d_state, use_bias=False, rngs=rngs)
+    self.x_proj = self.dense(d_inner, dt_rank + 2 * d_state, use_bias=False, rngs=rngs)
     std = dt_rank ** -0.5
+    # dt's projection keeps float32 weights: its bias is dt's (an SSM parameter).
     self.dt_proj = nnx.Linear(
         dt_rank, d_inner, rngs=rngs,
         kernel_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -std, std),
@@ -128,10 +140,16 @@ class Mamba(Mixer):
     a_log = jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32))
     self.A_log = NoDecayParam(jnp.broadcast_to(a_log, (d_inner, d_state)))
     self.D = NoDecayParam(jnp.ones((d_inner,), jnp.float32))
-    self.out_proj = nnx.Linear(d_inner, d_model, use_bias=False, rngs=rngs)
+    self.out_proj = self.dense(d_inner, d_model, use_bias=False, rngs=rngs)
     # Memory caching: one gate token of N per position, scored against the B_t (the keys).
     self.memory = cached_memory(memory_caching, d_model, gate_heads=1, gate_dim=d_state,
                                 rngs=rngs)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """The depthwise convolution (2 K d_inner) and the selective scan's state update and
+    read (9 d_inner N, the Mamba paper's count)."""
+    del seq_len
+    return 2.0 * self.d_conv * self.d_inner + 9.0 * self.d_inner * self.d_state
 
   # -- shared pieces -------------------------------------------------------------
   def _ssm_inputs(self, xc):
@@ -139,7 +157,8 @@ class Mamba(Mixer):
     dbc = self.x_proj(xc)
     r, n = self.dt_rank, self.d_state
     dt_low, B, C = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
-    delta = jnp.dot(dt_low, self.dt_proj.kernel[...])  # the bias goes into the softplus
+    # The bias goes into the softplus (in float32, in the scan).
+    delta = jnp.dot(dt_low, self.dt_proj.kernel[...].astype(dt_low.dtype))
     return delta, B, C
 
   # -- parallel mode ---------------------------------------------------------------
@@ -148,7 +167,9 @@ class Mamba(Mixer):
     del mask, deterministic, segment_ids
     xz = self.in_proj(x)
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
-    xc = jax.nn.silu(causal_depthwise_conv(xs, self.conv_w[...], self.conv_b[...]))
+    # The convolution and silu in float32 (fused by XLA), stored in the compute dtype.
+    xc = self.compute(jax.nn.silu(causal_depthwise_conv(xs.astype(jnp.float32),
+                                                        self.conv_w[...], self.conv_b[...])))
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:
@@ -202,7 +223,7 @@ class Mamba(Mixer):
       y = y[..., 0]
       new_state = MambaState(conv, None, mc_state)
     y = (y + self.D[...] * xc) * jax.nn.silu(z.astype(f32))
-    return new_state, self.out_proj(y).astype(x_t.dtype)
+    return new_state, self.out_proj(self.compute(y)).astype(x_t.dtype)
 
 
 # Registry factory for kind "mamba": the class itself, so its options and defaults are

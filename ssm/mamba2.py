@@ -14,8 +14,8 @@ RMSNorm normalises each of the G groups of d_inner / G channels (the reference's
 
 The SSM is `ssm.ops.ssd` (the chunked matrix form in XLA, or the Pallas kernel on a
 Hopper GPU: `impl`), with the D skip, dt_bias and the softplus of dt inside the op;
-`segment_ids` (packed documents) restart the SSM state where the id changes. The step
-mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
+`segment_ids` (packed documents) restart the SSM state and the convolution window where
+the id changes. The step mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
 
 Memory caching (`memory_caching=dict(segment_size=..., ...)`, see `ssm.memory_caching`):
 SSD is a linear memory with heads = H, dk = N, dv = P, q = C_t, k = B_t, v = dt_t x_t
@@ -90,11 +90,14 @@ def ssd_segment_reads(x, dt, A, B, C, *, segment_size: int, state_init: str, imp
 
 
 def gated_rms_norm(y, z, weight, groups, eps=RMS_EPS):
-  """RMSNorm(y * silu(z)) over each of `groups` equal slices of the last axis, times weight."""
-  y = y * jax.nn.silu(z)
+  """RMSNorm(y * silu(z)) over each of `groups` equal slices of the last axis, times weight;
+  computed in float32 (or wider), returned in y's dtype."""
+  out_dtype = y.dtype
+  cdt = jnp.result_type(jnp.float32, y, z)
+  y = y.astype(cdt) * jax.nn.silu(z.astype(cdt))
   yg = y.reshape(*y.shape[:-1], groups, y.shape[-1] // groups)
   yg = yg * jax.lax.rsqrt(jnp.mean(yg * yg, axis=-1, keepdims=True) + eps)
-  return yg.reshape(y.shape) * weight
+  return (yg.reshape(y.shape) * weight).astype(out_dtype)
 
 
 # -- the layer ------------------------------------------------------------------------
@@ -116,7 +119,8 @@ class Mamba2(Mixer):
   def __init__(self, d_model: int, *, d_state: int = 64, headdim: int = 64, expand: int = 2,
                ngroups: int = 1, d_conv: int = 4, chunk_size: int = 64,
                dt_min: float = 1e-3, dt_max: float = 1e-1, A_init_range=(1.0, 16.0),
-               memory_caching: dict | None = None, impl: str = "auto", rngs: nnx.Rngs):
+               memory_caching: dict | None = None, impl: str = "auto",
+               dtype: str | None = None, param_dtype: str = "float32", rngs: nnx.Rngs):
     for name, v in (("d_model", d_model), ("d_state", d_state), ("headdim", headdim),
                     ("expand", expand), ("ngroups", ngroups), ("d_conv", d_conv),
                     ("chunk_size", chunk_size)):
@@ -132,13 +136,14 @@ class Mamba2(Mixer):
     if not 0 < lo <= hi:
       raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
     check_impl("Mamba2", impl)
+    self._precision(dtype, param_dtype)
     memory_caching = mcache.memory_caching_config(memory_caching)  # fails before any parameter
     self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, d_inner, d_state, d_conv
     self.headdim, self.nheads, self.ngroups = headdim, nheads, ngroups
     self.chunk_size, self.impl = chunk_size, impl
     self.conv_dim = d_inner + 2 * ngroups * d_state
 
-    self.in_proj = nnx.Linear(d_model, d_inner + self.conv_dim + nheads, use_bias=False,
+    self.in_proj = self.dense(d_model, d_inner + self.conv_dim + nheads, use_bias=False,
                               rngs=rngs)
     self.conv_w = nnx.Param(conv_init(rngs.params(), (d_conv, self.conv_dim), d_conv))
     self.conv_b = nnx.Param(conv_init(rngs.params(), (self.conv_dim,), d_conv))
@@ -147,10 +152,19 @@ class Mamba2(Mixer):
     self.A_log = NoDecayParam(jnp.log(a))
     self.D = NoDecayParam(jnp.ones((nheads,), jnp.float32))
     self.norm_w = nnx.Param(jnp.ones((d_inner,), jnp.float32))
-    self.out_proj = nnx.Linear(d_inner, d_model, use_bias=False, rngs=rngs)
+    self.out_proj = self.dense(d_inner, d_model, use_bias=False, rngs=rngs)
     # Memory caching: one gate token of N per position, scored against the B_t (the keys).
     self.memory = cached_memory(memory_caching, d_model, gate_heads=1, gate_dim=d_state,
                                 rngs=rngs)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """The depthwise convolution (2 K conv_dim) and SSD's chunked form at chunk Q: per
+    group C B^T within the chunk (2 Q N), per head the masked scores times X (2 Q P), the
+    chunk state B^T X and its read C S (4 N P)."""
+    q = min(self.chunk_size, seq_len)
+    n, p = self.d_state, self.headdim
+    return (2.0 * self.d_conv * self.conv_dim + 2.0 * q * n * self.ngroups
+            + self.nheads * (2.0 * q * p + 4.0 * n * p))
 
   # -- shared pieces -------------------------------------------------------------------
   def _split_in(self, zxbcdt):
@@ -168,22 +182,26 @@ class Mamba2(Mixer):
   def _tail(self, y, z, dtype):
     """y (..., H, P) SSM output with the D skip -> (..., d_model)."""
     y = y.reshape(*y.shape[:-2], self.d_inner)
-    y = gated_rms_norm(y, z.astype(y.dtype), self.norm_w[...], self.ngroups)
-    return self.out_proj(y).astype(dtype)
+    y = gated_rms_norm(y, z, self.norm_w[...], self.ngroups)
+    return self.out_proj(self.compute(y)).astype(dtype)
 
   # -- parallel mode ---------------------------------------------------------------------
   def forward(self, x, *, mask, deterministic, segment_ids):
     """x (b, l, d_model) -> (b, l, d_model). No dropout; padded rows are zero already.
 
-    segment_ids (b, l) int: packed documents; the SSM state restarts where the id
-    changes (the depthwise convolution still sees the previous document's last
-    d_conv - 1 tokens, as in the reference's packed training).
+    segment_ids (b, l) int: packed documents; the SSM state and the depthwise
+    convolution's window restart where the id changes (the reference's seq_idx), so each
+    document's output is that of the document alone.
     """
     del mask, deterministic
     f32 = jnp.float32
     z, xbc, dt = self._split_in(self.in_proj(x))
-    xbc = jax.nn.silu(causal_depthwise_conv(xbc, self.conv_w[...], self.conv_b[...]))
-    xs, B, C = (v.astype(f32) for v in self._split_xbc(xbc))
+    # The convolution and silu in float32 (fused by XLA); SSD's x, B, C in the compute
+    # dtype (the kernel takes bf16 operands, accumulating in float32).
+    xbc = jax.nn.silu(causal_depthwise_conv(xbc.astype(f32), self.conv_w[...], self.conv_b[...],
+                                            segment_ids))
+    xs, B, C = (v if self.dtype is None else v.astype(self.dtype)
+                for v in self._split_xbc(xbc))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:
       y = ssd(xs, dt.astype(f32), A, B, C, D=self.D[...], segment_ids=segment_ids,

@@ -22,6 +22,19 @@ shapes `init_state` gives; the axis of a growing buffer, `capacity_fields`, is f
 the batch-size and max_len checks, and the refusal of segment_ids it cannot take. The
 memory-caching hook of the recurrent mixers is `ssm.memory_caching.CachedMemory`,
 held as `self.memory` (None without memory caching).
+
+Precision (every kind takes `dtype` and `param_dtype`, the model's config.model.dtype /
+param_dtype): `dtype` is the compute dtype of the mixer's projections and activations
+(None: the input's), `param_dtype` that of the projections' weights. The rest stays
+float32 whatever they are: the SSM parameters (A, D, dt, the LTI kernels' parameters),
+their discretisation and kernel generation, softplus of dt, the recurrent states and
+every norm's statistics; the ops (`ssm.ops`) take 16-bit operands and accumulate in
+float32. A mixer returns its input's dtype. `self.dense` builds a projection with the
+mixer's dtypes, `self.compute(x)` casts an activation to the compute dtype.
+
+FLOPs: `flops_per_token(seq_len)` is the mixer's forward FLOPs per token beyond its
+projections' 2 x parameters (the sequence terms: attention's scores, a scan's state
+updates); `train.flops` adds it to 6 x parameters.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssm import memory_caching as mcache
-from ssm._checks import check_float, optional_positive_int, positive_int
+from ssm._checks import check_float, dtype_option, optional_positive_int, positive_int
 
 
 def _describe(tree) -> str:
@@ -100,6 +113,8 @@ class Mixer(nnx.Module):
   capacity_fields: tuple[str, ...] = ("cached", "summaries")  # memory caching's buffers
   bidirectional = False
   memory = None               # the memory-caching hook (ssm.memory_caching.CachedMemory)
+  dtype = None                # compute dtype of projections and activations (None: input's)
+  param_dtype = jnp.dtype(jnp.float32)  # the projections' weights (SSM parameters: float32)
 
   @property
   def causal(self) -> bool:
@@ -119,6 +134,27 @@ class Mixer(nnx.Module):
     if not self.causal:
       raise ValueError(f"{self.name}: a bidirectional mixer has no recurrent step (it is not "
                        "causal)")
+
+  # -- precision (module docstring) ----------------------------------------------------
+  def _precision(self, dtype, param_dtype) -> None:
+    """Checks and stores the dtype options; call before building projections."""
+    self.dtype = dtype_option(self.name, "dtype", dtype, none_ok=True)
+    self.param_dtype = dtype_option(self.name, "param_dtype", param_dtype)
+
+  def dense(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+    """A projection computing in the mixer's dtype with param_dtype weights."""
+    return nnx.Linear(d_in, d_out, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+                      **kwargs)
+
+  def compute(self, x):
+    """x in the compute dtype (unchanged when dtype is None)."""
+    return x if self.dtype is None else x.astype(self.dtype)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per token beyond 2 x the projections' parameters (module docstring);
+    0 for a mixer that is all projections."""
+    del seq_len
+    return 0.0
 
   # -- the contract ------------------------------------------------------------------
   def __call__(self, x, *, mask=None, deterministic: bool = True, segment_ids=None):

@@ -78,8 +78,9 @@ def test_bad_input_fails_clearly():
 
 
 def test_segment_ids_restart_the_state_after_a_boundary_only():
-  """Packed documents: tokens before the first boundary are unchanged, the tokens after
-  it differ from the unpacked run, and one id everywhere is the unpacked run."""
+  """Packed documents: tokens before the first boundary are unchanged, the document
+  after it gives exactly its output run alone (the SSM state and the convolution's window
+  restart), and one id everywhere is the unpacked run."""
   m = perturbed(build_mixer("mamba2", 8, rngs=nnx.Rngs(8), **CONFIG), 8)
   x = jax.random.normal(jax.random.key(9), X_SHAPE)
   y = run_parallel(m, x)
@@ -90,6 +91,8 @@ def test_segment_ids_restart_the_state_after_a_boundary_only():
   np.testing.assert_allclose(y_packed[:, :6], y[:, :6], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(y_packed[1], y[1], rtol=1e-5, atol=1e-6)
   assert np.abs(y_packed[0, 6:] - y[0, 6:]).max() > 1e-3
+  np.testing.assert_allclose(y_packed[0, 6:], run_parallel(m, x[:1, 6:])[0], rtol=1e-5,
+                             atol=1e-6)
   with pytest.raises(ValueError, match="not supported with memory_caching"):
     Mamba2(8, **CONFIG, memory_caching=dict(segment_size=3), rngs=nnx.Rngs(0))(
         x, segment_ids=ids)

@@ -67,6 +67,7 @@ from flax import nnx
 
 from train import checkpoint as checkpoint_lib
 from train import chrono as chrono_lib
+from train import flops as flops_lib
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as sharding_lib
@@ -206,6 +207,7 @@ class Trainer:
                                  rngs=nnx.Rngs(params=seed, dropout=seed + 1))
       graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
       holder["graphdef"] = graphdef
+      holder["sequence_flops"] = flops_lib.sequence_flops(model, task.seq_len)
       state = TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
       return state, rngs
 
@@ -222,6 +224,10 @@ class Trainer:
         abstract_state, abstract_rngs = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._eager)
     self.graphdef = holder["graphdef"]
+    # Model FLOPs per trained token (train/flops.py): 6 N + 3 x the mixers' sequence terms.
+    self.flops_per_token = 6.0 * flops_lib.matmul_params(
+        abstract_state.params, tied=bool(config.model.get("tie_embeddings", False))) + (
+            3.0 * holder["sequence_flops"])
     min_size = config.train.fsdp_min_size
     self.state_sharding = sharding_lib.state_shardings(abstract_state, mesh, min_size)
     self.rng_sharding = sharding_lib.state_shardings(abstract_rngs, mesh, min_size)
@@ -500,8 +506,8 @@ class _Loop:
     self.window.add(m)
     self.chrono.step(examples)
     if step == self.start + 1:  # the first step includes compilation: not in throughput
-      log.info("first train step (with compilation) took %.1f s",
-               self.chrono.first_step_done())
+      log.info("first train step (with compilation) took %.1f s; %.4g model FLOPs per token",
+               self.chrono.first_step_done(), self.trainer.flops_per_token)
     self.progress.live(step, dict(loss=float(m["loss"]), lr=float(m["lr"])))
     if step % self.tc.log_every == 0 or step == self.end:
       out = dict(self.window.means(), lr=float(m["lr"]))
@@ -510,13 +516,26 @@ class _Loop:
         out.update(examples_per_s=rates["examples_per_s"],
                    tokens_per_s=rates["examples_per_s"] * self.tokens_per_example,
                    step_time_s=rates["step_time_s"])
+        out.update(self.utilisation(out["tokens_per_s"]))
       self.writer.write(step, "train", out)
       shown = dict(loss=out["loss"], acc=out["accuracy"], lr=out["lr"])
       if rates:
         shown["ex_per_s"] = round(out["examples_per_s"], 1)
+        shown["tok_per_s"] = round(out["tokens_per_s"])
+        if "mfu" in out:
+          shown["mfu"] = round(out["mfu"], 3)
       self.progress.line(step, shown, prefix="train")
       self.window = _Window()
     return bool(m["stop"])
+
+  def utilisation(self, tokens_per_s: float) -> dict:
+    """Model TFLOP/s and, on a device whose peak is known, MFU (train/flops.py)."""
+    fpt = self.trainer.flops_per_token
+    out = dict(model_tflops_per_s=tokens_per_s * fpt / 1e12)
+    mfu = flops_lib.mfu(tokens_per_s, fpt, dtype=str(self.trainer.config.model.get("dtype", "float32")))
+    if mfu is not None:
+      out["mfu"] = mfu
+    return out
 
   def validate(self, done: int) -> None:
     t0 = time.perf_counter()
