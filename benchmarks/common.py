@@ -8,6 +8,11 @@ Time jit-compiled functions and pass the arrays they read as arguments: a closur
 over arrays bakes them into the program as constants, which XLA may fold away.
 """
 
+import collections
+import glob
+import gzip
+import json
+import os
 import statistics
 import sys
 import time
@@ -102,3 +107,31 @@ def print_table(rows: Sequence[Mapping[str, Any] | Sequence[Any]], columns: Sequ
   if title:
     print(title, file=out)
   print(format_table(rows, columns), file=out, flush=True)
+
+
+def summarise_trace(trace_dir: str, steps: int, top: int = 25) -> None:
+  """Print the device time per op name of the newest Perfetto trace under trace_dir
+  (written by jax.profiler.trace(..., create_perfetto_trace=True) around `steps` steps):
+  ms per step, share of the device time, calls per step, the `top` largest."""
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not paths:
+    print(f"no perfetto_trace.json.gz under {trace_dir}")
+    return
+  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n or "device" in n.lower()}
+  device = device or set(names)  # CPU: the XLA ops run on the host's threads
+  totals, counts = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      totals[e["name"]] += e.get("dur", 0.0)
+      counts[e["name"]] += 1
+  whole = sum(totals.values())
+  print(f"\ndevice processes: {sorted(names[p] for p in device)}")
+  print(f"device op time: {whole / 1e3 / steps:.3f} ms per step (summed over streams)")
+  print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
+  for name, dur in totals.most_common(top):
+    print(f"{dur / 1e3 / steps:8.3f} {dur / whole:6.1%} {counts[name] / steps:10.1f}  {name[:110]}")

@@ -1,7 +1,8 @@
 r"""Train-step time, tokens/s and MFU of LM recipes in float32 and bf16 (run on a GPU).
 
     python -m benchmarks.train_step --config=configs/lm/imdb.py:mamba \
-        --config=configs/lm/imdb.py:transformer [--dtypes=float32,bfloat16] [--steps=10]
+        --config=configs/lm/imdb.py:transformer [--dtypes=float32,bfloat16] [--steps=10] \
+        [--trace_dir=/tmp/trace --top=25]
 
 Each row builds the trainer as `python -m train` does (model, optimizer, the jitted
 step with its fused update) for the config with model.dtype set, feeds a synthetic batch
@@ -9,6 +10,8 @@ of random bytes of the config's shape (step time does not depend on the text), a
 reports the best of 3 x `--steps` pipelined steps: ms per step, tokens/s, model TFLOP/s
 and MFU (train/flops.py: 6 N + the mixers' sequence terms, against the device's dense
 peak for the dtype). Rows of one call are comparable; compare across calls only loosely.
+With --trace_dir each row also traces 3 steps and prints the device time per op (printed
+before its row).
 """
 
 import time
@@ -20,6 +23,9 @@ _CONFIGS = flags.DEFINE_multi_string("config", ["configs/lm/imdb.py:mamba"],
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model.dtype values")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "override train.batch_size (0: the config's)")
 _STEPS = flags.DEFINE_integer("steps", 10, "steps per timing")
+_TRACE = flags.DEFINE_string("trace_dir", None,
+                             "also trace 3 steps per row here and print device time per op")
+_TOP = flags.DEFINE_integer("top", 25, "device ops listed per traced row")
 
 
 def _load(path_arg: str):
@@ -31,7 +37,8 @@ def _load(path_arg: str):
   return mod.get_config(arg) if arg else mod.get_config()
 
 
-def time_step(config, dtype: str, batch_size: int, steps: int) -> dict:
+def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | None = None,
+              top: int = 25) -> dict:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
@@ -77,6 +84,11 @@ def time_step(config, dtype: str, batch_size: int, steps: int) -> dict:
     t = time.perf_counter()
     out = run(steps)
     best = min(best, (time.perf_counter() - t) / steps)
+  if trace_dir:
+    from benchmarks.common import summarise_trace  # noqa: PLC0415
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      run(3)
+    summarise_trace(trace_dir, 3, top)
   tokens_per_s = b * seq_len / best
   mfu = flops_lib.mfu(tokens_per_s, trainer.flops_per_token, dtype=dtype)
   return dict(step_ms=1e3 * best, tokens_per_s=tokens_per_s, compile_s=compile_s,
@@ -95,7 +107,8 @@ def main(argv):
     config = _load(path)
     for dtype in _DTYPES.value:
       try:
-        r = time_step(config, dtype, _BATCH.value, _STEPS.value)
+        trace = _TRACE.value and f"{_TRACE.value}/{path.split(':')[-1]}_{dtype}"
+        r = time_step(config, dtype, _BATCH.value, _STEPS.value, trace, _TOP.value)
       except Exception as e:  # noqa: BLE001 (a row that fails says why; the others run)
         print(f"{path:34} {dtype:9} FAILED: {type(e).__name__}: {str(e)[:300]}")
         continue

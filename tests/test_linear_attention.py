@@ -134,9 +134,11 @@ def test_bfloat16_input_keeps_dtype():
 
 def test_registry_options():
   assert mixer_options("linear_attention") == [
-      "num_heads", "feature_map", "normalize", "memory_caching", "chunk_size", "impl"]
+      "num_heads", "feature_map", "normalize", "memory_caching", "chunk_size", "impl",
+      "dtype", "param_dtype"]
   assert mixer_options("lightning") == [
-      "num_heads", "layer_idx", "num_layers", "memory_caching", "chunk_size", "impl"]
+      "num_heads", "layer_idx", "num_layers", "memory_caching", "chunk_size", "impl",
+      "dtype", "param_dtype"]
   with pytest.raises(ValueError, match="unknown options"):
     build_mixer("lightning", D, rngs=nnx.Rngs(0), decay=0.5)
 

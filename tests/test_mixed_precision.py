@@ -242,7 +242,7 @@ def test_gpt2_small_recipes_build_in_bf16_at_their_documented_sizes():
   count, in bf16, with segment ids exactly for the mixers that take them."""
   from configs.lm import imdb
   task = dataclasses.replace(LM_TASK, seq_len=imdb.SEQ_LEN, num_classes=258, vocab_size=258)
-  sizes = {"mamba": 90.7e6, "mamba2": 90.6e6, "lightning": 78.3e6, "transformer": 85.2e6}
+  sizes = {"mamba": 90.7e6, "mamba2": 90.6e6, "lightning": 78.1e6, "transformer": 85.2e6}
   for name in imdb.MODELS:
     config = imdb.get_config(name)
     assert config.model.dtype == "bfloat16" and config.data.path == "imdb"

@@ -5,17 +5,12 @@ forward+backward, summed per device op, beside jnp.fft (run on a GPU).
 """
 import argparse
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(__file__))
-from profile_train_step import _summarise  # noqa: E402  (the trace summariser)
-
-from benchmarks.common import time_fn_pipelined  # noqa: E402
-from ssm.ops import fft_conv  # noqa: E402
+from benchmarks.common import summarise_trace, time_fn_pipelined
+from ssm.ops import fft_conv
 
 
 def main():
@@ -42,7 +37,7 @@ def main():
         with jax.profiler.trace(d, create_perfetto_trace=True):
           jax.block_until_ready([fn(u, k) for _ in range(3)])
         print(f"-- {name}")
-        _summarise(d, 3, args.top)
+        summarise_trace(d, 3, args.top)
 
 
 if __name__ == "__main__":

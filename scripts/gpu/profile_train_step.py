@@ -10,46 +10,18 @@ step), takes one batch from the training loader, and reports:
     per device op name (ms per step, share of the device time), the top `--top` printed.
 """
 
-import collections
-import glob
-import gzip
-import json
-import os
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from benchmarks.common import summarise_trace
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "steps per timing")
 _TRACE = flags.DEFINE_string("trace_dir", None, "write a profiler trace here and summarise it")
 _TOP = flags.DEFINE_integer("top", 25, "device ops listed from the trace")
-
-
-def _summarise(trace_dir: str, steps: int, top: int) -> None:
-  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not paths:
-    print(f"no perfetto_trace.json.gz under {trace_dir}")
-    return
-  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
-    events = json.load(f)
-  events = events.get("traceEvents", events) if isinstance(events, dict) else events
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n or "device" in n.lower()}
-  device = device or set(names)  # CPU: the XLA ops run on the host's threads
-  totals, counts = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device:
-      totals[e["name"]] += e.get("dur", 0.0)
-      counts[e["name"]] += 1
-  whole = sum(totals.values())
-  print(f"\ndevice processes: {sorted(names[p] for p in device)}")
-  print(f"device op time: {whole / 1e3 / steps:.3f} ms per step (summed over streams)")
-  print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
-  for name, dur in totals.most_common(top):
-    print(f"{dur / 1e3 / steps:8.3f} {dur / whole:6.1%} {counts[name] / steps:10.1f}  {name[:110]}")
 
 
 def main(argv):
@@ -100,7 +72,7 @@ def main(argv):
   if _TRACE.value:
     with jax.profiler.trace(_TRACE.value, create_perfetto_trace=True):
       run(5)
-    _summarise(_TRACE.value, 5, _TOP.value)
+    summarise_trace(_TRACE.value, 5, _TOP.value)
 
 
 if __name__ == "__main__":
