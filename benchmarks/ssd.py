@@ -11,8 +11,9 @@ kernels (jax-linear-attention's simple_gla, mamba_ssm's Triton mamba_chunk_scan_
 2. B=4, L=2048, 64 heads of P=64, N=128, one group of B/C (a Mamba-2 1.3B layer), bf16
    and float32: forward and forward + backward ms.
 3. The 32k-token sweep, L = 2k .. 64k with B = max(1, 32k / L), bf16 (flat is the goal).
-4. The Mamba-2 mixer (d_model 768, L 2048, B 8, float32 parameters and activations) on
-   the XLA path and on the kernel, forward and forward + backward (all parameters).
+4. The Mamba-2 mixer (d_model 768, L 2048, B 8; float32, and bf16 compute with float32
+   parameters) on the XLA path and on the kernel, forward and forward + backward (all
+   parameters).
 5. Lightning attention (B=8, H=16, L=4096, D=64, bf16) on its own kernel and on the SSD
    kernel (dt = 1, A = log_decay, B = k, C = q, one group per head).
 
@@ -190,21 +191,27 @@ GROUPED_JLA = True  # jla's Mosaic simple_gla takes q, k with fewer heads than v
 
 
 def mixer_rows(b, l, d_model, iters, warmup):
+  """The Mamba-2 mixer on the XLA path and on the kernel, float32 and bf16 compute
+  (model.dtype: bf16 activations and matmuls, float32 parameters, states and norms)."""
+  from models import build_mixer  # pylint: disable=import-outside-toplevel
   rows = []
-  x = jax.random.normal(jax.random.key(3), (b, l, d_model), F32)
-  for impl in ("xla", "pallas"):
-    from models import build_mixer  # pylint: disable=import-outside-toplevel
-    graphdef, params = nnx.split(build_mixer("mamba2", d_model, rngs=nnx.Rngs(0), impl=impl))
+  for dtype in ("float32", "bfloat16"):
+    x = jax.random.normal(jax.random.key(3), (b, l, d_model), F32).astype(dtype)
+    group = []
+    for impl in ("xla", "pallas"):
+      graphdef, params = nnx.split(build_mixer("mamba2", d_model, rngs=nnx.Rngs(0), impl=impl,
+                                               dtype=dtype))
 
-    def f(params, x, graphdef=graphdef):
-      return nnx.merge(graphdef, params)(x)
-    row = jax_pair(f, (params, x), (0, 1), iters, warmup)
-    rows.append(dict(op=f"mamba2 mixer {impl}", B=b, L=l) | row)
-    print(f"  {rows[-1]}", flush=True)
-  for row in rows:
-    for key, ratio in (("fwd ms", "x ours fwd"), ("fwd+bwd ms", "x ours f+b")):
-      if isinstance(row.get(key), float) and isinstance(rows[-1].get(key), float):
-        row[ratio] = row[key] / rows[-1][key]
+      def f(params, x, graphdef=graphdef):
+        return nnx.merge(graphdef, params)(x)
+      row = jax_pair(f, (params, x), (0, 1), iters, warmup)
+      group.append(dict(op=f"mamba2 mixer {impl}", dtype=dtype, B=b, L=l) | row)
+      print(f"  {group[-1]}", flush=True)
+    for row in group:
+      for key, ratio in (("fwd ms", "x ours fwd"), ("fwd+bwd ms", "x ours f+b")):
+        if isinstance(row.get(key), float) and isinstance(group[-1].get(key), float):
+          row[ratio] = row[key] / group[-1][key]
+    rows += group
   return rows
 
 
@@ -288,13 +295,14 @@ def main(argv=None):
     tables.append((f"\n{total}-token sweep (B = {total} / L), H={h} P={p} N={n}, bf16{flat}",
                    sweep))
   if "mixer" in sections:
-    tables.append(("\nMamba-2 mixer, float32 (x ours: over the kernel path)",
+    tables.append(("\nMamba-2 mixer, float32 and bf16 compute (x ours: over the kernel path)",
                    mixer_rows(*((1, 128, 64) if quick else (8, 2048, 768)), iters, warmup)))
   if "lightning" in sections and not quick:
     tables.append(("\nlightning attention B=8 H=16 L=4096 D=64 bf16",
                    lightning_rows(8, 4096, 16, 64, iters, warmup)))
   for title, rows in tables:
-    print_table(rows, cols + (["err vs own"] if "lightning" in title else []), title=title)
+    extra = (["err vs own"] if "lightning" in title else []) + (["dtype"] if "mixer" in title else [])
+    print_table(rows, cols + extra, title=title)
 
 
 if __name__ == "__main__":
