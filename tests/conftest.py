@@ -9,3 +9,11 @@ _FLAGS = ("--xla_cpu_multi_thread_eigen=false",
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in _FLAGS if f.split("=")[0] not in _flags]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Under pytest-xdist (pyproject's addopts) each worker keeps its own data cache: two
+# workers preparing the same TFDS dataset in one folder would race on its final rename.
+# The folders are stable per worker id (kept between runs, as the default cache is); a
+# cache the caller set ($SSMLAB_CACHE) is left alone.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("SSMLAB_CACHE"):
+  os.environ["SSMLAB_CACHE"] = os.path.expanduser(
+      f"~/.cache/ssmlab/pytest-{os.environ['PYTEST_XDIST_WORKER']}")
