@@ -1,6 +1,7 @@
 """FFT convolution as a Monarch (FlashFFTConv-style) Pallas Mosaic GPU kernel.
 
-    y[b, t, h] = sum_s k[h, s] u[b, t - s, h]      causal (zero-padded) or circular
+    y[b, t, h] = (sum_s k[h, s] u[b, t - s, h] + D[h] u[b, t, h]) * gate[b, t, h]
+                 causal (zero-padded) or circular; D, gate optional
 
 Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L):
 
@@ -8,9 +9,9 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   kernel, so they ride as the real and imaginary parts of ONE complex sequence
   z = u[b] + i u[b + B/2] (a real-kernel convolution is linear over re/im). One
   complex n-point FFT serves two real sequences; an odd batch gets a zero row.
-* Inner transform (in the kernel), size q = n (n <= 4096) or 4096: a sequence of q
-  points is a (r, c) row-major tile, x[q1 + c * q2] at [q2, q1], r = q // c rows,
-  c = max(16, q // 64) columns. Cooley-Tukey with the slow index first:
+* Two-stage kernel, q = n <= 4096: a sequence of q points is a (r, c) row-major tile,
+  x[q1 + c * q2] at [q2, q1], r = q // c rows, c = max(16, q // 64) columns.
+  Cooley-Tukey with the slow index first:
       stage 1  F_r @ X           DFT over rows  (wgmma, M = 64, K = 64, N = c)
       twiddle  * w_q^(q1 k2)     elementwise, registers
       stage 2  . @ F_c           DFT over columns (wgmma, M = 64, K = N = c)
@@ -18,32 +19,51 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   the kernel's spectrum is precomputed in that order, so the pointwise product and the
   inverse (conj stages in reverse) never permute. Sequences with r < 64 (q = 256,
   512) are stacked G = 64 // r to a 64-row tile with a block-diagonal F_r.
-* Outer factor (order 3, n > 4096): n = p * 4096 with p = n / 4096 <= 32; the p-point
-  DFT over the slow index and its twiddle w_n^(j kp) run in XLA as unrolled real-plane
+* Three-stage kernel, q = A * 4096 with A = 2 or 4 slabs (q = 8192, 16384), every stage
+  in one CTA: the whole sequence sits in SMEM as A (64, 64) f32 slabs (re, im: A x
+  32 KiB), t = t_in + 4096 ta. Stage 0 is the A-point DFT over the slab index (radix 2
+  or 4: adds only, CUDA cores, in place in row blocks), then slab ka is multiplied by
+  w_q^(t_in ka) and goes through the two wgmma stages above (r = c = 64, one F_64 for
+  both); the spectrum is K[ka + A k_in] at slab ka, [k2, k1]. Each spectrum slab
+  streams from global memory (TMA) into the SMEM slab just read while the forward
+  stages run; inverse stages in reverse, then the slab DFT back. Twiddles are computed
+  in registers (iota, int32 index mod q, f32 sin/cos), not stored: SMEM holds the
+  sequence (128 KiB at q = 16384) + F_64 and the bf16 operand tile (2 x 32 KiB at
+  f32; 2 x 16 KiB at bf16) = 192 KiB of Hopper's 227 KiB. A zero-padded causal input
+  loads only the slabs that hold data; only the slabs that reach L are stored.
+* Past 16384 (n = 32768 .. 131072) the split is a few kernels: the outer p-point DFT
+  (p = n / 16384 <= 8) and its twiddle w_n^(j kp) run in XLA as unrolled real-plane
   arithmetic that fuses with the layout transpose (one HBM round trip; it reads only
-  the outer rows that hold data, half of them for a zero-padded causal input), each of
-  the p rows then goes through the fused inner kernel, and XLA undoes the outer step for
-  the output rows that are kept. (FlashFFTConv does the same split for sequences that
-  do not fit on chip.) Data between XLA and the kernel stays as float32 re/im planes.
+  the outer rows that hold data), each of the p rows goes through the 3-stage kernel,
+  and XLA undoes the outer step for the output rows that are kept.
 * Complex products as 4 real products ((A+iB)(X+iY)); every real product on the
   matrix units in bf16 with f32 accumulation. f32 inputs: bf16x3 (A_hi B_hi + A_hi B_lo
-  + A_lo B_hi, about 1e-5 relative error); bf16 inputs: one bf16 product (about 1e-2).
+  + A_lo B_hi): ~5e-6 relative error of y, du, dk against a float64 convolution
+  (measured on the H100: 5.2e-6 y/du, 8.2e-6 dk); bf16 inputs: one bf16 product (~1e-2).
   bf16 (not tf32) because Mosaic GPU's wgmma only transposes 16-bit operands and
   stage 1 contracts the slow (row) axis of the tile.
-* SMEM per CTA at c = 64: DFT matrices 2 x (re, im) x (hi, lo) x 8 KiB = 64 KiB, twiddle
-  and spectrum tiles (f32 re/im) 2 x 32 KiB, matmul operand tile (bf16 re/im hi/lo)
-  32 KiB, I/O staging (f32 re/im) 32 KiB: 192 KiB (correlate mode: no spectrum, two
-  inputs, same total).
+* D is folded into the kernel (k[:, 0] += D: no extra pass, dD = dk[:, 0]); the gate
+  multiplies in the XLA fusion that unpacks the kernel's output (the unpack transpose).
+* SMEM per CTA of the two-stage kernel at c = 64: DFT matrices 2 x (re, im) x (hi, lo)
+  x 8 KiB = 64 KiB, twiddle and spectrum tiles (f32 re/im) 2 x 32 KiB, matmul operand
+  tile (bf16 re/im hi/lo) 32 KiB, I/O staging (f32 re/im) 32 KiB: 192 KiB (correlate
+  mode: no spectrum, two inputs, same total).
 
-Kernels ("filter" and "correlate"), grid over tiles of sequences, loop over batch pairs:
-  filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S)
-  correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u
-The spectrum tile is loaded once per CTA and reused for every batch pair.
+Kernels, grid over tiles of sequences (channels), loop over batch pairs:
+  filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S):
+             two-stage kernel for n <= 4096, 3-stage kernel (+ XLA outer step) past it
+  correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u:
+             two-stage kernel (+ XLA outer step past 4096): the sum over pairs keeps the
+             spectrum accumulator in registers, which a 3-stage sequence does not fit
+The spectrum tile is loaded once per CTA and reused for every batch pair (two-stage),
+or streamed per slab (3-stage).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,21 +74,27 @@ from ssm.ops import _pallas
 from ssm.ops._pallas import pl, plgpu
 
 TILE_M = 64          # rows of a tile: the wgmma M (one warpgroup)
-MAX_INNER = 4096     # largest transform done wholly in the kernel (64 x 64)
+SLAB = 4096          # one (64, 64) tile: the largest two-stage (wgmma-only) transform
+MAX_INNER = 16384    # largest transform done wholly in one CTA (3 stages: 4 slabs of 4096)
+MAX_CORR_INNER = 4096  # the correlation kernel (dk) keeps two stages in the kernel
 MIN_FFT, MAX_FFT = 256, 131072
 
 
 # ----------------------------------------------------------------------------
 # Static plan and constant matrices (NumPy, float64, then split to bf16).
 # ----------------------------------------------------------------------------
-def plan(n: int) -> tuple[int, int, int, int, int]:
-  """FFT size n -> (p outer, q inner, r rows per sequence, c columns, G sequences per tile)."""
+def plan(n: int, max_inner: int = MAX_INNER) -> tuple[int, int, int, int, int]:
+  """FFT size n -> (p outer, q inner, r rows per slab, c columns, G sequences per tile).
+
+  q <= 4096: one (64, c) tile per sequence (r rows, G sequences stacked per tile);
+  q > 4096: q / 4096 slabs of (64, 64) per sequence (r = c = 64, G = 1)."""
   if n & (n - 1) or not MIN_FFT <= n <= MAX_FFT:
     raise ValueError(f"fft_conv pallas: FFT size {n} must be a power of two in "
                      f"[{MIN_FFT}, {MAX_FFT}]")
-  q = min(n, MAX_INNER)
-  c = max(16, q // TILE_M)
-  r = q // c
+  q = min(n, max_inner)
+  s = min(q, SLAB)
+  c = max(16, s // TILE_M)
+  r = s // c
   return n // q, q, r, c, TILE_M // r
 
 
@@ -118,9 +144,60 @@ def _swizzled(shape, dtype, swizzle: int):
 # ----------------------------------------------------------------------------
 # The kernel body.
 # ----------------------------------------------------------------------------
+def _mm(pairs, shape):
+  """Sum of real matrix products a @ b over (a_ref, b_ref) pairs, f32 accumulation."""
+  def body(acc_ref):
+    for a, b in pairs:
+      plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _real_pairs(a, b, ns: int):
+  """a, b: lists of split refs [hi, lo]; bf16x3 (or bf16x1) pairs of one real product.
+  (lo * lo, ~2^-16 relative, is below the f32 accumulation's own error budget.)"""
+  if ns == 1:
+    return [(a[0], b[0])]
+  return [(a[0], b[0]), (a[0], b[1]), (a[1], b[0])]
+
+
+def _cmul_mm(fr, fi, xr, xi, *, ns: int, shape, conj: bool, const_left: bool):
+  """Complex product of a constant DFT matrix F and the data tile X (split refs).
+
+  const_left: F @ X, else X @ F. conj: use conj(F). Returns (re, im) f32 values. Three
+  real products per complex one would need (Fr + Fi) split too; four keep the operands
+  the DFT matrices already are."""
+  def p(f, x):
+    return _real_pairs(f, x, ns) if const_left else _real_pairs(x, f, ns)
+  if not conj:   # (Fr + iFi)(Xr + iXi)
+    re = _mm(p(fr, xr), shape) - _mm(p(fi, xi), shape)
+    im = _mm(p(fr, xi) + p(fi, xr), shape)
+  else:          # (Fr - iFi)(Xr + iXi)
+    re = _mm(p(fr, xr) + p(fi, xi), shape)
+    im = _mm(p(fr, xi), shape) - _mm(p(fi, xr), shape)
+  return re, im
+
+
+def _store_split(ops, re, im, ns: int):
+  """Write f32 (re, im) values to the bf16 operand tile as hi (and lo) parts."""
+  for part, v in enumerate((re, im)):
+    hi = v.astype(jnp.bfloat16)
+    ops[part * ns][...] = hi
+    if ns == 2:
+      ops[part * ns + 1][...] = (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  plgpu.commit_smem()
+
+
+def _cmul(ar, ai, br, bi, conj_b=False):
+  if conj_b:
+    return ar * br + ai * bi, ai * br - ar * bi
+  return ar * br - ai * bi, ar * bi + ai * br
+
+
 def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: int,
                  nsplit: int, interpret: bool):
-  """Build the plgpu kernel; mode "filter" or "correlate".
+  """Build the two-stage (one tile per sequence, q <= 4096) kernel; mode "filter" or
+  "correlate".
 
   filter:    (x_re, x_im (P, T, 64, c), s_re, s_im (T, 64, c), left, right, tw)
              -> y_re, y_im (P, T, 64, c)
@@ -133,49 +210,13 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
   f32 = jnp.float32
   n_io = 2 if mode == "filter" else 4
   inv_q = 1.0 / q
-
-  def mm(pairs):
-    """Sum of real matrix products a @ b over (a_ref, b_ref) pairs, f32 accumulation."""
-    def body(acc_ref):
-      for a, b in pairs:
-        plgpu.wgmma(acc_ref, a, b)
-      return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, f32))
-
-  def real_pairs(a, b):
-    """a, b: lists of split refs [hi, lo]; bf16x3 (or bf16x1) pairs of one real product."""
-    if ns == 1:
-      return [(a[0], b[0])]
-    return [(a[0], b[0]), (a[0], b[1]), (a[1], b[0])]
+  cmul = _cmul
 
   def cmul_mm(fr, fi, xr, xi, *, conj: bool, const_left: bool):
-    """Complex product of a constant DFT matrix F and the data tile X (split refs).
-
-    const_left: F @ X, else X @ F. conj: use conj(F). Returns (re, im) f32 values.
-    """
-    def p(f, x):
-      return real_pairs(f, x) if const_left else real_pairs(x, f)
-    if not conj:   # (Fr + iFi)(Xr + iXi)
-      re = mm(p(fr, xr)) - mm(p(fi, xi))
-      im = mm(p(fr, xi) + p(fi, xr))
-    else:          # (Fr - iFi)(Xr + iXi)
-      re = mm(p(fr, xr) + p(fi, xi))
-      im = mm(p(fr, xi)) - mm(p(fi, xr))
-    return re, im
+    return _cmul_mm(fr, fi, xr, xi, ns=ns, shape=shape, conj=conj, const_left=const_left)
 
   def store_split(ops, re, im):
-    """Write f32 (re, im) values to the bf16 operand tile as hi (and lo) parts."""
-    for part, v in enumerate((re, im)):
-      hi = v.astype(jnp.bfloat16)
-      ops[part * ns][...] = hi
-      if ns == 2:
-        ops[part * ns + 1][...] = (v - hi.astype(f32)).astype(jnp.bfloat16)
-    plgpu.commit_smem()
-
-  def cmul(ar, ai, br, bi, conj_b=False):
-    if conj_b:
-      return ar * br + ai * bi, ai * br - ar * bi
-    return ar * br - ai * bi, ar * bi + ai * br
+    _store_split(ops, re, im, ns)
 
   def kernel(*refs):
     if mode == "filter":
@@ -288,6 +329,160 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
       scratch_types=scratch, interpret=interpret)
 
 
+def _root(a: int, j: int, conj: bool) -> tuple[float, float]:
+  """w_a^j = exp(-2 pi i j / a) (conjugated on request), quarter turns exact."""
+  w = np.exp((2j if conj else -2j) * np.pi * (j % a) / a)
+  snap = lambda v: float(np.round(v)) if abs(v - np.round(v)) < 1e-12 else float(v)
+  return snap(w.real), snap(w.imag)
+
+
+def _cscale(xr, xi, cr: float, ci: float):
+  """(xr + i xi) * (cr + i ci) for a constant: exact 0 and +-1 parts cost nothing (the
+  radix-2 and radix-4 butterflies of the cross-slab stage are adds only)."""
+  def term(x, c):
+    if c == 0:
+      return None
+    return x if c == 1 else (-x if c == -1 else c * x)
+
+  def add(a, b):
+    return b if a is None else (a if b is None else a + b)
+  return add(term(xr, cr), term(xi, -ci)), add(term(xi, cr), term(xr, ci))
+
+
+def _twiddle(index, size: int, conj: bool, layout, interpret: bool):
+  """exp(-+2 pi i index(row, col) / size) on a (64, 64) tile, computed in registers (no
+  SMEM table: the 3-stage kernel's SMEM holds the sequence). The index is reduced mod
+  size in int32 first, so the f32 angle is in [0, 2 pi) and cos/sin are accurate to a
+  few ulp."""
+  iota = lambda d: _pallas.cast(lax.broadcasted_iota(jnp.int32, (TILE_M, TILE_M), d),
+                                layout, interpret)
+  idx = index(iota(0), iota(1)) % size
+  ang = idx.astype(jnp.float32) * np.float32(2 * np.pi / size)
+  s = jnp.sin(ang)
+  return jnp.cos(ang), (s if conj else -s)
+
+
+def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
+                      out_slabs: int, nsplit: int, interpret: bool):
+  """The 3-stage filter kernel: y = IFFT_q(FFT_q(x) * S) for q = slabs * 4096 <= 16384,
+  every stage in one CTA (module docstring, "three stages").
+
+  (x_re, x_im (P, T, in_slabs, 64, 64), s_re, s_im (T, slabs, 64, 64), f64 (2 ns, 64, 64))
+  -> y_re, y_im (P, T, out_slabs, 64, 64). Input slabs >= in_slabs are zero (a
+  zero-padded causal input is never read or stored), output slabs >= out_slabs are not
+  computed.
+  """
+  ns = nsplit
+  wg = plgpu.Layout.WGMMA
+  shape = (TILE_M, TILE_M)
+  f32 = jnp.float32
+  q = slabs * SLAB
+  chunk = 16    # rows per register block of the cross-slab stage (2 slabs x 8 regs each)
+
+  def kernel(x_re, x_im, s_re, s_im, f_h, y_re, y_im, f_s, ops_s, data_s, f_bar, in_bar,
+             spec_bar):
+    tile = lax.axis_index("tile")
+    plgpu.copy_gmem_to_smem(f_h, f_s, f_bar.at[0])
+    plgpu.barrier_wait(f_bar.at[0])
+    fm = [[f_s.at[part * ns + s] for s in range(ns)] for part in range(2)]
+    ops = [ops_s.at[i] for i in range(2 * ns)]
+    opr, opi = ops[:ns], ops[ns:]
+
+    def cmul_mm(xr, xi, *, conj, const_left):
+      return _cmul_mm(fm[0], fm[1], xr, xi, ns=ns, shape=shape, conj=conj,
+                      const_left=const_left)
+
+    # inner (4096-point) twiddle w_4096^(q1 k2) at [k2, q1]; pre-twiddle of slab ka
+    # w_q^(t ka), t = q1 + 64 q2 at [q2, q1]
+    inner_tw = lambda conj: _twiddle(lambda r, c: r * c, SLAB, conj, wg, interpret)
+    pre_tw = lambda ka, conj: _twiddle(lambda r, c: (c + TILE_M * r) * ka, q, conj, wg,
+                                       interpret)
+
+    def forward(re, im):
+      _store_split(ops, re, im, ns)
+      re, im = cmul_mm(opr, opi, conj=False, const_left=True)
+      re, im = _cmul(re, im, *inner_tw(False))
+      _store_split(ops, re, im, ns)
+      return cmul_mm(opr, opi, conj=False, const_left=False)
+
+    def inverse(re, im):
+      _store_split(ops, re, im, ns)
+      re, im = cmul_mm(opr, opi, conj=True, const_left=False)
+      re, im = _cmul(re, im, *inner_tw(True))
+      _store_split(ops, re, im, ns)
+      return cmul_mm(opr, opi, conj=True, const_left=True)
+
+    def cross(inverse_step: bool):
+      """The slab-index DFT (radix 2 or 4: adds only), in place, in row blocks."""
+      n_src = slabs if inverse_step else in_slabs
+      n_dst = out_slabs if inverse_step else slabs
+      for r0 in range(0, TILE_M, chunk):
+        rows = pl.ds(r0, chunk)
+        src = [(data_s[j, 0, rows, :], data_s[j, 1, rows, :]) for j in range(n_src)]
+        outs = []
+        for d in range(n_dst):
+          acc_r = acc_i = None
+          for j in range(n_src):
+            tr, ti = _cscale(*src[j], *_root(slabs, d * j, conj=inverse_step))
+            acc_r = tr if acc_r is None else acc_r + tr
+            acc_i = ti if acc_i is None else acc_i + ti
+          outs.append((acc_r, acc_i))
+        for d, (vr, vi) in enumerate(outs):
+          data_s[d, 0, rows, :] = vr
+          data_s[d, 1, rows, :] = vi
+
+    def body(pair, carry):
+      for j in range(in_slabs):
+        plgpu.copy_gmem_to_smem(x_re.at[pair, tile, j], data_s.at[j, 0], in_bar.at[2 * j])
+        plgpu.copy_gmem_to_smem(x_im.at[pair, tile, j], data_s.at[j, 1], in_bar.at[2 * j + 1])
+      for j in range(2 * in_slabs):
+        plgpu.barrier_wait(in_bar.at[j])
+      cross(False)
+      plgpu.commit_smem()
+      for ka in range(slabs):
+        re = _pallas.load(data_s.at[ka, 0], wg, interpret)
+        im = _pallas.load(data_s.at[ka, 1], wg, interpret)
+        plgpu.commit_smem()   # every thread has read the slab before the TMA overwrites it
+        # the spectrum slab streams in (over the slab just read) while the forward runs
+        plgpu.copy_gmem_to_smem(s_re.at[tile, ka], data_s.at[ka, 0], spec_bar.at[0])
+        plgpu.copy_gmem_to_smem(s_im.at[tile, ka], data_s.at[ka, 1], spec_bar.at[1])
+        if ka:
+          re, im = _cmul(re, im, *pre_tw(ka, False))
+        re, im = forward(re, im)
+        plgpu.barrier_wait(spec_bar.at[0])
+        plgpu.barrier_wait(spec_bar.at[1])
+        re, im = _cmul(re, im, _pallas.load(data_s.at[ka, 0], wg, interpret),
+                       _pallas.load(data_s.at[ka, 1], wg, interpret))
+        re, im = inverse(re, im)
+        if ka:
+          re, im = _cmul(re, im, *pre_tw(ka, True))
+        data_s[ka, 0] = re
+        data_s[ka, 1] = im
+      plgpu.commit_smem()
+      cross(True)
+      plgpu.commit_smem()
+      for j in range(out_slabs):
+        plgpu.copy_smem_to_gmem(data_s.at[j, 0], y_re.at[pair, tile, j])
+        plgpu.copy_smem_to_gmem(data_s.at[j, 1], y_im.at[pair, tile, j])
+      plgpu.wait_smem_to_gmem(0)   # data_s is reloaded by the next pair
+      return carry
+
+    lax.fori_loop(0, n_pairs, body, 0)
+
+  scratch = [
+      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # F_64 (both matmul stages)
+      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # matmul operand tile
+      plgpu.SMEM((slabs, 2, TILE_M, TILE_M), f32),              # the whole sequence
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=2 * in_slabs),
+      plgpu.Barrier(num_barriers=2),
+  ]
+  out = jax.ShapeDtypeStruct((n_pairs, n_tiles, out_slabs, TILE_M, TILE_M), f32)
+  return _pallas.kernel(
+      kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
+      scratch_types=scratch, interpret=interpret)
+
+
 # ----------------------------------------------------------------------------
 # XLA glue: packing, the outer (order-3) step, the spectrum.
 # ----------------------------------------------------------------------------
@@ -306,18 +501,36 @@ def check_supported(u_shape, k_shape, circular: bool) -> None:
   plan(fft_size(seq_len, circular))
 
 
-# FFT sizes at which "auto" takes the kernel: where it measured faster than jnp.fft both
-# forward and forward+backward (results/README.md, results/pallas_fftconv_h100.txt).
-AUTO_FFT_SIZES = (2048, 4096)
+AUTO_TABLE = os.path.join(os.path.dirname(__file__), "fft_conv_auto.json")
 
 
-def check_preferred(u_shape, circular: bool) -> None:
-  """ValueError where the kernel measured slower than jnp.fft (fft_conv's "auto" then
-  takes the XLA path; `ssm.ops._impl.choose_impl`'s prefer)."""
+@functools.cache
+def auto_table() -> dict:
+  """{device kind: {dtype name: [FFT sizes]}}: where the kernel measured faster than
+  jnp.fft forward+backward (ssm/ops/fft_conv_auto.json; remeasure with
+  scripts/gpu/fftconv_issue21.sh, which writes a new one)."""
+  with open(AUTO_TABLE) as f:
+    table = json.load(f)
+  return {kind: entry for kind, entry in table.items() if not kind.startswith("_")}
+
+
+def _device_kind() -> str:
+  try:
+    return jax.devices()[0].device_kind
+  except RuntimeError:  # pragma: no cover - no backend
+    return ""
+
+
+def check_preferred(u_shape, circular: bool, dtype=jnp.float32) -> None:
+  """ValueError unless the measured table (`auto_table`) has this device kind, dtype and
+  FFT size (fft_conv's "auto" then takes the XLA path: never an unmeasured kernel;
+  `ssm.ops._impl.choose_impl`'s prefer)."""
   n = fft_size(u_shape[1], circular)
-  if n not in AUTO_FFT_SIZES:
-    raise ValueError(f"fft_conv pallas: FFT size {n} is not one where the kernel beats "
-                     f"jnp.fft ({AUTO_FFT_SIZES})")
+  kind = _device_kind()
+  sizes = auto_table().get(kind, {}).get(jnp.dtype(dtype).name, [])
+  if n not in sizes:
+    raise ValueError(f"fft_conv pallas: no measurement on {kind!r} where the kernel beats "
+                     f"jnp.fft at FFT size {n} ({jnp.dtype(dtype).name}: {sizes})")
 
 
 def _outer_factors(p: int, q: int, n: int, rows: int, inverse: bool):
@@ -362,12 +575,12 @@ def _small_cmatmul(wr, wi, xr, xi, post=None, pre=None):
   return jnp.stack(out_r, axis=-2), jnp.stack(out_i, axis=-2)
 
 
-def _to_rows(xr, xi, n: int, h_pad: int):
+def _to_rows(xr, xi, n: int, h_pad: int, max_inner: int = MAX_INNER):
   """Complex sequences as planes xr, xi (P, H, m), m <= n, zero beyond m -> kernel tiles
   (re, im) (P, T, 64, c), natural order inside each inner sequence, after the outer DFT
   step when n > 4096 (which reads only the outer rows that hold data: half of them for a
   zero-padded causal input)."""
-  p, q, r, c, g = plan(n)
+  p, q, r, c, g = plan(n, max_inner)
   pairs, h, m = xr.shape
   rows = -(-m // q)
   pad = lambda x, to: jnp.pad(x, ((0, 0), (0, h_pad - h), (0, to - m)))
@@ -381,10 +594,10 @@ def _to_rows(xr, xi, n: int, h_pad: int):
   return xr.reshape(shape), xi.reshape(shape)
 
 
-def _from_rows(re, im, n: int, h: int, length: int):
+def _from_rows(re, im, n: int, h: int, length: int, max_inner: int = MAX_INNER):
   """Inverse of _to_rows: tiles (..., T, 64, c) -> planes (re, im) (..., H, length), the
   outer step undone for the outer rows that reach `length` only."""
-  p, q, r, c, g = plan(n)
+  p, q, r, c, g = plan(n, max_inner)
   lead = re.shape[:-3]
   re, im = (x.reshape(*lead, -1, p, q)[..., :h, :, :] for x in (re, im))
   if p > 1:
@@ -395,10 +608,10 @@ def _from_rows(re, im, n: int, h: int, length: int):
   return re, im
 
 
-def _spectrum(k, n: int, h_pad: int, conj: bool):
+def _spectrum(k, n: int, h_pad: int, conj: bool, max_inner: int = MAX_CORR_INNER):
   """Kernel spectrum (H, Lk) -> tiles (re, im) (T, 64, c) in the kernel's Monarch order,
-  scaled by 1/q (the inner inverse is unnormalised)."""
-  p, q, r, c, g = plan(n)
+  scaled by 1/q (the inner inverse is unnormalised). Two-stage kernel (q <= 4096)."""
+  p, q, r, c, g = plan(n, max_inner)
   h = k.shape[0]
   kf = jnp.fft.fft(k.astype(jnp.float32), n=n, axis=1)            # (H, n)
   if conj:
@@ -427,14 +640,32 @@ def _unpack(re, im, batch: int, dtype):
   return jnp.transpose(x, (0, 2, 1)).astype(dtype)
 
 
-def _h_pad(h: int, n: int) -> int:
-  g = plan(n)[4]
+def _h_pad(h: int, n: int, max_inner: int = MAX_INNER) -> int:
+  g = plan(n, max_inner)[4]
   return -(-h // g) * g
+
+
+def _slab_spectrum(k, n: int, conj: bool):
+  """Kernel spectrum (H, Lk) -> (re, im) (H p, slabs, 64, 64) in the 3-stage kernel's
+  order: inner row kp (of the XLA outer step), slab ka, [k2, k1] holds K_q[ka + A (k2 +
+  64 k1)] for A = q / 4096 slabs; scaled by 1/q (the kernel's inverse is unnormalised)."""
+  p, q = plan(n)[:2]
+  a = q // SLAB
+  h = k.shape[0]
+  kf = jnp.fft.fft(k.astype(jnp.float32), n=n, axis=1)            # (H, n)
+  if conj:
+    kf = jnp.conj(kf)
+  kf = kf.reshape(h, q, p).transpose(0, 2, 1)                      # [h, kp, kq] = K[p kq + kp]
+  kf = kf.reshape(h, p, TILE_M, TILE_M, a).transpose(0, 1, 4, 3, 2) / q   # [kp, ka, k2, k1]
+  kf = kf.reshape(h * p, a, TILE_M, TILE_M)
+  return jnp.real(kf).astype(jnp.float32), jnp.imag(kf).astype(jnp.float32)
 
 
 def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool):
   """IFFT_n(FFT_n(z) * K (or conj K))[:length] for complex rows z as planes (P, H, m)."""
   p, q, r, c, g = plan(n)
+  if q > SLAB:
+    return _slab_filter(zr, zi, k, n, length, conj=conj, nsplit=nsplit, interpret=interpret)
   h = zr.shape[1]
   hp = _h_pad(h, n)
   xr, xi = _to_rows(zr, zi, n, hp)
@@ -446,19 +677,45 @@ def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpre
   return _from_rows(yr, yi, n, h, length)
 
 
+def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
+                 interpret: bool):
+  """_filter for q = min(n, 16384) > 4096: the 3-stage kernel over (64, 64) slabs, after
+  the XLA outer step when n > 16384."""
+  p, q = plan(n)[:2]
+  a = q // SLAB
+  pairs, h, m = zr.shape
+  if p == 1:   # only the slabs that hold data go in, only those that reach `length` out
+    in_slabs, out_slabs = -(-m // SLAB), -(-length // SLAB)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, in_slabs * SLAB - m)))
+    xr, xi = (pad(x).reshape(pairs, h, in_slabs, TILE_M, TILE_M) for x in (zr, zi))
+  else:
+    in_slabs = out_slabs = a
+    xr, xi = (x.reshape(pairs, h * p, a, TILE_M, TILE_M) for x in _to_rows(zr, zi, n, h))
+  sr, si = _slab_spectrum(k, n, conj)
+  f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
+  call = _make_slab_filter(n_pairs=pairs, n_tiles=xr.shape[1], slabs=a, in_slabs=in_slabs,
+                           out_slabs=out_slabs, nsplit=nsplit, interpret=interpret)
+  yr, yi = call(xr, xi, sr, si, f64)
+  if p == 1:
+    return tuple(y.reshape(pairs, h, -1)[..., :length] for y in (yr, yi))
+  yr, yi = (y.reshape(pairs, -1, TILE_M, TILE_M) for y in (yr, yi))
+  return _from_rows(yr, yi, n, h, length)
+
+
 def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
   """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
-  -> (H, length)."""
-  p, q, r, c, g = plan(n)
+  -> (H, length). Two-stage kernel (inner q <= 4096), the XLA outer step past it."""
+  mi = MAX_CORR_INNER
+  p, q, r, c, g = plan(n, mi)
   h = a[0].shape[1]
-  hp = _h_pad(h, n)
-  ar, ai = _to_rows(*a, n, hp)
-  br, bi = _to_rows(*b, n, hp)
+  hp = _h_pad(h, n, mi)
+  ar, ai = _to_rows(*a, n, hp, mi)
+  br, bi = _to_rows(*b, n, hp, mi)
   left, right, tw = _constants(q, r, c, nsplit)
   call = _make_kernel("correlate", n_pairs=ar.shape[0], n_tiles=ar.shape[1], q=q, r=r, c=c,
                       nsplit=nsplit, interpret=interpret)
   cr, ci = call(ar, ai, br, bi, left, right, tw)
-  return _from_rows(cr, ci, n, h, length)[0]
+  return _from_rows(cr, ci, n, h, length, mi)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -496,15 +753,21 @@ def _conv_bwd(circular, interpret, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool | None = None):
-  """Monarch-FFT convolution kernel. u (B, L, H), k (H, Lk), gate (B, L, H) or None.
+def fft_conv_pallas(u, k, *, D=None, gate=None, circular: bool = False,
+                    interpret: bool | None = None):
+  """Monarch-FFT convolution kernel. u (B, L, H), k (H, Lk), D (H,) or None, gate
+  (B, L, H) or None:  y = (conv(u, k) + D u) * gate.
 
-  Causal: y[t] = sum_{s <= t} k[s] u[t - s]; circular: indices mod L (L a power of two).
-  Output dtype of u; y * gate when gate is given (the product is fused by XLA into the
-  transpose that unpacks the kernel's output). Shapes are checked by ssm.ops.fft_conv.
+  Causal: conv[t] = sum_{s <= t} k[s] u[t - s]; circular: indices mod L (L a power of
+  two). The skip is folded into the kernel (k[:, 0] += D: one convolution, dD = dk[:, 0]
+  by autodiff through the fold); the gate multiplies in the XLA fusion that unpacks the
+  kernel's output (and dy * gate in the one that packs dy). Output dtype of u. Shapes are
+  checked by ssm.ops.fft_conv.
   """
   interpret = _pallas.interpret_mode(interpret)
   check_supported(u.shape, k.shape, circular)
+  if D is not None:
+    k = k.astype(jnp.float32).at[:, 0].add(D.astype(jnp.float32))
   y = _conv(u, k, circular, interpret)
   if gate is not None:
     y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)
