@@ -257,3 +257,16 @@ def test_lti_conv_auto_keeps_the_bank_on_hopper(monkeypatch):
   assert calls == [] and y.shape == (1, 2000, 1, 2)
   lti_mixer.lti_conv(x, kern, bidirectional=True, impl="pallas")
   assert len(calls) == 1 and calls[0]["circular"]
+
+
+def test_benchmark_auto_table_takes_only_sizes_faster_both_ways():
+  """benchmarks/fftconv.py --make-auto: a size enters the table only where the kernel beat
+  jnp.fft forward and forward+backward on that device."""
+  from benchmarks.fftconv import auto_from_rows
+  row = lambda seq_len, impl, f, fb, dtype="float32": {
+      "L": seq_len, "dtype": dtype, "impl": impl, "fwd ms": f, "fwd+bwd ms": fb, "device": "G"}
+  rows = [row(1024, "pallas", 1.0, 2.0), row(1024, "xla", 1.5, 3.0),     # faster: n 2048
+          row(2048, "pallas", 1.0, 4.0), row(2048, "xla", 1.5, 3.0),     # bwd slower
+          row(4096, "pallas", 1.0, 2.0), row(4096, "torch.fft", 9.0, 9.0),   # no xla row
+          row(1024, "pallas", 2.0, 2.0, "bfloat16"), row(1024, "xla", 1.0, 3.0, "bfloat16")]
+  assert auto_from_rows(rows) == {"G": {"float32": [2048]}}
