@@ -53,8 +53,11 @@ Kernels, grid over tiles of sequences (channels), loop over batch pairs:
   filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S):
              two-stage kernel for n <= 4096, 3-stage kernel (+ XLA outer step) past it
   correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u:
-             two-stage kernel (+ XLA outer step past 4096): the sum over pairs keeps the
-             spectrum accumulator in registers, which a 3-stage sequence does not fit
+             two-stage kernel for n <= 4096 (the inverse in the kernel); past it one
+             3-stage call per spectrum slab ka (static constants; the slab DFT of slab
+             ka summed from input slabs streaming through a 2-deep SMEM ring, the sum
+             over pairs in registers), then the inverse of the (H, n) summed spectrum
+             (no batch axis, small) by jnp.fft
 The spectrum tile is loaded once per CTA and reused for every batch pair (two-stage),
 or streamed per slab (3-stage).
 """
@@ -76,7 +79,7 @@ from ssm.ops._pallas import pl, plgpu
 TILE_M = 64          # rows of a tile: the wgmma M (one warpgroup)
 SLAB = 4096          # one (64, 64) tile: the largest two-stage (wgmma-only) transform
 MAX_INNER = 16384    # largest transform done wholly in one CTA (3 stages: 4 slabs of 4096)
-MAX_CORR_INNER = 4096  # the correlation kernel (dk) keeps two stages in the kernel
+MAX_CORR_INNER = 4096  # the two-stage correlation kernel's largest transform
 MIN_FFT, MAX_FFT = 256, 131072
 
 
@@ -483,6 +486,107 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
       scratch_types=scratch, interpret=interpret)
 
 
+def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_slabs: int,
+                         nsplit: int, interpret: bool):
+  """The 3-stage correlation kernel for one spectrum slab ka (one call per slab, so that
+  the slab's constants are static; grid over channel tiles, loop over batch pairs):
+
+      C_ka = sum_p FFT_q(a_p)[slab ka] * conj(FFT_q(b_p)[slab ka])      (unnormalised)
+
+  (a_re, a_im, b_re, b_im (P, T, in_slabs, 64, 64), f64) -> c_re, c_im (T, 64, 64).
+  The slab-index DFT of slab ka needs every input slab but only one output: the input
+  slabs stream through a 2-deep SMEM ring (the next loads in flight while this one is
+  summed and while the wgmma stages run), so SMEM holds no whole sequence and the
+  accumulator over pairs stays in registers. The inverse of the summed spectrum
+  ((H, n), no batch axis) is left to XLA.
+  """
+  ns = nsplit
+  wg = plgpu.Layout.WGMMA
+  shape = (TILE_M, TILE_M)
+  f32 = jnp.float32
+  q = slabs * SLAB
+  loads = [(x, j) for x in range(2) for j in range(in_slabs)]   # (a or b, input slab)
+
+  def kernel(a_re, a_im, b_re, b_im, f_h, c_re, c_im, f_s, ops_s, ring_s, spec_s, f_bar,
+             ring_bar):
+    tile = lax.axis_index("tile")
+    plgpu.copy_gmem_to_smem(f_h, f_s, f_bar.at[0])
+    plgpu.barrier_wait(f_bar.at[0])
+    fm = [[f_s.at[part * ns + s] for s in range(ns)] for part in range(2)]
+    ops = [ops_s.at[i] for i in range(2 * ns)]
+    opr, opi = ops[:ns], ops[ns:]
+    srcs = ((a_re, a_im), (b_re, b_im))
+
+    def cmul_mm(xr, xi, *, const_left):
+      return _cmul_mm(fm[0], fm[1], xr, xi, ns=ns, shape=shape, conj=False,
+                      const_left=const_left)
+
+    def forward(re, im):
+      _store_split(ops, re, im, ns)
+      re, im = cmul_mm(opr, opi, const_left=True)
+      re, im = _cmul(re, im, *_twiddle(lambda r, c: r * c, SLAB, False, wg, interpret))
+      _store_split(ops, re, im, ns)
+      return cmul_mm(opr, opi, const_left=False)
+
+    def issue(pair, i):
+      x, j = loads[i]
+      slot = i % 2
+      for part in range(2):
+        plgpu.copy_gmem_to_smem(srcs[x][part].at[pair, tile, j], ring_s.at[slot, part],
+                                ring_bar.at[2 * slot + part])
+
+    def body(pair, acc):
+      acc_r, acc_i = acc
+      for i in range(min(2, len(loads))):
+        issue(pair, i)
+      spec = []
+      for x in range(2):
+        vr = vi = None
+        for j in range(in_slabs):
+          i = x * in_slabs + j
+          slot = i % 2
+          plgpu.barrier_wait(ring_bar.at[2 * slot])
+          plgpu.barrier_wait(ring_bar.at[2 * slot + 1])
+          tr, ti = _cscale(_pallas.load(ring_s.at[slot, 0], wg, interpret),
+                           _pallas.load(ring_s.at[slot, 1], wg, interpret),
+                           *_root(slabs, j * ka, conj=False))
+          vr = tr if vr is None else vr + tr
+          vi = ti if vi is None else vi + ti
+          if i + 2 < len(loads):
+            plgpu.commit_smem()   # the slot is read by every thread before it is refilled
+            issue(pair, i + 2)
+        if ka:
+          vr, vi = _cmul(vr, vi, *_twiddle(lambda r, c: (c + TILE_M * r) * ka, q, False, wg,
+                                           interpret))
+        spec.append(forward(vr, vi))
+      (ar, ai), (br, bi) = spec
+      pr, pi = _cmul(ar, ai, br, bi, conj_b=True)
+      plgpu.commit_smem()   # the ring is free before the next pair's loads
+      return acc_r + pr, acc_i + pi
+
+    zero = _pallas.cast(jnp.zeros(shape, f32), wg, interpret)
+    acc_r, acc_i = lax.fori_loop(0, n_pairs, body, (zero, zero))
+    spec_s[0] = acc_r
+    spec_s[1] = acc_i
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(spec_s.at[0], c_re.at[tile])
+    plgpu.copy_smem_to_gmem(spec_s.at[1], c_im.at[tile])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # F_64 (both matmul stages)
+      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # matmul operand tile
+      plgpu.SMEM((2, 2, TILE_M, TILE_M), f32),                  # input ring (slot, re/im)
+      plgpu.SMEM((2, TILE_M, TILE_M), f32),                     # output staging
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=4),
+  ]
+  out = jax.ShapeDtypeStruct((n_tiles, TILE_M, TILE_M), f32)
+  return _pallas.kernel(
+      kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
+      scratch_types=scratch, interpret=interpret)
+
+
 # ----------------------------------------------------------------------------
 # XLA glue: packing, the outer (order-3) step, the spectrum.
 # ----------------------------------------------------------------------------
@@ -704,18 +808,45 @@ def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
 
 def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
   """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
-  -> (H, length). Two-stage kernel (inner q <= 4096), the XLA outer step past it."""
-  mi = MAX_CORR_INNER
-  p, q, r, c, g = plan(n, mi)
+  -> (H, length). Two-stage kernel for n <= 4096, else the 3-stage one (one call per
+  spectrum slab, after the XLA outer step past 16384) and the inverse in XLA."""
+  if plan(n)[1] > SLAB:
+    return _slab_correlate(a, b, n, length, nsplit=nsplit, interpret=interpret)
+  p, q, r, c, g = plan(n)
   h = a[0].shape[1]
-  hp = _h_pad(h, n, mi)
-  ar, ai = _to_rows(*a, n, hp, mi)
-  br, bi = _to_rows(*b, n, hp, mi)
+  hp = _h_pad(h, n)
+  ar, ai = _to_rows(*a, n, hp)
+  br, bi = _to_rows(*b, n, hp)
   left, right, tw = _constants(q, r, c, nsplit)
   call = _make_kernel("correlate", n_pairs=ar.shape[0], n_tiles=ar.shape[1], q=q, r=r, c=c,
                       nsplit=nsplit, interpret=interpret)
   cr, ci = call(ar, ai, br, bi, left, right, tw)
-  return _from_rows(cr, ci, n, h, length, mi)[0]
+  return _from_rows(cr, ci, n, h, length)[0]
+
+
+def _slab_correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
+  """_correlate for q = min(n, 16384) > 4096 (see _make_slab_correlate)."""
+  p, q = plan(n)[:2]
+  slabs = q // SLAB
+  pairs, h, m = a[0].shape
+  if p == 1:
+    in_slabs = -(-m // SLAB)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, in_slabs * SLAB - m)))
+    xs = [pad(x).reshape(pairs, h, in_slabs, TILE_M, TILE_M) for x in (*a, *b)]
+  else:
+    in_slabs = slabs
+    xs = [x.reshape(pairs, h * p, slabs, TILE_M, TILE_M)
+          for x in (*_to_rows(*a, n, h), *_to_rows(*b, n, h))]
+  f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
+  outs = []
+  for ka in range(slabs):
+    call = _make_slab_correlate(n_pairs=pairs, n_tiles=h * p, slabs=slabs, ka=ka,
+                                in_slabs=in_slabs, nsplit=nsplit, interpret=interpret)
+    outs.append(call(*xs, f64))
+  cr, ci = (jnp.stack([o[i] for o in outs], axis=1) for i in range(2))  # (H p, A, k2, k1)
+  spec = (cr + 1j * ci).reshape(h, p, slabs, TILE_M, TILE_M)           # [kp, ka, k2, k1]
+  spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, n)    # k = kp + p (ka + A (k2 + 64 k1))
+  return jnp.real(jnp.fft.ifft(spec, axis=-1)[:, :length]).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
