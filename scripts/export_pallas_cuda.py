@@ -33,7 +33,8 @@ def fftconv_cases():
       (2, 8192, 4, jnp.float32, False, True),     # n 16384: 4 slabs (2 loaded), D and gate
       (2, 8192, 4, jnp.bfloat16, False, False),
       (2, 16384, 4, jnp.float32, True, False),    # circular n 16384: 4 slabs loaded
-      (3, 10000, 2, jnp.float32, False, False)]:  # n 32768: XLA outer 2 + 3 stages, odd pairs
+      (3, 10000, 2, jnp.float32, False, False),   # causal n 32768: even + odd halves, odd pairs
+      (2, 32768, 2, jnp.float32, True, False)]:   # circular n 32768: XLA outer 2 + 3 stages
     def conv(u, k, d, g, c=circular, skip=skip):
       return fcp.fft_conv_pallas(u, k, D=d if skip else None, gate=g if skip else None,
                                  circular=c, interpret=False)

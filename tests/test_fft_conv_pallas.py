@@ -125,7 +125,8 @@ def test_circular_forward_and_gradients():
 @pytest.mark.parametrize("seq_len,k_len,circular", [
     (5000, 5000, False),     # n 16384: 4 slabs, 2 loaded
     (16384, 700, True),      # n 16384 circular: 4 slabs loaded
-    (10000, 1000, False),    # n 32768: XLA outer factor 2 + the 3-stage kernel
+    (10000, 1000, False),    # causal n 32768: two 16384-point halves (even, odd bins)
+    (32768, 300, True),      # circular n 32768: XLA outer factor 2 + the 3-stage kernel
 ])
 def test_three_stage_sizes(seq_len, k_len, circular):
   check_all(*inputs(seq_len, 1, seq_len, 1, k_len), circular=circular)

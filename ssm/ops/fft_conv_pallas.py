@@ -31,7 +31,13 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   sequence (128 KiB at q = 16384) + F_64 and the bf16 operand tile (2 x 32 KiB at
   f32; 2 x 16 KiB at bf16) = 192 KiB of Hopper's 227 KiB. A zero-padded causal input
   loads only the slabs that hold data; only the slabs that reach L are stored.
-* Past 16384 (n = 32768 .. 131072) the split is a few kernels: the outer p-point DFT
+* Causal n = 32768 (8192 < L <= 16384) needs no transform larger than 16384: its even
+  bins are the 16384-point cyclic convolution, its odd bins the negacyclic one (the
+  input twisted by th^t, th = exp(-i pi / 16384)), and the two halves' outputs add up
+  to the causal result (each spectrum scaled 1/n). The twist costs nothing: it is the
+  odd-bin version of the slab-DFT roots w_2A^(ta (2 ka + 1)) and of the pre-twiddle
+  w_2q^(t (2 ka + 1)). Two 3-stage calls, no XLA outer step (du and dk likewise).
+* Past that (n = 32768 circular .. 131072) the split is a few kernels: the outer p-point DFT
   (p = n / 16384 <= 8) and its twiddle w_n^(j kp) run in XLA as unrolled real-plane
   arithmetic that fuses with the layout transpose (one HBM round trip; it reads only
   the outer rows that hold data), each of the p rows goes through the 3-stage kernel,
@@ -51,7 +57,8 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
 
 Kernels, grid over tiles of sequences (channels), loop over batch pairs:
   filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S):
-             two-stage kernel for n <= 4096, 3-stage kernel (+ XLA outer step) past it
+             two-stage kernel for n <= 4096, 3-stage kernel past it (two calls for the
+             causal n = 32768 halves; the XLA outer step past that)
   correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u:
              two-stage kernel for n <= 4096 (the inverse in the kernel); past it one
              3-stage call per spectrum slab ka (static constants; the slab DFT of slab
@@ -366,9 +373,12 @@ def _twiddle(index, size: int, conj: bool, layout, interpret: bool):
 
 
 def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
-                      out_slabs: int, nsplit: int, interpret: bool):
+                      out_slabs: int, nsplit: int, interpret: bool, odd: int = 0):
   """The 3-stage filter kernel: y = IFFT_q(FFT_q(x) * S) for q = slabs * 4096 <= 16384,
-  every stage in one CTA (module docstring, "three stages").
+  every stage in one CTA (module docstring, "three stages"). odd = 1: the odd bins of
+  the 2q-point DFT instead, y = th^-t IFFT_q(FFT_q(x th^t) * S), th = exp(-i pi / q)
+  (the negacyclic half of a causal 2q-point convolution; the twist rides in the
+  slab-DFT roots and the pre-twiddle, so it costs nothing).
 
   (x_re, x_im (P, T, in_slabs, 64, 64), s_re, s_im (T, slabs, 64, 64), f64 (2 ns, 64, 64))
   -> y_re, y_im (P, T, out_slabs, 64, 64). Input slabs >= in_slabs are zero (a
@@ -398,8 +408,9 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
     # inner (4096-point) twiddle w_4096^(q1 k2) at [k2, q1]; pre-twiddle of slab ka
     # w_q^(t ka), t = q1 + 64 q2 at [q2, q1]
     inner_tw = lambda conj: _twiddle(lambda r, c: r * c, SLAB, conj, wg, interpret)
-    pre_tw = lambda ka, conj: _twiddle(lambda r, c: (c + TILE_M * r) * ka, q, conj, wg,
-                                       interpret)
+    # (w_2q^(t (2 ka + odd)): w_q^(t ka) for the even bins)
+    pre_tw = lambda ka, conj: _twiddle(lambda r, c: (c + TILE_M * r) * (2 * ka + odd), 2 * q,
+                                       conj, wg, interpret)
 
     def forward(re, im):
       _store_split(ops, re, im, ns)
@@ -426,7 +437,8 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
         for d in range(n_dst):
           acc_r = acc_i = None
           for j in range(n_src):
-            tr, ti = _cscale(*src[j], *_root(slabs, d * j, conj=inverse_step))
+            ta, ka = (d, j) if inverse_step else (j, d)
+            tr, ti = _cscale(*src[j], *_root(2 * slabs, ta * (2 * ka + odd), inverse_step))
             acc_r = tr if acc_r is None else acc_r + tr
             acc_i = ti if acc_i is None else acc_i + ti
           outs.append((acc_r, acc_i))
@@ -449,7 +461,7 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
         # the spectrum slab streams in (over the slab just read) while the forward runs
         plgpu.copy_gmem_to_smem(s_re.at[tile, ka], data_s.at[ka, 0], spec_bar.at[0])
         plgpu.copy_gmem_to_smem(s_im.at[tile, ka], data_s.at[ka, 1], spec_bar.at[1])
-        if ka:
+        if 2 * ka + odd:
           re, im = _cmul(re, im, *pre_tw(ka, False))
         re, im = forward(re, im)
         plgpu.barrier_wait(spec_bar.at[0])
@@ -457,7 +469,7 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
         re, im = _cmul(re, im, _pallas.load(data_s.at[ka, 0], wg, interpret),
                        _pallas.load(data_s.at[ka, 1], wg, interpret))
         re, im = inverse(re, im)
-        if ka:
+        if 2 * ka + odd:
           re, im = _cmul(re, im, *pre_tw(ka, True))
         data_s[ka, 0] = re
         data_s[ka, 1] = im
@@ -487,7 +499,7 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
 
 
 def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_slabs: int,
-                         nsplit: int, interpret: bool):
+                         nsplit: int, interpret: bool, odd: int = 0):
   """The 3-stage correlation kernel for one spectrum slab ka (one call per slab, so that
   the slab's constants are static; grid over channel tiles, loop over batch pairs):
 
@@ -498,7 +510,8 @@ def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_
   slabs stream through a 2-deep SMEM ring (the next loads in flight while this one is
   summed and while the wgmma stages run), so SMEM holds no whole sequence and the
   accumulator over pairs stays in registers. The inverse of the summed spectrum
-  ((H, n), no batch axis) is left to XLA.
+  ((H, n), no batch axis) is left to XLA. odd = 1: the odd bins of the 2q-point DFT (as
+  _make_slab_filter).
   """
   ns = nsplit
   wg = plgpu.Layout.WGMMA
@@ -549,15 +562,15 @@ def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_
           plgpu.barrier_wait(ring_bar.at[2 * slot + 1])
           tr, ti = _cscale(_pallas.load(ring_s.at[slot, 0], wg, interpret),
                            _pallas.load(ring_s.at[slot, 1], wg, interpret),
-                           *_root(slabs, j * ka, conj=False))
+                           *_root(2 * slabs, j * (2 * ka + odd), conj=False))
           vr = tr if vr is None else vr + tr
           vi = ti if vi is None else vi + ti
           if i + 2 < len(loads):
             plgpu.commit_smem()   # the slot is read by every thread before it is refilled
             issue(pair, i + 2)
-        if ka:
-          vr, vi = _cmul(vr, vi, *_twiddle(lambda r, c: (c + TILE_M * r) * ka, q, False, wg,
-                                           interpret))
+        if 2 * ka + odd:
+          vr, vi = _cmul(vr, vi, *_twiddle(lambda r, c: (c + TILE_M * r) * (2 * ka + odd),
+                                           2 * q, False, wg, interpret))
         spec.append(forward(vr, vi))
       (ar, ai), (br, bi) = spec
       pr, pi = _cmul(ar, ai, br, bi, conj_b=True)
@@ -749,27 +762,43 @@ def _h_pad(h: int, n: int, max_inner: int = MAX_INNER) -> int:
   return -(-h // g) * g
 
 
-def _slab_spectrum(k, n: int, conj: bool):
+def _slab_spectrum(k, n: int, conj: bool, odd: int | None = None):
   """Kernel spectrum (H, Lk) -> (re, im) (H p, slabs, 64, 64) in the 3-stage kernel's
   order: inner row kp (of the XLA outer step), slab ka, [k2, k1] holds K_q[ka + A (k2 +
-  64 k1)] for A = q / 4096 slabs; scaled by 1/q (the kernel's inverse is unnormalised)."""
-  p, q = plan(n)[:2]
-  a = q // SLAB
+  64 k1)] for A = q / 4096 slabs; scaled by 1/q (the kernel's inverse is unnormalised).
+  odd = 0 or 1: the even or odd bins of K_n, q = n / 2, scaled by 1 / n (the causal
+  split: the two halves' outputs add up to the n-point result)."""
   h = k.shape[0]
   kf = jnp.fft.fft(k.astype(jnp.float32), n=n, axis=1)            # (H, n)
+  if odd is None:
+    p, q = plan(n)[:2]
+    scale = 1.0 / q
+  else:
+    p, q, scale = 1, n // 2, 1.0 / n
+    kf = kf[:, odd::2]
+  a = q // SLAB
   if conj:
     kf = jnp.conj(kf)
   kf = kf.reshape(h, q, p).transpose(0, 2, 1)                      # [h, kp, kq] = K[p kq + kp]
-  kf = kf.reshape(h, p, TILE_M, TILE_M, a).transpose(0, 1, 4, 3, 2) / q   # [kp, ka, k2, k1]
+  kf = kf.reshape(h, p, TILE_M, TILE_M, a).transpose(0, 1, 4, 3, 2) * scale  # [kp, ka, k2, k1]
   kf = kf.reshape(h * p, a, TILE_M, TILE_M)
   return jnp.real(kf).astype(jnp.float32), jnp.imag(kf).astype(jnp.float32)
 
 
-def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool):
+def causal_split(n: int, circular: bool) -> bool:
+  """A causal FFT size of 2 * 16384 runs as two 16384-point halves (even and odd bins of
+  the n-point DFT: cyclic plus negacyclic convolution) in the 3-stage kernel, with no
+  XLA outer step: the n-point transform of a length <= n/2 zero-padded input."""
+  return not circular and n == 2 * MAX_INNER
+
+
+def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool,
+            split: bool = False):
   """IFFT_n(FFT_n(z) * K (or conj K))[:length] for complex rows z as planes (P, H, m)."""
   p, q, r, c, g = plan(n)
   if q > SLAB:
-    return _slab_filter(zr, zi, k, n, length, conj=conj, nsplit=nsplit, interpret=interpret)
+    return _slab_filter(zr, zi, k, n, length, conj=conj, nsplit=nsplit, interpret=interpret,
+                        split=split)
   h = zr.shape[1]
   hp = _h_pad(h, n)
   xr, xi = _to_rows(zr, zi, n, hp)
@@ -781,37 +810,53 @@ def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpre
   return _from_rows(yr, yi, n, h, length)
 
 
-def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
-                 interpret: bool):
-  """_filter for q = min(n, 16384) > 4096: the 3-stage kernel over (64, 64) slabs, after
-  the XLA outer step when n > 16384."""
-  p, q = plan(n)[:2]
-  a = q // SLAB
-  pairs, h, m = zr.shape
-  if p == 1:   # only the slabs that hold data go in, only those that reach `length` out
-    in_slabs, out_slabs = -(-m // SLAB), -(-length // SLAB)
+def _slab_inputs(xs, n: int, split: bool):
+  """Planes (P, H, m) -> (P, T, in_slabs, 64, 64) slabs of the 3-stage kernels, after the
+  XLA outer step when p > 1; returns (slabs, in_slabs, p, odd modes, inputs)."""
+  pairs, h, m = xs[0].shape
+  p, q = (1, n // 2) if split else plan(n)[:2]
+  slabs = q // SLAB
+  modes = (0, 1) if split else (None,)
+  if p == 1:   # only the slabs that hold data go in
+    in_slabs = -(-m // SLAB)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, in_slabs * SLAB - m)))
-    xr, xi = (pad(x).reshape(pairs, h, in_slabs, TILE_M, TILE_M) for x in (zr, zi))
-  else:
-    in_slabs = out_slabs = a
-    xr, xi = (x.reshape(pairs, h * p, a, TILE_M, TILE_M) for x in _to_rows(zr, zi, n, h))
-  sr, si = _slab_spectrum(k, n, conj)
+    return slabs, in_slabs, p, modes, [
+        pad(x).reshape(pairs, h, in_slabs, TILE_M, TILE_M) for x in xs]
+  rows = []
+  for i in range(0, len(xs), 2):
+    rows += _to_rows(xs[i], xs[i + 1], n, h)
+  return slabs, slabs, p, modes, [x.reshape(pairs, h * p, slabs, TILE_M, TILE_M) for x in rows]
+
+
+def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
+                 interpret: bool, split: bool):
+  """_filter for q = min(n, 16384) > 4096: the 3-stage kernel over (64, 64) slabs, after
+  the XLA outer step when n > 16384, or twice (even and odd bins) when split."""
+  pairs, h, _ = zr.shape
+  slabs, in_slabs, p, modes, (xr, xi) = _slab_inputs((zr, zi), n, split)
+  out_slabs = -(-length // SLAB) if p == 1 else slabs   # only the slabs that reach `length`
   f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
-  call = _make_slab_filter(n_pairs=pairs, n_tiles=xr.shape[1], slabs=a, in_slabs=in_slabs,
-                           out_slabs=out_slabs, nsplit=nsplit, interpret=interpret)
-  yr, yi = call(xr, xi, sr, si, f64)
+  yr = yi = 0.0
+  for odd in modes:
+    call = _make_slab_filter(n_pairs=pairs, n_tiles=xr.shape[1], slabs=slabs,
+                             in_slabs=in_slabs, out_slabs=out_slabs, nsplit=nsplit,
+                             interpret=interpret, odd=odd or 0)
+    y = call(xr, xi, *_slab_spectrum(k, n, conj, odd), f64)
+    yr, yi = yr + y[0], yi + y[1]   # split: even + odd halves (each scaled 1/n)
   if p == 1:
     return tuple(y.reshape(pairs, h, -1)[..., :length] for y in (yr, yi))
   yr, yi = (y.reshape(pairs, -1, TILE_M, TILE_M) for y in (yr, yi))
   return _from_rows(yr, yi, n, h, length)
 
 
-def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
+def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool,
+               split: bool = False):
   """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
   -> (H, length). Two-stage kernel for n <= 4096, else the 3-stage one (one call per
-  spectrum slab, after the XLA outer step past 16384) and the inverse in XLA."""
+  spectrum slab, after the XLA outer step past 16384, or per half when split) and the
+  inverse in XLA."""
   if plan(n)[1] > SLAB:
-    return _slab_correlate(a, b, n, length, nsplit=nsplit, interpret=interpret)
+    return _slab_correlate(a, b, n, length, nsplit=nsplit, interpret=interpret, split=split)
   p, q, r, c, g = plan(n)
   h = a[0].shape[1]
   hp = _h_pad(h, n)
@@ -824,29 +869,29 @@ def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
   return _from_rows(cr, ci, n, h, length)[0]
 
 
-def _slab_correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
+def _slab_correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool, split: bool):
   """_correlate for q = min(n, 16384) > 4096 (see _make_slab_correlate)."""
-  p, q = plan(n)[:2]
-  slabs = q // SLAB
-  pairs, h, m = a[0].shape
-  if p == 1:
-    in_slabs = -(-m // SLAB)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, in_slabs * SLAB - m)))
-    xs = [pad(x).reshape(pairs, h, in_slabs, TILE_M, TILE_M) for x in (*a, *b)]
-  else:
-    in_slabs = slabs
-    xs = [x.reshape(pairs, h * p, slabs, TILE_M, TILE_M)
-          for x in (*_to_rows(*a, n, h), *_to_rows(*b, n, h))]
+  pairs, h, _ = a[0].shape
+  slabs, in_slabs, p, modes, xs = _slab_inputs((*a, *b), n, split)
+  q = slabs * SLAB
   f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
-  outs = []
-  for ka in range(slabs):
-    call = _make_slab_correlate(n_pairs=pairs, n_tiles=h * p, slabs=slabs, ka=ka,
-                                in_slabs=in_slabs, nsplit=nsplit, interpret=interpret)
-    outs.append(call(*xs, f64))
-  cr, ci = (jnp.stack([o[i] for o in outs], axis=1) for i in range(2))  # (H p, A, k2, k1)
-  spec = (cr + 1j * ci).reshape(h, p, slabs, TILE_M, TILE_M)           # [kp, ka, k2, k1]
-  spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, n)    # k = kp + p (ka + A (k2 + 64 k1))
-  return jnp.real(jnp.fft.ifft(spec, axis=-1)[:, :length]).astype(jnp.float32)
+  out = 0.0
+  for odd in modes:
+    outs = []
+    for ka in range(slabs):
+      call = _make_slab_correlate(n_pairs=pairs, n_tiles=h * p, slabs=slabs, ka=ka,
+                                  in_slabs=in_slabs, nsplit=nsplit, interpret=interpret,
+                                  odd=odd or 0)
+      outs.append(call(*xs, f64))
+    cr, ci = (jnp.stack([o[i] for o in outs], axis=1) for i in range(2))  # (H p, A, k2, k1)
+    spec = (cr + 1j * ci).reshape(h, p, slabs, TILE_M, TILE_M)           # [kp, ka, k2, k1]
+    spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, p * q)  # k = kp + p (ka + A (k2 + 64 k1))
+    c = jnp.fft.ifft(spec, axis=-1)[:, :length]
+    if odd:   # the odd bins' correlation carries th^s: untwist, then halves add
+      s = np.arange(length)
+      c = c * jnp.asarray(np.exp(1j * np.pi * s / q), jnp.complex64)
+    out = out + (jnp.real(c) if odd is None else 0.5 * jnp.real(c))
+  return out.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -865,7 +910,7 @@ def _conv_fwd(u, k, circular, interpret):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   yr, yi = _filter(*_pack(u), k, n, seq_len, conj=False, nsplit=_nsplit(u.dtype),
-                   interpret=interpret)
+                   interpret=interpret, split=causal_split(n, circular))
   return _unpack(yr, yi, batch, u.dtype), (u, k)
 
 
@@ -875,9 +920,11 @@ def _conv_bwd(circular, interpret, res, dy):
   n = fft_size(seq_len, circular)
   ns = _nsplit(u.dtype)
   zdy = _pack(dy)
-  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
-               batch, u.dtype)
-  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)  # (H, Lk)
+  split = causal_split(n, circular)
+  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret,
+                        split=split), batch, u.dtype)
+  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret,
+                  split=split)                                                  # (H, Lk)
   return du, dk.astype(k.dtype)
 
 
