@@ -271,3 +271,22 @@ def test_benchmark_auto_table_takes_only_sizes_faster_both_ways():
           row(4096, "pallas", 1.0, 2.0), row(4096, "torch.fft", 9.0, 9.0),   # no xla row
           row(1024, "pallas", 2.0, 2.0, "bfloat16"), row(1024, "xla", 1.0, 3.0, "bfloat16")]
   assert auto_from_rows(rows) == {"G": {"float32": [2048]}}
+
+
+def test_benchmark_skips_the_kernel_where_the_check_failed_or_hung(tmp_path):
+  """benchmarks/fftconv.py --skip-from: the sweep leaves out the kernel at an FFT size
+  whose --check-classes case failed, was bad, or started and never ended."""
+  import json
+  from benchmarks.fftconv import read_status, skip_pallas
+  path = tmp_path / "status.jsonl"
+  lines = [(2048, "a", "started"), (2048, "a", "ok"), (8192, "b", "started"),
+           (16384, "c", "started"), (16384, "c", "bad"), (16384, "d", "started"),
+           (16384, "d", "ok")]
+  path.write_text("".join(json.dumps({"n": n, "dtype": "float32", "case": c, "status": s}) + "\n"
+                          for n, c, s in lines))
+  status = read_status(str(path))
+  assert not skip_pallas(status, 1024, "float32")          # n 2048 ok
+  assert skip_pallas(status, 4096, "float32")              # n 8192 hung
+  assert skip_pallas(status, 8192, "float32")              # n 16384: one case bad
+  assert not skip_pallas(status, 256, "float32")           # never checked: run it
+  assert not skip_pallas(status, 1024, "bfloat16")

@@ -24,19 +24,19 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv
 LENGTHS=${LENGTHS:-8192,2048,16384,4096,1024,32768,512,256,65536}
 
 echo "== 1. size classes vs jnp.fft"
-timeout ${T_CHECK:-120} python3 -m benchmarks.fftconv --check-classes \
-  --dtypes float32,bfloat16 2>&1 | tee $OUT/fftconv_check.log | grep -v "^  warnings"
+timeout ${T_CHECK:-150} python3 -m benchmarks.fftconv --check-classes \
+  --dtypes float32,bfloat16 --status $OUT/fftconv_check.jsonl 2>&1 | tee $OUT/fftconv_check.log | grep -v "^  warnings"
 echo "check exit ${PIPESTATUS[0]}"
 
 echo "== 2. sweep float32" | tee $OUT/fftconv_h200.txt
 timeout ${T_F32:-200} python3 -m benchmarks.fftconv --layers off --check-len 0 \
-  --dtypes float32 --lengths $LENGTHS --rows-jsonl $OUT/fftconv_rows.jsonl 2>&1 \
+  --dtypes float32 --lengths $LENGTHS --skip-from $OUT/fftconv_check.jsonl --rows-jsonl $OUT/fftconv_rows.jsonl 2>&1 \
   | grep -v "^  warnings" | tee -a $OUT/fftconv_h200.txt
 echo "f32 sweep exit ${PIPESTATUS[0]}"
 
 echo "== 3. sweep bfloat16" | tee -a $OUT/fftconv_h200.txt
 timeout ${T_BF16:-130} python3 -m benchmarks.fftconv --layers off --check-len 0 \
-  --dtypes bfloat16 --lengths $LENGTHS --rows-jsonl $OUT/fftconv_rows.jsonl 2>&1 \
+  --dtypes bfloat16 --lengths $LENGTHS --skip-from $OUT/fftconv_check.jsonl --rows-jsonl $OUT/fftconv_rows.jsonl 2>&1 \
   | grep -v "^  warnings" | tee -a $OUT/fftconv_h200.txt
 echo "bf16 sweep exit ${PIPESTATUS[0]}"
 
