@@ -361,15 +361,21 @@ def _cscale(xr, xi, cr: float, ci: float):
 
 def _twiddle(index, size: int, conj: bool, layout, interpret: bool):
   """exp(-+2 pi i index(row, col) / size) on a (64, 64) tile, computed in registers (no
-  SMEM table: the 3-stage kernel's SMEM holds the sequence). The index is reduced mod
-  size in int32 first, so the f32 angle is in [0, 2 pi) and cos/sin are accurate to a
-  few ulp."""
+  SMEM table: the 3-stage kernel's SMEM holds the sequence). The index (>= 0) is reduced
+  to [-size/2, size/2) in int32 first (size is a power of two: masks, no division), so
+  the f32 angle is in [-pi, pi), where the kernels' approximate sin/cos (approx_math:
+  the MUFU unit, ~1e-6 absolute) stay well inside the bf16x3 products' ~5e-6."""
   iota = lambda d: _pallas.cast(lax.broadcasted_iota(jnp.int32, (TILE_M, TILE_M), d),
                                 layout, interpret)
-  idx = index(iota(0), iota(1)) % size
+  half = size // 2
+  idx = ((index(iota(0), iota(1)) + half) & (size - 1)) - half
   ang = idx.astype(jnp.float32) * np.float32(2 * np.pi / size)
   s = jnp.sin(ang)
   return jnp.cos(ang), (s if conj else -s)
+
+
+# The 3-stage kernels compute their twiddles with sin/cos (`_twiddle`): MUFU approximations.
+_APPROX = plgpu.CompilerParams(approx_math=True)
 
 
 def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
@@ -495,7 +501,7 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
   out = jax.ShapeDtypeStruct((n_pairs, n_tiles, out_slabs, TILE_M, TILE_M), f32)
   return _pallas.kernel(
       kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
-      scratch_types=scratch, interpret=interpret)
+      scratch_types=scratch, interpret=interpret, compiler_params=_APPROX)
 
 
 def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_slabs: int,
@@ -597,7 +603,7 @@ def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_
   out = jax.ShapeDtypeStruct((n_tiles, TILE_M, TILE_M), f32)
   return _pallas.kernel(
       kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
-      scratch_types=scratch, interpret=interpret)
+      scratch_types=scratch, interpret=interpret, compiler_params=_APPROX)
 
 
 # ----------------------------------------------------------------------------
