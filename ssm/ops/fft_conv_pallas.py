@@ -154,15 +154,6 @@ def _swizzled(shape, dtype, swizzle: int):
 # ----------------------------------------------------------------------------
 # The kernel body.
 # ----------------------------------------------------------------------------
-def _mm(pairs, shape):
-  """Sum of real matrix products a @ b over (a_ref, b_ref) pairs, f32 accumulation."""
-  def body(acc_ref):
-    for a, b in pairs:
-      plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
 def _real_pairs(a, b, ns: int):
   """a, b: lists of split refs [hi, lo]; bf16x3 (or bf16x1) pairs of one real product.
   (lo * lo, ~2^-16 relative, is below the f32 accumulation's own error budget.)"""
@@ -176,16 +167,23 @@ def _cmul_mm(fr, fi, xr, xi, *, ns: int, shape, conj: bool, const_left: bool):
 
   const_left: F @ X, else X @ F. conj: use conj(F). Returns (re, im) f32 values. Three
   real products per complex one would need (Fr + Fi) split too; four keep the operands
-  the DFT matrices already are."""
+  the DFT matrices already are. The three accumulators' wgmmas are all issued before the
+  first is read (one wait per stage, the matrix unit's pipeline kept full)."""
   def p(f, x):
     return _real_pairs(f, x, ns) if const_left else _real_pairs(x, f, ns)
   if not conj:   # (Fr + iFi)(Xr + iXi)
-    re = _mm(p(fr, xr), shape) - _mm(p(fi, xi), shape)
-    im = _mm(p(fr, xi) + p(fi, xr), shape)
+    groups = [p(fr, xr), p(fi, xi), p(fr, xi) + p(fi, xr)]
+    combine = lambda a, b, c: (a - b, c)
   else:          # (Fr - iFi)(Xr + iXi)
-    re = _mm(p(fr, xr) + p(fi, xi), shape)
-    im = _mm(p(fr, xi), shape) - _mm(p(fi, xr), shape)
-  return re, im
+    groups = [p(fr, xr) + p(fi, xi), p(fr, xi), p(fi, xr)]
+    combine = lambda a, b, c: (a, b - c)
+
+  def body(*accs):
+    for acc, pairs in zip(accs, groups):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  return combine(*pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * 3))
 
 
 def _store_split(ops, re, im, ns: int):
