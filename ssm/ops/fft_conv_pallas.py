@@ -60,11 +60,11 @@ Kernels, grid over tiles of sequences (channels), loop over batch pairs:
              two-stage kernel for n <= 4096, 3-stage kernel past it (two calls for the
              causal n = 32768 halves; the XLA outer step past that)
   correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u:
-             two-stage kernel for n <= 4096 (the inverse in the kernel); past it one
-             3-stage call per spectrum slab ka (static constants; the slab DFT of slab
-             ka summed from input slabs streaming through a 2-deep SMEM ring, the sum
-             over pairs in registers), then the inverse of the (H, n) summed spectrum
-             (no batch axis, small) by jnp.fft
+             two-stage kernel for n <= 4096 (the inverse in the kernel). Past it no
+             FFT is redone: the 3-stage filter emits the spectra it computes anyway
+             (U_p in the forward, as residuals; DY_p in the du call), and XLA sums
+             DY_p conj U_p over the pairs (one streaming pass) and inverts the small
+             (H, n) result with jnp.fft. Residual memory: u's spectra, 2x u in f32.
 The spectrum tile is loaded once per CTA and reused for every batch pair (two-stage),
 or streamed per slab (3-stage).
 """
@@ -377,7 +377,8 @@ _APPROX = plgpu.CompilerParams(approx_math=True)
 
 
 def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
-                      out_slabs: int, nsplit: int, interpret: bool, odd: int = 0):
+                      out_slabs: int, nsplit: int, interpret: bool, odd: int = 0,
+                      emit: bool = False):
   """The 3-stage filter kernel: y = IFFT_q(FFT_q(x) * S) for q = slabs * 4096 <= 16384,
   every stage in one CTA (module docstring, "three stages"). odd = 1: the odd bins of
   the 2q-point DFT instead, y = th^-t IFFT_q(FFT_q(x th^t) * S), th = exp(-i pi / q)
@@ -387,7 +388,8 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
   (x_re, x_im (P, T, in_slabs, 64, 64), s_re, s_im (T, slabs, 64, 64), f64 (2 ns, 64, 64))
   -> y_re, y_im (P, T, out_slabs, 64, 64). Input slabs >= in_slabs are zero (a
   zero-padded causal input is never read or stored), output slabs >= out_slabs are not
-  computed.
+  computed. emit: also x's spectrum (unnormalised, Monarch order) as (P, T, slabs, 64,
+  64) re/im planes (the backward's dk = sum over pairs of DY conj U, with no FFT redone).
   """
   ns = nsplit
   wg = plgpu.Layout.WGMMA
@@ -396,8 +398,12 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
   q = slabs * SLAB
   chunk = 16    # rows per register block of the cross-slab stage (2 slabs x 8 regs each)
 
-  def kernel(x_re, x_im, s_re, s_im, f_h, y_re, y_im, f_s, ops_s, data_s, f_bar, in_bar,
-             spec_bar):
+  def kernel(*refs):
+    x_re, x_im, s_re, s_im, f_h, y_re, y_im = refs[:7]
+    refs = refs[7:]
+    if emit:
+      (e_re, e_im), refs = refs[:2], refs[2:]
+    f_s, ops_s, data_s, f_bar, in_bar, spec_bar = refs
     tile = lax.axis_index("tile")
     plgpu.copy_gmem_to_smem(f_h, f_s, f_bar.at[0])
     plgpu.barrier_wait(f_bar.at[0])
@@ -470,11 +476,21 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
         re, im = forward(re, im)
         plgpu.barrier_wait(spec_bar.at[0])
         plgpu.barrier_wait(spec_bar.at[1])
-        re, im = _cmul(re, im, _pallas.load(data_s.at[ka, 0], wg, interpret),
-                       _pallas.load(data_s.at[ka, 1], wg, interpret))
+        sr = _pallas.load(data_s.at[ka, 0], wg, interpret)
+        si = _pallas.load(data_s.at[ka, 1], wg, interpret)
+        if emit:   # the spectrum out through the slab just read (stored while inverting)
+          plgpu.commit_smem()
+          data_s[ka, 0] = re
+          data_s[ka, 1] = im
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(data_s.at[ka, 0], e_re.at[pair, tile, ka])
+          plgpu.copy_smem_to_gmem(data_s.at[ka, 1], e_im.at[pair, tile, ka])
+        re, im = _cmul(re, im, sr, si)
         re, im = inverse(re, im)
         if 2 * ka + odd:
           re, im = _cmul(re, im, *pre_tw(ka, True))
+        if emit:
+          plgpu.wait_smem_to_gmem(0)   # the slab is read out before it is overwritten
         data_s[ka, 0] = re
         data_s[ka, 1] = im
       plgpu.commit_smem()
@@ -497,110 +513,12 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
       plgpu.Barrier(num_barriers=2),
   ]
   out = jax.ShapeDtypeStruct((n_pairs, n_tiles, out_slabs, TILE_M, TILE_M), f32)
+  outs = (out, out)
+  if emit:
+    spec = jax.ShapeDtypeStruct((n_pairs, n_tiles, slabs, TILE_M, TILE_M), f32)
+    outs += (spec, spec)
   return _pallas.kernel(
-      kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
-      scratch_types=scratch, interpret=interpret, compiler_params=_APPROX)
-
-
-def _make_slab_correlate(*, n_pairs: int, n_tiles: int, slabs: int, ka: int, in_slabs: int,
-                         nsplit: int, interpret: bool, odd: int = 0):
-  """The 3-stage correlation kernel for one spectrum slab ka (one call per slab, so that
-  the slab's constants are static; grid over channel tiles, loop over batch pairs):
-
-      C_ka = sum_p FFT_q(a_p)[slab ka] * conj(FFT_q(b_p)[slab ka])      (unnormalised)
-
-  (a_re, a_im, b_re, b_im (P, T, in_slabs, 64, 64), f64) -> c_re, c_im (T, 64, 64).
-  The slab-index DFT of slab ka needs every input slab but only one output: the input
-  slabs stream through a 2-deep SMEM ring (the next loads in flight while this one is
-  summed and while the wgmma stages run), so SMEM holds no whole sequence and the
-  accumulator over pairs stays in registers. The inverse of the summed spectrum
-  ((H, n), no batch axis) is left to XLA. odd = 1: the odd bins of the 2q-point DFT (as
-  _make_slab_filter).
-  """
-  ns = nsplit
-  wg = plgpu.Layout.WGMMA
-  shape = (TILE_M, TILE_M)
-  f32 = jnp.float32
-  q = slabs * SLAB
-  loads = [(x, j) for x in range(2) for j in range(in_slabs)]   # (a or b, input slab)
-
-  def kernel(a_re, a_im, b_re, b_im, f_h, c_re, c_im, f_s, ops_s, ring_s, spec_s, f_bar,
-             ring_bar):
-    tile = lax.axis_index("tile")
-    plgpu.copy_gmem_to_smem(f_h, f_s, f_bar.at[0])
-    plgpu.barrier_wait(f_bar.at[0])
-    fm = [[f_s.at[part * ns + s] for s in range(ns)] for part in range(2)]
-    ops = [ops_s.at[i] for i in range(2 * ns)]
-    opr, opi = ops[:ns], ops[ns:]
-    srcs = ((a_re, a_im), (b_re, b_im))
-
-    def cmul_mm(xr, xi, *, const_left):
-      return _cmul_mm(fm[0], fm[1], xr, xi, ns=ns, shape=shape, conj=False,
-                      const_left=const_left)
-
-    def forward(re, im):
-      _store_split(ops, re, im, ns)
-      re, im = cmul_mm(opr, opi, const_left=True)
-      re, im = _cmul(re, im, *_twiddle(lambda r, c: r * c, SLAB, False, wg, interpret))
-      _store_split(ops, re, im, ns)
-      return cmul_mm(opr, opi, const_left=False)
-
-    def issue(pair, i):
-      x, j = loads[i]
-      slot = i % 2
-      for part in range(2):
-        plgpu.copy_gmem_to_smem(srcs[x][part].at[pair, tile, j], ring_s.at[slot, part],
-                                ring_bar.at[2 * slot + part])
-
-    def body(pair, acc):
-      acc_r, acc_i = acc
-      for i in range(min(2, len(loads))):
-        issue(pair, i)
-      spec = []
-      for x in range(2):
-        vr = vi = None
-        for j in range(in_slabs):
-          i = x * in_slabs + j
-          slot = i % 2
-          plgpu.barrier_wait(ring_bar.at[2 * slot])
-          plgpu.barrier_wait(ring_bar.at[2 * slot + 1])
-          tr, ti = _cscale(_pallas.load(ring_s.at[slot, 0], wg, interpret),
-                           _pallas.load(ring_s.at[slot, 1], wg, interpret),
-                           *_root(2 * slabs, j * (2 * ka + odd), conj=False))
-          vr = tr if vr is None else vr + tr
-          vi = ti if vi is None else vi + ti
-          if i + 2 < len(loads):
-            plgpu.commit_smem()   # the slot is read by every thread before it is refilled
-            issue(pair, i + 2)
-        if 2 * ka + odd:
-          vr, vi = _cmul(vr, vi, *_twiddle(lambda r, c: (c + TILE_M * r) * (2 * ka + odd),
-                                           2 * q, False, wg, interpret))
-        spec.append(forward(vr, vi))
-      (ar, ai), (br, bi) = spec
-      pr, pi = _cmul(ar, ai, br, bi, conj_b=True)
-      plgpu.commit_smem()   # the ring is free before the next pair's loads
-      return acc_r + pr, acc_i + pi
-
-    zero = _pallas.cast(jnp.zeros(shape, f32), wg, interpret)
-    acc_r, acc_i = lax.fori_loop(0, n_pairs, body, (zero, zero))
-    spec_s[0] = acc_r
-    spec_s[1] = acc_i
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(spec_s.at[0], c_re.at[tile])
-    plgpu.copy_smem_to_gmem(spec_s.at[1], c_im.at[tile])
-    plgpu.wait_smem_to_gmem(0)
-
-  scratch = [
-      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # F_64 (both matmul stages)
-      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # matmul operand tile
-      plgpu.SMEM((2, 2, TILE_M, TILE_M), f32),                  # input ring (slot, re/im)
-      plgpu.SMEM((2, TILE_M, TILE_M), f32),                     # output staging
-      plgpu.Barrier(num_barriers=1),
-      plgpu.Barrier(num_barriers=4),
-  ]
-  out = jax.ShapeDtypeStruct((n_tiles, TILE_M, TILE_M), f32)
-  return _pallas.kernel(
-      kernel, out_type=(out, out), grid=(n_tiles,), grid_names=("tile",),
+      kernel, out_type=outs, grid=(n_tiles,), grid_names=("tile",),
       scratch_types=scratch, interpret=interpret, compiler_params=_APPROX)
 
 
@@ -833,35 +751,59 @@ def _slab_inputs(xs, n: int, split: bool):
 
 
 def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
-                 interpret: bool, split: bool):
+                 interpret: bool, split: bool, emit: bool = False):
   """_filter for q = min(n, 16384) > 4096: the 3-stage kernel over (64, 64) slabs, after
-  the XLA outer step when n > 16384, or twice (even and odd bins) when split."""
+  the XLA outer step when n > 16384, or twice (even and odd bins) when split. emit: also
+  return z's spectra, one complex (P, T, slabs, 64, 64) array per half (see
+  _dk_from_spectra)."""
   pairs, h, _ = zr.shape
   slabs, in_slabs, p, modes, (xr, xi) = _slab_inputs((zr, zi), n, split)
   out_slabs = -(-length // SLAB) if p == 1 else slabs   # only the slabs that reach `length`
   f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
   yr = yi = 0.0
+  spectra = []
   for odd in modes:
     call = _make_slab_filter(n_pairs=pairs, n_tiles=xr.shape[1], slabs=slabs,
                              in_slabs=in_slabs, out_slabs=out_slabs, nsplit=nsplit,
-                             interpret=interpret, odd=odd or 0)
+                             interpret=interpret, odd=odd or 0, emit=emit)
     y = call(xr, xi, *_slab_spectrum(k, n, conj, odd), f64)
     yr, yi = yr + y[0], yi + y[1]   # split: even + odd halves (each scaled 1/n)
+    if emit:
+      spectra.append(jax.lax.complex(y[2], y[3]))
   if p == 1:
-    return tuple(y.reshape(pairs, h, -1)[..., :length] for y in (yr, yi))
-  yr, yi = (y.reshape(pairs, -1, TILE_M, TILE_M) for y in (yr, yi))
-  return _from_rows(yr, yi, n, h, length)
+    out = tuple(y.reshape(pairs, h, -1)[..., :length] for y in (yr, yi))
+  else:
+    yr, yi = (y.reshape(pairs, -1, TILE_M, TILE_M) for y in (yr, yi))
+    out = _from_rows(yr, yi, n, h, length)
+  return (*out, spectra) if emit else out
 
 
-def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool,
-               split: bool = False):
+def _dk_from_spectra(dy_spectra, u_spectra, n: int, h: int, length: int, split: bool):
+  """dk (H, length) = Re IFFT_n(sum_p DY_p conj U_p)[:length] from the 3-stage kernels'
+  emitted spectra (complex (P, T, slabs, 64, 64) per half): one XLA product-sum over the
+  pairs, then the small (H, n) inverse with the halves' odd bins untwisted."""
+  p, q = (1, n // 2) if split else plan(n)[:2]
+  slabs = q // SLAB
+  out = 0.0
+  for odd, dys, us in zip((0, 1) if split else (None,), dy_spectra, u_spectra):
+    spec = jnp.sum(dys * jnp.conj(us), axis=0)                        # (H p, A, k2, k1)
+    spec = spec.reshape(h, p, slabs, TILE_M, TILE_M)                  # [kp, ka, k2, k1]
+    spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, p * q)  # k = kp + p (ka + A (k2 + 64 k1))
+    c = jnp.fft.ifft(spec, axis=-1)[:, :length]
+    if odd:   # the odd bins' correlation carries th^s: untwist, then halves add
+      s = np.arange(length)
+      c = c * jnp.asarray(np.exp(1j * np.pi * s / q), jnp.complex64)
+    out = out + (jnp.real(c) if odd is None else 0.5 * jnp.real(c))
+  return out.astype(jnp.float32)
+
+
+def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
   """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
-  -> (H, length). Two-stage kernel for n <= 4096, else the 3-stage one (one call per
-  spectrum slab, after the XLA outer step past 16384, or per half when split) and the
-  inverse in XLA."""
-  if plan(n)[1] > SLAB:
-    return _slab_correlate(a, b, n, length, nsplit=nsplit, interpret=interpret, split=split)
+  -> (H, length): the two-stage correlation kernel (n <= 4096; past it dk comes from the
+  3-stage kernels' emitted spectra, _dk_from_spectra)."""
   p, q, r, c, g = plan(n)
+  if q > SLAB:
+    raise ValueError(f"fft_conv pallas: the correlation kernel takes n <= {SLAB}, got {n}")
   h = a[0].shape[1]
   hp = _h_pad(h, n)
   ar, ai = _to_rows(*a, n, hp)
@@ -873,31 +815,6 @@ def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool,
   return _from_rows(cr, ci, n, h, length)[0]
 
 
-def _slab_correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool, split: bool):
-  """_correlate for q = min(n, 16384) > 4096 (see _make_slab_correlate)."""
-  pairs, h, _ = a[0].shape
-  slabs, in_slabs, p, modes, xs = _slab_inputs((*a, *b), n, split)
-  q = slabs * SLAB
-  f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
-  out = 0.0
-  for odd in modes:
-    outs = []
-    for ka in range(slabs):
-      call = _make_slab_correlate(n_pairs=pairs, n_tiles=h * p, slabs=slabs, ka=ka,
-                                  in_slabs=in_slabs, nsplit=nsplit, interpret=interpret,
-                                  odd=odd or 0)
-      outs.append(call(*xs, f64))
-    cr, ci = (jnp.stack([o[i] for o in outs], axis=1) for i in range(2))  # (H p, A, k2, k1)
-    spec = (cr + 1j * ci).reshape(h, p, slabs, TILE_M, TILE_M)           # [kp, ka, k2, k1]
-    spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, p * q)  # k = kp + p (ka + A (k2 + 64 k1))
-    c = jnp.fft.ifft(spec, axis=-1)[:, :length]
-    if odd:   # the odd bins' correlation carries th^s: untwist, then halves add
-      s = np.arange(length)
-      c = c * jnp.asarray(np.exp(1j * np.pi * s / q), jnp.complex64)
-    out = out + (jnp.real(c) if odd is None else 0.5 * jnp.real(c))
-  return out.astype(jnp.float32)
-
-
 # ----------------------------------------------------------------------------
 # Public entry with the custom VJP.
 # ----------------------------------------------------------------------------
@@ -905,31 +822,48 @@ def _nsplit(dtype) -> int:
   return 1 if jnp.dtype(dtype) == jnp.bfloat16 else 2
 
 
+def _three_stage(n: int) -> bool:
+  return plan(n)[1] > SLAB
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(u, k, circular: bool, interpret: bool):
-  return _conv_fwd(u, k, circular, interpret)[0]
-
-
-def _conv_fwd(u, k, circular, interpret):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   yr, yi = _filter(*_pack(u), k, n, seq_len, conj=False, nsplit=_nsplit(u.dtype),
                    interpret=interpret, split=causal_split(n, circular))
-  return _unpack(yr, yi, batch, u.dtype), (u, k)
+  return _unpack(yr, yi, batch, u.dtype)
+
+
+def _conv_fwd(u, k, circular, interpret):
+  """Under differentiation the 3-stage forward also emits u's spectra (residuals: the
+  backward's dk needs no FFT of u); the two-stage kernel's correlation redoes it."""
+  batch, seq_len, _ = u.shape
+  n = fft_size(seq_len, circular)
+  if not _three_stage(n):
+    return _conv(u, k, circular, interpret), (u, k, None)
+  yr, yi, spectra = _slab_filter(*_pack(u), k, n, seq_len, conj=False,
+                                 nsplit=_nsplit(u.dtype), interpret=interpret,
+                                 split=causal_split(n, circular), emit=True)
+  return _unpack(yr, yi, batch, u.dtype), (u, k, spectra)
 
 
 def _conv_bwd(circular, interpret, res, dy):
-  u, k = res
+  u, k, u_spectra = res
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   ns = _nsplit(u.dtype)
   zdy = _pack(dy)
   split = causal_split(n, circular)
-  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret,
-                        split=split), batch, u.dtype)
-  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret,
-                  split=split)                                                  # (H, Lk)
-  return du, dk.astype(k.dtype)
+  if u_spectra is None:
+    du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
+                 batch, u.dtype)
+    dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)
+    return du, dk.astype(k.dtype)
+  dur, dui, dy_spectra = _slab_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns,
+                                      interpret=interpret, split=split, emit=True)
+  dk = _dk_from_spectra(dy_spectra, u_spectra, n, k.shape[0], k.shape[1], split)
+  return _unpack(dur, dui, batch, u.dtype), dk.astype(k.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
