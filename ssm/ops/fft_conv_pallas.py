@@ -773,7 +773,7 @@ def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
     y = call(xr, xi, *_slab_spectrum(k, n, conj, odd), f64)
     yr, yi = yr + y[0], yi + y[1]   # split: even + odd halves (each scaled 1/n)
     if emit:
-      spectra.append(jax.lax.complex(y[2], y[3]))
+      spectra.append((y[2], y[3]))   # planes: no complex array to materialise
   if p == 1:
     out = tuple(y.reshape(pairs, h, -1)[..., :length] for y in (yr, yi))
   else:
@@ -784,13 +784,15 @@ def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
 
 def _dk_from_spectra(dy_spectra, u_spectra, n: int, h: int, length: int, split: bool):
   """dk (H, length) = Re IFFT_n(sum_p DY_p conj U_p)[:length] from the 3-stage kernels'
-  emitted spectra (complex (P, T, slabs, 64, 64) per half): one XLA product-sum over the
-  pairs, then the small (H, n) inverse with the halves' odd bins untwisted."""
+  emitted spectra ((re, im) planes (P, T, slabs, 64, 64) per half): one XLA product-sum
+  over the pairs, then the small (H, n) inverse with the halves' odd bins untwisted."""
   p, q = (1, n // 2) if split else plan(n)[:2]
   slabs = q // SLAB
   out = 0.0
   for odd, dys, us in zip((0, 1) if split else (None,), dy_spectra, u_spectra):
-    spec = jnp.sum(dys * jnp.conj(us), axis=0)                        # (H p, A, k2, k1)
+    (dr, di), (ur, ui) = dys, us
+    spec = jax.lax.complex(jnp.sum(dr * ur + di * ui, axis=0),        # (H p, A, k2, k1)
+                           jnp.sum(di * ur - dr * ui, axis=0))
     spec = spec.reshape(h, p, slabs, TILE_M, TILE_M)                  # [kp, ka, k2, k1]
     spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, p * q)  # k = kp + p (ka + A (k2 + 64 k1))
     c = jnp.fft.ifft(spec, axis=-1)[:, :length]
