@@ -376,8 +376,14 @@ def _twiddle(index, size: int, conj: bool, layout, interpret: bool):
   return jnp.cos(ang), (s if conj else -s)
 
 
-# The 3-stage kernels compute their twiddles with sin/cos (`_twiddle`): MUFU approximations.
-_APPROX = plgpu.CompilerParams(approx_math=True)
+def _approx_kernel(body, **kwargs):
+  """_pallas.kernel with approx_math (the 3-stage kernels' twiddle sin/cos on the MUFU
+  unit); exact math where this JAX's Mosaic GPU has no such option."""
+  try:
+    params = plgpu.CompilerParams(approx_math=True)
+  except (TypeError, AttributeError):  # pragma: no cover - depends on the JAX version
+    return _pallas.kernel(body, **kwargs)
+  return _pallas.kernel(body, compiler_params=params, **kwargs)
 
 
 def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
@@ -521,9 +527,9 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
   if emit:
     spec = jax.ShapeDtypeStruct((n_pairs, n_tiles, slabs, TILE_M, TILE_M), f32)
     outs += (spec, spec)
-  return _pallas.kernel(
+  return _approx_kernel(
       kernel, out_type=outs, grid=(n_tiles,), grid_names=("tile",),
-      scratch_types=scratch, interpret=interpret, compiler_params=_APPROX)
+      scratch_types=scratch, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------
