@@ -145,8 +145,13 @@ def test_unsupported_shapes():
   k = jnp.zeros((2, 4))
   with pytest.raises(ValueError, match="circular"):
     fft_conv(u, k, impl="pallas", circular=True)
-  with pytest.raises(ValueError, match="power of two"):
+  with pytest.raises(ValueError, match="needs FFT size 262144"):
     fft_conv(jnp.zeros((1, 70000, 1)), jnp.zeros((1, 4)), impl="pallas")
+  with pytest.raises(ValueError, match="needs FFT size 262144"):
+    fft_conv(jnp.zeros((1, 262144, 1)), jnp.zeros((1, 4)), impl="pallas", circular=True)
+  # "auto" falls back to XLA where the kernel cannot take the call
+  y = fft_conv(u + 1.0, k + 1.0, impl="auto")
+  np.testing.assert_allclose(y, direct(u + 1.0, k + 1.0), rtol=1e-5)
   with pytest.raises(ValueError, match="gate"):
     fft_conv(u, k, gate=jnp.zeros((1, 300, 3)))
   with pytest.raises(ValueError, match="D must be"):

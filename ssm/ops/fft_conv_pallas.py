@@ -547,7 +547,12 @@ def check_supported(u_shape, k_shape, circular: bool) -> None:
   if circular and (seq_len & (seq_len - 1) or seq_len < MIN_FFT):
     raise ValueError(f"fft_conv pallas: circular needs a power-of-two length >= {MIN_FFT}, "
                      f"got {seq_len}")
-  plan(fft_size(seq_len, circular))
+  n = fft_size(seq_len, circular)
+  if n > MAX_FFT:
+    raise ValueError(f"fft_conv pallas: length {seq_len} needs FFT size {n} > {MAX_FFT}, "
+                     f"the largest the kernel takes ({'' if circular else 'causal '}length "
+                     f"<= {MAX_FFT if circular else MAX_FFT // 2})")
+  plan(n)
 
 
 AUTO_TABLE = os.path.join(os.path.dirname(__file__), "fft_conv_auto.json")
