@@ -118,7 +118,12 @@ def test_skip_and_gate_forward_and_gradients(seq_len):
 
 
 def test_circular_forward_and_gradients():
-  check_all(*inputs(9, 2, 512, 2, 40), circular=True)
+  u, k, w = inputs(9, 2, 512, 2, 40)
+  rng = np.random.default_rng(10)
+  gate = jnp.asarray(rng.standard_normal(u.shape), jnp.float32)
+  D = jnp.asarray(rng.standard_normal(u.shape[2]), jnp.float32)
+  check_all(u, k, w, circular=True)
+  check_all(u, k, w, gate=gate, circular=True, D=D)
 
 
 @pytest.mark.slow
