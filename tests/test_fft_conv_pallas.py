@@ -216,7 +216,9 @@ H100 = "NVIDIA H100 80GB HBM3"
     (H100, 300, False, jnp.float32, False),     # n 1024: not in the table (slower there)
     (H100, 1000, False, jnp.float32, True),     # n 2048: measured faster
     (H100, 2048, False, jnp.float32, True),     # n 4096
-    (H100, 4096, True, jnp.float32, True),      # circular n 4096
+    (H100, 4096, True, jnp.float32, True),      # circular n 4096: the causal kernel
+    ("G", 8192, True, jnp.float32, False),      # circular past 4096 needs its own entry
+    ("G", 4096, False, jnp.float32, True),      # causal n 8192
     (H100, 3000, False, jnp.float32, False),    # n 8192: not measured faster
     (H100, 1000, False, jnp.bfloat16, False),   # bf16 never measured on this device
     (H100, 300, True, jnp.float32, False),      # circular needs a power of two: unsupported
@@ -231,6 +233,8 @@ def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch, kind, 
   calls = []
   monkeypatch.setattr(fcp, "fft_conv_pallas", lambda u, k, **kw: calls.append(kw) or u)
   monkeypatch.setattr(fcp, "_device_kind", lambda: kind)
+  table = {**fcp.auto_table(), "G": {"float32": [8192, 16384]}}
+  monkeypatch.setattr(fcp, "auto_table", lambda: table)
   u, k = jnp.ones((1, seq_len, 1), dtype), jnp.ones((1, 8))
   fft_conv(u, k, impl="auto", circular=circular)
   assert calls == []                                        # the CPU is not Hopper

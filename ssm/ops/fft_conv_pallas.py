@@ -581,10 +581,13 @@ def check_preferred(u_shape, circular: bool, dtype=jnp.float32) -> None:
   `ssm.ops._impl.choose_impl`'s prefer)."""
   n = fft_size(u_shape[1], circular)
   kind = _device_kind()
-  sizes = auto_table().get(kind, {}).get(jnp.dtype(dtype).name, [])
+  # Past 4096 a circular call runs other kernels than the causal one of the same FFT
+  # size (every slab loaded; the outer step at 32768): it needs its own entry.
+  key = jnp.dtype(dtype).name + ("-circular" if circular and n > SLAB else "")
+  sizes = auto_table().get(kind, {}).get(key, [])
   if n not in sizes:
     raise ValueError(f"fft_conv pallas: no measurement on {kind!r} where the kernel beats "
-                     f"jnp.fft at FFT size {n} ({jnp.dtype(dtype).name}: {sizes})")
+                     f"jnp.fft at FFT size {n} ({key}: {sizes})")
 
 
 def _outer_factors(p: int, q: int, n: int, rows: int, inverse: bool):
