@@ -137,7 +137,8 @@ def test_three_stage_sizes(seq_len, k_len, circular):
   check_all(*inputs(seq_len, 1, seq_len, 1, k_len), circular=circular)
 
 
-@pytest.mark.parametrize("seq_len", [100, 3000])   # two-stage and 3-stage kernels
+# two-stage, 3-stage (2 slabs), 3-stage (4 slabs, Gauss's product at bf16 only)
+@pytest.mark.parametrize("seq_len", [100, 3000, pytest.param(5000, marks=pytest.mark.slow)])
 def test_bfloat16_input(seq_len):
   u, k, w = inputs(11, 2, seq_len, 2, 100, dtype=jnp.bfloat16)
   rng = np.random.default_rng(12)

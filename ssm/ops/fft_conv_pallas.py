@@ -30,7 +30,8 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   in registers (iota, the int32 index masked to [-q/2, q/2), sin/cos on the MUFU unit,
   ~1e-6 absolute), not stored: SMEM holds the
   sequence (128 KiB at q = 16384) + F_64 and the bf16 operand tile (2 x 32 KiB at
-  f32; 2 x 16 KiB at bf16) = 192 KiB of Hopper's 227 KiB. A zero-padded causal input
+  f32; 2 x 16 KiB at bf16; 1.5x that with Gauss's product) = 192 KiB of Hopper's 227 KiB
+  at f32 16384 (176 KiB at most elsewhere). A zero-padded causal input
   loads only the slabs that hold data; only the slabs that reach L are stored.
 * Causal n = 32768 (8192 < L <= 16384) needs no transform larger than 16384: its even
   bins are the 16384-point cyclic convolution, its odd bins the negacyclic one (the
@@ -49,7 +50,10 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   convolution (two-stage kernel on the H100: 5.2e-6 y/du, 8.2e-6 dk; 3-stage kernel in
   the CPU interpreter: 4e-6 .. 7e-6; tests hold 3e-5); bf16 inputs: one bf16 product per
   real product (~4e-3 measured, tests hold 3e-2). Each stage issues its 12 (or 4)
-  wgmmas into three accumulators before one wait.
+  wgmmas into three accumulators before one wait. Where SMEM allows (3-stage kernel:
+  bf16, or f32 up to 2 slabs) Gauss's product takes 3 real products instead of 4
+  (9 or 3 wgmmas a stage; F_64 as re, im, re + im; the operand as a, b, a + b): ~8e-6
+  f32 and ~6e-3 bf16 in the interpreter.
   bf16 (not tf32) because Mosaic GPU's wgmma only transposes 16-bit operands and
   stage 1 contracts the slow (row) axis of the tile.
 * D is folded into the kernel (k[:, 0] += D: no extra pass, dD = dk[:, 0]); the gate
@@ -198,6 +202,49 @@ def _store_split(ops, re, im, ns: int):
     if ns == 2:
       ops[part * ns + 1][...] = (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
   plgpu.commit_smem()
+
+
+def _gauss_mm(f, x, *, ns: int, shape, const_left: bool):
+  """F X with three real products (Gauss) instead of four: f = [c, d, c + d] for F = c + id,
+  x = [a, b, a + b] for X = a + ib (split refs): P1 = c a, P2 = d b, P3 = (c + d)(a + b),
+  re = P1 - P2, im = P3 - P1 - P2. conj(F) X is conj(F conj(X)): the operand is stored
+  conjugated (`_store_gauss`) and the result's imaginary part negated."""
+  def p(fm, xm):
+    return _real_pairs(fm, xm, ns) if const_left else _real_pairs(xm, fm, ns)
+  groups = [p(f[0], x[0]), p(f[1], x[1]), p(f[2], x[2])]
+
+  def body(*accs):
+    for acc, pairs in zip(accs, groups):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  p1, p2, p3 = pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * 3)
+  return p1 - p2, p3 - p1 - p2
+
+
+def _store_gauss(ops, re, im, ns: int, conj: bool):
+  """The operand planes [a, b, a + b] of X (or of conj(X)), each as hi (and lo) bf16."""
+  if conj:
+    im = -im
+  for part, v in enumerate((re, im, re + im)):
+    hi = v.astype(jnp.bfloat16)
+    ops[part * ns][...] = hi
+    if ns == 2:
+      ops[part * ns + 1][...] = (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  plgpu.commit_smem()
+
+
+def _gauss_constants(nsplit: int):
+  """F_64 as [re, im, re + im] split parts: (3 ns, 64, 64) bf16 (`_gauss_mm`)."""
+  f = _constants_np(SLAB, TILE_M, TILE_M)[0]
+  return jnp.concatenate([_split(m, nsplit) for m in (f.real, f.imag, f.real + f.imag)])
+
+
+def _gauss_fits(slabs: int, nsplit: int) -> bool:
+  """Gauss's product needs a third constant and operand plane (+ 16 KiB each at bf16x3):
+  taken where SMEM keeps <= 176 KiB (every bf16 case; f32 up to 2 slabs), not at f32
+  16384 (224 KiB: too close to Hopper's 227)."""
+  return nsplit == 1 or slabs <= 2
 
 
 def _cmul(ar, ai, br, bi, conj_b=False):
@@ -388,7 +435,7 @@ def _approx_kernel(body, **kwargs):
 
 def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
                       out_slabs: int, nsplit: int, interpret: bool, odd: int = 0,
-                      emit: bool = False):
+                      emit: bool = False, gauss: bool = False):
   """The 3-stage filter kernel: y = IFFT_q(FFT_q(x) * S) for q = slabs * 4096 <= 16384,
   every stage in one CTA (module docstring, "three stages"). odd = 1: the odd bins of
   the 2q-point DFT instead, y = th^-t IFFT_q(FFT_q(x th^t) * S), th = exp(-i pi / q)
@@ -400,6 +447,7 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
   zero-padded causal input is never read or stored), output slabs >= out_slabs are not
   computed. emit: also x's spectrum (unnormalised, Monarch order) as (P, T, slabs, 64,
   64) re/im planes (the backward's dk = sum over pairs of DY conj U, with no FFT redone).
+  gauss: three real products per complex one (`_gauss_mm`; f64 is then (3 ns, 64, 64)).
   """
   ns = nsplit
   wg = plgpu.Layout.WGMMA
@@ -417,12 +465,19 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
     tile = lax.axis_index("tile")
     plgpu.copy_gmem_to_smem(f_h, f_s, f_bar.at[0])
     plgpu.barrier_wait(f_bar.at[0])
-    fm = [[f_s.at[part * ns + s] for s in range(ns)] for part in range(2)]
-    ops = [ops_s.at[i] for i in range(2 * ns)]
-    opr, opi = ops[:ns], ops[ns:]
+    n_parts = 3 if gauss else 2
+    fm = [[f_s.at[part * ns + s] for s in range(ns)] for part in range(n_parts)]
+    ops = [ops_s.at[i] for i in range(n_parts * ns)]
+    opx = [ops[part * ns:(part + 1) * ns] for part in range(n_parts)]
 
-    def cmul_mm(xr, xi, *, conj, const_left):
-      return _cmul_mm(fm[0], fm[1], xr, xi, ns=ns, shape=shape, conj=conj,
+    def stage(re, im, *, conj, const_left):
+      """One complex DFT stage F X (conj(F) X) of the f32 tile (re, im)."""
+      if gauss:
+        _store_gauss(ops, re, im, ns, conj)
+        re, im = _gauss_mm(fm, opx, ns=ns, shape=shape, const_left=const_left)
+        return (re, -im) if conj else (re, im)
+      _store_split(ops, re, im, ns)
+      return _cmul_mm(fm[0], fm[1], opx[0], opx[1], ns=ns, shape=shape, conj=conj,
                       const_left=const_left)
 
     # inner (4096-point) twiddle w_4096^(q1 k2) at [k2, q1]; pre-twiddle of slab ka
@@ -433,18 +488,14 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
                                        conj, wg, interpret)
 
     def forward(re, im):
-      _store_split(ops, re, im, ns)
-      re, im = cmul_mm(opr, opi, conj=False, const_left=True)
+      re, im = stage(re, im, conj=False, const_left=True)
       re, im = _cmul(re, im, *inner_tw(False))
-      _store_split(ops, re, im, ns)
-      return cmul_mm(opr, opi, conj=False, const_left=False)
+      return stage(re, im, conj=False, const_left=False)
 
     def inverse(re, im):
-      _store_split(ops, re, im, ns)
-      re, im = cmul_mm(opr, opi, conj=True, const_left=False)
+      re, im = stage(re, im, conj=True, const_left=False)
       re, im = _cmul(re, im, *inner_tw(True))
-      _store_split(ops, re, im, ns)
-      return cmul_mm(opr, opi, conj=True, const_left=True)
+      return stage(re, im, conj=True, const_left=True)
 
     def cross(inverse_step: bool):
       """The slab-index DFT (radix 2 or 4: adds only), in place, in row blocks."""
@@ -514,9 +565,10 @@ def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
 
     lax.fori_loop(0, n_pairs, body, 0)
 
+  n_parts = 3 if gauss else 2
   scratch = [
-      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # F_64 (both matmul stages)
-      _swizzled((2 * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # matmul operand tile
+      _swizzled((n_parts * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # F_64 (both stages)
+      _swizzled((n_parts * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # matmul operand tile
       plgpu.SMEM((slabs, 2, TILE_M, TILE_M), f32),              # the whole sequence
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_barriers=2 * in_slabs),
@@ -777,13 +829,14 @@ def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
   pairs, h, _ = zr.shape
   slabs, in_slabs, p, modes, (xr, xi) = _slab_inputs((zr, zi), n, split)
   out_slabs = -(-length // SLAB) if p == 1 else slabs   # only the slabs that reach `length`
-  f64 = _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
+  gauss = _gauss_fits(slabs, nsplit)
+  f64 = _gauss_constants(nsplit) if gauss else _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
   yr = yi = 0.0
   spectra = []
   for odd in modes:
     call = _make_slab_filter(n_pairs=pairs, n_tiles=xr.shape[1], slabs=slabs,
                              in_slabs=in_slabs, out_slabs=out_slabs, nsplit=nsplit,
-                             interpret=interpret, odd=odd or 0, emit=emit)
+                             interpret=interpret, odd=odd or 0, emit=emit, gauss=gauss)
     y = call(xr, xi, *_slab_spectrum(k, n, conj, odd), f64)
     yr, yi = yr + y[0], yi + y[1]   # split: even + odd halves (each scaled 1/n)
     if emit:
