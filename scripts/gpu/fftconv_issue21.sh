@@ -10,13 +10,15 @@
 #   4. $OUT/fft_conv_auto.json: the committed table with this device's entry measured
 #      (FFT sizes where the kernel beat jnp.fft fwd and fwd+bwd); copy it to ssm/ops/
 #   5. a per-op profile at L = 8192 f32 if time remains
-# $OUT: fftconv_check.log, fftconv_h200.txt (the tables), fftconv_rows.jsonl,
-#       fft_conv_auto.json, fftconv_profile.txt.
+# $OUT: fftconv_check.log (+ .jsonl: each case's status; the sweeps skip the kernel at a
+#       size whose check failed or hung), fftconv_h200.txt (the tables),
+#       fftconv_rows.jsonl, fft_conv_auto.json, fftconv_profile.txt.
 # Phase budgets (seconds) can be overridden: T_CHECK, T_F32, T_BF16, T_PROFILE.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache   # phases share the f32 XLA compiles
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv
