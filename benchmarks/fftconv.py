@@ -3,26 +3,36 @@
     python -m benchmarks.fftconv                  # GPU: checks, sweep, S4D layer, tables
     python -m benchmarks.fftconv --quick          # tiny CPU smoke run (interpreted kernel)
     python -m benchmarks.fftconv --lengths 8192 --dtypes float32
+    python -m benchmarks.fftconv --check-classes  # every kernel size class vs jnp.fft
+    python -m benchmarks.fftconv --layers off --rows-jsonl rows.jsonl   # rows as they land
+    python -m benchmarks.fftconv --make-auto rows.jsonl fft_conv_auto.json
 
 First correctness at benchmark size: relative error ||x - ref|| / ||ref|| of y, du, dk
 for the Pallas path against the XLA path (f32 reference; bf16 inputs are compared with
 the f32 convolution of the same bf16 values); NaN fails loudly. Then, for each L (B * H
-= 8192 channels: B = 8, H = 1024), forward and forward+backward (du, dk from one vjp)
-device times (calls queued back to back, waited for once: time_fn_pipelined), with the
-achieved bandwidth against the bytes that must move:
+= 8192 channels: B = 8, H = 1024; default sweep L = 256 .. 65536, f32 and bf16),
+forward and forward+backward (du, dk from one vjp) device times (calls queued back to
+back, waited for once: time_fn_pipelined), with the achieved bandwidth against the
+bytes that must move:
 
     fwd       read u, write y                  2 B L H itemsize
     fwd+bwd   fwd + read dy, u, write du       5 B L H itemsize   (k, dk are H L: ignored)
 
 torch.fft.rfft/irfft (autograd for the backward) runs where PyTorch with CUDA imports;
-bf16 inputs go through float32 there (torch's FFT has no bf16). Last, S4D layers
-(models.build_mixer("s4d", ...)) forward+backward with impl "xla" vs "pallas": a causal
-B16 L4096 H256 one and the ListOps recipe's bidirectional B50 L2000 H128 N64 one.
-Targets on an H100 at B=8, H=1024, L=8192 f32: fwd <= 1.0 ms, fwd+bwd <= 2.0 ms.
+bf16 inputs go through float32 there (torch's FFT has no bf16). --rows-jsonl appends
+each row as one JSON line when it lands (a timeout loses nothing); --make-auto turns
+such rows into the table that fft_conv(impl="auto") reads (ssm/ops/fft_conv_auto.json:
+the FFT sizes where the kernel beat jnp.fft forward AND forward+backward, per device
+kind and dtype). Last, S4D layers (models.build_mixer("s4d", ...)) forward+backward
+with impl "xla" vs "pallas": a causal B16 L4096 H256 one and the ListOps recipe's
+bidirectional B50 L2000 H128 N64 one.
+Targets on the H200 at B=8, H=1024: every L, fwd and fwd+bwd >= 1.5x faster than
+jnp.fft; L=8192 f32: fwd <= 1.0 ms, fwd+bwd <= 2.0 ms.
 """
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import sys
@@ -82,6 +92,8 @@ def inputs(b, seq_len, h, dtype, seed=0):
 
 
 def bench_jax(b, seq_len, h, dtype, warmup, iters, impls=("pallas", "xla")) -> list[dict]:
+  """Rows for each impl (errors against the f32 XLA path, then times); an impl that fails
+  or returns non-finite values gives a row "<impl> FAILED" and the others still run."""
   u, k, dy = inputs(b, seq_len, h, dtype)
   itemsize = jnp.dtype(dtype).itemsize
   bytes_fwd, bytes_fb = 2 * b * seq_len * h * itemsize, 5 * b * seq_len * h * itemsize
@@ -91,8 +103,14 @@ def bench_jax(b, seq_len, h, dtype, warmup, iters, impls=("pallas", "xla")) -> l
   rows = []
   for impl in impls:
     fwd, fwd_bwd = make_fns(impl)
-    out = fwd_bwd(u, k, dy)
-    errs = [rel(o, r) for o, r in zip(out, ref)]
+    try:
+      out = fwd_bwd(u, k, dy)
+      errs = [rel(o, r) for o, r in zip(out, ref)]
+    except Exception as e:  # noqa: BLE001 -- NaN, compile or launch failure: a row that says so
+      print(f"  L={seq_len} {jnp.dtype(dtype).name} {impl}: FAILED {type(e).__name__}: "
+            f"{str(e)[:300]}", flush=True)
+      rows.append({"L": seq_len, "dtype": jnp.dtype(dtype).name, "impl": f"{impl} FAILED"})
+      continue
     t_f = time_fn_pipelined(fwd, u, k, calls=iters, repeats=3, warmup=warmup)
     t_fb = time_fn_pipelined(fwd_bwd, u, k, dy, calls=iters, repeats=3, warmup=warmup)
     rows.append({"L": seq_len, "dtype": jnp.dtype(dtype).name, "impl": impl,
@@ -172,6 +190,142 @@ def bench_layer(b, seq_len, d_model, warmup, iters, **options) -> list[dict]:
   return rows
 
 
+# One case per kernel size class of the sweep (ssm/ops/fft_conv_pallas.py), small B, H:
+# (dtype, B, L, H, Lk, circular, with D and gate). Causal L = 256 .. 65536 are FFT sizes
+# 512 .. 131072: two-stage tiles (c = 16, 32, 64), 3 stages in one CTA (8192, 16384),
+# the two 16384-point halves (32768) and the XLA outer step (65536, 131072); bf16 on
+# one of each kernel; then circular and the fused skip and gate.
+CHECK_CASES = ([("float32", 2, 256 << i, 16, 256 << i, False, False) for i in range(9)]
+               + [("bfloat16", 2, seq_len, 16, seq_len, False, False)
+                  for seq_len in (1024, 4096, 8192, 16384, 32768)]
+               + [("float32", 3, 1000, 16, 1000, False, True),
+                  ("bfloat16", 2, 3000, 16, 3000, False, True),
+                  ("float32", 2, 4096, 16, 4096, True, False),
+                  ("float32", 2, 16384, 8, 16384, True, True),
+                  ("float32", 2, 32768, 4, 32768, True, False)])
+
+
+def read_status(path) -> dict:
+  """--status lines -> {(fft size, dtype): "ok" or not}: a size is ok when every case of it
+  ended "ok" (a case whose last line is "started" never finished: a hang or a timeout)."""
+  last = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          last[(r["n"], r["dtype"], r["case"])] = r["status"]
+  except FileNotFoundError:
+    pass
+  out = {}
+  for (n, dtype, _), s in last.items():
+    if out.get((n, dtype), "ok") == "ok":
+      out[(n, dtype)] = s
+  return out
+
+
+def skip_pallas(checked: dict, seq_len: int, dtype: str) -> bool:
+  from ssm.ops.fft_conv_pallas import fft_size
+  return checked.get((fft_size(seq_len, False), dtype), "ok") != "ok"
+
+
+def check_classes(dtypes, cases=CHECK_CASES, status_path=None) -> bool:
+  """Every size class of the kernel against jnp.fft (the f32 XLA path of the same rounded
+  inputs): relative errors of y, du, dk (and dD, dgate) printed one line per case. False
+  if any is non-finite or above 1e-4 (f32) / 3e-2 (bf16)."""
+  ok = True
+  wanted = {jnp.dtype(d).name for d in dtypes}
+  for case in cases:
+    if case[0] not in wanted:
+      continue
+    dtype, (b, seq_len, h, k_len, circular, skip) = jnp.dtype(case[0]), case[1:]
+    ku, kk, kd, kg, kD = jax.random.split(jax.random.key(seq_len), 5)
+    u = jax.random.normal(ku, (b, seq_len, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (h, k_len), jnp.float32) / np.sqrt(k_len)
+    dy = jax.random.normal(kd, (b, seq_len, h), jnp.float32).astype(dtype)
+    extra = {}
+    if skip:
+      extra = {"gate": jax.random.normal(kg, u.shape, jnp.float32).astype(dtype),
+               "D": jax.random.normal(kD, (h,), jnp.float32)}
+    names = list(extra)
+
+    def run(impl, u, k, dy, *rest, names=names, circular=circular):
+      f = lambda u, k, *r: fft_conv(u, k, circular=circular, impl=impl,
+                                    **dict(zip(names, r)))
+      y, vjp = jax.vjp(f, u, k, *rest)
+      return (y,) + vjp(dy)
+    tag = (f"B{b} L{seq_len} H{h} Lk{k_len} {jnp.dtype(dtype).name}"
+           f"{' circular' if circular else ''}{' D gate' if skip else ''}")
+    from ssm.ops.fft_conv_pallas import fft_size
+    key = {"n": fft_size(seq_len, circular), "dtype": jnp.dtype(dtype).name, "case": tag}
+
+    def status(s, key=key):
+      if status_path:
+        with open(status_path, "a") as f:
+          f.write(json.dumps({**key, "status": s}) + "\n")
+    status("started")
+    try:
+      got = jax.jit(functools.partial(run, "pallas"))(u, k, dy, *extra.values())
+      f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+      ref = jax.jit(functools.partial(run, "xla"))(
+          f32(u), k, f32(dy), *(f32(x) for x in extra.values()))
+      errs = [rel(g, r) for g, r in zip(got, ref)]
+    except Exception as e:  # noqa: BLE001 -- report every case
+      print(f"  FAIL {tag}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+      status("fail")
+      ok = False
+      continue
+    tol = 3e-2 if jnp.dtype(dtype) == jnp.bfloat16 else 1e-4
+    good = all(e < tol for e in errs)
+    status("ok" if good else "bad")
+    ok &= good
+    names_out = ["y", "du", "dk"] + names
+    print(f"  {'ok  ' if good else 'BAD '} {tag}: " +
+          "  ".join(f"{n} {e:.2e}" for n, e in zip(names_out, errs)), flush=True)
+  return ok
+
+
+def auto_from_rows(rows) -> dict:
+  """Rows (dicts of bench_jax: L, dtype, impl, fwd ms, fwd+bwd ms, device) -> the
+  fft_conv_auto.json table: per device kind and dtype, the causal FFT sizes where the
+  kernel beat jnp.fft both forward and forward+backward (never a slower path)."""
+  from ssm.ops.fft_conv_pallas import fft_size
+  by = {}
+  for r in rows:
+    if r.get("impl") in ("pallas", "xla") and "fwd+bwd ms" in r:
+      by.setdefault((r.get("device", device_name()), r["dtype"], r["L"]), {})[r["impl"]] = r
+  table = {}
+  for (kind, dtype, seq_len), pair in sorted(by.items()):
+    if len(pair) < 2:
+      continue
+    p, x = pair["pallas"], pair["xla"]
+    if p["fwd ms"] < x["fwd ms"] and p["fwd+bwd ms"] < x["fwd+bwd ms"]:
+      table.setdefault(kind, {}).setdefault(dtype, []).append(fft_size(seq_len, False))
+  return table
+
+
+def write_auto(rows_path: str, out_path: str) -> dict:
+  """The committed table (ssm/ops/fft_conv_auto.json) with the measured device kinds'
+  entries replaced by `auto_from_rows` of the rows in rows_path, written to out_path."""
+  from ssm.ops import fft_conv_pallas
+  with open(rows_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  measured = {r["device"] for r in rows if "device" in r}
+  table = auto_from_rows(rows)
+  with open(fft_conv_pallas.AUTO_TABLE) as f:
+    doc = json.load(f)
+  sources = doc.setdefault("_sources", {})
+  for kind in measured:
+    doc[kind] = table.get(kind, {})
+    sources[kind] = (f"benchmarks/fftconv.py --make-auto, {time.strftime('%Y-%m-%d')}, "
+                     f"jax {jax.__version__}, B=8 H=1024 causal: sizes where the kernel beat "
+                     "jnp.fft forward and forward+backward")
+  with open(out_path, "w") as f:
+    json.dump(doc, f, indent=2)
+  print(f"wrote {out_path}: {json.dumps(table)}")
+  return table
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
@@ -182,7 +336,20 @@ def main(argv=None):
                       help="the S4D layer comparison (split a GPU session across calls)")
   parser.add_argument("--check-len", type=int, default=None,
                       help="length of the full-size correctness check (0: skip; default 8192)")
+  parser.add_argument("--check-classes", action="store_true",
+                      help="only: every kernel size class against jnp.fft (small B, H)")
+  parser.add_argument("--rows-jsonl", default=None, help="append each row as a JSON line")
+  parser.add_argument("--make-auto", nargs=2, metavar=("ROWS_JSONL", "OUT_JSON"),
+                      help="only: the fft_conv_auto.json table from measured rows")
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--status", default=None,
+                      help="--check-classes: append each case's status as a JSON line")
+  parser.add_argument("--skip-from", default=None,
+                      help="sweep: skip the kernel at FFT sizes whose --status line says "
+                           "failed, bad or started-but-not-finished (a hang)")
   args = parser.parse_args(argv)
+  if args.make_auto:
+    return write_auto(*args.make_auto)
 
   quick = args.quick
   b, h = (2, 8) if quick else (8, 1024)
@@ -194,13 +361,17 @@ def main(argv=None):
     lengths = {d: [int(x) for x in args.lengths.split(",")] for d in dtypes}
   elif quick:
     lengths = {d: [256] for d in dtypes}
-  else:  # every distinct kernel configuration compiles (20 s - 2 min): a sparse sweep
-    lengths = {jnp.dtype(jnp.float32): [256, 1024, 4096, 8192, 16384, 65536],
-               jnp.dtype(jnp.bfloat16): [1024, 8192]}
-  torch = None if quick else _torch()
+  else:
+    lengths = {d: [256 << i for i in range(9)] for d in dtypes}   # 256 .. 65536
+  torch = None if (quick or args.no_torch) else _torch()
   print(f"jax {jax.__version__} on {device_name()}; B={b}, H={h}; torch "
         f"{'n/a' if torch is None else torch.__version__}", flush=True)
 
+  if args.check_classes:
+    print("every kernel size class against jnp.fft (f32 XLA of the same inputs):", flush=True)
+    ok = check_classes(dtypes, status_path=args.status)
+    print("check-classes:", "all ok" if ok else "FAILURES", flush=True)
+    return ok
   if args.layers == "only":
     lengths, dtypes = {}, []
   # 1. correctness at benchmark size (the headline shape), loud on NaN
@@ -213,14 +384,18 @@ def main(argv=None):
           f"dk {row['err dk']:.2e}", flush=True)
 
   # 2. the sweep
+  checked = read_status(args.skip_from) if args.skip_from else {}
   rows = []
   for dtype in dtypes:
     for seq_len in lengths.get(dtype, []):
+      impls = ("pallas", "xla")
+      if skip_pallas(checked, seq_len, dtype.name):
+        print(f"  L={seq_len} {dtype.name} pallas: skipped (its size class failed or hung in "
+              f"--check-classes)", flush=True)
+        impls = ("xla",)
       try:
-        rows += bench_jax(b, seq_len, h, dtype, warmup, iters)
+        rows += bench_jax(b, seq_len, h, dtype, warmup, iters, impls=impls)
       except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report and go on
-        if isinstance(e, FloatingPointError):
-          raise
         print(f"  L={seq_len} {dtype.name}: failed ({type(e).__name__}: {str(e)[:300]})")
         continue
       if torch is not None:
@@ -230,10 +405,20 @@ def main(argv=None):
           rows.append({"L": seq_len, "dtype": dtype.name, "impl": f"torch.fft failed: {e}"[:60]})
       else:
         rows.append({"L": seq_len, "dtype": dtype.name, "impl": "torch.fft n/a"})
-      for r in rows[-3:]:   # each row as it lands: a timeout loses nothing
-        if r["L"] == seq_len and "fwd ms" in r:
+      landed = [r for r in rows[-3:] if r["L"] == seq_len and r["dtype"] == dtype.name]
+      xla = [r for r in landed if r["impl"] == "xla"]
+      for r in landed:   # each row as it lands: a timeout loses nothing
+        r["device"] = device_name()
+        if args.rows_jsonl:
+          with open(args.rows_jsonl, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        if "fwd ms" in r:
+          speed = ""
+          if xla and r["impl"] != "xla":
+            speed = (f"  (x{xla[0]['fwd ms'] / r['fwd ms']:.2f} / "
+                     f"x{xla[0]['fwd+bwd ms'] / r['fwd+bwd ms']:.2f} vs jnp.fft)")
           print(f"  L={seq_len} {dtype.name} {r['impl']}: fwd {r['fwd ms']:.3f} ms, "
-                f"fwd+bwd {r['fwd+bwd ms']:.3f} ms", flush=True)
+                f"fwd+bwd {r['fwd+bwd ms']:.3f} ms{speed}", flush=True)
 
   # 3. an LRA-size layer before / after
   layer_rows = []
@@ -247,6 +432,7 @@ def main(argv=None):
 
   if rows:
     print()
+    rows.sort(key=lambda r: (r["dtype"] != "float32", r["L"]))
     print_table(rows, COLUMNS, title=f"fft_conv, B={b}, H={h}, {device_name()}")
   if layer_rows:
     print()

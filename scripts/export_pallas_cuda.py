@@ -21,19 +21,29 @@ from ssm.ops import lightning_pallas, linear_scan_pallas, selective_scan_pallas,
 
 def fftconv_cases():
   """(name, fn, arg shapes): forward and forward+backward for each size class and dtype."""
-  for b, l, h, dtype, circular in [(4, 100, 8, jnp.float32, False),     # n 256, stacked tiles
-                                   (2, 200, 8, jnp.float32, False),     # n 512, stacked tiles
-                                   (2, 300, 8, jnp.float32, False),     # n 1024
-                                   (4, 2048, 8, jnp.float32, False),    # n 4096
-                                   (4, 1024, 8, jnp.float32, False),    # n 2048
-                                   (3, 8192, 4, jnp.float32, False),    # order 3, odd pairs
-                                   (4, 2048, 8, jnp.bfloat16, False),
-                                   (4, 4096, 8, jnp.float32, True)]:
-    conv = lambda u, k, c=circular: fcp.fft_conv_pallas(u, k, circular=c, interpret=False)
-    grad = jax.grad(lambda u, k, conv=conv: jnp.sum(conv(u, k).astype(jnp.float32) ** 2),
-                    argnums=(0, 1))
-    shapes = (jax.ShapeDtypeStruct((b, l, h), dtype), jax.ShapeDtypeStruct((h, l), jnp.float32))
-    tag = f"B{b} L{l} H{h} {jnp.dtype(dtype).name}{' circular' if circular else ''}"
+  for b, l, h, dtype, circular, skip in [
+      (4, 100, 8, jnp.float32, False, False),     # n 256, stacked tiles
+      (2, 200, 8, jnp.float32, False, False),     # n 512, stacked tiles
+      (2, 300, 8, jnp.float32, False, False),     # n 1024
+      (4, 1024, 8, jnp.float32, False, False),    # n 2048
+      (4, 2048, 8, jnp.float32, False, True),     # n 4096, D and gate
+      (4, 2048, 8, jnp.bfloat16, False, False),
+      (4, 4096, 8, jnp.float32, True, False),     # circular n 4096
+      (2, 3000, 4, jnp.float32, False, False),    # n 8192: 3 stages, 2 slabs (1 loaded)
+      (2, 8192, 4, jnp.float32, False, True),     # n 16384: 4 slabs (2 loaded), D and gate
+      (2, 8192, 4, jnp.bfloat16, False, False),
+      (2, 16384, 4, jnp.float32, True, False),    # circular n 16384: 4 slabs loaded
+      (3, 10000, 2, jnp.float32, False, False),   # causal n 32768: even + odd halves, odd pairs
+      (2, 32768, 2, jnp.float32, True, False)]:   # circular n 32768: XLA outer 2 + 3 stages
+    def conv(u, k, d, g, c=circular, skip=skip):
+      return fcp.fft_conv_pallas(u, k, D=d if skip else None, gate=g if skip else None,
+                                 circular=c, interpret=False)
+    grad = jax.grad(lambda *a, conv=conv: jnp.sum(conv(*a).astype(jnp.float32) ** 2),
+                    argnums=(0, 1, 2, 3) if skip else (0, 1))
+    shapes = (jax.ShapeDtypeStruct((b, l, h), dtype), jax.ShapeDtypeStruct((h, l), jnp.float32),
+              jax.ShapeDtypeStruct((h,), jnp.float32), jax.ShapeDtypeStruct((b, l, h), dtype))
+    tag = (f"B{b} L{l} H{h} {jnp.dtype(dtype).name}{' circular' if circular else ''}"
+           f"{' D gate' if skip else ''}")
     yield f"fft_conv {tag} fwd", conv, shapes
     yield f"fft_conv {tag} fwd+bwd", grad, shapes
 

@@ -1,5 +1,5 @@
 """The Monarch-FFT Pallas kernel (interpret mode on the CPU) against a direct float64
-convolution: outputs and the gradients for u, k and gate, every size class."""
+convolution: outputs and the gradients for u, k, gate and D, every size class."""
 
 import numpy as np
 import pytest
@@ -11,26 +11,28 @@ from ssm.ops import fft_conv_pallas as fcp
 from _testing import rel
 
 
-def direct(u, k, gate=None, circular=False):
-  """float64 y[b, t, h] = gate * sum_s k[h, s] u[b, t - s, h] (t - s mod L if circular)."""
+def direct(u, k, gate=None, circular=False, D=None):
+  """float64 y[b, t, h] = gate * (sum_s k[h, s] u[b, t - s, h] + D[h] u[b, t, h])
+  (t - s mod L if circular)."""
   u, k = np.asarray(u, np.float64), np.asarray(k, np.float64)
-  _, seq_len, _ = u.shape
   y = np.zeros_like(u)
   for s in range(k.shape[1]):
     shifted = np.roll(u, s, axis=1)
     if not circular:
       shifted[:, :s] = 0
     y += k[:, s][None, None] * shifted
+  if D is not None:
+    y += np.asarray(D, np.float64) * u
   return y if gate is None else y * np.asarray(gate, np.float64)
 
 
-def direct_grads(u, k, w, gate=None, circular=False):
-  """Gradients of sum(w * y) in float64: (du, dk, dgate)."""
+def direct_grads(u, k, w, gate=None, circular=False, D=None):
+  """Gradients of sum(w * y) in float64: (du, dk, dgate, dD)."""
   u, k, w = (np.asarray(a, np.float64) for a in (u, k, w))
-  conv = direct(u, k, circular=circular)
-  dgate = None if gate is None else w * conv
+  pre_gate = direct(u, k, circular=circular, D=D)
+  dgate = None if gate is None else w * pre_gate
   dy = w if gate is None else w * np.asarray(gate, np.float64)
-  du = np.zeros_like(u)
+  du = np.zeros_like(u) if D is None else np.asarray(D, np.float64) * dy
   dk = np.zeros(k.shape)
   for s in range(k.shape[1]):
     # y[t] += k[s] u[t - s]  =>  du[t - s] += k[s] dy[t],  dk[s] += sum dy[t] u[t - s]
@@ -41,15 +43,19 @@ def direct_grads(u, k, w, gate=None, circular=False):
       shifted[:, :s] = 0
     du += k[:, s][None, None] * back
     dk[:, s] = np.sum(dy * shifted, axis=(0, 1))
-  return du, dk, dgate
+  dD = None if D is None else np.sum(dy * u, axis=(0, 1))
+  return du, dk, dgate, dD
 
 
-def run(u, k, w, gate=None, circular=False):
-  """Forward and all gradients of sum(w * y) through fft_conv(impl="pallas")."""
-  args = (u, k) if gate is None else (u, k, gate)
-  f = lambda *a: fft_conv(a[0], a[1], impl="pallas", circular=circular,
-                          gate=a[2] if len(a) > 2 else None)
-  y, vjp = jax.vjp(f, *args)
+def run(u, k, w, gate=None, circular=False, D=None):
+  """Forward and the gradients of sum(w * y) through fft_conv(impl="pallas") for u, k
+  and whichever of gate, D are given (in that order)."""
+  extra = {name: x for name, x in (("gate", gate), ("D", D)) if x is not None}
+  names = list(extra)
+
+  def f(u, k, *rest):
+    return fft_conv(u, k, impl="pallas", circular=circular, **dict(zip(names, rest)))
+  y, vjp = jax.vjp(f, u, k, *extra.values())
   return y, vjp(w.astype(y.dtype))
 
 
@@ -62,60 +68,82 @@ def inputs(seed, b, seq_len, h, k_len, dtype=jnp.float32):
 
 
 def test_plan_covers_every_size_class():
-  # (p outer, q inner, rows, cols, sequences per tile)
+  # (p outer, q in the kernel, rows, cols, sequences per tile)
   assert fcp.plan(256) == (1, 256, 16, 16, 4)
   assert fcp.plan(512) == (1, 512, 32, 16, 2)
   assert fcp.plan(2048) == (1, 2048, 64, 32, 1)
   assert fcp.plan(4096) == (1, 4096, 64, 64, 1)
-  assert fcp.plan(131072) == (32, 4096, 64, 64, 1)
+  assert fcp.plan(8192) == (1, 8192, 64, 64, 1)        # 3 stages: 2 slabs of 64 x 64
+  assert fcp.plan(16384) == (1, 16384, 64, 64, 1)      # 3 stages: 4 slabs
+  assert fcp.plan(131072) == (8, 16384, 64, 64, 1)     # XLA outer factor 8
+  assert fcp.plan(131072, fcp.MAX_CORR_INNER) == (32, 4096, 64, 64, 1)   # 2-stage split
   assert fcp.fft_size(100, False) == 256 and fcp.fft_size(3000, False) == 8192
   with pytest.raises(ValueError, match="power of two"):
     fcp.plan(3000)
 
 
-# Causal: stacked tiles (n = 256, odd batch, channels padded to the 4-per-tile stack),
-# one sequence per tile (n = 2048), and order 3 (n = 8192: outer factor 2).
-@pytest.mark.parametrize("b,seq_len,h,k_len", [(3, 100, 5, 33), (2, 1024, 1, 1000),
-                                               (2, 4096, 1, 300)])
-def test_causal_forward_and_gradients(b, seq_len, h, k_len):
-  u, k, w = inputs(seq_len, b, seq_len, h, k_len)
-  y, (du, dk) = run(u, k, w)
+# Tolerances keyed by input dtype: bf16x3 products (float32 inputs) give ~5e-6 relative;
+# one bf16 product per stage (bfloat16 inputs, bf16 output) ~1e-2.
+TOL = {jnp.dtype(jnp.float32): 3e-5, jnp.dtype(jnp.bfloat16): 3e-2}
+
+
+def check_all(u, k, w, gate=None, circular=False, D=None):
+  y, grads = run(u, k, w, gate=gate, circular=circular, D=D)
   assert y.shape == u.shape and y.dtype == u.dtype
-  du_ref, dk_ref, _ = direct_grads(u, k, w)
-  assert rel(y, direct(u, k)) < 3e-5
-  assert rel(du, du_ref) < 3e-5
-  assert rel(dk, dk_ref) < 3e-5
+  tol = TOL[jnp.dtype(u.dtype)]
+  assert rel(y, direct(u, k, gate, circular, D)) < tol
+  du_ref, dk_ref, dgate_ref, dD_ref = direct_grads(u, k, w, gate, circular, D)
+  refs = [du_ref, dk_ref] + [r for r in (dgate_ref, dD_ref) if r is not None]
+  assert len(grads) == len(refs)
+  for name, g, r in zip(("du", "dk", "dgate", "dD"), grads, refs):
+    assert rel(g, r) < tol, name
 
 
-def test_gated_forward_and_gradients():
-  u, k, w = inputs(7, 2, 200, 3, 50)
-  gate = jnp.asarray(np.random.default_rng(8).standard_normal(u.shape), jnp.float32)
-  y, (du, dk, dgate) = run(u, k, w, gate=gate)
-  du_ref, dk_ref, dgate_ref = direct_grads(u, k, w, gate=gate)
-  assert rel(y, direct(u, k, gate)) < 3e-5
-  assert rel(du, du_ref) < 3e-5
-  assert rel(dk, dk_ref) < 3e-5
-  assert rel(dgate, dgate_ref) < 3e-5
+# Causal, one test per code path: stacked tiles (n = 256, odd batch, channels padded to
+# the 4-per-tile stack), one tile per sequence (n = 2048), and the 3-stage kernel
+# (n = 8192: 2 slabs, the zero-padded half never loaded).
+@pytest.mark.parametrize("b,seq_len,h,k_len", [(3, 100, 5, 33), (2, 1024, 1, 1000),
+                                               (2, 3000, 1, 300)])
+def test_causal_forward_and_gradients(b, seq_len, h, k_len):
+  check_all(*inputs(seq_len, b, seq_len, h, k_len))
+
+
+@pytest.mark.parametrize("seq_len", [200, 3000])   # two-stage and 3-stage kernels
+def test_skip_and_gate_forward_and_gradients(seq_len):
+  u, k, w = inputs(7, 2, seq_len, 3, 50)
+  rng = np.random.default_rng(8)
+  gate = jnp.asarray(rng.standard_normal(u.shape), jnp.float32)
+  D = jnp.asarray(rng.standard_normal(u.shape[2]), jnp.float32)
+  check_all(u, k, w, gate=gate, D=D)
 
 
 def test_circular_forward_and_gradients():
   u, k, w = inputs(9, 2, 512, 2, 40)
-  y, (du, dk) = run(u, k, w, circular=True)
-  du_ref, dk_ref, _ = direct_grads(u, k, w, circular=True)
-  assert rel(y, direct(u, k, circular=True)) < 3e-5
-  assert rel(du, du_ref) < 3e-5
-  assert rel(dk, dk_ref) < 3e-5
+  rng = np.random.default_rng(10)
+  gate = jnp.asarray(rng.standard_normal(u.shape), jnp.float32)
+  D = jnp.asarray(rng.standard_normal(u.shape[2]), jnp.float32)
+  check_all(u, k, w, circular=True)
+  check_all(u, k, w, gate=gate, circular=True, D=D)
 
 
-def test_bfloat16_input():
-  u, k, w = inputs(11, 2, 100, 4, 100, dtype=jnp.bfloat16)
-  y, (du, dk) = run(u, k, w)
-  assert y.dtype == du.dtype == jnp.bfloat16
-  du_ref, dk_ref, _ = direct_grads(u, k, w)
-  # bf16 operands on the matrix units over 4 DFT stages (and a bf16 output)
-  assert rel(y, direct(u, k)) < 3e-2
-  assert rel(du, du_ref) < 3e-2
-  assert rel(dk, dk_ref) < 3e-2
+@pytest.mark.slow
+@pytest.mark.parametrize("seq_len,k_len,circular", [
+    (5000, 5000, False),     # n 16384: 4 slabs, 2 loaded
+    (16384, 700, True),      # n 16384 circular: 4 slabs loaded
+    (10000, 1000, False),    # causal n 32768: two 16384-point halves (even, odd bins)
+    (32768, 300, True),      # circular n 32768: XLA outer factor 2 + the 3-stage kernel
+])
+def test_three_stage_sizes(seq_len, k_len, circular):
+  check_all(*inputs(seq_len, 1, seq_len, 1, k_len), circular=circular)
+
+
+# two-stage, 3-stage (2 slabs), 3-stage (4 slabs, Gauss's product at bf16 only)
+@pytest.mark.parametrize("seq_len", [100, 3000, pytest.param(5000, marks=pytest.mark.slow)])
+def test_bfloat16_input(seq_len):
+  u, k, w = inputs(11, 2, seq_len, 2, 100, dtype=jnp.bfloat16)
+  rng = np.random.default_rng(12)
+  D = jnp.asarray(rng.standard_normal(u.shape[2]), jnp.float32)
+  check_all(u, k, w, D=D)
 
 
 def test_unsupported_shapes():
@@ -123,10 +151,19 @@ def test_unsupported_shapes():
   k = jnp.zeros((2, 4))
   with pytest.raises(ValueError, match="circular"):
     fft_conv(u, k, impl="pallas", circular=True)
-  with pytest.raises(ValueError, match="power of two"):
+  with pytest.raises(ValueError, match="needs FFT size 262144"):
     fft_conv(jnp.zeros((1, 70000, 1)), jnp.zeros((1, 4)), impl="pallas")
+  with pytest.raises(ValueError, match="needs FFT size 262144"):
+    fft_conv(jnp.zeros((1, 262144, 1)), jnp.zeros((1, 4)), impl="pallas", circular=True)
+  # "auto" falls back to XLA where the kernel cannot take the call
+  y = fft_conv(u + 1.0, k + 1.0, impl="auto")
+  np.testing.assert_allclose(y, direct(u + 1.0, k + 1.0), rtol=1e-5)
   with pytest.raises(ValueError, match="gate"):
     fft_conv(u, k, gate=jnp.zeros((1, 300, 3)))
+  with pytest.raises(ValueError, match="D must be"):
+    fft_conv(u, k, D=jnp.zeros((3,)), impl="pallas")
+  with pytest.raises(TypeError, match="D must be"):
+    fft_conv(u, k, D=jnp.zeros((2,), jnp.int32))
   # "auto" off the GPU is the XLA path, circular included
   y = fft_conv(u + 1.0, k + 1.0, impl="auto", circular=True)
   np.testing.assert_allclose(y, direct(u + 1.0, k + 1.0, circular=True), rtol=1e-5)
@@ -150,7 +187,7 @@ def test_bidirectional_mixer_conv_is_one_circular_kernel_call():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("n,m", [(16384, 8192), (16384, 16384), (131072, 65536)])
+@pytest.mark.parametrize("n,m", [(32768, 16384), (32768, 32768), (131072, 65536)])
 def test_outer_step_is_the_first_fft_factor(n, m):
   """The XLA side of order 3 (no kernel): _to_rows' outer DFT and twiddles followed by a
   q-point FFT of each row is the n-point FFT of the zero-padded input, and _from_rows
@@ -173,22 +210,33 @@ def test_outer_step_is_the_first_fft_factor(n, m):
   assert crel(np.asarray(yr) + 1j * np.asarray(yi), (x[0] + 1j * x[1])[..., :length]) < 1e-5
 
 
-@pytest.mark.parametrize("seq_len,circular,kernel", [
-    (300, False, False),     # n 1024: the backward loses to cuFFT there
-    (1000, False, True),     # n 2048
-    (2048, False, True),     # n 4096
-    (4096, True, True),      # circular n 4096
-    (3000, False, False),    # n 8192: order 3, slower than cuFFT
-    (300, True, False),      # circular needs a power of two: unsupported
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("kind,seq_len,circular,dtype,kernel", [
+    (H100, 300, False, jnp.float32, False),     # n 1024: not in the table (slower there)
+    (H100, 1000, False, jnp.float32, True),     # n 2048: measured faster
+    (H100, 2048, False, jnp.float32, True),     # n 4096
+    (H100, 4096, True, jnp.float32, True),      # circular n 4096: the causal kernel
+    ("G", 8192, True, jnp.float32, False),      # circular past 4096 needs its own entry
+    ("G", 4096, False, jnp.float32, True),      # causal n 8192
+    (H100, 3000, False, jnp.float32, False),    # n 8192: not measured faster
+    (H100, 1000, False, jnp.bfloat16, False),   # bf16 never measured on this device
+    (H100, 300, True, jnp.float32, False),      # circular needs a power of two: unsupported
+    ("NVIDIA H999", 1000, False, jnp.float32, False),   # an unmeasured device: XLA
 ])
-def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch, seq_len, circular,
-                                                             kernel):
-  """On a Hopper GPU (simulated) fft_conv(impl="auto") calls the kernel at the FFT sizes of
-  AUTO_FFT_SIZES and the XLA path elsewhere; off Hopper always XLA."""
+def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch, kind, seq_len,
+                                                             circular, dtype, kernel):
+  """On a Hopper GPU (simulated) fft_conv(impl="auto") calls the kernel only at the
+  (device kind, dtype, FFT size) of ssm/ops/fft_conv_auto.json and the XLA path elsewhere;
+  off Hopper always XLA."""
   from ssm.ops import _impl
   calls = []
   monkeypatch.setattr(fcp, "fft_conv_pallas", lambda u, k, **kw: calls.append(kw) or u)
-  u, k = jnp.ones((1, seq_len, 1)), jnp.ones((1, 8))
+  monkeypatch.setattr(fcp, "_device_kind", lambda: kind)
+  table = {**fcp.auto_table(), "G": {"float32": [8192, 16384]}}
+  monkeypatch.setattr(fcp, "auto_table", lambda: table)
+  u, k = jnp.ones((1, seq_len, 1), dtype), jnp.ones((1, 8))
   fft_conv(u, k, impl="auto", circular=circular)
   assert calls == []                                        # the CPU is not Hopper
   monkeypatch.setattr(_impl, "on_gpu", lambda: True)
@@ -197,6 +245,17 @@ def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch, seq_le
   assert len(calls) == int(kernel)
   if kernel:
     assert calls[0]["circular"] == circular
+
+
+def test_auto_table_is_well_formed():
+  """Every entry of the measured table names dtypes and FFT sizes the kernel takes."""
+  table = fcp.auto_table()
+  assert table, "the table lists at least one measured device"
+  for kind, entry in table.items():
+    for dtype, sizes in entry.items():
+      assert jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)), kind
+      for n in sizes:
+        fcp.plan(n)
 
 
 def test_lti_conv_auto_keeps_the_bank_on_hopper(monkeypatch):
@@ -214,3 +273,35 @@ def test_lti_conv_auto_keeps_the_bank_on_hopper(monkeypatch):
   assert calls == [] and y.shape == (1, 2000, 1, 2)
   lti_mixer.lti_conv(x, kern, bidirectional=True, impl="pallas")
   assert len(calls) == 1 and calls[0]["circular"]
+
+
+def test_benchmark_auto_table_takes_only_sizes_faster_both_ways():
+  """benchmarks/fftconv.py --make-auto: a size enters the table only where the kernel beat
+  jnp.fft forward and forward+backward on that device."""
+  from benchmarks.fftconv import auto_from_rows
+  row = lambda seq_len, impl, f, fb, dtype="float32": {
+      "L": seq_len, "dtype": dtype, "impl": impl, "fwd ms": f, "fwd+bwd ms": fb, "device": "G"}
+  rows = [row(1024, "pallas", 1.0, 2.0), row(1024, "xla", 1.5, 3.0),     # faster: n 2048
+          row(2048, "pallas", 1.0, 4.0), row(2048, "xla", 1.5, 3.0),     # bwd slower
+          row(4096, "pallas", 1.0, 2.0), row(4096, "torch.fft", 9.0, 9.0),   # no xla row
+          row(1024, "pallas", 2.0, 2.0, "bfloat16"), row(1024, "xla", 1.0, 3.0, "bfloat16")]
+  assert auto_from_rows(rows) == {"G": {"float32": [2048]}}
+
+
+def test_benchmark_skips_the_kernel_where_the_check_failed_or_hung(tmp_path):
+  """benchmarks/fftconv.py --skip-from: the sweep leaves out the kernel at an FFT size
+  whose --check-classes case failed, was bad, or started and never ended."""
+  import json
+  from benchmarks.fftconv import read_status, skip_pallas
+  path = tmp_path / "status.jsonl"
+  lines = [(2048, "a", "started"), (2048, "a", "ok"), (8192, "b", "started"),
+           (16384, "c", "started"), (16384, "c", "bad"), (16384, "d", "started"),
+           (16384, "d", "ok")]
+  path.write_text("".join(json.dumps({"n": n, "dtype": "float32", "case": c, "status": s}) + "\n"
+                          for n, c, s in lines))
+  status = read_status(str(path))
+  assert not skip_pallas(status, 1024, "float32")          # n 2048 ok
+  assert skip_pallas(status, 4096, "float32")              # n 8192 hung
+  assert skip_pallas(status, 8192, "float32")              # n 16384: one case bad
+  assert not skip_pallas(status, 256, "float32")           # never checked: run it
+  assert not skip_pallas(status, 1024, "bfloat16")

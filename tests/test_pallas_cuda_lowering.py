@@ -13,9 +13,13 @@ from jax import export
 from scripts import export_pallas_cuda
 
 
-# forward+backward of every size class (tile widths c = 16, 32, 64; order 3; bf16;
-# circular).
-CASES = [c for c in export_pallas_cuda.fftconv_cases() if c[0].endswith("fwd+bwd")]
+# forward+backward of every size class (tile widths c = 16, 32, 64; 3 stages in one CTA,
+# the causal halves, the XLA outer step; bf16; circular; D and gate), and the forward
+# alone where it is a different kernel (the 3-stage forward emits u's spectra only
+# under differentiation).
+_THREE_STAGE = ("L3000 ", "L8192 ", "L16384 ", "L10000 ", "L32768 ")
+CASES = [c for c in export_pallas_cuda.fftconv_cases() if c[0].endswith("fwd+bwd")
+         or any(t in c[0] for t in _THREE_STAGE)]
 CASES += [c for c in export_pallas_cuda.scan_cases() if c[0].endswith("fwd+bwd")]
 
 

@@ -1,13 +1,14 @@
 """Long causal convolution by FFT: the inner loop of S4, S4D, LSSL and SGConv.
 
-    y[b, t, h] = sum_{s <= t} k[h, s] * u[b, t - s, h]
+    y[b, t, h] = (sum_{s <= t} k[h, s] * u[b, t - s, h] + D[h] u[b, t, h]) * gate[b, t, h]
 
-The XLA path zero-pads to an FFT size n >= L + Lk - 1 (so the circular
-convolution has no wrap-around into the first L outputs), multiplies spectra and
-keeps the first L outputs. Computed in float32 whatever the input dtype; the
-output has u's dtype. The Pallas path (impl="pallas") is the Monarch-FFT kernel in
-ssm/ops/fft_conv_pallas.py; "auto" takes it on a Hopper GPU at the FFT sizes where it
-measured faster than cuFFT (`fft_conv_pallas.AUTO_FFT_SIZES`), else XLA.
+(D and gate optional; circular: t - s mod L.) The XLA path zero-pads to an FFT size
+n >= L + Lk - 1 (so the circular convolution has no wrap-around into the first L
+outputs), multiplies spectra and keeps the first L outputs. Computed in float32
+whatever the input dtype; the output has u's dtype. The Pallas path (impl="pallas") is
+the Monarch-FFT kernel in ssm/ops/fft_conv_pallas.py; "auto" takes it on a Hopper GPU
+only at the (device kind, dtype, FFT size) where it measured faster than jnp.fft
+(ssm/ops/fft_conv_auto.json), else XLA.
 """
 
 import jax
@@ -95,38 +96,48 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
   return jnp.fft.irfft(u_f[:, :, None, :] * k_f[None], n=n, axis=1)[:, :seq_len]
 
 
-def fft_conv(u: jax.Array, k: jax.Array, *, impl: str = "auto", gate: jax.Array | None = None,
-             circular: bool = False) -> jax.Array:
-  """Causal (or circular) convolution of each channel of u with its kernel.
+def fft_conv(u: jax.Array, k: jax.Array, *, D: jax.Array | None = None,
+             gate: jax.Array | None = None, circular: bool = False,
+             impl: str = "auto") -> jax.Array:
+  """Causal (or circular) convolution of each channel of u with its kernel, plus an
+  optional skip D u, times an optional gate.
 
   Args:
     u: (batch, length, channels) input, real floating point (float32 or bfloat16);
       integer, bool and complex inputs are refused (TypeError).
     k: (channels, kernel_length) real kernels, kernel_length <= length.
-    impl: "auto" (the Pallas kernel on a Hopper GPU at the FFT sizes where it measured
-      faster than cuFFT, `fft_conv_pallas.AUTO_FFT_SIZES`; else XLA), "xla" or "pallas"
-      (ssm/ops/fft_conv_pallas.py; ValueError for shapes it cannot take).
-    gate: optional (batch, length, channels); returns conv(u, k) * gate (on the Pallas
-      path XLA fuses the product into the transpose that unpacks the kernel's output).
+    D: optional (channels,) skip: y = conv(u, k) + D * u (the kernel folds it into
+      k[:, 0]).
+    gate: optional (batch, length, channels); returns (conv(u, k) + D u) * gate.
     circular: indices mod length (no zero padding): y[t] = sum_s k[s] u[(t - s) mod L].
       The Pallas kernel needs a power-of-two length >= 256 for it.
+    impl: "auto" (the Pallas kernel on a Hopper GPU where ssm/ops/fft_conv_auto.json
+      says it measured faster on this device kind, dtype and FFT size; else XLA), "xla"
+      or "pallas" (ssm/ops/fft_conv_pallas.py; ValueError for shapes it cannot take).
 
   Returns:
     (batch, length, channels), dtype of u.
   """
   check_fft_conv_args(u, k)
-  check_float("fft_conv", gate=gate)
+  check_float("fft_conv", gate=gate, D=D)
   if gate is not None and gate.shape != u.shape:
     raise ValueError(f"fft_conv: gate must have u's shape {u.shape}, got {gate.shape}")
+  if D is not None and D.shape != (u.shape[2],):
+    raise ValueError(f"fft_conv: D must be (channels,) = ({u.shape[2]},), got {D.shape}")
 
   from ssm.ops import fft_conv_pallas  # deferred: the kernel module loads only when called
   path = choose_impl(impl, op="fft_conv",
                      check=lambda: fft_conv_pallas.check_supported(u.shape, k.shape, circular),
-                     prefer=lambda: fft_conv_pallas.check_preferred(u.shape, circular))
+                     prefer=lambda: fft_conv_pallas.check_preferred(u.shape, circular, u.dtype))
   if path == "pallas":
     return fft_conv_pallas.fft_conv_pallas(
-        u, k, gate=gate, circular=circular, interpret=interpret_mode())
+        u, k, D=D, gate=gate, circular=circular, interpret=interpret_mode())
   y = fft_conv_xla(u, k, circular=circular)
+  if D is None and gate is None:
+    return y
+  y = y.astype(jnp.float32)
+  if D is not None:
+    y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
   if gate is not None:
-    y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)
-  return y
+    y = y * gate.astype(jnp.float32)
+  return y.astype(u.dtype)

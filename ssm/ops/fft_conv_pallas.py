@@ -1,6 +1,7 @@
 """FFT convolution as a Monarch (FlashFFTConv-style) Pallas Mosaic GPU kernel.
 
-    y[b, t, h] = sum_s k[h, s] u[b, t - s, h]      causal (zero-padded) or circular
+    y[b, t, h] = (sum_s k[h, s] u[b, t - s, h] + D[h] u[b, t, h]) * gate[b, t, h]
+                 causal (zero-padded) or circular; D, gate optional
 
 Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L):
 
@@ -8,9 +9,9 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   kernel, so they ride as the real and imaginary parts of ONE complex sequence
   z = u[b] + i u[b + B/2] (a real-kernel convolution is linear over re/im). One
   complex n-point FFT serves two real sequences; an odd batch gets a zero row.
-* Inner transform (in the kernel), size q = n (n <= 4096) or 4096: a sequence of q
-  points is a (r, c) row-major tile, x[q1 + c * q2] at [q2, q1], r = q // c rows,
-  c = max(16, q // 64) columns. Cooley-Tukey with the slow index first:
+* Two-stage kernel, q = n <= 4096: a sequence of q points is a (r, c) row-major tile,
+  x[q1 + c * q2] at [q2, q1], r = q // c rows, c = max(16, q // 64) columns.
+  Cooley-Tukey with the slow index first:
       stage 1  F_r @ X           DFT over rows  (wgmma, M = 64, K = 64, N = c)
       twiddle  * w_q^(q1 k2)     elementwise, registers
       stage 2  . @ F_c           DFT over columns (wgmma, M = 64, K = N = c)
@@ -18,32 +19,69 @@ Plan (FFT size n, a power of two; causal: n = 2 * next_pow2(L), circular: n = L)
   the kernel's spectrum is precomputed in that order, so the pointwise product and the
   inverse (conj stages in reverse) never permute. Sequences with r < 64 (q = 256,
   512) are stacked G = 64 // r to a 64-row tile with a block-diagonal F_r.
-* Outer factor (order 3, n > 4096): n = p * 4096 with p = n / 4096 <= 32; the p-point
-  DFT over the slow index and its twiddle w_n^(j kp) run in XLA as unrolled real-plane
+* Three-stage kernel, q = A * 4096 with A = 2 or 4 slabs (q = 8192, 16384), every stage
+  in one CTA: the whole sequence sits in SMEM as A (64, 64) f32 slabs (re, im: A x
+  32 KiB), t = t_in + 4096 ta. Stage 0 is the A-point DFT over the slab index (radix 2
+  or 4: adds only, CUDA cores, in place in row blocks), then slab ka is multiplied by
+  w_q^(t_in ka) and goes through the two wgmma stages above (r = c = 64, one F_64 for
+  both); the spectrum is K[ka + A k_in] at slab ka, [k2, k1]. Each spectrum slab
+  streams from global memory (TMA) into the SMEM slab just read while the forward
+  stages run; inverse stages in reverse, then the slab DFT back. Twiddles are computed
+  in registers (iota, the int32 index masked to [-q/2, q/2), sin/cos on the MUFU unit,
+  ~1e-6 absolute), not stored: SMEM holds the
+  sequence (128 KiB at q = 16384) + F_64 and the bf16 operand tile (2 x 32 KiB at
+  f32; 2 x 16 KiB at bf16; 1.5x that with Gauss's product) = 192 KiB of Hopper's 227 KiB
+  at f32 16384 (176 KiB at most elsewhere). A zero-padded causal input
+  loads only the slabs that hold data; only the slabs that reach L are stored.
+* Causal n = 32768 (8192 < L <= 16384) needs no transform larger than 16384: its even
+  bins are the 16384-point cyclic convolution, its odd bins the negacyclic one (the
+  input twisted by th^t, th = exp(-i pi / 16384)), and the two halves' outputs add up
+  to the causal result (each spectrum scaled 1/n). The twist costs nothing: it is the
+  odd-bin version of the slab-DFT roots w_2A^(ta (2 ka + 1)) and of the pre-twiddle
+  w_2q^(t (2 ka + 1)). Two 3-stage calls, no XLA outer step (du and dk likewise).
+* Past that (n = 32768 circular .. 131072) the split is a few kernels: the outer p-point DFT
+  (p = n / 16384 <= 8) and its twiddle w_n^(j kp) run in XLA as unrolled real-plane
   arithmetic that fuses with the layout transpose (one HBM round trip; it reads only
-  the outer rows that hold data, half of them for a zero-padded causal input), each of
-  the p rows then goes through the fused inner kernel, and XLA undoes the outer step for
-  the output rows that are kept. (FlashFFTConv does the same split for sequences that
-  do not fit on chip.) Data between XLA and the kernel stays as float32 re/im planes.
+  the outer rows that hold data), each of the p rows goes through the 3-stage kernel,
+  and XLA undoes the outer step for the output rows that are kept.
 * Complex products as 4 real products ((A+iB)(X+iY)); every real product on the
   matrix units in bf16 with f32 accumulation. f32 inputs: bf16x3 (A_hi B_hi + A_hi B_lo
-  + A_lo B_hi, about 1e-5 relative error); bf16 inputs: one bf16 product (about 1e-2).
+  + A_lo B_hi): ~5e-6 relative error (||err|| / ||ref||) of y, du, dk against a float64
+  convolution (two-stage kernel on the H100: 5.2e-6 y/du, 8.2e-6 dk; 3-stage kernel in
+  the CPU interpreter: 4e-6 .. 7e-6; tests hold 3e-5); bf16 inputs: one bf16 product per
+  real product (~4e-3 measured, tests hold 3e-2). Each stage issues its 12 (or 4)
+  wgmmas into three accumulators before one wait. Where SMEM allows (3-stage kernel:
+  bf16, or f32 up to 2 slabs) Gauss's product takes 3 real products instead of 4
+  (9 or 3 wgmmas a stage; F_64 as re, im, re + im; the operand as a, b, a + b): ~8e-6
+  f32 and ~6e-3 bf16 in the interpreter.
   bf16 (not tf32) because Mosaic GPU's wgmma only transposes 16-bit operands and
   stage 1 contracts the slow (row) axis of the tile.
-* SMEM per CTA at c = 64: DFT matrices 2 x (re, im) x (hi, lo) x 8 KiB = 64 KiB, twiddle
-  and spectrum tiles (f32 re/im) 2 x 32 KiB, matmul operand tile (bf16 re/im hi/lo)
-  32 KiB, I/O staging (f32 re/im) 32 KiB: 192 KiB (correlate mode: no spectrum, two
-  inputs, same total).
+* D is folded into the kernel (k[:, 0] += D: no extra pass, dD = dk[:, 0]); the gate
+  multiplies in the XLA fusion that unpacks the kernel's output (the unpack transpose).
+* SMEM per CTA of the two-stage kernel at c = 64: DFT matrices 2 x (re, im) x (hi, lo)
+  x 8 KiB = 64 KiB, twiddle and spectrum tiles (f32 re/im) 2 x 32 KiB, matmul operand
+  tile (bf16 re/im hi/lo) 32 KiB, I/O staging (f32 re/im) 32 KiB: 192 KiB (correlate
+  mode: no spectrum, two inputs, same total).
 
-Kernels ("filter" and "correlate"), grid over tiles of sequences, loop over batch pairs:
-  filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S)
-  correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u
-The spectrum tile is loaded once per CTA and reused for every batch pair.
+Kernels, grid over tiles of sequences (channels), loop over batch pairs:
+  filter     y_p = IFFT(FFT(x_p) * S)          forward (S = spectrum of k) and du (conj S):
+             two-stage kernel for n <= 4096, 3-stage kernel past it (two calls for the
+             causal n = 32768 halves; the XLA outer step past that)
+  correlate  c = IFFT(sum_p FFT(a_p) conj FFT(b_p))   dk = Re c[:Lk], a = dy, b = u:
+             two-stage kernel for n <= 4096 (the inverse in the kernel). Past it no
+             FFT is redone: the 3-stage filter emits the spectra it computes anyway
+             (U_p in the forward, as residuals; DY_p in the du call), and XLA sums
+             DY_p conj U_p over the pairs (one streaming pass) and inverts the small
+             (H, n) result with jnp.fft. Residual memory: u's spectra, 2x u in f32.
+The spectrum tile is loaded once per CTA and reused for every batch pair (two-stage),
+or streamed per slab (3-stage).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,21 +92,27 @@ from ssm.ops import _pallas
 from ssm.ops._pallas import pl, plgpu
 
 TILE_M = 64          # rows of a tile: the wgmma M (one warpgroup)
-MAX_INNER = 4096     # largest transform done wholly in the kernel (64 x 64)
+SLAB = 4096          # one (64, 64) tile: the largest two-stage (wgmma-only) transform
+MAX_INNER = 16384    # largest transform done wholly in one CTA (3 stages: 4 slabs of 4096)
+MAX_CORR_INNER = 4096  # the two-stage correlation kernel's largest transform
 MIN_FFT, MAX_FFT = 256, 131072
 
 
 # ----------------------------------------------------------------------------
 # Static plan and constant matrices (NumPy, float64, then split to bf16).
 # ----------------------------------------------------------------------------
-def plan(n: int) -> tuple[int, int, int, int, int]:
-  """FFT size n -> (p outer, q inner, r rows per sequence, c columns, G sequences per tile)."""
+def plan(n: int, max_inner: int = MAX_INNER) -> tuple[int, int, int, int, int]:
+  """FFT size n -> (p outer, q inner, r rows per slab, c columns, G sequences per tile).
+
+  q <= 4096: one (64, c) tile per sequence (r rows, G sequences stacked per tile);
+  q > 4096: q / 4096 slabs of (64, 64) per sequence (r = c = 64, G = 1)."""
   if n & (n - 1) or not MIN_FFT <= n <= MAX_FFT:
     raise ValueError(f"fft_conv pallas: FFT size {n} must be a power of two in "
                      f"[{MIN_FFT}, {MAX_FFT}]")
-  q = min(n, MAX_INNER)
-  c = max(16, q // TILE_M)
-  r = q // c
+  q = min(n, max_inner)
+  s = min(q, SLAB)
+  c = max(16, s // TILE_M)
+  r = s // c
   return n // q, q, r, c, TILE_M // r
 
 
@@ -118,9 +162,101 @@ def _swizzled(shape, dtype, swizzle: int):
 # ----------------------------------------------------------------------------
 # The kernel body.
 # ----------------------------------------------------------------------------
+def _real_pairs(a, b, ns: int):
+  """a, b: lists of split refs [hi, lo]; bf16x3 (or bf16x1) pairs of one real product.
+  (lo * lo, ~2^-16 relative, is below the f32 accumulation's own error budget.)"""
+  if ns == 1:
+    return [(a[0], b[0])]
+  return [(a[0], b[0]), (a[0], b[1]), (a[1], b[0])]
+
+
+def _cmul_mm(fr, fi, xr, xi, *, ns: int, shape, conj: bool, const_left: bool):
+  """Complex product of a constant DFT matrix F and the data tile X (split refs).
+
+  const_left: F @ X, else X @ F. conj: use conj(F). Returns (re, im) f32 values. Three
+  real products per complex one would need (Fr + Fi) split too; four keep the operands
+  the DFT matrices already are. The three accumulators' wgmmas are all issued before the
+  first is read (one wait per stage, the matrix unit's pipeline kept full)."""
+  def p(f, x):
+    return _real_pairs(f, x, ns) if const_left else _real_pairs(x, f, ns)
+  if not conj:   # (Fr + iFi)(Xr + iXi)
+    groups = [p(fr, xr), p(fi, xi), p(fr, xi) + p(fi, xr)]
+    combine = lambda a, b, c: (a - b, c)
+  else:          # (Fr - iFi)(Xr + iXi)
+    groups = [p(fr, xr) + p(fi, xi), p(fr, xi), p(fi, xr)]
+    combine = lambda a, b, c: (a, b - c)
+
+  def body(*accs):
+    for acc, pairs in zip(accs, groups):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  return combine(*pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * 3))
+
+
+def _store_split(ops, re, im, ns: int):
+  """Write f32 (re, im) values to the bf16 operand tile as hi (and lo) parts."""
+  for part, v in enumerate((re, im)):
+    hi = v.astype(jnp.bfloat16)
+    ops[part * ns][...] = hi
+    if ns == 2:
+      ops[part * ns + 1][...] = (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  plgpu.commit_smem()
+
+
+def _gauss_mm(f, x, *, ns: int, shape, const_left: bool):
+  """F X with three real products (Gauss) instead of four: f = [c, d, c + d] for F = c + id,
+  x = [a, b, a + b] for X = a + ib (split refs): P1 = c a, P2 = d b, P3 = (c + d)(a + b),
+  re = P1 - P2, im = P3 - P1 - P2. conj(F) X is conj(F conj(X)): the operand is stored
+  conjugated (`_store_gauss`) and the result's imaginary part negated."""
+  def p(fm, xm):
+    return _real_pairs(fm, xm, ns) if const_left else _real_pairs(xm, fm, ns)
+  groups = [p(f[0], x[0]), p(f[1], x[1]), p(f[2], x[2])]
+
+  def body(*accs):
+    for acc, pairs in zip(accs, groups):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  p1, p2, p3 = pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * 3)
+  return p1 - p2, p3 - p1 - p2
+
+
+def _store_gauss(ops, re, im, ns: int, conj: bool):
+  """The operand planes [a, b, a + b] of X (or of conj(X)), each as hi (and lo) bf16."""
+  if conj:
+    im = -im
+  for part, v in enumerate((re, im, re + im)):
+    hi = v.astype(jnp.bfloat16)
+    ops[part * ns][...] = hi
+    if ns == 2:
+      ops[part * ns + 1][...] = (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  plgpu.commit_smem()
+
+
+def _gauss_constants(nsplit: int):
+  """F_64 as [re, im, re + im] split parts: (3 ns, 64, 64) bf16 (`_gauss_mm`)."""
+  f = _constants_np(SLAB, TILE_M, TILE_M)[0]
+  return jnp.concatenate([_split(m, nsplit) for m in (f.real, f.imag, f.real + f.imag)])
+
+
+def _gauss_fits(slabs: int, nsplit: int) -> bool:
+  """Gauss's product needs a third constant and operand plane (+ 16 KiB each at bf16x3):
+  taken where SMEM keeps <= 176 KiB (every bf16 case; f32 up to 2 slabs), not at f32
+  16384 (224 KiB: too close to Hopper's 227)."""
+  return nsplit == 1 or slabs <= 2
+
+
+def _cmul(ar, ai, br, bi, conj_b=False):
+  if conj_b:
+    return ar * br + ai * bi, ai * br - ar * bi
+  return ar * br - ai * bi, ar * bi + ai * br
+
+
 def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: int,
                  nsplit: int, interpret: bool):
-  """Build the plgpu kernel; mode "filter" or "correlate".
+  """Build the two-stage (one tile per sequence, q <= 4096) kernel; mode "filter" or
+  "correlate".
 
   filter:    (x_re, x_im (P, T, 64, c), s_re, s_im (T, 64, c), left, right, tw)
              -> y_re, y_im (P, T, 64, c)
@@ -133,49 +269,13 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
   f32 = jnp.float32
   n_io = 2 if mode == "filter" else 4
   inv_q = 1.0 / q
-
-  def mm(pairs):
-    """Sum of real matrix products a @ b over (a_ref, b_ref) pairs, f32 accumulation."""
-    def body(acc_ref):
-      for a, b in pairs:
-        plgpu.wgmma(acc_ref, a, b)
-      return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, f32))
-
-  def real_pairs(a, b):
-    """a, b: lists of split refs [hi, lo]; bf16x3 (or bf16x1) pairs of one real product."""
-    if ns == 1:
-      return [(a[0], b[0])]
-    return [(a[0], b[0]), (a[0], b[1]), (a[1], b[0])]
+  cmul = _cmul
 
   def cmul_mm(fr, fi, xr, xi, *, conj: bool, const_left: bool):
-    """Complex product of a constant DFT matrix F and the data tile X (split refs).
-
-    const_left: F @ X, else X @ F. conj: use conj(F). Returns (re, im) f32 values.
-    """
-    def p(f, x):
-      return real_pairs(f, x) if const_left else real_pairs(x, f)
-    if not conj:   # (Fr + iFi)(Xr + iXi)
-      re = mm(p(fr, xr)) - mm(p(fi, xi))
-      im = mm(p(fr, xi) + p(fi, xr))
-    else:          # (Fr - iFi)(Xr + iXi)
-      re = mm(p(fr, xr) + p(fi, xi))
-      im = mm(p(fr, xi)) - mm(p(fi, xr))
-    return re, im
+    return _cmul_mm(fr, fi, xr, xi, ns=ns, shape=shape, conj=conj, const_left=const_left)
 
   def store_split(ops, re, im):
-    """Write f32 (re, im) values to the bf16 operand tile as hi (and lo) parts."""
-    for part, v in enumerate((re, im)):
-      hi = v.astype(jnp.bfloat16)
-      ops[part * ns][...] = hi
-      if ns == 2:
-        ops[part * ns + 1][...] = (v - hi.astype(f32)).astype(jnp.bfloat16)
-    plgpu.commit_smem()
-
-  def cmul(ar, ai, br, bi, conj_b=False):
-    if conj_b:
-      return ar * br + ai * bi, ai * br - ar * bi
-    return ar * br - ai * bi, ar * bi + ai * br
+    _store_split(ops, re, im, ns)
 
   def kernel(*refs):
     if mode == "filter":
@@ -288,6 +388,202 @@ def _make_kernel(mode: str, *, n_pairs: int, n_tiles: int, q: int, r: int, c: in
       scratch_types=scratch, interpret=interpret)
 
 
+def _root(a: int, j: int, conj: bool) -> tuple[float, float]:
+  """w_a^j = exp(-2 pi i j / a) (conjugated on request), quarter turns exact."""
+  w = np.exp((2j if conj else -2j) * np.pi * (j % a) / a)
+  snap = lambda v: float(np.round(v)) if abs(v - np.round(v)) < 1e-12 else float(v)
+  return snap(w.real), snap(w.imag)
+
+
+def _cscale(xr, xi, cr: float, ci: float):
+  """(xr + i xi) * (cr + i ci) for a constant: exact 0 and +-1 parts cost nothing (the
+  radix-2 and radix-4 butterflies of the cross-slab stage are adds only)."""
+  def term(x, c):
+    if c == 0:
+      return None
+    return x if c == 1 else (-x if c == -1 else c * x)
+
+  def add(a, b):
+    return b if a is None else (a if b is None else a + b)
+  return add(term(xr, cr), term(xi, -ci)), add(term(xi, cr), term(xr, ci))
+
+
+def _twiddle(index, size: int, conj: bool, layout, interpret: bool):
+  """exp(-+2 pi i index(row, col) / size) on a (64, 64) tile, computed in registers (no
+  SMEM table: the 3-stage kernel's SMEM holds the sequence). The index (>= 0) is reduced
+  to [-size/2, size/2) in int32 first (size is a power of two: masks, no division), so
+  the f32 angle is in [-pi, pi), where the kernels' approximate sin/cos (approx_math:
+  the MUFU unit, ~1e-6 absolute) stay well inside the bf16x3 products' ~5e-6."""
+  iota = lambda d: _pallas.cast(lax.broadcasted_iota(jnp.int32, (TILE_M, TILE_M), d),
+                                layout, interpret)
+  half = size // 2
+  idx = ((index(iota(0), iota(1)) + half) & (size - 1)) - half
+  ang = idx.astype(jnp.float32) * np.float32(2 * np.pi / size)
+  s = jnp.sin(ang)
+  return jnp.cos(ang), (s if conj else -s)
+
+
+def _approx_kernel(body, **kwargs):
+  """_pallas.kernel with approx_math (the 3-stage kernels' twiddle sin/cos on the MUFU
+  unit); exact math where this JAX's Mosaic GPU has no such option."""
+  try:
+    params = plgpu.CompilerParams(approx_math=True)
+  except (TypeError, AttributeError):  # pragma: no cover - depends on the JAX version
+    return _pallas.kernel(body, **kwargs)
+  return _pallas.kernel(body, compiler_params=params, **kwargs)
+
+
+def _make_slab_filter(*, n_pairs: int, n_tiles: int, slabs: int, in_slabs: int,
+                      out_slabs: int, nsplit: int, interpret: bool, odd: int = 0,
+                      emit: bool = False, gauss: bool = False):
+  """The 3-stage filter kernel: y = IFFT_q(FFT_q(x) * S) for q = slabs * 4096 <= 16384,
+  every stage in one CTA (module docstring, "three stages"). odd = 1: the odd bins of
+  the 2q-point DFT instead, y = th^-t IFFT_q(FFT_q(x th^t) * S), th = exp(-i pi / q)
+  (the negacyclic half of a causal 2q-point convolution; the twist rides in the
+  slab-DFT roots and the pre-twiddle, so it costs nothing).
+
+  (x_re, x_im (P, T, in_slabs, 64, 64), s_re, s_im (T, slabs, 64, 64), f64 (2 ns, 64, 64))
+  -> y_re, y_im (P, T, out_slabs, 64, 64). Input slabs >= in_slabs are zero (a
+  zero-padded causal input is never read or stored), output slabs >= out_slabs are not
+  computed. emit: also x's spectrum (unnormalised, Monarch order) as (P, T, slabs, 64,
+  64) re/im planes (the backward's dk = sum over pairs of DY conj U, with no FFT redone).
+  gauss: three real products per complex one (`_gauss_mm`; f64 is then (3 ns, 64, 64)).
+  """
+  ns = nsplit
+  wg = plgpu.Layout.WGMMA
+  shape = (TILE_M, TILE_M)
+  f32 = jnp.float32
+  q = slabs * SLAB
+  chunk = 16    # rows per register block of the cross-slab stage (2 slabs x 8 regs each)
+
+  def kernel(*refs):
+    x_re, x_im, s_re, s_im, f_h, y_re, y_im = refs[:7]
+    refs = refs[7:]
+    if emit:
+      (e_re, e_im), refs = refs[:2], refs[2:]
+    f_s, ops_s, data_s, f_bar, in_bar, spec_bar = refs
+    tile = lax.axis_index("tile")
+    plgpu.copy_gmem_to_smem(f_h, f_s, f_bar.at[0])
+    plgpu.barrier_wait(f_bar.at[0])
+    n_parts = 3 if gauss else 2
+    fm = [[f_s.at[part * ns + s] for s in range(ns)] for part in range(n_parts)]
+    ops = [ops_s.at[i] for i in range(n_parts * ns)]
+    opx = [ops[part * ns:(part + 1) * ns] for part in range(n_parts)]
+
+    def stage(re, im, *, conj, const_left):
+      """One complex DFT stage F X (conj(F) X) of the f32 tile (re, im)."""
+      if gauss:
+        _store_gauss(ops, re, im, ns, conj)
+        re, im = _gauss_mm(fm, opx, ns=ns, shape=shape, const_left=const_left)
+        return (re, -im) if conj else (re, im)
+      _store_split(ops, re, im, ns)
+      return _cmul_mm(fm[0], fm[1], opx[0], opx[1], ns=ns, shape=shape, conj=conj,
+                      const_left=const_left)
+
+    # inner (4096-point) twiddle w_4096^(q1 k2) at [k2, q1]; pre-twiddle of slab ka
+    # w_q^(t ka), t = q1 + 64 q2 at [q2, q1]
+    inner_tw = lambda conj: _twiddle(lambda r, c: r * c, SLAB, conj, wg, interpret)
+    # (w_2q^(t (2 ka + odd)): w_q^(t ka) for the even bins)
+    pre_tw = lambda ka, conj: _twiddle(lambda r, c: (c + TILE_M * r) * (2 * ka + odd), 2 * q,
+                                       conj, wg, interpret)
+
+    def forward(re, im):
+      re, im = stage(re, im, conj=False, const_left=True)
+      re, im = _cmul(re, im, *inner_tw(False))
+      return stage(re, im, conj=False, const_left=False)
+
+    def inverse(re, im):
+      re, im = stage(re, im, conj=True, const_left=False)
+      re, im = _cmul(re, im, *inner_tw(True))
+      return stage(re, im, conj=True, const_left=True)
+
+    def cross(inverse_step: bool):
+      """The slab-index DFT (radix 2 or 4: adds only), in place, in row blocks."""
+      n_src = slabs if inverse_step else in_slabs
+      n_dst = out_slabs if inverse_step else slabs
+      for r0 in range(0, TILE_M, chunk):
+        rows = pl.ds(r0, chunk)
+        src = [(data_s[j, 0, rows, :], data_s[j, 1, rows, :]) for j in range(n_src)]
+        outs = []
+        for d in range(n_dst):
+          acc_r = acc_i = None
+          for j in range(n_src):
+            ta, ka = (d, j) if inverse_step else (j, d)
+            tr, ti = _cscale(*src[j], *_root(2 * slabs, ta * (2 * ka + odd), inverse_step))
+            acc_r = tr if acc_r is None else acc_r + tr
+            acc_i = ti if acc_i is None else acc_i + ti
+          outs.append((acc_r, acc_i))
+        for d, (vr, vi) in enumerate(outs):
+          data_s[d, 0, rows, :] = vr
+          data_s[d, 1, rows, :] = vi
+
+    def body(pair, carry):
+      for j in range(in_slabs):
+        plgpu.copy_gmem_to_smem(x_re.at[pair, tile, j], data_s.at[j, 0], in_bar.at[2 * j])
+        plgpu.copy_gmem_to_smem(x_im.at[pair, tile, j], data_s.at[j, 1], in_bar.at[2 * j + 1])
+      for j in range(2 * in_slabs):
+        plgpu.barrier_wait(in_bar.at[j])
+      cross(False)
+      plgpu.commit_smem()
+      for ka in range(slabs):
+        re = _pallas.load(data_s.at[ka, 0], wg, interpret)
+        im = _pallas.load(data_s.at[ka, 1], wg, interpret)
+        plgpu.commit_smem()   # every thread has read the slab before the TMA overwrites it
+        # the spectrum slab streams in (over the slab just read) while the forward runs
+        plgpu.copy_gmem_to_smem(s_re.at[tile, ka], data_s.at[ka, 0], spec_bar.at[0])
+        plgpu.copy_gmem_to_smem(s_im.at[tile, ka], data_s.at[ka, 1], spec_bar.at[1])
+        if 2 * ka + odd:
+          re, im = _cmul(re, im, *pre_tw(ka, False))
+        re, im = forward(re, im)
+        plgpu.barrier_wait(spec_bar.at[0])
+        plgpu.barrier_wait(spec_bar.at[1])
+        sr = _pallas.load(data_s.at[ka, 0], wg, interpret)
+        si = _pallas.load(data_s.at[ka, 1], wg, interpret)
+        if emit:   # the spectrum out through the slab just read (stored while inverting)
+          plgpu.commit_smem()
+          data_s[ka, 0] = re
+          data_s[ka, 1] = im
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(data_s.at[ka, 0], e_re.at[pair, tile, ka])
+          plgpu.copy_smem_to_gmem(data_s.at[ka, 1], e_im.at[pair, tile, ka])
+        re, im = _cmul(re, im, sr, si)
+        re, im = inverse(re, im)
+        if 2 * ka + odd:
+          re, im = _cmul(re, im, *pre_tw(ka, True))
+        if emit:
+          plgpu.wait_smem_to_gmem(0)   # the slab is read out before it is overwritten
+        data_s[ka, 0] = re
+        data_s[ka, 1] = im
+      plgpu.commit_smem()
+      cross(True)
+      plgpu.commit_smem()
+      for j in range(out_slabs):
+        plgpu.copy_smem_to_gmem(data_s.at[j, 0], y_re.at[pair, tile, j])
+        plgpu.copy_smem_to_gmem(data_s.at[j, 1], y_im.at[pair, tile, j])
+      plgpu.wait_smem_to_gmem(0)   # data_s is reloaded by the next pair
+      return carry
+
+    lax.fori_loop(0, n_pairs, body, 0)
+
+  n_parts = 3 if gauss else 2
+  scratch = [
+      _swizzled((n_parts * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # F_64 (both stages)
+      _swizzled((n_parts * ns, TILE_M, TILE_M), jnp.bfloat16, 128),   # matmul operand tile
+      plgpu.SMEM((slabs, 2, TILE_M, TILE_M), f32),              # the whole sequence
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=2 * in_slabs),
+      plgpu.Barrier(num_barriers=2),
+  ]
+  out = jax.ShapeDtypeStruct((n_pairs, n_tiles, out_slabs, TILE_M, TILE_M), f32)
+  outs = (out, out)
+  if emit:
+    spec = jax.ShapeDtypeStruct((n_pairs, n_tiles, slabs, TILE_M, TILE_M), f32)
+    outs += (spec, spec)
+  return _approx_kernel(
+      kernel, out_type=outs, grid=(n_tiles,), grid_names=("tile",),
+      scratch_types=scratch, interpret=interpret)
+
+
 # ----------------------------------------------------------------------------
 # XLA glue: packing, the outer (order-3) step, the spectrum.
 # ----------------------------------------------------------------------------
@@ -303,21 +599,47 @@ def check_supported(u_shape, k_shape, circular: bool) -> None:
   if circular and (seq_len & (seq_len - 1) or seq_len < MIN_FFT):
     raise ValueError(f"fft_conv pallas: circular needs a power-of-two length >= {MIN_FFT}, "
                      f"got {seq_len}")
-  plan(fft_size(seq_len, circular))
+  n = fft_size(seq_len, circular)
+  if n > MAX_FFT:
+    raise ValueError(f"fft_conv pallas: length {seq_len} needs FFT size {n} > {MAX_FFT}, "
+                     f"the largest the kernel takes ({'' if circular else 'causal '}length "
+                     f"<= {MAX_FFT if circular else MAX_FFT // 2})")
+  plan(n)
 
 
-# FFT sizes at which "auto" takes the kernel: where it measured faster than jnp.fft both
-# forward and forward+backward (results/README.md, results/pallas_fftconv_h100.txt).
-AUTO_FFT_SIZES = (2048, 4096)
+AUTO_TABLE = os.path.join(os.path.dirname(__file__), "fft_conv_auto.json")
 
 
-def check_preferred(u_shape, circular: bool) -> None:
-  """ValueError where the kernel measured slower than jnp.fft (fft_conv's "auto" then
-  takes the XLA path; `ssm.ops._impl.choose_impl`'s prefer)."""
+@functools.cache
+def auto_table() -> dict:
+  """{device kind: {dtype name: [FFT sizes]}}: where the kernel measured faster than
+  jnp.fft forward+backward (ssm/ops/fft_conv_auto.json; remeasure with
+  scripts/gpu/fftconv_issue21.sh, which writes a new one)."""
+  with open(AUTO_TABLE) as f:
+    table = json.load(f)
+  return {kind: entry for kind, entry in table.items() if not kind.startswith("_")}
+
+
+def _device_kind() -> str:
+  try:
+    return jax.devices()[0].device_kind
+  except RuntimeError:  # pragma: no cover - no backend
+    return ""
+
+
+def check_preferred(u_shape, circular: bool, dtype=jnp.float32) -> None:
+  """ValueError unless the measured table (`auto_table`) has this device kind, dtype and
+  FFT size (fft_conv's "auto" then takes the XLA path: never an unmeasured kernel;
+  `ssm.ops._impl.choose_impl`'s prefer)."""
   n = fft_size(u_shape[1], circular)
-  if n not in AUTO_FFT_SIZES:
-    raise ValueError(f"fft_conv pallas: FFT size {n} is not one where the kernel beats "
-                     f"jnp.fft ({AUTO_FFT_SIZES})")
+  kind = _device_kind()
+  # Past 4096 a circular call runs other kernels than the causal one of the same FFT
+  # size (every slab loaded; the outer step at 32768): it needs its own entry.
+  key = jnp.dtype(dtype).name + ("-circular" if circular and n > SLAB else "")
+  sizes = auto_table().get(kind, {}).get(key, [])
+  if n not in sizes:
+    raise ValueError(f"fft_conv pallas: no measurement on {kind!r} where the kernel beats "
+                     f"jnp.fft at FFT size {n} ({key}: {sizes})")
 
 
 def _outer_factors(p: int, q: int, n: int, rows: int, inverse: bool):
@@ -362,12 +684,12 @@ def _small_cmatmul(wr, wi, xr, xi, post=None, pre=None):
   return jnp.stack(out_r, axis=-2), jnp.stack(out_i, axis=-2)
 
 
-def _to_rows(xr, xi, n: int, h_pad: int):
+def _to_rows(xr, xi, n: int, h_pad: int, max_inner: int = MAX_INNER):
   """Complex sequences as planes xr, xi (P, H, m), m <= n, zero beyond m -> kernel tiles
   (re, im) (P, T, 64, c), natural order inside each inner sequence, after the outer DFT
   step when n > 4096 (which reads only the outer rows that hold data: half of them for a
   zero-padded causal input)."""
-  p, q, r, c, g = plan(n)
+  p, q, r, c, g = plan(n, max_inner)
   pairs, h, m = xr.shape
   rows = -(-m // q)
   pad = lambda x, to: jnp.pad(x, ((0, 0), (0, h_pad - h), (0, to - m)))
@@ -381,10 +703,10 @@ def _to_rows(xr, xi, n: int, h_pad: int):
   return xr.reshape(shape), xi.reshape(shape)
 
 
-def _from_rows(re, im, n: int, h: int, length: int):
+def _from_rows(re, im, n: int, h: int, length: int, max_inner: int = MAX_INNER):
   """Inverse of _to_rows: tiles (..., T, 64, c) -> planes (re, im) (..., H, length), the
   outer step undone for the outer rows that reach `length` only."""
-  p, q, r, c, g = plan(n)
+  p, q, r, c, g = plan(n, max_inner)
   lead = re.shape[:-3]
   re, im = (x.reshape(*lead, -1, p, q)[..., :h, :, :] for x in (re, im))
   if p > 1:
@@ -395,10 +717,10 @@ def _from_rows(re, im, n: int, h: int, length: int):
   return re, im
 
 
-def _spectrum(k, n: int, h_pad: int, conj: bool):
+def _spectrum(k, n: int, h_pad: int, conj: bool, max_inner: int = MAX_CORR_INNER):
   """Kernel spectrum (H, Lk) -> tiles (re, im) (T, 64, c) in the kernel's Monarch order,
-  scaled by 1/q (the inner inverse is unnormalised)."""
-  p, q, r, c, g = plan(n)
+  scaled by 1/q (the inner inverse is unnormalised). Two-stage kernel (q <= 4096)."""
+  p, q, r, c, g = plan(n, max_inner)
   h = k.shape[0]
   kf = jnp.fft.fft(k.astype(jnp.float32), n=n, axis=1)            # (H, n)
   if conj:
@@ -427,14 +749,48 @@ def _unpack(re, im, batch: int, dtype):
   return jnp.transpose(x, (0, 2, 1)).astype(dtype)
 
 
-def _h_pad(h: int, n: int) -> int:
-  g = plan(n)[4]
+def _h_pad(h: int, n: int, max_inner: int = MAX_INNER) -> int:
+  g = plan(n, max_inner)[4]
   return -(-h // g) * g
 
 
-def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool):
+def _slab_spectrum(k, n: int, conj: bool, odd: int | None = None):
+  """Kernel spectrum (H, Lk) -> (re, im) (H p, slabs, 64, 64) in the 3-stage kernel's
+  order: inner row kp (of the XLA outer step), slab ka, [k2, k1] holds K_q[ka + A (k2 +
+  64 k1)] for A = q / 4096 slabs; scaled by 1/q (the kernel's inverse is unnormalised).
+  odd = 0 or 1: the even or odd bins of K_n, q = n / 2, scaled by 1 / n (the causal
+  split: the two halves' outputs add up to the n-point result)."""
+  h = k.shape[0]
+  kf = jnp.fft.fft(k.astype(jnp.float32), n=n, axis=1)            # (H, n)
+  if odd is None:
+    p, q = plan(n)[:2]
+    scale = 1.0 / q
+  else:
+    p, q, scale = 1, n // 2, 1.0 / n
+    kf = kf[:, odd::2]
+  a = q // SLAB
+  if conj:
+    kf = jnp.conj(kf)
+  kf = kf.reshape(h, q, p).transpose(0, 2, 1)                      # [h, kp, kq] = K[p kq + kp]
+  kf = kf.reshape(h, p, TILE_M, TILE_M, a).transpose(0, 1, 4, 3, 2) * scale  # [kp, ka, k2, k1]
+  kf = kf.reshape(h * p, a, TILE_M, TILE_M)
+  return jnp.real(kf).astype(jnp.float32), jnp.imag(kf).astype(jnp.float32)
+
+
+def causal_split(n: int, circular: bool) -> bool:
+  """A causal FFT size of 2 * 16384 runs as two 16384-point halves (even and odd bins of
+  the n-point DFT: cyclic plus negacyclic convolution) in the 3-stage kernel, with no
+  XLA outer step: the n-point transform of a length <= n/2 zero-padded input."""
+  return not circular and n == 2 * MAX_INNER
+
+
+def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool,
+            split: bool = False):
   """IFFT_n(FFT_n(z) * K (or conj K))[:length] for complex rows z as planes (P, H, m)."""
   p, q, r, c, g = plan(n)
+  if q > SLAB:
+    return _slab_filter(zr, zi, k, n, length, conj=conj, nsplit=nsplit, interpret=interpret,
+                        split=split)
   h = zr.shape[1]
   hp = _h_pad(h, n)
   xr, xi = _to_rows(zr, zi, n, hp)
@@ -446,10 +802,81 @@ def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpre
   return _from_rows(yr, yi, n, h, length)
 
 
+def _slab_inputs(xs, n: int, split: bool):
+  """Planes (P, H, m) -> (P, T, in_slabs, 64, 64) slabs of the 3-stage kernels, after the
+  XLA outer step when p > 1; returns (slabs, in_slabs, p, odd modes, inputs)."""
+  pairs, h, m = xs[0].shape
+  p, q = (1, n // 2) if split else plan(n)[:2]
+  slabs = q // SLAB
+  modes = (0, 1) if split else (None,)
+  if p == 1:   # only the slabs that hold data go in
+    in_slabs = -(-m // SLAB)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, in_slabs * SLAB - m)))
+    return slabs, in_slabs, p, modes, [
+        pad(x).reshape(pairs, h, in_slabs, TILE_M, TILE_M) for x in xs]
+  rows = []
+  for i in range(0, len(xs), 2):
+    rows += _to_rows(xs[i], xs[i + 1], n, h)
+  return slabs, slabs, p, modes, [x.reshape(pairs, h * p, slabs, TILE_M, TILE_M) for x in rows]
+
+
+def _slab_filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int,
+                 interpret: bool, split: bool, emit: bool = False):
+  """_filter for q = min(n, 16384) > 4096: the 3-stage kernel over (64, 64) slabs, after
+  the XLA outer step when n > 16384, or twice (even and odd bins) when split. emit: also
+  return z's spectra, one complex (P, T, slabs, 64, 64) array per half (see
+  _dk_from_spectra)."""
+  pairs, h, _ = zr.shape
+  slabs, in_slabs, p, modes, (xr, xi) = _slab_inputs((zr, zi), n, split)
+  out_slabs = -(-length // SLAB) if p == 1 else slabs   # only the slabs that reach `length`
+  gauss = _gauss_fits(slabs, nsplit)
+  f64 = _gauss_constants(nsplit) if gauss else _constants(SLAB, TILE_M, TILE_M, nsplit)[0]
+  yr = yi = 0.0
+  spectra = []
+  for odd in modes:
+    call = _make_slab_filter(n_pairs=pairs, n_tiles=xr.shape[1], slabs=slabs,
+                             in_slabs=in_slabs, out_slabs=out_slabs, nsplit=nsplit,
+                             interpret=interpret, odd=odd or 0, emit=emit, gauss=gauss)
+    y = call(xr, xi, *_slab_spectrum(k, n, conj, odd), f64)
+    yr, yi = yr + y[0], yi + y[1]   # split: even + odd halves (each scaled 1/n)
+    if emit:
+      spectra.append((y[2], y[3]))   # planes: no complex array to materialise
+  if p == 1:
+    out = tuple(y.reshape(pairs, h, -1)[..., :length] for y in (yr, yi))
+  else:
+    yr, yi = (y.reshape(pairs, -1, TILE_M, TILE_M) for y in (yr, yi))
+    out = _from_rows(yr, yi, n, h, length)
+  return (*out, spectra) if emit else out
+
+
+def _dk_from_spectra(dy_spectra, u_spectra, n: int, h: int, length: int, split: bool):
+  """dk (H, length) = Re IFFT_n(sum_p DY_p conj U_p)[:length] from the 3-stage kernels'
+  emitted spectra ((re, im) planes (P, T, slabs, 64, 64) per half): one XLA product-sum
+  over the pairs, then the small (H, n) inverse with the halves' odd bins untwisted."""
+  p, q = (1, n // 2) if split else plan(n)[:2]
+  slabs = q // SLAB
+  out = 0.0
+  for odd, dys, us in zip((0, 1) if split else (None,), dy_spectra, u_spectra):
+    (dr, di), (ur, ui) = dys, us
+    spec = jax.lax.complex(jnp.sum(dr * ur + di * ui, axis=0),        # (H p, A, k2, k1)
+                           jnp.sum(di * ur - dr * ui, axis=0))
+    spec = spec.reshape(h, p, slabs, TILE_M, TILE_M)                  # [kp, ka, k2, k1]
+    spec = spec.transpose(0, 4, 3, 2, 1).reshape(h, p * q)  # k = kp + p (ka + A (k2 + 64 k1))
+    c = jnp.fft.ifft(spec, axis=-1)[:, :length]
+    if odd:   # the odd bins' correlation carries th^s: untwist, then halves add
+      s = np.arange(length)
+      c = c * jnp.asarray(np.exp(1j * np.pi * s / q), jnp.complex64)
+    out = out + (jnp.real(c) if odd is None else 0.5 * jnp.real(c))
+  return out.astype(jnp.float32)
+
+
 def _correlate(a, b, n: int, length: int, *, nsplit: int, interpret: bool):
   """Re IFFT_n(sum_p FFT_n(a_p) conj FFT_n(b_p))[:length] for planes a, b (P, H, m)
-  -> (H, length)."""
+  -> (H, length): the two-stage correlation kernel (n <= 4096; past it dk comes from the
+  3-stage kernels' emitted spectra, _dk_from_spectra)."""
   p, q, r, c, g = plan(n)
+  if q > SLAB:
+    raise ValueError(f"fft_conv pallas: the correlation kernel takes n <= {SLAB}, got {n}")
   h = a[0].shape[1]
   hp = _h_pad(h, n)
   ar, ai = _to_rows(*a, n, hp)
@@ -468,43 +895,68 @@ def _nsplit(dtype) -> int:
   return 1 if jnp.dtype(dtype) == jnp.bfloat16 else 2
 
 
+def _three_stage(n: int) -> bool:
+  return plan(n)[1] > SLAB
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(u, k, circular: bool, interpret: bool):
-  return _conv_fwd(u, k, circular, interpret)[0]
-
-
-def _conv_fwd(u, k, circular, interpret):
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   yr, yi = _filter(*_pack(u), k, n, seq_len, conj=False, nsplit=_nsplit(u.dtype),
-                   interpret=interpret)
-  return _unpack(yr, yi, batch, u.dtype), (u, k)
+                   interpret=interpret, split=causal_split(n, circular))
+  return _unpack(yr, yi, batch, u.dtype)
+
+
+def _conv_fwd(u, k, circular, interpret):
+  """Under differentiation the 3-stage forward also emits u's spectra (residuals: the
+  backward's dk needs no FFT of u); the two-stage kernel's correlation redoes it."""
+  batch, seq_len, _ = u.shape
+  n = fft_size(seq_len, circular)
+  if not _three_stage(n):
+    return _conv(u, k, circular, interpret), (u, k, None)
+  yr, yi, spectra = _slab_filter(*_pack(u), k, n, seq_len, conj=False,
+                                 nsplit=_nsplit(u.dtype), interpret=interpret,
+                                 split=causal_split(n, circular), emit=True)
+  return _unpack(yr, yi, batch, u.dtype), (u, k, spectra)
 
 
 def _conv_bwd(circular, interpret, res, dy):
-  u, k = res
+  u, k, u_spectra = res
   batch, seq_len, _ = u.shape
   n = fft_size(seq_len, circular)
   ns = _nsplit(u.dtype)
   zdy = _pack(dy)
-  du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
-               batch, u.dtype)
-  dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)  # (H, Lk)
-  return du, dk.astype(k.dtype)
+  split = causal_split(n, circular)
+  if u_spectra is None:
+    du = _unpack(*_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns, interpret=interpret),
+                 batch, u.dtype)
+    dk = _correlate(zdy, _pack(u), n, k.shape[1], nsplit=ns, interpret=interpret)
+    return du, dk.astype(k.dtype)
+  dur, dui, dy_spectra = _slab_filter(*zdy, k, n, seq_len, conj=True, nsplit=ns,
+                                      interpret=interpret, split=split, emit=True)
+  dk = _dk_from_spectra(dy_spectra, u_spectra, n, k.shape[0], k.shape[1], split)
+  return _unpack(dur, dui, batch, u.dtype), dk.astype(k.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def fft_conv_pallas(u, k, *, gate=None, circular: bool = False, interpret: bool | None = None):
-  """Monarch-FFT convolution kernel. u (B, L, H), k (H, Lk), gate (B, L, H) or None.
+def fft_conv_pallas(u, k, *, D=None, gate=None, circular: bool = False,
+                    interpret: bool | None = None):
+  """Monarch-FFT convolution kernel. u (B, L, H), k (H, Lk), D (H,) or None, gate
+  (B, L, H) or None:  y = (conv(u, k) + D u) * gate.
 
-  Causal: y[t] = sum_{s <= t} k[s] u[t - s]; circular: indices mod L (L a power of two).
-  Output dtype of u; y * gate when gate is given (the product is fused by XLA into the
-  transpose that unpacks the kernel's output). Shapes are checked by ssm.ops.fft_conv.
+  Causal: conv[t] = sum_{s <= t} k[s] u[t - s]; circular: indices mod L (L a power of
+  two). The skip is folded into the kernel (k[:, 0] += D: one convolution, dD = dk[:, 0]
+  by autodiff through the fold); the gate multiplies in the XLA fusion that unpacks the
+  kernel's output (and dy * gate in the one that packs dy). Output dtype of u. Shapes are
+  checked by ssm.ops.fft_conv.
   """
   interpret = _pallas.interpret_mode(interpret)
   check_supported(u.shape, k.shape, circular)
+  if D is not None:
+    k = k.astype(jnp.float32).at[:, 0].add(D.astype(jnp.float32))
   y = _conv(u, k, circular, interpret)
   if gate is not None:
     y = (y.astype(jnp.float32) * gate.astype(jnp.float32)).astype(u.dtype)
