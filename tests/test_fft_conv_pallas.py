@@ -108,6 +108,14 @@ def test_causal_forward_and_gradients(b, seq_len, h, k_len):
   check_all(*inputs(seq_len, b, seq_len, h, k_len))
 
 
+def test_halves_at_fft_size_16384(monkeypatch):
+  """SSM_FFT_CONV_HALVES_FROM=16384: causal n = 16384 as two 8192-point halves (2 slabs
+  each, Gauss's product at f32) gives the same convolution and gradients."""
+  monkeypatch.setattr(fcp, "HALVES_FROM", 16384)
+  assert fcp.causal_split(16384, False) and not fcp.causal_split(8192, False)
+  check_all(*inputs(13, 2, 5000, 1, 700))
+
+
 @pytest.mark.parametrize("seq_len", [200, 3000])   # two-stage and 3-stage kernels
 def test_skip_and_gate_forward_and_gradients(seq_len):
   u, k, w = inputs(7, 2, seq_len, 3, 50)

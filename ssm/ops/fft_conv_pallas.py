@@ -777,11 +777,19 @@ def _slab_spectrum(k, n: int, conj: bool, odd: int | None = None):
   return jnp.real(kf).astype(jnp.float32), jnp.imag(kf).astype(jnp.float32)
 
 
+# Causal FFT sizes from which the two-halves form is taken (below: one n-point call).
+# 32768 is the size that needs it (no XLA outer step); 16384 trades a second pass over
+# the input for Gauss's product at f32 (two 2-slab calls instead of one 4-slab call):
+# SSM_FFT_CONV_HALVES_FROM=16384 measures that (scripts/gpu/fftconv_issue21.sh).
+HALVES_FROM = int(os.environ.get("SSM_FFT_CONV_HALVES_FROM", 2 * MAX_INNER))
+
+
 def causal_split(n: int, circular: bool) -> bool:
   """A causal FFT size of 2 * 16384 runs as two 16384-point halves (even and odd bins of
   the n-point DFT: cyclic plus negacyclic convolution) in the 3-stage kernel, with no
-  XLA outer step: the n-point transform of a length <= n/2 zero-padded input."""
-  return not circular and n == 2 * MAX_INNER
+  XLA outer step: the n-point transform of a length <= n/2 zero-padded input (from
+  HALVES_FROM on; the halves need at least 2 slabs)."""
+  return not circular and max(HALVES_FROM, 4 * SLAB) <= n <= 2 * MAX_INNER
 
 
 def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool,
