@@ -76,7 +76,7 @@ def test_plan_covers_every_size_class():
   assert fcp.plan(8192) == (1, 8192, 64, 64, 1)        # 3 stages: 2 slabs of 64 x 64
   assert fcp.plan(16384) == (1, 16384, 64, 64, 1)      # 3 stages: 4 slabs
   assert fcp.plan(131072) == (8, 16384, 64, 64, 1)     # XLA outer factor 8
-  assert fcp.plan(131072, fcp.MAX_CORR_INNER) == (32, 4096, 64, 64, 1)   # 2-stage split
+  assert fcp.plan(131072, fcp.SLAB) == (32, 4096, 64, 64, 1)     # a 2-stage split
   assert fcp.fft_size(100, False) == 256 and fcp.fft_size(3000, False) == 8192
   with pytest.raises(ValueError, match="power of two"):
     fcp.plan(3000)

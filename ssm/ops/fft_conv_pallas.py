@@ -94,7 +94,6 @@ from ssm.ops._pallas import pl, plgpu
 TILE_M = 64          # rows of a tile: the wgmma M (one warpgroup)
 SLAB = 4096          # one (64, 64) tile: the largest two-stage (wgmma-only) transform
 MAX_INNER = 16384    # largest transform done wholly in one CTA (3 stages: 4 slabs of 4096)
-MAX_CORR_INNER = 4096  # the two-stage correlation kernel's largest transform
 MIN_FFT, MAX_FFT = 256, 131072
 
 
@@ -717,7 +716,7 @@ def _from_rows(re, im, n: int, h: int, length: int, max_inner: int = MAX_INNER):
   return re, im
 
 
-def _spectrum(k, n: int, h_pad: int, conj: bool, max_inner: int = MAX_CORR_INNER):
+def _spectrum(k, n: int, h_pad: int, conj: bool, max_inner: int = SLAB):
   """Kernel spectrum (H, Lk) -> tiles (re, im) (T, 64, c) in the kernel's Monarch order,
   scaled by 1/q (the inner inverse is unnormalised). Two-stage kernel (q <= 4096)."""
   p, q, r, c, g = plan(n, max_inner)
