@@ -76,7 +76,7 @@ def test_plan_covers_every_size_class():
   assert fcp.plan(8192) == (1, 8192, 64, 64, 1)        # 3 stages: 2 slabs of 64 x 64
   assert fcp.plan(16384) == (1, 16384, 64, 64, 1)      # 3 stages: 4 slabs
   assert fcp.plan(131072) == (8, 16384, 64, 64, 1)     # XLA outer factor 8
-  assert fcp.plan(131072, fcp.MAX_CORR_INNER) == (32, 4096, 64, 64, 1)   # 2-stage split
+  assert fcp.plan(131072, fcp.SLAB) == (32, 4096, 64, 64, 1)     # a 2-stage split
   assert fcp.fft_size(100, False) == 256 and fcp.fft_size(3000, False) == 8192
   with pytest.raises(ValueError, match="power of two"):
     fcp.plan(3000)
@@ -106,6 +106,14 @@ def check_all(u, k, w, gate=None, circular=False, D=None):
                                                (2, 3000, 1, 300)])
 def test_causal_forward_and_gradients(b, seq_len, h, k_len):
   check_all(*inputs(seq_len, b, seq_len, h, k_len))
+
+
+def test_halves_at_fft_size_16384(monkeypatch):
+  """SSM_FFT_CONV_HALVES_FROM=16384: causal n = 16384 as two 8192-point halves (2 slabs
+  each, Gauss's product at f32) gives the same convolution and gradients."""
+  monkeypatch.setattr(fcp, "HALVES_FROM", 16384)
+  assert fcp.causal_split(16384, False) and not fcp.causal_split(8192, False)
+  check_all(*inputs(13, 2, 5000, 1, 700))
 
 
 @pytest.mark.parametrize("seq_len", [200, 3000])   # two-stage and 3-stage kernels

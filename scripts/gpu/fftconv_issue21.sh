@@ -10,6 +10,8 @@
 #   4. $OUT/fft_conv_auto.json: the committed table with this device's entry measured
 #      (FFT sizes where the kernel beat jnp.fft fwd and fwd+bwd); copy it to ssm/ops/
 #   5. a per-op profile at L = 8192 f32 if time remains
+#   6. if time remains: L = 8192 (and 4097) f32 with causal n = 16384 as two halves
+#      (SSM_FFT_CONV_HALVES_FROM=16384), to compare with the one-call rows
 # $OUT: fftconv_check.log (+ .jsonl: each case's status; the sweeps skip the kernel at a
 #       size whose check failed or hung), fftconv_h200.txt (the tables),
 #       fftconv_rows.jsonl, fft_conv_auto.json, fftconv_profile.txt.
@@ -52,5 +54,12 @@ if [ $left -gt 40 ]; then
   timeout $(( left < ${T_PROFILE:-90} ? left : ${T_PROFILE:-90} )) python3 \
     scripts/gpu/profile_fftconv.py --lengths 8192 > $OUT/fftconv_profile.txt 2>&1
   echo "profile exit $?"; grep -E "pipelined|^--|ms" $OUT/fftconv_profile.txt | head -40
+fi
+left=$(( ${BUDGET:-530} - SECONDS ))
+echo "== 6. causal FFT size 16384 as two 8192-point halves (${left} s left)"
+if [ $left -gt 40 ]; then
+  SSM_FFT_CONV_HALVES_FROM=16384 timeout $left python3 -m benchmarks.fftconv --layers off \
+    --check-len 0 --dtypes float32 --lengths 8192,4097 --no-torch 2>&1 | grep "L=" \
+    | sed 's/^/  halves: /' | tee -a $OUT/fftconv_h200.txt
 fi
 echo "total ${SECONDS} s"

@@ -94,7 +94,6 @@ from ssm.ops._pallas import pl, plgpu
 TILE_M = 64          # rows of a tile: the wgmma M (one warpgroup)
 SLAB = 4096          # one (64, 64) tile: the largest two-stage (wgmma-only) transform
 MAX_INNER = 16384    # largest transform done wholly in one CTA (3 stages: 4 slabs of 4096)
-MAX_CORR_INNER = 4096  # the two-stage correlation kernel's largest transform
 MIN_FFT, MAX_FFT = 256, 131072
 
 
@@ -717,7 +716,7 @@ def _from_rows(re, im, n: int, h: int, length: int, max_inner: int = MAX_INNER):
   return re, im
 
 
-def _spectrum(k, n: int, h_pad: int, conj: bool, max_inner: int = MAX_CORR_INNER):
+def _spectrum(k, n: int, h_pad: int, conj: bool, max_inner: int = SLAB):
   """Kernel spectrum (H, Lk) -> tiles (re, im) (T, 64, c) in the kernel's Monarch order,
   scaled by 1/q (the inner inverse is unnormalised). Two-stage kernel (q <= 4096)."""
   p, q, r, c, g = plan(n, max_inner)
@@ -777,11 +776,19 @@ def _slab_spectrum(k, n: int, conj: bool, odd: int | None = None):
   return jnp.real(kf).astype(jnp.float32), jnp.imag(kf).astype(jnp.float32)
 
 
+# Causal FFT sizes from which the two-halves form is taken (below: one n-point call).
+# 32768 is the size that needs it (no XLA outer step); 16384 trades a second pass over
+# the input for Gauss's product at f32 (two 2-slab calls instead of one 4-slab call):
+# SSM_FFT_CONV_HALVES_FROM=16384 measures that (scripts/gpu/fftconv_issue21.sh).
+HALVES_FROM = int(os.environ.get("SSM_FFT_CONV_HALVES_FROM", 2 * MAX_INNER))
+
+
 def causal_split(n: int, circular: bool) -> bool:
   """A causal FFT size of 2 * 16384 runs as two 16384-point halves (even and odd bins of
   the n-point DFT: cyclic plus negacyclic convolution) in the 3-stage kernel, with no
-  XLA outer step: the n-point transform of a length <= n/2 zero-padded input."""
-  return not circular and n == 2 * MAX_INNER
+  XLA outer step: the n-point transform of a length <= n/2 zero-padded input (from
+  HALVES_FROM on; the halves need at least 2 slabs)."""
+  return not circular and max(HALVES_FROM, 4 * SLAB) <= n <= 2 * MAX_INNER
 
 
 def _filter(zr, zi, k, n: int, length: int, *, conj: bool, nsplit: int, interpret: bool,
