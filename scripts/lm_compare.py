@@ -3,17 +3,20 @@ r"""Byte-level LM comparison: train each mixer on the same tokens, then measure 
   python scripts/lm_compare.py --out=runs/lm_compare
   python scripts/lm_compare.py --out=/tmp/lm --models=s4d,transformer --size=tiny \
       --num_steps=2 --contexts=64,256 --decode_steps=8 --warmup_steps=2 --data_path=corpus.txt
+  python scripts/lm_compare.py --out=runs/lm_imdb --recipes=imdb --dtype=bfloat16  # GPU
 
-For each model of configs/lm/shakespeare.py (mamba, mamba2, lightning, s4d, transformer; ~3.6M
-parameters each at the default size):
+For each model of the recipe file, configs/lm/<--recipes>.py: shakespeare (mamba, mamba2,
+lightning, s4d, transformer; ~3.6M parameters each at the default size) or imdb (mamba,
+mamba2, lightning, transformer at GPT-2-small scale, bf16 by default); --dtype overrides
+config.model.dtype:
 
   1. Train with `train.trainer.run` into OUT/<model>, the same steps x batch x seq_len tokens
      for every model. A workdir whose results.json already covers the requested steps
      under the same config is reused without training; an unfinished one resumes from
      its checkpoint (the trainer does that).
   2. Read validation / test bits per byte from results.json and the median training
-     tokens/s from metrics.jsonl (the trainer logs tokens_per_s per log interval, the
-     first, compiling, step excluded).
+     tokens/s and MFU from metrics.jsonl (the trainer logs tokens_per_s and, on a device
+     kind with a known peak, mfu per log interval, the first, compiling, step excluded).
   3. Restore the final checkpoint (the trainer's own model graph and Checkpointer) and
      sample --gen_tokens tokens with `models.generate` (recurrent decoding) after a
      prompt from the validation split: OUT/<model>/sample.txt.
@@ -53,24 +56,26 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs.lm import shakespeare  # noqa: E402
+from configs.lm import imdb, shakespeare  # noqa: E402
 
 log = logging.getLogger("lm_compare")
 
 ATTENTION_MODELS = ("transformer",)  # the others must decode at constant memory
+RECIPES = {"shakespeare": shakespeare, "imdb": imdb}  # --recipes: configs/lm/<name>.py
+DTYPES = ("float32", "bfloat16")
 
 
 # -- arguments ----------------------------------------------------------------------------
 
-def parse_models(text: str) -> list[str]:
+def parse_models(text: str, recipes=shakespeare) -> list[str]:
   """"mamba,s4d" -> ["mamba", "s4d"]; unknown or repeated names -> ValueError."""
   names = [m.strip() for m in text.split(",") if m.strip()]
   if not names:
-    raise ValueError(f"--models needs at least one model; valid: {list(shakespeare.MODELS)}")
-  unknown = [m for m in names if m not in shakespeare.MODELS]
+    raise ValueError(f"--models needs at least one model; valid: {list(recipes.MODELS)}")
+  unknown = [m for m in names if m not in recipes.MODELS]
   if unknown:
     raise ValueError(f"unknown model(s) {unknown} in --models={text!r}; valid: "
-                     f"{list(shakespeare.MODELS)}")
+                     f"{list(recipes.MODELS)}")
   if len(set(names)) != len(names):
     raise ValueError(f"--models={text!r} names a model twice")
   return names
@@ -100,8 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory (one workdir per model)")
-  p.add_argument("--models", default=",".join(shakespeare.MODELS))
-  p.add_argument("--size", default="", help=f"config size, one of {list(shakespeare.SIZES)}")
+  p.add_argument("--recipes", default="shakespeare", help=f"configs/lm/<name>.py, one of "
+                 f"{list(RECIPES)}")
+  p.add_argument("--models", default=None, help="comma-separated (default: every model of "
+                 "the recipe file)")
+  p.add_argument("--size", default="", help="config size (shakespeare: '', long, tiny; "
+                 "imdb: '', tiny)")
+  p.add_argument("--dtype", default=None, help=f"config.model.dtype override, one of {DTYPES}")
   p.add_argument("--num_steps", type=int, default=None, help="training steps (default: config)")
   p.add_argument("--data_path", default=None,
                  help="text file or directory of *.txt (default: Tiny Shakespeare)")
@@ -117,10 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> tuple[list[str], list[int]]:
   """Validated (models, contexts); ValueError with the flag's name otherwise."""
-  models = parse_models(args.models)
+  if args.recipes not in RECIPES:
+    raise ValueError(f"unknown --recipes={args.recipes!r}; valid: {list(RECIPES)}")
+  recipes = RECIPES[args.recipes]
+  models = parse_models(args.models or ",".join(recipes.MODELS), recipes)
   contexts = parse_contexts(args.contexts)
-  if args.size not in shakespeare.SIZES:
-    raise ValueError(f"unknown --size={args.size!r}; valid: {list(shakespeare.SIZES)}")
+  if args.size not in recipes.SIZES:
+    raise ValueError(f"unknown --size={args.size!r} for --recipes={args.recipes}; valid: "
+                     f"{list(recipes.SIZES)}")
+  if args.dtype is not None and args.dtype not in DTYPES:
+    raise ValueError(f"unknown --dtype={args.dtype!r}; valid: {list(DTYPES)}")
   for name in ("decode_steps", "warmup_steps", "gen_tokens", "prompt_tokens"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -138,9 +154,12 @@ def check_args(args) -> tuple[list[str], list[int]]:
 
 # -- training -----------------------------------------------------------------------------
 
-def model_config(model: str, size: str, num_steps: int | None, data_path: str | None):
-  """configs/lm/shakespeare.py:<model>[,size] with the script's overrides."""
-  config = shakespeare.get_config(f"{model},{size}" if size else model)
+def model_config(model: str, size: str, num_steps: int | None, data_path: str | None,
+                 recipes: str = "shakespeare", dtype: str | None = None):
+  """configs/lm/<recipes>.py:<model>[,size] with the script's overrides."""
+  config = RECIPES[recipes].get_config(f"{model},{size}" if size else model)
+  if dtype is not None:
+    config.model.dtype = dtype
   if num_steps is not None:
     config.train.num_steps = num_steps
     config.optim.warmup_steps = min(config.optim.warmup_steps, num_steps)
@@ -176,12 +195,13 @@ def train_model(config, workdir: Path) -> tuple[dict, bool]:
   return results, True
 
 
-def median_train_tokens_per_s(workdir: Path) -> float | None:
-  """Median of the tokens_per_s the trainer logged (train lines of metrics.jsonl)."""
+def median_train_metric(workdir: Path, key: str = "tokens_per_s") -> float | None:
+  """Median of a value the trainer logged on its train lines of metrics.jsonl
+  (tokens_per_s, mfu, model_tflops_per_s); None if it never logged it."""
   from train import metrics
 
-  values = [m["tokens_per_s"] for m in metrics.read_metrics(str(workdir))
-            if m.get("split") == "train" and "tokens_per_s" in m]
+  values = [m[key] for m in metrics.read_metrics(str(workdir))
+            if m.get("split") == "train" and key in m]
   return float(statistics.median(values)) if values else None
 
 
@@ -365,7 +385,7 @@ def format_table(report: dict) -> str:
   """Markdown table of report["rows"] plus a line naming the device and date."""
   labels = [context_label(c) for c in report["contexts"]]
   head = (["model", "params", "tokens trained", "val bpb", "test bpb", "best val bpb (step)",
-           "train tokens/s"]
+           "train tokens/s", "MFU", "dtype"]
           + [f"state bytes @{c}" for c in labels] + [f"ms/token @{c}" for c in labels]
           + [f"scan ms/token @{c}" for c in labels] + ["constant state"])
   lines = ["| " + " | ".join(head) + " |",
@@ -376,14 +396,16 @@ def format_table(report: dict) -> str:
               _fmt(r["val_bpb"], ".4f"), _fmt(r["test_bpb"], ".4f"),
               "-" if r.get("best_val_bpb") is None
               else f"{r['best_val_bpb']:.4f} ({r['best_val_step']})",
-              _fmt(r["train_tokens_per_s"], ",.0f")]
+              _fmt(r["train_tokens_per_s"], ",.0f"),
+              "-" if r.get("train_mfu") is None else f"{100 * r['train_mfu']:.1f}%",
+              r.get("dtype", "float32")]
              + [f"{d['state_bytes']:,}" for d in dec]
              + [f"{d['ms_per_token']:.3f}" for d in dec]
              + [f"{d['scan_ms_per_token']:.3f}" for d in dec]
              + ["yes" if r["constant_state"] else "no (grows)"])
     lines.append("| " + " | ".join(cells) + " |")
   foot = (f"\nDevice: {report['device']} x{report['device_count']}, jax {report['jax_version']}, "
-          f"{report['date']}. Config: configs/lm/shakespeare.py size "
+          f"{report['date']}. Config: configs/lm/{report.get('recipes', 'shakespeare')}.py size "
           f"{report['size'] or 'default'!r}, {report['num_steps']} steps. bpb: bits per byte "
           "of text (data.lm.bits_per_byte); best val: the lowest value logged during the run. "
           "ms/token: median of single jitted decoding steps (batch 1, host dispatch "
@@ -395,7 +417,8 @@ def format_table(report: dict) -> str:
 # -- main ---------------------------------------------------------------------------------
 
 def run_model(model_name: str, args, contexts: list[int], out: Path) -> dict:
-  config = model_config(model_name, args.size, args.num_steps, args.data_path)
+  config = model_config(model_name, args.size, args.num_steps, args.data_path, args.recipes,
+                        args.dtype)
   workdir = out / model_name
   results, trained = train_model(config, workdir)
   model, _, splits, step = restore_model(config, workdir)
@@ -428,7 +451,9 @@ def run_model(model_name: str, args, contexts: list[int], out: Path) -> dict:
               val_bpb=results.get("val_bits_per_byte"),
               test_bpb=results.get("test_bits_per_byte"),
               val_loss=results["val_loss"], test_loss=results["test_loss"],
-              train_tokens_per_s=median_train_tokens_per_s(workdir),
+              train_tokens_per_s=median_train_metric(workdir, "tokens_per_s"),
+              train_mfu=median_train_metric(workdir, "mfu"),
+              dtype=str(config.model.get("dtype", "float32")),
               best_val_bpb=best[0], best_val_step=best[1],
               decode=decode, constant_state=constant, **sample)
 
@@ -452,7 +477,7 @@ def main(argv=None) -> dict:
       device=jax.devices()[0].device_kind, device_count=jax.device_count(),
       jax_version=jax.__version__,
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      size=args.size, num_steps=rows[0]["steps"], contexts=contexts,
+      recipes=args.recipes, size=args.size, num_steps=rows[0]["steps"], contexts=contexts,
       decode_steps=args.decode_steps, warmup_steps=args.warmup_steps, rows=rows)
   table = format_table(report)
   print(table)

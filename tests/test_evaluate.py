@@ -19,6 +19,9 @@ from train import checkpoint as checkpoint_lib
 from train import evaluate as evaluate_lib
 from train import trainer
 
+# One xdist worker runs this module: its tests share a module-scoped trained run.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 # Shorter than test_train's TINY run; checkpoints at 4 and 8, the best one in best/.
 SHORT = {"train.num_steps": 8, "train.eval_every": 4, "train.checkpoint_every": 4,
          "train.fsdp_min_size": 16}  # small arrays too are split when fsdp > 1

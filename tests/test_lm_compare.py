@@ -16,6 +16,9 @@ from flax import nnx
 from data import lm
 from scripts import lm_compare
 
+# One xdist worker runs this module: its tests share a module-scoped trained run.
+pytestmark = pytest.mark.xdist_group("lm_compare")
+
 
 MODELS = ("s4d", "transformer")
 CONTEXTS = (64, 256)
@@ -49,7 +52,7 @@ def test_table_json_and_samples(run):
   saved = json.loads((out / "lm_compare.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(report["rows"]))
   assert ("| model | params | tokens trained | val bpb | test bpb | best val bpb (step) "
-          "| train tokens/s |") in table
+          "| train tokens/s | MFU | dtype |") in table
   assert "ms/token @256 | scan ms/token @64 | scan ms/token @256 | constant state |" in table
   assert "state bytes @64 | state bytes @256 | ms/token @64 | ms/token @256" in table
   assert "Device: cpu" in table
@@ -61,6 +64,7 @@ def test_table_json_and_samples(run):
     assert r["tokens_trained"] == 2 * 4 * 32  # steps x batch x seq_len of the tiny config
     assert 0 < r["val_bpb"] < 20 and 0 < r["test_bpb"] < 20
     assert r["train_tokens_per_s"] > 0
+    assert r["dtype"] == "float32" and r["train_mfu"] is None  # no peak FLOP/s for a CPU
     if r["best_val_bpb"] is not None:  # logged only when the run evaluated before its end
       assert r["best_val_bpb"] > 0 and 0 < r["best_val_step"] <= 2
     for c in CONTEXTS:
@@ -124,12 +128,25 @@ def test_prefill_matches_the_parallel_forward():
     (["--contexts=0"], "not a positive int"),
     (["--contexts=100"], "must exceed warmup_steps"),
     (["--size=huge"], "unknown --size"),
+    (["--recipes=wiki"], "unknown --recipes='wiki'"),
+    (["--recipes=imdb", "--models=s4d"], r"unknown model\(s\) \['s4d'\]"),
+    (["--recipes=imdb", "--size=long"], "unknown --size='long' for --recipes=imdb"),
+    (["--dtype=float16"], "unknown --dtype='float16'"),
 ])
 def test_bad_arguments_fail_clearly(argv, match, capsys, tmp_path):
   with pytest.raises(SystemExit):
     lm_compare.main([f"--out={tmp_path}"] + argv)
   assert re.search(match, capsys.readouterr().err)
   assert not list(tmp_path.iterdir())  # nothing trained
+
+
+def test_imdb_recipes_and_dtype_override():
+  """--recipes=imdb builds configs/lm/imdb.py's recipe; --dtype overrides model.dtype."""
+  from configs.lm import imdb
+  config = lm_compare.model_config("mamba2", "tiny", 3, None, "imdb", "float32")
+  assert config.model.dtype == "float32" and config.train.num_steps == 3
+  assert config.data.path == imdb.get_config("mamba2,tiny").data.path
+  assert lm_compare.model_config("mamba2", "tiny", 3, None, "imdb").model.dtype == "bfloat16"
 
 
 def test_parse_contexts_and_labels():

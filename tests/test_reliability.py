@@ -32,6 +32,9 @@ from train import signals as signals_lib
 from train import trainer
 from train import workdir as workdir_lib
 
+# One xdist worker runs this module: its tests share a module-scoped trained run.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 
 def snapshot(workdir) -> dict[str, str]:
   """relative path -> sha256 of every file under workdir (the lock included)."""

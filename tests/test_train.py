@@ -25,6 +25,9 @@ from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import sharding, trainer
 
+# One xdist worker runs this module: its runs share one persistent compilation cache.
+pytestmark = pytest.mark.xdist_group("train")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
               "jax_persistent_cache_min_entry_size_bytes")
