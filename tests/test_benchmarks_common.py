@@ -1,9 +1,11 @@
-"""benchmarks.common: the timing helper and the table printer."""
+"""benchmarks.common: the timing helper, the table printer and the trace summariser."""
 
 import io
 
+import jax
 import pytest
 
+from benchmarks import common
 from benchmarks.common import format_table, print_table, time_fn
 
 
@@ -32,3 +34,22 @@ def test_print_table_title_and_bad_row():
   assert out.getvalue().splitlines()[0] == "T"
   with pytest.raises(ValueError, match="has 3 cells, expected 2"):
     format_table([[1, 2, 3]], ["n", "s"])
+
+
+def test_summarise_trace_sums_device_time_per_op(tmp_path, capsys):
+  """A profiler trace of a jitted function: the summary names the device time per step and
+  lists ops with their share; an empty folder says so instead of failing."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  f = jax.jit(lambda x: jnp.sin(x) @ x.T)
+  x = jnp.ones((64, 64))
+  jax.block_until_ready(f(x))
+  with jax.profiler.trace(str(tmp_path / "trace"), create_perfetto_trace=True):
+    jax.block_until_ready([f(x) for _ in range(2)])
+  common.summarise_trace(str(tmp_path / "trace"), 2, top=5)
+  out = capsys.readouterr().out
+  assert "ms per step (summed over streams)" in out
+  rows = [line for line in out.splitlines() if "%" in line]
+  assert 1 <= len(rows) <= 5
+  assert all(float(line.split()[0]) >= 0 for line in rows)
+  common.summarise_trace(str(tmp_path / "empty"), 2)
+  assert "no perfetto_trace.json.gz under" in capsys.readouterr().out
