@@ -13,6 +13,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -109,10 +110,72 @@ def print_table(rows: Sequence[Mapping[str, Any] | Sequence[Any]], columns: Sequ
   print(format_table(rows, columns), file=out, flush=True)
 
 
-def summarise_trace(trace_dir: str, steps: int, top: int = 25) -> None:
+def _hlo_stack_frames(hlo_text: str) -> dict[str, str]:
+  """stack_frame_id -> "file:line" of the frame's own location (the HLO text's FileNames,
+  FileLocations and StackFrames tables); empty when the text has none."""
+  def table(title):
+    m = re.search(rf"^{title}\n(.*?)\n\n", hlo_text, re.M | re.S)
+    return dict(re.findall(r"^(\d+) (.*)$", m.group(1), re.M)) if m else {}
+  files = {k: v.strip('"') for k, v in table("FileNames").items()}
+  locs = {}
+  for k, v in table("FileLocations").items():
+    f, ln = re.search(r"file_name_id=(\d+)", v), re.search(r"\bline=(\d+)", v)
+    if f and ln:
+      path = files.get(f.group(1), "?")
+      locs[k] = ("site-packages" in path, f"{os.path.basename(path)}:{ln.group(1)}")
+  raw = {}
+  for k, v in table("StackFrames").items():
+    loc, parent = re.search(r"file_location_id=(\d+)", v), re.search(r"parent_frame_id=(\d+)", v)
+    raw[k] = (locs.get(loc.group(1)) if loc else None, parent.group(1) if parent else None)
+  frames = {}
+  for k in raw:  # the innermost two frames outside installed packages (this repo's code)
+    chain, seen, cur = [], set(), k
+    while cur in raw and cur not in seen and len(chain) < 2:
+      seen.add(cur)
+      loc, cur = raw[cur][0], raw[cur][1]
+      if loc and not loc[0]:
+        chain.append(loc[1])
+    if chain:
+      frames[k] = "<".join(chain)
+  return frames
+
+
+def hlo_op_summaries(hlo_text: str, names) -> dict[str, str]:
+  """For each op name (a fusion or instruction of the optimized HLO, as GPU traces name
+  their kernels), a one-line summary read off `compiled.as_text()`: its result shape,
+  the source lines and JAX op of its metadata (which layer made it), its operands' shapes.
+  Names the text does not hold are left out."""
+  shapes = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?\]\S*|\([^=]*?\)) ", hlo_text, re.M))
+  frames = _hlo_stack_frames(hlo_text)
+  out = {}
+  # GPU traces write an instruction's dots as underscores (fusion.19 -> fusion_19)
+  lines = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", hlo_text, re.M):
+    lines.setdefault(m.group(1), m.group(2))
+    lines.setdefault(m.group(1).replace(".", "_"), m.group(2))
+  for name in names:
+    line = lines.get(name)
+    if line is None:
+      continue
+    result = line.split(" ", 1)[0]
+    call = re.search(r"\b(fusion|custom-call|[\w-]+)\(([^)]*)\)", line)
+    operands = [o.strip().lstrip("%") for o in call.group(2).split(",")] if call else []
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    src = op_name.group(1)[-70:] if op_name else ""
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    if frame and frame.group(1) in frames:
+      src = f"{frames[frame.group(1)]} {src}"
+    ins = " ".join(shapes.get(o, o) for o in operands if o)
+    out[name] = f"{result}" + (f" [{src}]" if src else "") + f" <- {ins}"
+  return out
+
+
+def summarise_trace(trace_dir: str, steps: int, top: int = 25, hlo_text: str | None = None) -> None:
   """Print the device time per op name of the newest Perfetto trace under trace_dir
   (written by jax.profiler.trace(..., create_perfetto_trace=True) around `steps` steps):
-  ms per step, share of the device time, calls per step, the `top` largest."""
+  ms per step, share of the device time, calls per step, the `top` largest. With the
+  step's optimized HLO (`hlo_text`), each listed op gets a line below it with its shapes
+  and JAX source op (`hlo_op_summaries`)."""
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not paths:
     print(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -133,5 +196,9 @@ def summarise_trace(trace_dir: str, steps: int, top: int = 25) -> None:
   print(f"\ndevice processes: {sorted(names[p] for p in device)}")
   print(f"device op time: {whole / 1e3 / steps:.3f} ms per step (summed over streams)")
   print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
-  for name, dur in totals.most_common(top):
+  listed = totals.most_common(top)
+  notes = hlo_op_summaries(hlo_text, [n for n, _ in listed]) if hlo_text else {}
+  for name, dur in listed:
     print(f"{dur / 1e3 / steps:8.3f} {dur / whole:6.1%} {counts[name] / steps:10.1f}  {name[:110]}")
+    if name in notes:
+      print(f"{'':27}  {notes[name][:300]}")

@@ -2,7 +2,7 @@ r"""Train-step time, tokens/s and MFU of LM recipes in float32 and bf16 (run on 
 
     python -m benchmarks.train_step --config=configs/lm/imdb.py:mamba \
         --config=configs/lm/imdb.py:transformer [--dtypes=float32,bfloat16] [--steps=10] \
-        [--trace_dir=/tmp/trace --top=25]
+        [--trace_dir=/tmp/trace --top=25 [--hlo_dump=/tmp/xdump]] [--set=model.num_layers=2]
 
 Each row builds the trainer as `python -m train` does (model, optimizer, the jitted
 step with its fused update) for the config with model.dtype set, feeds a synthetic batch
@@ -11,7 +11,9 @@ reports the best of 3 x `--steps` pipelined steps: ms per step, tokens/s, model 
 and MFU (train/flops.py: 6 N + the mixers' sequence terms, against the device's dense
 peak for the dtype). Rows of one call are comparable; compare across calls only loosely.
 With --trace_dir each row also traces 3 steps and prints the device time per op (printed
-before its row).
+before its row); with --hlo_dump (and XLA_FLAGS=--xla_dump_to=that folder
+--xla_dump_hlo_module_re=.*train_step.*) each listed op also gets its shapes and the
+source line that made it, read off the step's optimized HLO.
 """
 
 import time
@@ -26,6 +28,12 @@ _STEPS = flags.DEFINE_integer("steps", 10, "steps per timing")
 _TRACE = flags.DEFINE_string("trace_dir", None,
                              "also trace 3 steps per row here and print device time per op")
 _TOP = flags.DEFINE_integer("top", 25, "device ops listed per traced row")
+_HLO_DUMP = flags.DEFINE_string(
+    "hlo_dump", None, "the folder of XLA_FLAGS=--xla_dump_to=... (set it in the environment, "
+    "with --xla_dump_hlo_module_re=.*train_step.*): traced ops get their shapes and source "
+    "lines from the step's optimized HLO there")
+_SET = flags.DEFINE_multi_string("set", [], "config override key=value (e.g. "
+                                 "model.num_layers=2), applied to every config")
 
 
 def _load(path_arg: str):
@@ -37,8 +45,46 @@ def _load(path_arg: str):
   return mod.get_config(arg) if arg else mod.get_config()
 
 
+def _optimized_hlo(dump_dir: str | None) -> str | None:
+  """The newest train step's optimized HLO text in an XLA dump folder (None if absent)."""
+  import glob  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  if not dump_dir:
+    return None
+  paths = glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt"))
+  if not paths:
+    print(f"no *train_step*after_optimizations.txt under {dump_dir}")
+    return None
+  with open(max(paths, key=os.path.getmtime)) as f:
+    return f.read()
+
+
+def apply_overrides(config, overrides):
+  """config with each "a.b=value" applied (value parsed as a Python literal when it is
+  one, else kept as a string); a key the config lacks is a KeyError."""
+  import ast  # noqa: PLC0415
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for item in overrides:
+      key, sep, raw = item.partition("=")
+      if not sep:
+        raise ValueError(f"--set {item!r}: expected key=value")
+      *parents, leaf = key.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      if leaf not in node:
+        raise KeyError(f"--set {item!r}: the config has no {key}")
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        value = raw
+      node[leaf] = value
+  return config
+
+
 def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | None = None,
-              top: int = 25) -> dict:
+              top: int = 25, hlo_dump: str | None = None) -> dict:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
@@ -88,7 +134,7 @@ def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | 
     from benchmarks.common import summarise_trace  # noqa: PLC0415
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run(3)
-    summarise_trace(trace_dir, 3, top)
+    summarise_trace(trace_dir, 3, top, hlo_text=_optimized_hlo(hlo_dump))
   tokens_per_s = b * seq_len / best
   mfu = flops_lib.mfu(tokens_per_s, trainer.flops_per_token, dtype=dtype)
   return dict(step_ms=1e3 * best, tokens_per_s=tokens_per_s, compile_s=compile_s,
@@ -104,11 +150,12 @@ def main(argv):
   print(f"{'config':34} {'dtype':9} {'params':>7} {'batch':>9} {'ms/step':>8} "
         f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'loss':>7} {'compile s':>9}")
   for path in _CONFIGS.value:
-    config = _load(path)
+    config = apply_overrides(_load(path), _SET.value)
     for dtype in _DTYPES.value:
       try:
         trace = _TRACE.value and f"{_TRACE.value}/{path.split(':')[-1]}_{dtype}"
-        r = time_step(config, dtype, _BATCH.value, _STEPS.value, trace, _TOP.value)
+        r = time_step(config, dtype, _BATCH.value, _STEPS.value, trace, _TOP.value,
+                      _HLO_DUMP.value)
       except Exception as e:  # noqa: BLE001 (a row that fails says why; the others run)
         print(f"{path:34} {dtype:9} FAILED: {type(e).__name__}: {str(e)[:300]}")
         continue

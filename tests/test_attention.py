@@ -192,3 +192,34 @@ def test_bad_inputs_and_states_fail_clearly():
   bi = Attention(D, num_heads=2, bidirectional=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="not causal"):
     bi.init_state(B)
+
+
+def test_masked_cudnn_path_keeps_no_score_sized_residuals(monkeypatch):
+  """Differentiating the masked cuDNN path's cond (cuDNN for prefix masks, XLA else) makes
+  each branch return the other's residuals: the XLA branch must be rematerialised, or
+  the cuDNN branch writes zeros for its (b, heads, l, l) probabilities every layer. Traced
+  only (no cuDNN here): the cuDNN call is replaced by a remat'd XLA attention."""
+  import models.attention as attention_mod
+  original = jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, *args, implementation=None, key_value_seq_lengths=None, **kw):
+    if implementation == "cudnn":
+      return jax.checkpoint(lambda q, k, v: original(
+          q, k, v, is_causal=kw.get("is_causal", False), implementation="xla"))(q, k, v)
+    return original(q, k, v, *args, implementation=implementation, **kw)
+
+  monkeypatch.setattr(attention_mod.jax.nn, "dot_product_attention", stand_in)
+  b, l, d = 2, 128, 64
+  model = Attention(d, num_heads=2, impl="cudnn", rngs=nnx.Rngs(0))
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, x, mask):
+    return jnp.sum(nnx.merge(graph, params, rest)(x, mask=mask))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(
+      params, jax.ShapeDtypeStruct((b, l, d), jnp.float32), jax.ShapeDtypeStruct((b, l), bool))
+  conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+  assert conds, "the masked cuDNN path should branch on the mask being a prefix"
+  for eqn in conds:
+    shapes = [tuple(v.aval.shape) for v in eqn.outvars]
+    assert not [s for s in shapes if s[-2:] == (l, l)], shapes

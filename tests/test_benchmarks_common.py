@@ -3,6 +3,7 @@
 import io
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import common
@@ -53,3 +54,31 @@ def test_summarise_trace_sums_device_time_per_op(tmp_path, capsys):
   assert all(float(line.split()[0]) >= 0 for line in rows)
   common.summarise_trace(str(tmp_path / "empty"), 2)
   assert "no perfetto_trace.json.gz under" in capsys.readouterr().out
+
+
+def test_hlo_op_summaries_name_shapes_and_source_lines():
+  def inner(x, w):
+    return jnp.tanh(x @ w)
+
+  fn = jax.jit(lambda x, w: inner(x, w).T * 2 + 1)
+  text = fn.lower(jnp.ones((64, 32)), jnp.ones((32, 48))).compile().as_text()
+  import re
+  names = re.findall(r"^\s*ROOT %?([\w.\-]+) = ", text, re.M)
+  entry_root = names[-1]                  # the step's output op, as a trace would name it
+  notes = common.hlo_op_summaries(text, [entry_root.replace(".", "_"), "no_such_op"])
+  assert "no_such_op" not in notes
+  (note,) = notes.values()
+  assert note.startswith("f32[48,64]")
+  assert "test_benchmarks_common.py:" in note
+
+
+def test_train_step_config_overrides():
+  from benchmarks.train_step import _load, apply_overrides
+  config = _load("configs/lm/imdb.py:mamba2")
+  out = apply_overrides(config, ["model.num_layers=2", "data.seq_len=256"])
+  assert (out.model.num_layers, out.data.seq_len) == (2, 256)
+  assert config.model.num_layers == 24                        # the original is untouched
+  with pytest.raises(KeyError, match="no model.nonsense"):
+    apply_overrides(config, ["model.nonsense=1"])
+  with pytest.raises(ValueError, match="key=value"):
+    apply_overrides(config, ["model.num_layers"])
