@@ -196,12 +196,14 @@ class Mamba2(Mixer):
     del mask, deterministic
     f32 = jnp.float32
     z, xbc, dt = self._split_in(self.in_proj(x))
-    # The convolution and silu in float32 (fused by XLA); SSD's x, B, C in the compute
-    # dtype (the kernel takes bf16 operands, accumulating in float32).
-    xbc = jax.nn.silu(causal_depthwise_conv(xbc.astype(f32), self.conv_w[...], self.conv_b[...],
-                                            segment_ids))
-    xs, B, C = (v if self.dtype is None else v.astype(self.dtype)
-                for v in self._split_xbc(xbc))
+    # The convolution reads xbc in the compute dtype and sums its taps in float32 (the
+    # float32 weights promote them inside the fusion); silu's output goes back to the
+    # compute dtype for SSD (bf16 operands, float32 accumulation). Casting xbc to float32
+    # first stored float32 taps for the backward: 5.64 -> 5.38 ms fwd+bwd per bf16 layer
+    # (B 16, L 2048, d_model 768, packed; H200).
+    xbc = jax.nn.silu(causal_depthwise_conv(xbc, self.conv_w[...].astype(f32),
+                                            self.conv_b[...].astype(f32), segment_ids))
+    xs, B, C = self._split_xbc(xbc.astype(self.dtype or f32))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:
       y = ssd(xs, dt.astype(f32), A, B, C, D=self.D[...], segment_ids=segment_ids,
