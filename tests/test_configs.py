@@ -33,9 +33,19 @@ def _importable(kind):
     return False
 
 
-ALL = ([(listops.get_config, f"{m},{s}" if s else m) for m in listops.MODELS
-        for s in common.SIZES] + [(mqar.get_config, m) for m in mqar.MODELS]
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+_LRA = [importlib.import_module(f"configs.lra.{task}") for task in LRA_TASKS]
+ALL = ([(mod.get_config, f"{m},{s}" if s else m) for mod in _LRA for m in mod.MODELS
+        for s in getattr(mod, "SIZES", common.SIZES)]
+       + [(mqar.get_config, m) for m in mqar.MODELS]
        + [(mqar.get_config, f"{m},tiny") for m in mqar.MODELS])
+
+
+def test_every_lra_task_has_every_model():
+  """Issue 26: `get_config(model)` works for every registered model on all six tasks."""
+  registered = {"transformer" if k == "attention" else k for k in models.MIXERS}
+  for task, mod in zip(LRA_TASKS, _LRA):
+    assert set(mod.MODELS) == registered, task
 
 
 @pytest.mark.parametrize("get_config,arg", ALL, ids=[f"{g.__module__}:{a}" for g, a in ALL])
@@ -62,6 +72,44 @@ def test_published_listops_recipes():
   assert (s4d.model.num_layers, s4d.model.d_model, s4d.model.mixer.d_state) == (8, 128, 64)
   assert (s4d.train.batch_size, s4d.train.num_steps) == (50, 80_000)
   assert s4d.data.seq_len == 2000 and s4d.data.num_train == 96_000
+
+
+def test_published_pathfinder_recipes_of_the_other_models():
+  """Spot checks against the sources named in configs/lra/pathfinder.py and image.py."""
+  from configs.lra import image, pathfinder, pathx
+  t = pathfinder.get_config("transformer")
+  assert (t.model.num_layers, t.model.d_model, t.model.mixer.num_heads) == (1, 128, 4)
+  assert (t.train.batch_size, t.train.num_steps, t.optim.warmup_steps) == (512, 62_400, 312)
+  assert (t.optim.lr, t.optim.weight_decay, t.model.dropout) == (1e-3, 0.0, 0.2)
+  tx = pathx.get_config("transformer")
+  assert (tx.model.d_model, tx.model.mixer.num_heads, tx.train.batch_size) == (32, 2, 64)
+  assert tx.model.mixer.max_len == 16384 and tx.optim.grad_clip == 1.0
+  g = pathfinder.get_config("sgconv")
+  assert (g.model.mixer.kernel_dim, g.optim.weight_decay, g.optim.warmup_steps) == (32, 0.03, 2_500)
+  assert g.model.mixer.l_max == 1024 and g.model.dropout == 0.2
+  gx = pathx.get_config("sgconv")
+  assert (gx.model.mixer.kernel_dim, gx.train.num_steps, gx.train.batch_size) == (64, 125_000, 16)
+  m = pathfinder.get_config("mamba2")
+  assert (m.train.batch_size, m.train.num_steps, m.optim.warmup_steps) == (64, 500_000, 50_000)
+  assert not m.model.bidirectional and m.optim.b2 == 0.95
+  i = image.get_config("transformer")
+  assert (i.model.num_layers, i.model.d_model, i.model.pooling) == (1, 32, "first")
+  assert (i.train.batch_size, i.train.num_steps, i.optim.lr) == (256, 35_000, 5e-4)
+  assert image.get_config("s4d").train.num_steps == 180_000     # the others keep the S4 budget
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["sgconv", "mamba2", "transformer"])
+def test_tiny_pathfinder_trains_the_other_model_families(model, tmp_path):
+  """The Pathfinder configs past s4 / s4d train a few steps (an LTI kernel, a selective
+  recurrence, attention); s4d's tiny run is tests/test_data_pathfinder.py's."""
+  import numpy as np
+  from configs.lra import pathfinder
+  config = pathfinder.get_config(f"{model},tiny")
+  config.data.cache_dir = str(tmp_path / "cache")
+  results = trainer.run(config, str(tmp_path / "work"))
+  assert results["steps"] == config.train.num_steps
+  assert all(np.isfinite(v) for v in results.values() if isinstance(v, float))
 
 
 def test_short_pathfinder_is_the_recipe_over_a_tenth_of_its_schedule():

@@ -6,7 +6,7 @@ r"""LRA Image: CIFAR-10 as sequences of 1024 grayscale pixels, 10 classes.
       --config.data.data_dir=/path/to/cifar-10-batches-py
 
 The argument is "model[,size]". model: s4, s4d, lssl, sgconv, mamba, mamba2, lightning,
-linear_attention. size: "" = the published recipe (GPU scale), "local" = a CPU demo
+linear_attention, transformer. size: "" = the published recipe (GPU scale), "local" = a CPU demo
 (a small model, 300 steps on the same data; s4d about 3 min on 2 CPU cores
 plus about 15-30 s to decode the JPEGs the first time, test accuracy about 0.35), "tiny" = a few steps, for tests (point
 data.data_dir at a small set; the default source is all of CIFAR-10).
@@ -28,6 +28,13 @@ Published recipe (source; numbers copied into RECIPES below):
           authors. Our choice, unverified at full scale: the S4 budget (batch 50, 180k
           steps) with a 6 x 256 causal body, prenorm RMSNorm, mean pooling and the LM
           recipes' optimizer settings, as in configs/lra/listops.py.
+  transformer  google-research/long-range-arena lra_benchmarks/image/configs/cifar10/
+          base_cifar10_config.py (transformer_base.py keeps it): 1 layer, 1 head, width
+          32, MLP 64 (ffn_mult 2), dropout 0.3, first-position ("CLS") pooling, batch 256,
+          200 epochs of 45k (35k steps), lr 5e-4 with one epoch of warmup then cosine, no
+          weight decay. Published 42.44. Differences: rotary positions (LRA: learned),
+          AdamW's b2 0.98 as our other LRA transformers, one dropout rate (LRA's attention
+          dropout is 0.2).
 """
 
 import ml_collections
@@ -35,7 +42,8 @@ from ml_collections import config_dict
 
 from configs import common
 
-MODELS = ("s4", "s4d", "lssl", "sgconv", "mamba", "mamba2", "lightning", "linear_attention")
+MODELS = ("s4", "s4d", "lssl", "sgconv", "mamba", "mamba2", "lightning", "linear_attention",
+          "transformer")
 
 _LTI_BODY = dict(norm="batch", prenorm=False, ffn="none", pooling="mean", bidirectional=True,
                  dropout=0.1, num_layers=6, d_model=512)
@@ -47,7 +55,7 @@ _LM_STYLE_OPTIM = dict(lr=2e-3, ssm_lr=2e-3, weight_decay=0.1, warmup_steps=18_0
                        schedule="cosine", grad_clip=1.0, b2=0.95)
 _BUDGET = dict(batch_size=50, num_steps=180_000)
 
-# model -> (model fields, mixer options, optim fields)
+# model -> (model fields, mixer options, optim fields[, train fields: default _BUDGET])
 RECIPES = {
     "s4": (_LTI_BODY, dict(d_state=64, dt_min=1e-3, dt_max=1e-1), _LTI_OPTIM),
     "s4d": (_LTI_BODY, dict(d_state=64, init="legs", dt_min=1e-3, dt_max=1e-1), _LTI_OPTIM),
@@ -58,6 +66,12 @@ RECIPES = {
     "lightning": (dict(_CAUSAL_BODY, ffn="glu", ffn_mult=2), dict(num_heads=4), _LM_STYLE_OPTIM),
     "linear_attention": (dict(_CAUSAL_BODY, ffn="glu", ffn_mult=2), dict(num_heads=4),
                          _LM_STYLE_OPTIM),
+    "transformer": (dict(norm="layer", prenorm=True, ffn="mlp", ffn_mult=2, pooling="first",
+                         bidirectional=True, dropout=0.3, num_layers=1, d_model=32),
+                    dict(num_heads=1),
+                    dict(lr=5e-4, ssm_lr=5e-4, weight_decay=0.0, warmup_steps=45_000 // 256,
+                         schedule="cosine", b2=0.98),
+                    dict(batch_size=256, num_steps=45_000 // 256 * 200)),
 }
 
 
@@ -77,9 +91,10 @@ def image_data(seq_len=1024) -> dict:
 
 def get_config(arg: str = "s4") -> ml_collections.ConfigDict:
   model, size = common.parse_arg(arg, models=MODELS)
-  model_fields, mixer, optim = RECIPES[model]
+  model_fields, mixer, optim, *train = RECIPES[model]
   config = common.recipe_config("image", model, size, model_fields=model_fields, optim=optim,
-                                train=_BUDGET, eval_every=4_500, eval_batch_size=100)
+                                train=train[0] if train else _BUDGET, eval_every=4_500,
+                                eval_batch_size=100)
   seq_len = ml_collections.FieldReference(1024)  # mixer l_max follows data.seq_len
   config.data = ml_collections.ConfigDict(image_data(seq_len))
   mixer = dict(mixer)

@@ -3,7 +3,8 @@ r"""LRA Pathfinder: are the two marked circles joined by a path? 32x32 pixels, 2
   python -m train --config=configs/lra/pathfinder.py:s4 --workdir=runs/pathfinder_s4
   python -m train --config=configs/lra/pathfinder.py:s4d,local --workdir=/tmp/pathfinder_demo
 
-The argument is "model[,size]". model: s4, s4d. size: "" = the published recipe (200k
+The argument is "model[,size]". model: s4, s4d, lssl, sgconv, mamba, mamba2, lightning,
+linear_attention, transformer. size: "" = the published recipe (200k
 generated images, or the LRA release via --config.data.data_dir=.../lra_release, GPU
 scale), "short" = the same model, data and optimiser over a tenth of the schedule (steps
 and warmup; the learning rate still decays to zero), for runs that must fit a few GPU
@@ -20,6 +21,29 @@ accuracy on the release. Differences: our S4 keeps one A per feature and every S
 (dt too) at ssm_lr; inputs normalised as S4 does ((x - 0.5) / 0.5). s4d: the same body
 and budget with the S4D-LegS diagonal kernel (our choice; the S4D paper's LRA table
 uses a similar recipe).
+
+The other models (RECIPES; the s4 / s4d recipe above is unchanged by them):
+  lssl    the S4 body and budget (our choice; no published LRA recipe), N 64, GLU output.
+  sgconv  ctlllll/SGConv configs/experiment/lra/gconv-lra-pathfinder.yaml (Path-X:
+          gconv-lra-pathx.yaml): the S4 body (6 x 256, prenorm BatchNorm, bidirectional,
+          GLU), kernel_dim 32 (Path-X 64), decay 2 (Path-X: decay_min 1 .. decay_max 3;
+          one decay here: 2), kernel lr 1e-3, lr 0.004, wd 0.03, dropout 0.2 (Path-X 0),
+          cosine with warmup of one epoch (2500 steps; Path-X 10k) over 500k steps (Path-X
+          125k), batch 64 (Path-X 16). Differences: "last" decoding there, mean pooling here.
+  transformer  google-research/long-range-arena lra_benchmarks/image/configs/
+          pathfinder32/transformer_base.py: 1 layer, 4 heads, width 128, MLP 128
+          (ffn_mult 1), dropout 0.2, mean pooling, batch 512, 200 epochs of 160k (62.4k
+          steps), lr 1e-3 with 1 epoch of warmup then cosine, no weight decay. Path-X
+          (pathfinder128/base_pathfinder128_config.py): 1 layer, 2 heads, width 32, MLP 32,
+          dropout 0.1, batch 64, 500k steps, warmup 2500, grad clip 1. Published 71.40
+          (Pathfinder) and FAIL (Path-X). Differences: rotary positions (LRA: fixed
+          sinusoidal at 32 px, learned at 128 px), AdamW's b2 0.98 as our other LRA
+          transformers.
+  mamba, mamba2, lightning, linear_attention: no published Pathfinder recipe. Our choice,
+          unverified: the S4 recipe's budget (batch, steps, warmup) with a 6 x 256 causal
+          body (prenorm RMSNorm, mean pooling, no dropout) and the LM recipes' optimizer
+          settings (AdamW b2 0.95, wd 0.1, grad clip 1, peak lr 2e-3; Path-X 1e-3), as in
+          configs/lra/listops.py and image.py.
 """
 
 import ml_collections
@@ -27,9 +51,47 @@ from ml_collections import config_dict
 
 from configs import common
 
-MODELS = ("s4", "s4d")
+MODELS = ("s4", "s4d", "lssl", "sgconv", "mamba", "mamba2", "lightning", "linear_attention",
+          "transformer")
 SIZES = common.SIZES + ("short",)
 SHORT_FRACTION = 10  # "short": 1/10 of the published steps and warmup
+
+_CAUSAL_BODY = dict(norm="rms", prenorm=True, ffn="none", pooling="mean", bidirectional=False,
+                    dropout=0.0)
+_CAUSAL_MIXERS = {"mamba": dict(d_state=16, d_conv=4, expand=2),
+                  "mamba2": dict(d_state=64, headdim=32, expand=2),
+                  "lightning": dict(num_heads=4), "linear_attention": dict(num_heads=4)}
+
+
+def _other_recipe(model: str, task: str, recipe: dict):
+  """(model fields, mixer, optim, train) of the models past s4 / s4d (module docstring),
+  or None for those two (their recipe is `build`'s own)."""
+  pathx = task == "pathx"
+  steps, batch = 500_000, recipe["batch_size"]
+  if model == "lssl":
+    return ({}, dict(d_state=64, postact="glu"), {}, {})
+  if model == "sgconv":
+    return (dict(dropout=0.0 if pathx else 0.2),
+            dict(kernel_dim=64 if pathx else 32, decay=2.0),
+            dict(lr=0.004, ssm_lr=1e-3, weight_decay=0.03,
+                 warmup_steps=10_000 if pathx else 2_500),
+            dict(num_steps=125_000 if pathx else steps))
+  if model == "transformer":
+    body = (dict(num_layers=1, d_model=32, ffn_mult=1, dropout=0.1) if pathx else
+            dict(num_layers=1, d_model=128, ffn_mult=1, dropout=0.2))
+    batch = 64 if pathx else 512
+    steps = 500_000 if pathx else 160_000 // 512 * 200
+    return (dict(norm="layer", prenorm=True, ffn="mlp", pooling="mean", bidirectional=True,
+                 **body),
+            dict(num_heads=2 if pathx else 4),
+            dict(lr=1e-3, ssm_lr=1e-3, weight_decay=0.0, b2=0.98, schedule="cosine",
+                 warmup_steps=160_000 // batch, grad_clip=1.0 if pathx else 0.0),
+            dict(batch_size=batch, num_steps=steps))
+  if model in _CAUSAL_MIXERS:
+    lr = 1e-3 if pathx else 2e-3
+    return (_CAUSAL_BODY, dict(_CAUSAL_MIXERS[model]),
+            dict(lr=lr, ssm_lr=lr, weight_decay=0.1, grad_clip=1.0, b2=0.95), {})
+  return None
 
 
 def pathfinder_data(task: str, size: int, seq_len) -> dict:
@@ -64,6 +126,13 @@ def build(arg: str, *, task: str, size: int, recipe: dict) -> ml_collections.Con
   config.train.update(dict(batch_size=recipe["batch_size"], num_steps=500_000,
                            eval_batch_size=2 * recipe["batch_size"], eval_every=10_000,
                            checkpoint_every=10_000, log_every=100))
+  other = _other_recipe(model, task, recipe)
+  if other is not None:
+    model_fields, mixer, optim, train = other
+    config.model.update(model_fields)
+    config.optim.update(optim)
+    config.train.update(train)
+    config.train.eval_batch_size = 2 * config.train.batch_size
   seq_len = ml_collections.FieldReference(size * size)
   config.data = ml_collections.ConfigDict(pathfinder_data(task, size, seq_len))
 
@@ -77,23 +146,27 @@ def build(arg: str, *, task: str, size: int, recipe: dict) -> ml_collections.Con
     seq_len.set(local * local)
     config.data.num_examples = 4_000
     config.model.update(dict(num_layers=4, d_model=64))
-    mixer["d_state"] = 16
+    if model in ("s4", "s4d"):
+      mixer["d_state"] = 16
+    else:
+      mixer = common.shrink_mixer(model, mixer, d_state=16, heads=4, kernel_dim=16)
     config.train.update(dict(num_steps=2_000, batch_size=32, eval_batch_size=100,
                              eval_every=500, checkpoint_every=500, log_every=50))
-    config.optim.update(dict(lr=4e-3, ssm_lr=1e-3, warmup_steps=200))
+    config.optim.update(common.local_optim(model, 1e-3 if model == "transformer" else 4e-3, 200))
   elif run_size == "tiny":
     config.data.size = 32  # Path-X too: 16384 positions are too slow for a unit test
     seq_len.set(32 * 32)
     config.data.update(dict(num_examples=80, num_workers=1))
     config.model.update(dict(num_layers=1, d_model=16))
-    mixer["d_state"] = 4
+    if model in ("s4", "s4d"):
+      mixer["d_state"] = 4
+    else:
+      mixer = common.shrink_mixer(model, mixer, d_state=4, heads=2, kernel_dim=8)
     config.train.update(dict(num_steps=4, batch_size=8, eval_batch_size=16, eval_every=2,
                              checkpoint_every=2, log_every=1, keep_checkpoints=2))
     config.optim.update(dict(lr=1e-2, ssm_lr=1e-2, warmup_steps=1))
 
-  config.model.mixer = ml_collections.ConfigDict(mixer)
-  if model == "s4":
-    config.model.mixer.l_max = seq_len
+  common.set_mixer(config, model, mixer, seq_len)
   return common.lock(config)
 
 
