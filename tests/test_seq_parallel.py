@@ -254,3 +254,40 @@ def test_bad_inputs_raise_one_line_errors(meshes):
   # The op's own checks still apply first (a wrong h0 shape).
   with pytest.raises(ValueError, match="h0 must be"):
     sp.linear_scan_seq_parallel(a[:, :32], b[:, :32], jnp.zeros((B, 3)), mesh=meshes["seq"])
+
+
+# -- the mixers' option ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "lightning", "linear_attention"])
+def test_mixer_seq_mesh_matches(meshes, kind):
+  """A mixer built with seq_mesh= (same parameters) gives the plain mixer's output, with
+  packed documents where the mixer takes them, on a (data, seq)-sharded input."""
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ssm.lightning import Lightning
+  from ssm.linear_attention import LinearAttention
+  from ssm.mamba import Mamba
+  from ssm.mamba2 import Mamba2
+  cls, kw = {"mamba": (Mamba, dict(d_state=4)),
+             "mamba2": (Mamba2, dict(d_state=8, headdim=8, chunk_size=8)),
+             "lightning": (Lightning, dict(num_heads=2, chunk_size=8)),
+             "linear_attention": (LinearAttention, dict(num_heads=2, chunk_size=8))}[kind]
+  mesh = meshes["data_seq"]
+  plain = cls(16, impl="xla", rngs=nnx.Rngs(0), **kw)
+  sharded = cls(16, impl="xla", seq_mesh=mesh, rngs=nnx.Rngs(0), **kw)
+  x = normal(np.random.default_rng(12), B, L, 16)
+  ids = packed_ids(np.random.default_rng(13), L // 4) if cls.takes_segments else None
+  run = nnx.jit(lambda m, x: m(x, segment_ids=ids))
+  assert_close(run(sharded, jax.device_put(x, NamedSharding(mesh, P("data", "seq")))),
+               run(plain, x))
+
+
+def test_mixer_seq_mesh_errors(meshes):
+  from flax import nnx
+  from ssm.mamba2 import Mamba2
+  with pytest.raises(ValueError, match="seq_mesh has no axis 'seq'"):
+    Mamba2(16, d_state=8, headdim=8, seq_mesh=Mesh(np.array(jax.devices()), ("data",)),
+           rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="does not apply with memory_caching"):
+    Mamba2(16, d_state=8, headdim=8, seq_mesh=meshes["seq"], memory_caching=dict(segment_size=8),
+           rngs=nnx.Rngs(0))

@@ -62,7 +62,7 @@ from ssm.ops.selective_scan import (DEFAULT_CHUNK_SIZE as SELECTIVE_CHUNK, _spre
                                     check_selective_scan_args, selective_scan)
 from ssm.ops.ssd import DEFAULT_CHUNK_SIZE as SSD_CHUNK, check_ssd_args, ssd
 
-__all__ = ["lightning_attention_seq_parallel", "linear_scan_seq_parallel",
+__all__ = ["check_seq_mesh", "lightning_attention_seq_parallel", "linear_scan_seq_parallel",
            "selective_scan_seq_parallel", "ssd_seq_parallel"]
 
 
@@ -104,6 +104,23 @@ def _shard(body, mesh, in_specs, out_specs):
   tests hold every gradient to the unsharded op's."""
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                        check_vma=False)
+
+
+def check_seq_mesh(who: str, seq_mesh, seq_axis: str = "seq", memory_caching=None):
+  """A mixer's sequence-parallel option: (seq_mesh, seq_axis) if usable, ValueError
+  otherwise (not a Mesh, no such axis, or with memory caching, which has no such path)."""
+  if seq_mesh is None:
+    return None, seq_axis
+  if not isinstance(seq_mesh, Mesh):
+    raise ValueError(f"{who}: seq_mesh must be a jax.sharding.Mesh or None, got "
+                     f"{type(seq_mesh).__name__}")
+  if seq_axis not in seq_mesh.axis_names:
+    raise ValueError(f"{who}: seq_mesh has no axis {seq_axis!r} (its axes: "
+                     f"{tuple(seq_mesh.axis_names)})")
+  if memory_caching is not None:
+    raise ValueError(f"{who}: seq_mesh (sequence parallelism) does not apply with "
+                     f"memory_caching")
+  return seq_mesh, seq_axis
 
 
 # -- the combine across devices ---------------------------------------------------------------
