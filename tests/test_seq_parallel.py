@@ -115,12 +115,25 @@ def test_linear_scan(meshes, reverse):
 
 
 def test_linear_scan_pallas_interpret(meshes):
-  """The kernel (interpreted) inside shard_map: 8 devices of 8 steps each, no h0."""
+  """The kernel (interpreted) inside shard_map, values and gradients (its custom VJP):
+  8 devices of 8 steps each."""
   rng = np.random.default_rng(3)
   a = jnp.asarray(rng.uniform(0.5, 1.0, (1, L, 128)), jnp.float32)
-  b = normal(rng, 1, L, 128)
-  got = sp.linear_scan_seq_parallel(a, b, mesh=meshes["seq"], return_state=True, impl="pallas")
-  want = ops.linear_scan(a, b, return_state=True, impl="xla")
+  b, h0 = normal(rng, 1, L, 128), normal(rng, 1, 128)
+  check_op(lambda a, b, h0: sp.linear_scan_seq_parallel(a, b, h0, mesh=meshes["seq"],
+                                                        return_state=True, impl="pallas"),
+           lambda a, b, h0: ops.linear_scan(a, b, h0, return_state=True, impl="xla"),
+           (a, b, h0))
+
+
+def test_selective_scan_pallas_interpret(meshes):
+  rng = np.random.default_rng(14)
+  u, delta = normal(rng, 1, L, 128), normal(rng, 1, L, 128)
+  A, Bm, Cm = -jnp.exp(normal(rng, 128, 4)), normal(rng, 1, L, 4), normal(rng, 1, L, 4)
+  kw = dict(delta_softplus=True, h0=normal(rng, 1, 128, 4), return_state=True)
+  got = sp.selective_scan_seq_parallel(u, delta, A, Bm, Cm, mesh=meshes["seq"], impl="pallas",
+                                       **kw)
+  want = ops.selective_scan(u, delta, A, Bm, Cm, impl="xla", **kw)
   assert_close(got[0], want[0])
   assert_close(got[1], want[1])
 
@@ -219,9 +232,10 @@ def test_lightning(meshes):
 def test_lightning_without_decay(meshes):
   rng = np.random.default_rng(10)
   q, k, v, _, h0 = lightning_args(rng)
-  got = sp.lightning_attention_seq_parallel(q, k, v, h0=h0, return_state=True, impl="xla",
-                                            chunk_size=8, mesh=meshes["data_seq"])
-  want = ops.lightning_attention(q, k, v, h0=h0, return_state=True, impl="xla", chunk_size=8)
+  kw = dict(return_state=True, impl="xla", chunk_size=8)
+  got = jax.jit(lambda q, k, v, h0: sp.lightning_attention_seq_parallel(
+      q, k, v, h0=h0, mesh=meshes["data_seq"], **kw))(q, k, v, h0)
+  want = jax.jit(lambda q, k, v, h0: ops.lightning_attention(q, k, v, h0=h0, **kw))(q, k, v, h0)
   assert_close(got[0], want[0])
   assert_close(got[1], want[1])
 
