@@ -39,6 +39,11 @@ must be a multiple of the seq axis size and the batch of the batch axes' product
 (ValueError otherwise). Call these under `jax.jit` or eagerly; inputs may carry any
 sharding (shard_map moves them to its specs).
 
+Mixers: Mamba, Mamba2, LinearAttention and Lightning take `seq_mesh=mesh` (and `seq_axis`)
+and then call these variants; their projections and depthwise convolutions stay ordinary
+XLA ops, partitioned by GSPMD under the caller's jit (a sequence-sharded input there costs
+the convolution a small halo exchange, which XLA inserts).
+
 Not here: the LTI mixers' FFT convolution (ssm/ops/fft_conv.py) under a sequence-sharded
 input is left to GSPMD, which all-gathers the sequence around the FFT; no distributed FFT.
 Heads are not split over a mesh axis (only batch and length).
