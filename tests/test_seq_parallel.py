@@ -240,6 +240,17 @@ def test_lightning_without_decay(meshes):
   assert_close(got[1], want[1])
 
 
+def test_fft_conv_under_a_sequence_sharded_input(meshes):
+  """The LTI path has no seq-parallel variant: GSPMD all-gathers the length around the FFT
+  (module docstring); the result is still the unsharded one."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(15)
+  u, k = normal(rng, B, L, 8), normal(rng, 8, L)
+  f = jax.jit(lambda u, k: ops.fft_conv(u, k, impl="xla"))
+  u_sharded = jax.device_put(u, NamedSharding(meshes["data_seq"], P("data", "seq")))
+  assert_close(f(u_sharded, k), f(u, k))
+
+
 # -- errors at the boundary -------------------------------------------------------------------
 
 def test_bad_inputs_raise_one_line_errors(meshes):

@@ -45,7 +45,9 @@ XLA ops, partitioned by GSPMD under the caller's jit (a sequence-sharded input t
 the convolution a small halo exchange, which XLA inserts).
 
 Not here: the LTI mixers' FFT convolution (ssm/ops/fft_conv.py) under a sequence-sharded
-input is left to GSPMD, which all-gathers the sequence around the FFT; no distributed FFT.
+input is left to GSPMD, which all-gathers the length around the FFT (the compiled program
+on a (data, seq) mesh holds an all-gather; its output comes back replicated over seq, so
+the layers after it run unsplit until resharded): correct, but no distributed FFT.
 Heads are not split over a mesh axis (only batch and length).
 """
 
