@@ -61,7 +61,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ssm.ops._dtypes import compute_dtype
 from ssm.ops._segments import resets
 from ssm.ops.lightning_attention import check_lightning_args, lightning_attention
 from ssm.ops.linear_scan import check_linear_scan_args, linear_scan
