@@ -63,6 +63,8 @@ class Lightning(LinearMemoryMixer):
       state_init="checkpoint", max_segments=64).
     chunk_size: block length of `ssm.ops.lightning_attention`.
     impl: "auto" | "xla" | "pallas", passed to the op.
+    seq_mesh, seq_axis: a jax.sharding.Mesh and its axis splitting the length of the
+      parallel form (`ssm.ops.seq_parallel`; the rest of the layer is left to GSPMD), or None.
   """
 
   name = "lightning"
@@ -70,10 +72,10 @@ class Lightning(LinearMemoryMixer):
   def __init__(self, d_model: int, *, num_heads: int | None = None, layer_idx: int = 0,
                num_layers: int = 1, memory_caching=None, chunk_size: int = 64,
                impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
-               rngs: nnx.Rngs):
+               seq_mesh=None, seq_axis: str = "seq", rngs: nnx.Rngs):
     kind = self.name
     config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching, dtype,
-                         param_dtype)
+                         param_dtype, seq_mesh, seq_axis)
     if not isinstance(num_layers, int) or num_layers < 1:
       raise ValueError(f"{kind}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:

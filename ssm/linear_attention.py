@@ -27,6 +27,8 @@ Recurrent state: without memory caching a dict {"kv": (b, h, dk, dv), "z": (b, h
 the extra denominator column. States are float32.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,6 +38,7 @@ from ssm.memory_caching import memory_caching_config
 from ssm.mixer import Mixer, cached_memory
 from ssm.ops import lightning_attention
 from ssm.ops._impl import check_impl
+from ssm.ops.seq_parallel import check_seq_mesh, lightning_attention_seq_parallel
 
 FEATURE_MAPS = ("elu1", "relu", "identity")
 NORMALIZE = ("denominator", "rmsnorm", "none")
@@ -96,16 +99,20 @@ class LinearMemoryMixer(Mixer):
 
   takes_segments = True
 
-  def _setup(self, d_model, num_heads, chunk_size, impl, memory_caching, dtype, param_dtype):
+  def _setup(self, d_model, num_heads, chunk_size, impl, memory_caching, dtype, param_dtype,
+             seq_mesh=None, seq_axis="seq"):
     """Checks and stores the shared options; returns the memory-caching config (or None),
-    validated before any parameter is built."""
+    validated before any parameter is built. seq_mesh: a Mesh whose axis seq_axis splits the
+    length of the parallel form (`ssm.ops.seq_parallel`), or None."""
     h = check_heads(d_model, num_heads, self.name)
     positive_int(self.name, "chunk_size", chunk_size)
     check_impl(self.name, impl)
     self._precision(dtype, param_dtype)
     self.d_model, self.num_heads, self.head_dim = d_model, h, d_model // h
     self.chunk_size, self.impl = chunk_size, impl
-    return memory_caching_config(memory_caching)
+    config = memory_caching_config(memory_caching)
+    self.seq_mesh, self.seq_axis = check_seq_mesh(self.name, seq_mesh, seq_axis, config)
+    return config
 
   def _add_memory(self, config, rngs):
     """The memory-caching hook: gate tokens u_t = W_u x_t, one per head (the paper's)."""
@@ -123,8 +130,10 @@ class LinearMemoryMixer(Mixer):
     del mask, deterministic
     q, k, v, aux = self._project(x)
     if self.memory is None:
-      o = lightning_attention(q, k, v, self._log_decay(), segment_ids=segment_ids,
-                              chunk_size=self.chunk_size, impl=self.impl)
+      attend = (lightning_attention if self.seq_mesh is None else functools.partial(
+          lightning_attention_seq_parallel, mesh=self.seq_mesh, seq_axis=self.seq_axis))
+      o = attend(q, k, v, self._log_decay(), segment_ids=segment_ids,
+                 chunk_size=self.chunk_size, impl=self.impl)
     else:
       o = self.memory.read(x, q, k, v, self._log_a(x.shape[:2]), chunk_size=self.chunk_size)
     return self._finish(o, aux, x)
@@ -158,6 +167,8 @@ class LinearAttention(LinearMemoryMixer):
       state_init="checkpoint", max_segments=64).
     chunk_size: block length of the parallel form.
     impl: passed to `ssm.ops.lightning_attention`.
+    seq_mesh, seq_axis: a jax.sharding.Mesh and its axis splitting the length of the
+      parallel form (`ssm.ops.seq_parallel`; the rest of the layer is left to GSPMD), or None.
   """
 
   name = "linear_attention"
@@ -165,10 +176,10 @@ class LinearAttention(LinearMemoryMixer):
   def __init__(self, d_model: int, *, num_heads: int | None = None, feature_map: str = "elu1",
                normalize: bool | str = True, memory_caching=None, chunk_size: int = 64,
                impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
-               rngs: nnx.Rngs):
+               seq_mesh=None, seq_axis: str = "seq", rngs: nnx.Rngs):
     kind = self.name
     config = self._setup(d_model, num_heads, chunk_size, impl, memory_caching, dtype,
-                         param_dtype)
+                         param_dtype, seq_mesh, seq_axis)
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"{kind}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     norm = {True: "denominator", False: "none", None: "none"}.get(normalize, normalize)

@@ -21,6 +21,11 @@ Modes: parallel `__call__` (ssm.ops.selective_scan, chunked) and recurrent
 the last d_conv - 1 conv inputs (b, d_inner, d_conv - 1) and the SSM state
 (b, d_inner, N), both float32.
 
+Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
+"seq") runs the scan through `ssm.ops.seq_parallel.selective_scan_seq_parallel`, the length
+split over that axis; the projections and the depthwise convolution are left to GSPMD
+under the caller's jit and input sharding.
+
 Memory caching (`memory_caching=dict(segment_size=..., variant="gated", top_k=None,
 state_init="checkpoint", max_segments=64)`, see `ssm.memory_caching`): the SSM is
 read as a linear memory with one head per channel, q = C_t, k = B_t (shared by all
@@ -32,6 +37,7 @@ against the mean of the segment's B_t. With one segment covering the sequence (a
 state_init="checkpoint") the layer is exactly Mamba.
 """
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -45,6 +51,7 @@ from ssm.mixer import Mixer, cached_memory
 from ssm.ops import selective_scan
 from ssm.ops._impl import check_impl
 from ssm.ops.selective_scan import DEFAULT_CHUNK_SIZE
+from ssm.ops.seq_parallel import check_seq_mesh, selective_scan_seq_parallel
 from ssm.params import NoDecayParam
 
 # -- pure functions shared with Mamba-2 ------------------------------------------
@@ -114,7 +121,7 @@ class Mamba(Mixer):
                dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
                chunk_size: int = DEFAULT_CHUNK_SIZE, memory_caching: dict | None = None,
                impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
-               rngs: nnx.Rngs):
+               seq_mesh=None, seq_axis: str = "seq", rngs: nnx.Rngs):
     for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
                     ("expand", expand), ("chunk_size", chunk_size)):
       positive_int("Mamba", name, v)
@@ -123,6 +130,7 @@ class Mamba(Mixer):
     check_impl("Mamba", impl)
     self._precision(dtype, param_dtype)
     memory_caching = mcache.memory_caching_config(memory_caching)  # fails before any parameter
+    self.seq_mesh, self.seq_axis = check_seq_mesh("Mamba", seq_mesh, seq_axis, memory_caching)
     d_inner = expand * d_model
     self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, d_inner, d_state, d_conv
     self.dt_rank, self.chunk_size, self.impl = dt_rank, chunk_size, impl
@@ -173,8 +181,10 @@ class Mamba(Mixer):
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:
-      y = selective_scan(xc, delta, A, B, C, self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
-                         delta_softplus=True, chunk_size=self.chunk_size, impl=self.impl)
+      scan = (selective_scan if self.seq_mesh is None else functools.partial(
+          selective_scan_seq_parallel, mesh=self.seq_mesh, seq_axis=self.seq_axis))
+      y = scan(xc, delta, A, B, C, self.D[...], z=z, delta_bias=self.dt_proj.bias[...],
+               delta_softplus=True, chunk_size=self.chunk_size, impl=self.impl)
     else:
       y = self._cached_read(x, xc, delta, A, B, C, z)
     return self.out_proj(y).astype(x.dtype)

@@ -17,6 +17,11 @@ Hopper GPU: `impl`), with the D skip, dt_bias and the softplus of dt inside the 
 `segment_ids` (packed documents) restart the SSM state and the convolution window where
 the id changes. The step mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
 
+Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
+"seq") runs the SSD through `ssm.ops.seq_parallel.ssd_seq_parallel`, the length split over
+that axis; the projections, norm and depthwise convolution (its window crosses the chunk
+boundaries) are left to GSPMD under the caller's jit and input sharding.
+
 Memory caching (`memory_caching=dict(segment_size=..., ...)`, see `ssm.memory_caching`):
 SSD is a linear memory with heads = H, dk = N, dv = P, q = C_t, k = B_t, v = dt_t x_t
 and scalar log-decay dt_t A_h; `cached_memory_read` / `cached_memory_step` replace the
@@ -44,6 +49,7 @@ from ssm.mamba import MambaState, causal_depthwise_conv, conv_init, conv_step, d
 from ssm.mixer import Mixer, cached_memory
 from ssm.ops import ssd
 from ssm.ops._impl import check_impl
+from ssm.ops.seq_parallel import check_seq_mesh, ssd_seq_parallel
 from ssm.ops.ssd import ssd_path, ssd_step
 from ssm.params import NoDecayParam
 
@@ -120,7 +126,8 @@ class Mamba2(Mixer):
                ngroups: int = 1, d_conv: int = 4, chunk_size: int = 64,
                dt_min: float = 1e-3, dt_max: float = 1e-1, A_init_range=(1.0, 16.0),
                memory_caching: dict | None = None, impl: str = "auto",
-               dtype: str | None = None, param_dtype: str = "float32", rngs: nnx.Rngs):
+               dtype: str | None = None, param_dtype: str = "float32", seq_mesh=None,
+               seq_axis: str = "seq", rngs: nnx.Rngs):
     for name, v in (("d_model", d_model), ("d_state", d_state), ("headdim", headdim),
                     ("expand", expand), ("ngroups", ngroups), ("d_conv", d_conv),
                     ("chunk_size", chunk_size)):
@@ -138,6 +145,7 @@ class Mamba2(Mixer):
     check_impl("Mamba2", impl)
     self._precision(dtype, param_dtype)
     memory_caching = mcache.memory_caching_config(memory_caching)  # fails before any parameter
+    self.seq_mesh, self.seq_axis = check_seq_mesh("Mamba2", seq_mesh, seq_axis, memory_caching)
     self.d_model, self.d_inner, self.d_state, self.d_conv = d_model, d_inner, d_state, d_conv
     self.headdim, self.nheads, self.ngroups = headdim, nheads, ngroups
     self.chunk_size, self.impl = chunk_size, impl
@@ -206,7 +214,9 @@ class Mamba2(Mixer):
     xs, B, C = self._split_xbc(xbc.astype(self.dtype or f32))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:
-      y = ssd(xs, dt.astype(f32), A, B, C, D=self.D[...], segment_ids=segment_ids,
+      run = (ssd if self.seq_mesh is None else functools.partial(
+          ssd_seq_parallel, mesh=self.seq_mesh, seq_axis=self.seq_axis))
+      y = run(xs, dt.astype(f32), A, B, C, D=self.D[...], segment_ids=segment_ids,
               dt_bias=self.dt_bias[...], dt_softplus=True, chunk_size=self.chunk_size,
               impl=self.impl)
     else:

@@ -135,10 +135,10 @@ def test_bfloat16_input_keeps_dtype():
 def test_registry_options():
   assert mixer_options("linear_attention") == [
       "num_heads", "feature_map", "normalize", "memory_caching", "chunk_size", "impl",
-      "dtype", "param_dtype"]
+      "dtype", "param_dtype", "seq_mesh", "seq_axis"]
   assert mixer_options("lightning") == [
       "num_heads", "layer_idx", "num_layers", "memory_caching", "chunk_size", "impl",
-      "dtype", "param_dtype"]
+      "dtype", "param_dtype", "seq_mesh", "seq_axis"]
   with pytest.raises(ValueError, match="unknown options"):
     build_mixer("lightning", D, rngs=nnx.Rngs(0), decay=0.5)
 
