@@ -279,18 +279,27 @@ def state_differences(saved, target) -> list[str]:
   return out
 
 
+def _barriers(prefix: str):
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class Checkpointer:
   """Saves and restores train states under a workdir (see the module docstring)."""
 
   def __init__(self, workdir: str, *, keep: int):
     self.workdir = os.path.abspath(workdir)
     self._opts = dict(create=True, enable_async_checkpointing=True)
+    # Each manager's multi-process barriers get their own prefix: their keys are made of
+    # the step, so the two managers saving one step would meet at the same barrier
+    # ("Barrier _async_write_complete.N is already ongoing" under jax.distributed).
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"), item_handlers=_handlers(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **self._opts))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **self._opts,
+                                             multiprocessing_options=_barriers("latest")))
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, "best"), item_handlers=_handlers(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **self._opts))
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **self._opts,
+                                             multiprocessing_options=_barriers("best")))
 
   # -- saving ------------------------------------------------------------------------
   def _args(self, state, loader_state: dict, meta: dict):

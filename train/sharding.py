@@ -14,7 +14,9 @@ One code path for 1 CPU, 1 GPU, N GPUs and N hosts:
 - Multi-host: `maybe_initialize_distributed()` calls `jax.distributed.initialize()` when
   the environment describes a multi-process job (JAX_COORDINATOR_ADDRESS, or SLURM /
   Open MPI with more than one task, or SSMLAB_DISTRIBUTED=1); JAX then reads the cluster
-  details from the same variables. Each host loads only its shard of the data
+  details from the same variables, and a job without a cluster manager gives
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (on CPUs also JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo,
+  for collectives across processes). Each host loads only its shard of the data
   (jax.process_index() of jax.process_count()) and `global_batch` assembles the global
   array with jax.make_array_from_process_local_data.
 """
@@ -54,7 +56,19 @@ def maybe_initialize_distributed() -> None:
   """
   if not _multiprocess_env() or jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  env, kwargs = os.environ, {}
+  # A hand-made job (several processes on one machine, or hosts without a cluster
+  # manager) names itself with JAX_NUM_PROCESSES and JAX_PROCESS_ID beside
+  # JAX_COORDINATOR_ADDRESS; SLURM and Open MPI jobs are detected by JAX itself.
+  for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if env.get(var):
+      try:
+        kwargs[key] = int(env[var])
+      except ValueError:
+        raise ValueError(f"{var} must be an integer, got {env[var]!r}") from None
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+  jax.distributed.initialize(**kwargs)
   log.info("jax.distributed initialized: process %d of %d", jax.process_index(),
            jax.process_count())
 

@@ -412,7 +412,13 @@ def _setup(config, mesh, train_bs):
   import data
   from data.pipeline import make_loader
 
+  # Hosts of a multi-process job share the data cache: process 0 prepares a missing set
+  # and the others read it after, rather than racing to write the same directory.
+  if jax.process_index() != 0:
+    sharding_lib.sync_processes("data prepared")
   task, splits = data.load_task(config.data)
+  if jax.process_index() == 0:
+    sharding_lib.sync_processes("data prepared")
   for split in ("train", "validation", "test"):
     if split not in splits:
       raise ValueError(f"data.load_task returned no {split!r} split")
