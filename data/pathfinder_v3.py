@@ -22,11 +22,38 @@ snakes2.py as LRA ran it. Per image (all images of a batch advance together):
      Lanczos-3 filter in float (no clipping of the overshoot), negatives set to 0, and
      each image stretched so its brightest pixel is 255.
 Labels are i.i.d. fair coins per image (as the release), not balanced per chunk.
+Selected by config.data.generator_version = 3 (data/pathfinder.py keeps 2 the default:
+the statistics below do not all match yet).
 
 Shapes: b = images of a batch, k = candidate headings, w = window pixels,
 canvas pixels flattened (b, size * size) at 1x and (b, 4 * size * size) at 2x.
 
-Speed (this machine, 1 process, 2 cores shared with other work): see SPEED_NOTE.
+Measured (tests/test_data_pathfinder.py's samples; targets from PATHFINDER.md, pixel
+values / 255; blobs = 8-connected components of pixels >= 32; "ok" = within 15%):
+  32 px (147 images; target = the original re-run): mean 0.080 (0.080-0.087) ok,
+    > 0 44.6% (38-41%) ok, >= 32 18.7% (14-15%) MISS, >= 128 5.2% (8-9%) MISS,
+    blobs 25.6 (~16) MISS, snakes touching 23% (22-29%) ok, about 3.6 distractors
+    placed (about 2).
+  128 px (16 images; target = re-run / release): mean 0.049 (0.040 / 0.037) MISS
+    (+21%), > 0 19.6% (18.5 / 16.1%) ok, >= 32 8.6% (7.4%) MISS (+16%), >= 128 4.5%
+    (4.2 / 3.9%) ok, marker plateau 0.91 = 233 (225) ok, blobs 90 (82 / 87) ok, about
+    15.8 distractors placed (14-15).
+  64 px: not measured: 14 dashes of 7 px from the centre nearly always hit a border
+    under continuity 1.8 (< 1 pair in 600 fits), so this preset is impractically slow.
+What differs from the original, as far as known: our footprints (the mask a dash
+leaves) are drawn analytically (half width = thickness / 2 + margin, a linear edge of
+`soft` px) where the original rasterises, dilates and Lanczos-filters each one; we
+filter once after combining all dashes by max (the original filters every dash
+alone); the Lanczos kernel is applied as an exact 2:1 matrix (the original resizes
+each paddle's window by a ratio near 2); the wrapper's retry counts (segment 3 draws,
+distractor 1 (32 px) or 4 tries) are our guesses. At 32 px dashes stay too separate
+(too many blobs) and their faint skirts too wide.
+
+Speed (generate_chunk, one process on this 2-core machine shared with other work, no PNG
+writing): 310 images/s at 32 px, 18 images/s at 128 px (most snake pairs die at a
+border and are grown again: 8 pairs per image are grown at once at 32 px, 64 at 128).
+With 16 processes that is about 40 s for 200k images at 32 px, but about 12 minutes at
+128 px: above the aim of a few minutes.
 """
 
 from __future__ import annotations
@@ -37,7 +64,6 @@ import math
 import numpy as np
 
 VERSION = 3
-SPEED_NOTE = "measured in the module's __main__; see data/pathfinder.py docstring"
 
 
 @dataclasses.dataclass(frozen=True)
