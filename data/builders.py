@@ -397,8 +397,14 @@ def _pathfinder(opts):
                                               opts["contour_length"])
     options = dict(common, data_dir=str(folder.resolve()), fingerprint=fingerprint(folder))
     return SsmlabPathfinder, f"files-{options['fingerprint']}-{tail}", options
+  version = opts.get("generator_version", pathfinder_lib.GENERATOR_VERSION)
+  if version not in pathfinder_lib.GENERATOR_VERSIONS:
+    raise ValueError(f"{task} generator_version must be one of "
+                     f"{pathfinder_lib.GENERATOR_VERSIONS}, got {version!r}")
   gen = dict(num_examples=opts["num_examples"], seed=opts["seed"], num_workers=opts["num_workers"])
-  name = f"gen-n{gen['num_examples']}-v{pathfinder_lib.GENERATOR_VERSION}-seed{gen['seed']}-{tail}"
+  if version != 2:  # v2 sets keep the options (and cache entries) they had before v3
+    gen["version"] = version
+  name = f"gen-n{gen['num_examples']}-v{version}-seed{gen['seed']}-{tail}"
   return SsmlabPathfinder, name, dict(common, data_dir=None, generator=gen)
 
 

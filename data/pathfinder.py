@@ -63,6 +63,15 @@ Known differences from the published set (Linsley's generator, LRA release):
     at 32x32, same images) took 8 minutes for 200k images at 32x32. Reading: about
     3500 images/s.
 
+Version 3 (data/pathfinder_v3.py, config.data.generator_version = 3, cache key v3):
+the release's construction after /work/shared/PATHFINDER.md (two snakes grown
+alternately that may touch or cross, dashes 2m apart, the cos^2-weighted choice of the
+next dash on a circle, 10/11/17/15 distractors, 2x drawing with a Lanczos filter and a
+per-image stretch, i.i.d. labels). Not the default: at 128 px (Path-X) all six
+per-image statistics are within 15% of the release's, but at 32 px (Pathfinder) its
+fractions >= 32 / >= 128 and blob count miss, and its 64 px preset is impractically
+slow; that module's docstring has the numbers. Version 2 stays the default (GENERATOR_VERSION).
+
 Files (LRA release, lra_release/pathfinder{size}/curv_contour_length_{n}):
   imgs/<k>/sample_<i>.png     8-bit grayscale PNG, size x size
   metadata/<k>.npy            despite the name, whitespace text, one line per image:
@@ -101,8 +110,9 @@ from data.task import TaskSpec
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
-GENERATOR_VERSION = 2  # part of the cache key: bump when generated sets change
-                       # (2: the original's label-independent construction)
+GENERATOR_VERSION = 2  # the default version; part of the cache key: bump when generated
+                       # sets change (2: the original's label-independent construction)
+GENERATOR_VERSIONS = (2, 3)  # 3: data/pathfinder_v3.py, the release's construction
 IMAGES_PER_FOLDER = 1000
 NORMALIZE = ("unit", "s4")  # [0, 1]; or (x - 0.5) / 0.5 as S4's Normalize(0.5, 0.5)
 
@@ -421,8 +431,12 @@ def contour_dir_name(contour_length: int) -> str:
 
 
 def _write_chunk(args):
-  folder, seed, chunk, count, first, s = args
-  images, labels = generate_chunk(seed, chunk, count, s)
+  folder, seed, chunk, count, first, s, version = args
+  if version == 3:
+    from data import pathfinder_v3
+    images, labels = pathfinder_v3.generate_chunk(seed, chunk, count, s)
+  else:
+    images, labels = generate_chunk(seed, chunk, count, s)
   img_dir = Path(folder) / "imgs" / str(chunk)
   img_dir.mkdir(parents=True, exist_ok=True)
   lines = []
@@ -439,15 +453,24 @@ def _write_chunk(args):
 
 def write_dataset(out_dir, *, num_examples: int, seed: int = 0, size: int = 32,
                   contour_length: int = 14, num_workers: int = 0,
-                  settings: Settings | None = None,
-                  images_per_folder: int = IMAGES_PER_FOLDER) -> Path:
+                  settings=None, images_per_folder: int = IMAGES_PER_FOLDER,
+                  version: int = GENERATOR_VERSION) -> Path:
   """Generates a set in the release layout under out_dir; returns the contour folder.
 
   out_dir/pathfinder{size}/curv_contour_length_{n}/{imgs,metadata}. Deterministic given
   (num_examples, seed, settings, images_per_folder), whatever num_workers (0: all
   CPUs; 1: this process). One folder imgs/<k> (and metadata/<k>.npy) per chunk.
+  version: the generator (GENERATOR_VERSIONS); settings must be of its kind (Settings
+  for 2, pathfinder_v3.SettingsV3 for 3).
   """
-  s = settings or settings_for(size, contour_length)
+  if version not in GENERATOR_VERSIONS:
+    raise ValueError(f"Pathfinder generator_version must be one of {GENERATOR_VERSIONS}, "
+                     f"got {version!r}")
+  if version == 3:
+    from data import pathfinder_v3
+    s = settings or pathfinder_v3.settings_v3(size, contour_length)
+  else:
+    s = settings or settings_for(size, contour_length)
   s.validate()
   if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
     raise ValueError(f"Pathfinder num_examples must be a positive int, got {num_examples!r}")
@@ -455,7 +478,7 @@ def write_dataset(out_dir, *, num_examples: int, seed: int = 0, size: int = 32,
   (folder / "metadata").mkdir(parents=True, exist_ok=True)
   jobs = []
   for chunk, first in enumerate(range(0, num_examples, images_per_folder)):
-    jobs.append((str(folder), seed, chunk, min(images_per_folder, num_examples - first), first, s))
+    jobs.append((str(folder), seed, chunk, min(images_per_folder, num_examples - first), first, s, version))
   workers = num_workers or os.cpu_count() or 1
   if workers == 1 or len(jobs) == 1:
     stats = [_write_chunk(j) for j in jobs]
@@ -469,7 +492,7 @@ def write_dataset(out_dir, *, num_examples: int, seed: int = 0, size: int = 32,
   lit = sum(n for _, n in stats)
   meta = dict(dataclasses.asdict(s), num_examples=num_examples, seed=seed, positives=positives,
               lit_fraction=lit / (num_examples * s.size * s.size),
-              generator_version=GENERATOR_VERSION)
+              generator_version=version)
   (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
   return folder
 
@@ -588,6 +611,7 @@ DEFAULTS: dict[str, Any] = dict(
     num_examples=2000,  # LRA: 200_000
     seed=0,
     num_workers=0,      # processes for generation; 0: all CPUs
+    generator_version=GENERATOR_VERSION,  # 2, or 3 (data/pathfinder_v3.py)
 )
 PATHX_DEFAULTS = dict(DEFAULTS, task="pathx", size=128, seq_len=128 * 128)
 
@@ -597,10 +621,12 @@ def cache_root(cache_dir=None) -> Path:
   return Path(root).expanduser()
 
 
-def ensure_generated(cache_dir, *, num_examples, seed, size, contour_length, num_workers) -> Path:
+def ensure_generated(cache_dir, *, num_examples, seed, size, contour_length, num_workers,
+                     generator_version: int = GENERATOR_VERSION) -> Path:
   """The contour folder of a generated set, generating it (atomically) if missing."""
   root = cache_root(cache_dir)
-  name = f"pathfinder{size}-len{contour_length}-n{num_examples}-v{GENERATOR_VERSION}-seed{seed}"
+  name = (f"pathfinder{size}-len{contour_length}-n{num_examples}-v{generator_version}"
+          f"-seed{seed}")
   final = root / name
   inner = Path(f"pathfinder{size}") / contour_dir_name(contour_length)
   if (final / inner / "meta.json").is_file():
@@ -609,7 +635,8 @@ def ensure_generated(cache_dir, *, num_examples, seed, size, contour_length, num
   tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
   try:
     write_dataset(tmp, num_examples=num_examples, seed=seed, size=size,
-                  contour_length=contour_length, num_workers=num_workers)
+                  contour_length=contour_length, num_workers=num_workers,
+                  version=generator_version)
     if final.exists() and not (final / inner / "meta.json").is_file():
       shutil.rmtree(final)
     try:
@@ -647,6 +674,9 @@ def _load(data_cfg, defaults) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
   if opts["seq_len"] != size * size:
     raise ValueError(f"{opts['task']} seq_len must be size * size = {size * size}, "
                      f"got {opts['seq_len']!r}")
+  if opts["generator_version"] not in GENERATOR_VERSIONS:
+    raise ValueError(f"{opts['task']} generator_version must be one of {GENERATOR_VERSIONS}, "
+                     f"got {opts['generator_version']!r}")
   if opts["normalize"] not in NORMALIZE:
     raise ValueError(f"{opts['task']} normalize must be one of {NORMALIZE}, "
                      f"got {opts['normalize']!r}")
@@ -655,7 +685,8 @@ def _load(data_cfg, defaults) -> tuple[TaskSpec, dict[str, ArrayDataset]]:
     images, labels = read_images(folder, size)
   else:
     gen = dict(num_examples=opts["num_examples"], seed=opts["seed"], size=size,
-               contour_length=opts["contour_length"], num_workers=opts["num_workers"])
+               contour_length=opts["contour_length"], num_workers=opts["num_workers"],
+               generator_version=opts["generator_version"])
     folder = ensure_generated(opts["cache_dir"], **gen)
     try:
       images, labels = read_generated(folder, size)

@@ -244,3 +244,127 @@ def test_tiny_config_trains(get_config, tmp_path, jax_cache):
   results = trainer.run(config, str(tmp_path / "work"))
   assert results["steps"] == config.train.num_steps
   assert all(np.isfinite(v) for v in results.values() if isinstance(v, float))
+
+
+# ---------------------------------------------------------------------------------------
+# Version 3 (data/pathfinder_v3.py): the release's construction.
+
+from data import pathfinder_v3 as v3  # noqa: E402
+
+# Per-image statistics (pixel values / 255) from /work/shared/PATHFINDER.md "Statistics to
+# check a generator against": 32 px the original generator re-run (ranges as given there),
+# 128 px the Path-X re-run and the release (8 images); the band is the union of both.
+# "blobs" = 8-connected components of pixels >= 32 (the threshold at which our Path-X
+# count matches the release's 82-87, about one per dash).
+V3_TARGETS = {
+    32: dict(mean=(0.080, 0.087), lit=(0.38, 0.41), ge32=(0.14, 0.15), ge128=(0.08, 0.09),
+             blobs=(16, 16)),
+    128: dict(mean=(0.037, 0.040), lit=(0.161, 0.185), ge32=(0.074, 0.074),
+              ge128=(0.039, 0.042), marker=(225 / 255, 225 / 255), blobs=(82, 87)),
+}
+# Measured misses of v3 (why v3 is not the default version): these are expected to fail.
+V3_KNOWN_MISSES = {(32, "ge32"), (32, "ge128"), (32, "blobs")}
+V3_SAMPLES = {32: 240, 128: 32}
+
+
+def _v3_stats(images, markers):
+  from scipy import ndimage
+  x = images.astype(np.float64) / 255
+  m = np.rint(markers).astype(int)
+  plateau = [x[i, m[i, j, 1], m[i, j, 0]] for i in range(len(x)) for j in range(2)]
+  blobs = [ndimage.label(im >= 32, structure=np.ones((3, 3)))[1] for im in images]
+  return dict(mean=x.mean(), lit=(images > 0).mean(), ge32=(images >= 32).mean(),
+              ge128=(images >= 128).mean(), marker=float(np.mean(plateau)),
+              blobs=float(np.mean(blobs)))
+
+
+@pytest.fixture(scope="module")
+def v3_samples():
+  """{size: (images, ok, markers, snakes)} for a few hundred (32) / a few dozen (128) images."""
+  out = {}
+  for size, n in V3_SAMPLES.items():
+    rng = np.random.default_rng(size)
+    out[size] = v3.generate_images(rng, rng.integers(0, 2, n), v3.settings_v3(size), parts=True)
+  return out
+
+
+@pytest.mark.parametrize("size,stat", [
+    pytest.param(size, stat, marks=[pytest.mark.xfail(strict=True, reason="known v3 miss")]
+                 if (size, stat) in V3_KNOWN_MISSES else [])
+    for size, targets in V3_TARGETS.items() for stat in targets])
+def test_v3_statistics_within_15_percent_of_the_release(v3_samples, size, stat):
+  images, ok, markers, _ = v3_samples[size]
+  assert ok.sum() >= 8
+  got = _v3_stats(images[ok], markers[ok])[stat]
+  lo, hi = V3_TARGETS[size][stat]
+  assert 0.85 * lo <= got <= 1.15 * hi, f"{size} px {stat}: {got:.4f} vs {lo}-{hi}"
+
+
+@pytest.mark.xfail(strict=False, run=False, reason="64 px: under 1 in 600 snake pairs fit; "
+                   "too slow for this file (release: mean 0.063, >0 26.6%, >=32 13.7%)")
+def test_v3_statistics_at_64_px():
+  raise AssertionError("not run")
+
+
+def test_v3_snakes_touch_as_often_as_the_original(v3_samples):
+  """The two main snakes share a pixel above half their peak in 22-29% of the original's
+  32 px images (PATHFINDER.md, re-run); v2 never lets them touch."""
+  images, ok, _, snakes = v3_samples[32]
+  a, b = snakes[ok, 0], snakes[ok, 1]
+  half_a = a.max((1, 2), keepdims=True) / 2
+  half_b = b.max((1, 2), keepdims=True) / 2
+  touch = ((a > half_a) & (b > half_b)).any((1, 2)).mean()
+  assert 0.15 <= touch <= 0.35, touch  # the original's 22-29%, with slack for ~160 images
+
+
+def test_v3_labels_are_iid_fair_coins():
+  _, labels = v3.generate_chunk(3, 0, 400, v3.settings_v3(32))
+  assert 0.42 < labels.mean() < 0.58
+  runs = 1 + int((labels[1:] != labels[:-1]).sum())  # Wald-Wolfowitz: about n / 2 runs
+  n1, n0 = labels.sum(), len(labels) - labels.sum()
+  mu = 2 * n1 * n0 / len(labels) + 1
+  sd = np.sqrt((mu - 1) * (mu - 2) / (len(labels) - 1))
+  assert abs(runs - mu) < 3.5 * sd
+  np.testing.assert_array_equal(labels, v3.generate_chunk(3, 0, 400, v3.settings_v3(32))[1])
+
+
+def test_v3_picture_does_not_depend_on_the_label():
+  """Same draws, other labels: only the far marker moves; and a logistic regression on
+  global pixel statistics does no better than chance."""
+  s = v3.settings_v3(32)
+  ones, ok1, m1 = v3.generate_images(np.random.default_rng(9), np.ones(32, int), s)
+  zeros, ok0, m0 = v3.generate_images(np.random.default_rng(9), np.zeros(32, int), s)
+  np.testing.assert_array_equal(ok1, ok0)
+  np.testing.assert_array_equal(m1[:, 0], m0[:, 0])
+  assert (m1[ok1, 1] != m0[ok1, 1]).any(1).all()
+  images, labels = v3.generate_chunk(5, 0, 600, s)
+  x = images.reshape(len(images), -1).astype(np.float64) / 255
+  feats = np.stack([x.mean(1), x.std(1), (x > 0).mean(1), (x >= 0.5).mean(1),
+                    (x >= 0.125).mean(1)], 1)
+  feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-9)
+  feats = np.concatenate([feats, np.ones((len(feats), 1))], 1)
+  tr, te = slice(0, 400), slice(400, None)
+  w = np.zeros(feats.shape[1])
+  for _ in range(300):  # plain gradient descent on the logistic loss
+    p = 1 / (1 + np.exp(-feats[tr] @ w))
+    w -= 0.5 * feats[tr].T @ (p - labels[tr]) / 400
+  acc = ((feats[te] @ w > 0) == labels[te]).mean()
+  assert acc < 0.6, acc  # chance is 0.5; 200 test images: sd 0.035
+
+
+def test_v3_written_set_and_cache_key(tmp_path):
+  one = pf.write_dataset(tmp_path / "a", num_examples=10, seed=4, num_workers=1,
+                         images_per_folder=4, version=3)
+  two = pf.write_dataset(tmp_path / "b", num_examples=10, seed=4, num_workers=2,
+                         images_per_folder=4, version=3)
+  for x, y in zip(pf.read_images(one, 32), pf.read_images(two, 32)):
+    np.testing.assert_array_equal(x, y)
+  images, _ = pf.read_images(one, 32)
+  assert (images.reshape(10, -1).max(1) == 255).all()  # stretched per image
+  cfg = dict(task="pathfinder", cache_dir=str(tmp_path / "c"), num_examples=20,
+             num_workers=1, generator_version=3)
+  _, splits = data.load_task(cfg)
+  assert sum(len(v) for v in splits.values()) == 20
+  assert list((tmp_path / "c").rglob("gen-n20-v3-*"))  # v3 has its own cache entry
+  with pytest.raises(ValueError, match="generator_version"):
+    data.load_task(dict(cfg, generator_version=7))

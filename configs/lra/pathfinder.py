@@ -108,6 +108,7 @@ def pathfinder_data(task: str, size: int, seq_len) -> dict:
       num_examples=200_000,                    # generated-set size (LRA's)
       seed=0,
       num_workers=0,                           # generator processes; 0: all CPUs
+      generator_version=2,                     # 3: the release's construction (pathfinder_v3)
   )
 
 
