@@ -77,6 +77,7 @@ from ssm.ops.linear_scan import assoc_scan
 from ssm.ops.ssd import segsum
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
+POOLINGS = ("mean", "sum")
 STATE_INITS = ("checkpoint", "restart")
 DEFAULT_MAX_SEGMENTS = 64
 
@@ -93,6 +94,7 @@ class MemoryCachingConfig:
     must be None for the other variants.
   state_init: "checkpoint" | "restart".
   max_segments: capacity of the step-mode buffer of cached memories.
+  pooling: "mean" | "sum", how a segment's gate keys are pooled into its summary.
   """
 
   segment_size: int
@@ -100,9 +102,10 @@ class MemoryCachingConfig:
   top_k: int | None = None
   state_init: str = "checkpoint"
   max_segments: int = DEFAULT_MAX_SEGMENTS
+  pooling: str = "mean"
 
   def __post_init__(self):
-    _check_options(self.segment_size, self.variant, self.top_k, self.state_init)
+    _check_options(self.segment_size, self.variant, self.top_k, self.state_init, self.pooling)
     if not _is_int(self.max_segments) or self.max_segments < 1:
       raise ValueError(f"memory_caching: max_segments must be an int >= 1, "
                        f"got {self.max_segments!r}")
@@ -125,7 +128,7 @@ class MemoryCachingConfig:
   def read_kwargs(self) -> dict[str, Any]:
     """The keyword arguments of `cached_memory_read` / `cached_memory_step`."""
     return dict(segment_size=self.segment_size, variant=self.variant, top_k=self.top_k,
-                state_init=self.state_init)
+                state_init=self.state_init, pooling=self.pooling)
 
 
 def memory_caching_config(options) -> MemoryCachingConfig | None:
@@ -148,7 +151,9 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_options(segment_size, variant, top_k, state_init):
+def _check_options(segment_size, variant, top_k, state_init, pooling="mean"):
+  if pooling not in POOLINGS:
+    raise ValueError(f"memory_caching: pooling must be one of {POOLINGS}, got {pooling!r}")
   if not _is_int(segment_size) or segment_size < 1:
     raise ValueError(f"memory_caching: segment_size must be an int >= 1, got {segment_size!r}")
   if variant not in VARIANTS:
@@ -293,7 +298,8 @@ def _gate_weights(variant, top_k, scores, valid, score_on):
 
 def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str = "gated",
                        top_k: int | None = None, gate_u=None, gate_keys=None,
-                       state_init: str = "checkpoint", chunk_size: int = 64, online=None):
+                       state_init: str = "checkpoint", chunk_size: int = 64, online=None,
+                       pooling: str = "mean"):
   """Memory-cached read of a linear memory over a whole sequence (parallel form).
 
   Args:
@@ -320,7 +326,7 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
     y: (b, l, h, dv), dtype of q. Computed in float32.
   """
   h = _check_read_args(q, k, v, log_a, gate_u, gate_keys)
-  _check_options(segment_size, variant, top_k, state_init)
+  _check_options(segment_size, variant, top_k, state_init, pooling)
   if not _is_int(chunk_size) or chunk_size < 1:
     raise ValueError(f"cached_memory_read: chunk_size must be an int >= 1, got {chunk_size!r}")
   out_dtype = q.dtype
@@ -390,8 +396,11 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
   # running mean over the current segment for the online memory.
   gks = jnp.pad(gk, [(0, 0), (0, n_seg * S - l), (0, 0), (0, 0)]).reshape(
       (b, n_seg, S) + gk.shape[2:])
-  summaries = jnp.mean(gks[:, :n_cached], axis=2)         # (b, n, g, du)
-  running = jnp.cumsum(gks, axis=2) / jnp.arange(1, S + 1, dtype=acc)[:, None, None]
+  summaries = jnp.sum(gks[:, :n_cached], axis=2)          # (b, n, g, du)
+  running = jnp.cumsum(gks, axis=2)
+  if pooling == "mean":
+    summaries = summaries / S
+    running = running / jnp.arange(1, S + 1, dtype=acc)[:, None, None]
   running = running.reshape((b, n_seg * S) + gk.shape[2:])[:, :l]  # (b, l, g, du)
   g = max(gu.shape[2], gk.shape[2])
   gu_b = _bcast_heads(gu, g)
@@ -447,7 +456,8 @@ def init_cache_state(batch_size: int, num_heads: int, key_dim: int, value_dim: i
 
 def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
                        segment_size: int, variant: str = "gated", top_k: int | None = None,
-                       gate_u_t=None, gate_keys_t=None, state_init: str = "checkpoint"):
+                       gate_u_t=None, gate_keys_t=None, state_init: str = "checkpoint",
+                       pooling: str = "mean"):
   """One token of `cached_memory_read`.
 
   Args:
@@ -460,7 +470,7 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
   Returns:
     (state, y_t) with y_t (b, h, dv) in q_t's dtype.
   """
-  _check_options(segment_size, variant, top_k, state_init)
+  _check_options(segment_size, variant, top_k, state_init, pooling)
   b, h, dk, dv = state.online.shape
   M = state.cached.shape[1]
   gu = q_t if gate_u_t is None else gate_u_t
@@ -502,7 +512,7 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
     g = max(gu.shape[1], state.key_sum.shape[1])
     gu_b = jnp.broadcast_to(gu, (b, g, gu.shape[-1]))
     summaries = jnp.broadcast_to(state.summaries, (b, M, g, gu.shape[-1]))
-    n_in = (pos % segment_size + 1).astype(acc)
+    n_in = (pos % segment_size + 1).astype(acc) if pooling == "mean" else 1.0
     scores = jnp.einsum("bgd,bmgd->bgm", gu_b, summaries)
     score_on = jnp.sum(gu_b * key_sum / n_in, axis=-1)
     w_c, w_on = _gate_weights(variant, top_k, scores, valid, score_on)
@@ -519,7 +529,8 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
   end = (pos + 1) % segment_size == 0
   slot = state.count % M
   cached = jnp.where(end, state.cached.at[:, slot].set(online), state.cached)
-  summaries = jnp.where(end, state.summaries.at[:, slot].set(key_sum / segment_size),
+  pooled = key_sum / segment_size if pooling == "mean" else key_sum
+  summaries = jnp.where(end, state.summaries.at[:, slot].set(pooled),
                         state.summaries)
   if state_init == "restart":
     online = jnp.where(end, jnp.zeros_like(online), online)
@@ -534,6 +545,6 @@ def max_sequence_length(config: MemoryCachingConfig) -> int:
   return (config.max_segments + 1) * config.segment_size
 
 
-__all__ = ["VARIANTS", "STATE_INITS", "MemoryCachingConfig", "memory_caching_config",
+__all__ = ["VARIANTS", "STATE_INITS", "POOLINGS", "MemoryCachingConfig", "memory_caching_config",
            "cached_memory_read", "MemoryCacheState", "init_cache_state", "cached_memory_step",
            "max_sequence_length"]
