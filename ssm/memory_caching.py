@@ -1,8 +1,55 @@
 """Memory caching (MC) for linear memories: RNNs whose memory grows with the sequence.
 
-Behrouz et al. 2026, "Memory Caching: RNNs with Growing Memory" (arXiv 2602.24281;
-no official code; checked against the paper's equations as quoted in public
-summaries and the unofficial PyTorch package memory-caching 0.1.0).
+Behrouz et al. 2026, "Memory Caching: RNNs with Growing Memory" (arXiv 2602.24281; no
+official code).
+
+What this was checked against (issue 27). The paper's method section could not be read
+here: the stored copies of its arXiv HTML page, its Hugging Face page and mirrors return
+only the title and abstract. Read instead: the abstract; third-party summaries of the
+method (howistudyai.com, gentic.news, bemiagent.com, wispaper.ai, arxivlens.com,
+emergentmind.com); and the unofficial PyTorch reproduction (github kmccleary3301/
+memory_caching, `src/memory_caching/layer.py`, PyPI memory-caching). No equation below is
+quoted from the paper; "summaries" are what those pages say in words.
+
+| equation (our notation)                  | source found          | this code           |
+|------------------------------------------|-----------------------|---------------------|
+| segments of fixed size; the memory at a  | abstract, summaries,  | follows             |
+| segment's end is cached, M^(i)           | unofficial package    |                     |
+| token t reads its online memory M_t and  | summaries, package    | follows             |
+| the cached M^(i), i < s(t); cost O(N L)  | (summaries: O(NL))    | (O(L x segments))   |
+| segment start: checkpoint (continue) or  | package (both modes)  | follows, default    |
+| restart (independent compressors)        |                       | checkpoint          |
+| RM: y = M_t(q) + sum_i M^(i)(q)          | summaries ("sum all   | follows             |
+|                                          | cached"), package     |                     |
+| GRM: y = g^on M_t(q) + sum_i g^i M^(i)(q)| summaries ("input-    | follows; softmax    |
+| g = softmax_i <u_t, pool(keys of seg i)>,| dependent gates per   | includes the online |
+| the online segment pooled up to t        | segment"), package    | segment, as package |
+| u_t = W_u x_t, or u_t = q_t ("shared")   | arxivlens ("shared u  | follows: mixers     |
+|                                          | and q"), package      | learn W_u; default q|
+| pool = mean over the segment's keys      | package: SUM          | option `pooling`,   |
+|                                          | (paper: not readable) | default "mean" (a)  |
+| Soup: M*_t = g^on M_t + sum_i g^i M^(i), | summaries ("averages  | follows (step form  |
+| y = M*_t(q) (mix parameters, then read)  | the parameters"), pkg | mixes the states)   |
+| SSC: router = the GRM scores; keep the   | summaries ("router",  | follows; top_k over |
+| top_k cached; softmax over them + online | "only a few caches    | cached only, online |
+| and read only those                      | per token"), package  | always kept (d)     |
+| logarithmic segmentation                 | package               | absent (b)          |
+| deep (MLP) memories                      | abstract              | absent (c)          |
+
+(a) The mean keeps the scores' scale independent of the segment size and of how far the
+    online segment has run; "sum" reproduces the package (tests cover both). Which the
+    paper uses could not be read here.
+(b) Constant segments only: the sweep (scripts/mqar_suite.py sweep) varies their size.
+(c) Linear memories only (matrix states with a scalar or per-key decay), where Soup and
+    GRM coincide; a deep memory's soup would mix its weights, which GRM does not.
+
+(d) Fixed here: the step form read all cached memories and zeroed the unselected ones, so
+    SSC cost as much as GRM at inference; it now gathers the top_k memories and reads only
+    those, O(top_k dk dv) per token instead of O(segments dk dv). The parallel (training)
+    form still computes every cached read and masks (dense, as the package does).
+
+Beyond (a)-(d) nothing was found that departs from these sources in the equations; tests/test_memory_caching_paper.py checks each row on hand-computed
+examples, tests/test_memory_caching.py the general definition.
 
 A *linear memory* is a matrix state per head, S (dk, dv), written and read as
 
@@ -28,11 +75,11 @@ the memories cached at the end of every earlier segment, M^(0) .. M^(s(t)-1):
               router); the softmax runs over those and the online score.
 
 The gate token u_t defaults to q_t and the gate keys to k_t (mixers pass a learned
-u_t = W_u x_t as in the paper). The paper writes MeanPooling(S^(i)); the
-unofficial package pools with a sum; we use the mean (scale-free in the segment
-size), for the online segment the mean over the tokens seen so far.
+u_t = W_u x_t). Summaries pool the gate keys with the mean (`pooling="mean"`, default;
+for the online segment the mean over the tokens seen so far) or the sum
+(`pooling="sum"`, the unofficial package's choice).
 
-How a segment's memory starts (`state_init`, the paper's Sec. 3.4):
+How a segment's memory starts (`state_init`; both are in the unofficial package):
 
     "checkpoint" (default): one continuous recurrence; the cached memories are
       checkpoints of it (M_0^(s) = M^(s-1)), the online memory is the ordinary
@@ -61,7 +108,7 @@ overwritten (ring buffer): step and parallel forms agree for sequences of up to
 (max_segments + 1) * segment_size tokens.
 
 Mixers take the option `memory_caching=dict(segment_size=..., variant="gated",
-top_k=None, state_init="checkpoint", max_segments=64)`, validated by
+top_k=None, state_init="checkpoint", max_segments=64, pooling="mean")`, validated by
 `memory_caching_config`.
 """
 
@@ -519,9 +566,16 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
     w_c = jnp.broadcast_to(w_c, (b, h, M))
     w_on = jnp.broadcast_to(w_on[..., None], (b, h, 1))[..., 0]
     if variant == "soup":
-      # Mix the memories first, then read once (the paper's memory soup).
+      # Mix the memories first, then read once (memory soup).
       mixed = w_on[..., None, None] * online + jnp.einsum("bhm,bmhkv->bhkv", w_c, state.cached)
       y = jnp.einsum("bhk,bhkv->bhv", qh, mixed)
+    elif variant == "sparse":
+      # Read only the top_k selected memories: the unselected have weight exactly 0, so
+      # the top_k weights are the selected ones (ties at 0 add nothing).
+      w_sel, idx = lax.top_k(w_c, min(top_k, M))                     # (b, h, k)
+      by_head = jnp.moveaxis(state.cached, 1, 2)                      # (b, h, M, dk, dv)
+      sel = jnp.take_along_axis(by_head, idx[..., None, None], axis=2)
+      y = w_on[..., None] * y_on + jnp.einsum("bhm,bhk,bhmkv->bhv", w_sel, qh, sel)
     else:
       y = w_on[..., None] * y_on + jnp.einsum("bhm,bhk,bmhkv->bhv", w_c, qh, state.cached)
 
