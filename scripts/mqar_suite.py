@@ -21,11 +21,16 @@ with its own lr (the optimizer is built with peak lr 1 and every replica's updat
 scaled by its lr, exact for AdamW with decoupled decay and any schedule shape). The step is
 compiled once per program (mixer, caching, segment, d_model, seq_len): num_kv_pairs does
 not change shapes, so the cells of one program share it. Training data live on the device
-and batches are gathered there. Each finished cell writes WORKDIR/cells/<cell>.json
-(accuracy per lr, best lr, step time, parameters, recurrent-state bytes); a rerun skips
-finished cells (resume is per cell: an interrupted cell restarts). WORKDIR/sweep.json holds
-the protocol; a rerun with a different protocol is refused (use a new workdir).
-WORKDIR/results.jsonl (one row per cell) and a best-lr table are rewritten at the end.
+and batches are gathered there (a step's batch is a function of the step number). Each
+finished cell writes WORKDIR/cells/<cell>.json (accuracy and losses per lr, best lr, step
+time, parameters, recurrent-state bytes for one sequence); a rerun skips finished cells.
+A cell under way checkpoints its stacked state every 500 steps and when --max_seconds
+runs out (WORKDIR/cells/<cell>.ckpt.npz), and a rerun continues it from there: keep
+--max_seconds under the device's per-command limit and call again until every cell is
+done. WORKDIR/sweep.json holds the protocol; a rerun with another protocol is refused (use
+a new workdir). WORKDIR/results.jsonl (one row per cell) and results.md (best-lr table) are
+rewritten at the end of every call; `plot_sweep(load_rows(workdir))` draws accuracy vs
+d_model per length and vs state bytes.
 
 Cost model: time = sum over programs of one compile (tens of seconds on a GPU) + sum over
 cells of num_steps x t_step(program, R) + evaluation (num_test / eval_batch_size forward
@@ -142,7 +147,8 @@ def cell_config(cell: Cell, grid: dict):
     config.data.update(dict(vocab_size=grid["vocab_size"], seq_len=cell.seq_len,
                             num_kv_pairs=cell.num_kv_pairs, num_train=grid["num_train"],
                             num_test=grid["num_test"]))
-    config.model.update(dict(d_model=cell.d_model, num_layers=grid["num_layers"]))
+    config.model.update(dict(d_model=cell.d_model, num_layers=grid["num_layers"],
+                             dtype=grid["dtype"]))
     if cell.caching != "none":
       config.model.mixer.memory_caching = dict(
           segment_size=cell.segment_size,
@@ -228,34 +234,72 @@ def _mqar_arrays(config, split: str) -> dict:
   return arrays
 
 
-def run_cell(program: _Program, config, grid: dict, log=print) -> dict:
-  """Train every replica (lrs x seeds) of one cell; returns its result row."""
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+  """Training rows of a step: epoch e = step // (n // batch_size) walks the permutation
+  seeded by (seed, 2, e); a function of the step alone, so a resumed cell sees the same
+  batches."""
+  per_epoch = n // batch_size
+  if per_epoch < 1:
+    raise ValueError(f"num_train={n} is smaller than batch_size={batch_size}")
+  epoch, i = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, 2, epoch]).permutation(n)
+  return order[i * batch_size:(i + 1) * batch_size]
+
+
+def _save_checkpoint(path: str, step: int, tree) -> None:
+  leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, step=np.int64(step), *leaves)
+  os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, like):
+  with np.load(path) as f:
+    leaves = [f[f"arr_{i}"] for i in range(len(jax.tree.leaves(like)))]
+    step = int(f["step"])
+  return step, jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
+
+
+def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = None,
+             deadline: float | None = None, halt_at_step: int | None = None,
+             checkpoint_every: int = 500) -> dict | None:
+  """Train every replica (lrs x seeds) of one cell; returns its result row, or None when
+  stopped early (time past `deadline`, or `halt_at_step` reached) with its state saved
+  to `checkpoint` (every checkpoint_every steps too), from which a rerun continues."""
   lrs = [float(lr) for lr in grid["lrs"] for _ in grid["seeds"]]
   seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
   params, opt_state = program.init(seeds)
   n_params = _nbytes(jax.tree.map(lambda x: x[0], params)) // 4
   data = jax.device_put(_mqar_arrays(config, "train"))
   n, bs, steps = len(data["inputs"]), config.train.batch_size, config.train.num_steps
-  rng = np.random.default_rng([config.data.seed, 2])
-  order, pos = rng.permutation(n), 0
   lr_arr = jnp.asarray(lrs, jnp.float32)
   bad = jnp.zeros(len(lrs), jnp.int32)
+  loss = jnp.full(len(lrs), jnp.nan, jnp.float32)
+  first = 0
+  if checkpoint and os.path.exists(checkpoint):
+    first, (params, opt_state, bad, loss) = _load_checkpoint(
+        checkpoint, (params, opt_state, bad, loss))
   t0 = time.time()
-  t_first = None
-  for step in range(steps):
-    if pos + bs > n:
-      order, pos = rng.permutation(n), 0
-    idx = jnp.asarray(order[pos:pos + bs], jnp.int32)
-    pos += bs
+  t_first = t0
+  for step in range(first, steps):
+    if (halt_at_step is not None and step >= halt_at_step) or (
+        deadline is not None and time.time() > deadline):
+      if checkpoint:
+        _save_checkpoint(checkpoint, step, (params, opt_state, bad, loss))
+      return None
+    idx = jnp.asarray(batch_indices(step, n, bs, config.data.seed), jnp.int32)
     params, opt_state, loss, nonfinite = program.train_step(params, opt_state, lr_arr,
                                                             program.rest, data, idx)
     bad = bad + nonfinite
-    if step == 0:
+    if step == first:
       jax.block_until_ready(loss)
       t_first = time.time()
+    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+      _save_checkpoint(checkpoint, step + 1, (params, opt_state, bad, loss))
   jax.block_until_ready(params)
   t_end = time.time()
-  step_time = (t_end - t_first) / max(steps - 1, 1)
+  # Steady-state time of one (vmapped) step: this invocation's steps after its first.
+  step_time = (t_end - t_first) / max(steps - first - 1, 1)
   test = _mqar_arrays(config, "test")
   totals = None
   ebs = config.train.eval_batch_size
@@ -275,14 +319,14 @@ def run_cell(program: _Program, config, grid: dict, log=print) -> dict:
               final_train_loss=[float(x) for x in jax.device_get(loss)],
               nonfinite_steps=[int(x) for x in jax.device_get(bad)],
               best_lr=best_lr, best_accuracy=float(np.mean(by_lr[best_lr])),
-              steps=steps, batch_size=bs, replicas=len(lrs),
+              steps=steps, batch_size=bs, replicas=len(lrs), resumed_at_step=first,
               step_time_s=step_time, first_step_s=t_first - t0, train_s=t_end - t0,
               params=int(n_params), state_bytes=program.state_bytes,
               device=jax.devices()[0].device_kind)
 
 
 PROTOCOL_KEYS = ("lrs", "seeds", "vocab_size", "num_train", "num_test", "num_layers",
-                 "num_steps", "batch_size", "warmup_steps", "top_k")
+                 "num_steps", "batch_size", "warmup_steps", "top_k", "dtype")
 
 
 def _write_json(path: str, obj) -> None:
@@ -320,25 +364,54 @@ def load_rows(workdir: str) -> list[dict]:
   return rows
 
 
-def run_sweep(grid: dict, workdir: str, *, log=print) -> dict:
-  """Run the grid's unfinished cells; rewrite results.jsonl. Returns {"ran", "skipped",
-  "rows"} (cell names run now and skipped as done, every finished row)."""
+_LIVE_PROGRAM: dict = {}
+
+
+def _program(cell: Cell, grid: dict, config) -> _Program:
+  """The cell's program, reused while consecutive cells (of this or a later sweep in the
+  same process) share it; one is kept alive at a time (cells come grouped by program).
+  The lrs and seeds only set the replica axis, which jit specialises on by itself."""
+  key = (cell.program, json.dumps({k: v for k, v in grid.items() if k not in ("lrs", "seeds")},
+                                  sort_keys=True, default=str))
+  if key not in _LIVE_PROGRAM:
+    _LIVE_PROGRAM.clear()
+    _LIVE_PROGRAM[key] = _Program(config, load_task_spec(config)[0])
+  return _LIVE_PROGRAM[key]
+
+
+def run_sweep(grid: dict, workdir: str, *, log=print, max_seconds: float | None = None,
+              halt_at_step: int | None = None) -> dict:
+  """Run the grid's unfinished cells; rewrite results.jsonl and results.md.
+
+  max_seconds: stop (checkpointing the cell under way) once this much time has passed;
+  halt_at_step: stop each cell there (tests). Returns {"ran", "skipped", "stopped",
+  "rows"}: cell names finished now, skipped as done, stopped with a checkpoint; every
+  finished row.
+  """
+  deadline = None if max_seconds is None else time.time() + max_seconds
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   _check_protocol(workdir, grid)
   cells = sweep_cells(grid)
-  ran, skipped, programs = [], [], {}
+  ran, skipped, stopped = [], [], []
   for cell in cells:
     path = os.path.join(workdir, "cells", cell.name + ".json")
     if os.path.exists(path):
       skipped.append(cell.name)
       continue
+    if stopped:
+      continue
     config = cell_config(cell, grid)
-    task, _ = load_task_spec(config)
-    if cell.program not in programs:
-      programs.clear()  # one live program at a time: cells come grouped by program
-      programs[cell.program] = _Program(config, task)
+    program = _program(cell, grid, config)
     start = time.time()
-    result = run_cell(programs[cell.program], config, grid, log=log)
+    ckpt = os.path.join(workdir, "cells", cell.name + ".ckpt.npz")
+    result = run_cell(program, config, grid, checkpoint=ckpt,
+                      deadline=deadline, halt_at_step=halt_at_step)
+    if result is None:
+      stopped.append(cell.name)
+      log(f"{cell.name}: stopped, state saved to {ckpt}")
+      continue
+    if os.path.exists(ckpt):
+      os.remove(ckpt)
     row = dict(dataclasses.asdict(cell), cell=cell.name, variant=cell.variant, **result,
                seconds=round(time.time() - start, 2))
     _write_json(path, row)
@@ -349,7 +422,9 @@ def run_sweep(grid: dict, workdir: str, *, log=print) -> dict:
   with open(os.path.join(workdir, "results.jsonl"), "w") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
-  return dict(ran=ran, skipped=skipped, rows=rows)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(best_table(rows) + "\n")
+  return dict(ran=ran, skipped=skipped, stopped=stopped, rows=rows)
 
 
 def load_task_spec(config):
@@ -421,12 +496,14 @@ def sweep_main(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--quick", action="store_true", help="configs/mqar.py SWEEP_QUICK")
   parser.add_argument("--plan", action="store_true", help="print counts and estimates only")
+  parser.add_argument("--max_seconds", type=float, default=None,
+                      help="stop after this long, checkpointing the cell under way")
   ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
   strs = lambda s: tuple(s.split(","))  # noqa: E731
   for name, conv in (("mixers", strs), ("caching", strs), ("segment_sizes", ints),
                      ("d_models", ints), ("seq_lens", ints), ("num_kv_pairs", ints),
                      ("lrs", lambda s: tuple(float(x) for x in s.split(","))), ("seeds", ints),
-                     ("num_steps", int), ("batch_size", int), ("top_k", int)):
+                     ("num_steps", int), ("batch_size", int), ("top_k", int), ("dtype", str)):
     parser.add_argument(f"--{name}", type=conv, default=None)
   args = parser.parse_args(argv)
   grid = dict(mqar.SWEEP_QUICK if args.quick else mqar.SWEEP)
@@ -436,8 +513,9 @@ def sweep_main(argv=None):
   if args.plan:
     print(json.dumps(plan(grid, args.workdir), indent=1))
     return None
-  out = run_sweep(grid, args.workdir)
-  print(f"ran {len(out['ran'])} cells, skipped {len(out['skipped'])} done")
+  out = run_sweep(grid, args.workdir, max_seconds=args.max_seconds)
+  print(f"ran {len(out['ran'])} cells, skipped {len(out['skipped'])} done, "
+        f"stopped {len(out['stopped'])} (checkpointed)")
   print(best_table(out["rows"]))
   return out
 

@@ -35,6 +35,7 @@ def test_grid_cells():
 def test_sweep_writes_one_row_per_cell(swept):
   workdir, out = swept
   assert out["ran"] == ["lightning_grm8_d16_L32_kv4"] and out["skipped"] == []
+  assert os.path.exists(os.path.join(workdir, "results.md"))
   with open(os.path.join(workdir, "results.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 1
@@ -70,6 +71,31 @@ def test_replicas_are_independent(swept, tmp_path):
   a, b = alone["rows"][0], both["rows"][0]
   np.testing.assert_allclose(a["final_train_loss"][0], b["final_train_loss"][0], rtol=1e-5)
   np.testing.assert_allclose(a["test_loss"][0], b["test_loss"][0], rtol=1e-5)
+
+
+def test_a_stopped_cell_resumes_from_its_checkpoint(swept, tmp_path):
+  """Stopped after 2 of 3 steps, the cell leaves a checkpoint and no row; the rerun
+  continues at step 2 and ends where the uninterrupted run did."""
+  workdir = str(tmp_path)
+  first = mqar_suite.run_sweep(GRID, workdir, halt_at_step=2, log=lambda *_: None)
+  assert first["ran"] == [] and first["stopped"] == ["lightning_grm8_d16_L32_kv4"]
+  assert os.path.exists(os.path.join(workdir, "cells", "lightning_grm8_d16_L32_kv4.ckpt.npz"))
+  second = mqar_suite.run_sweep(GRID, workdir, log=lambda *_: None)
+  assert second["ran"] == first["stopped"]
+  assert os.listdir(os.path.join(workdir, "cells")) == ["lightning_grm8_d16_L32_kv4.json"]
+  resumed, whole = second["rows"][0], swept[1]["rows"][0]
+  assert resumed["resumed_at_step"] == 2
+  np.testing.assert_allclose(resumed["final_train_loss"], whole["final_train_loss"], rtol=1e-5)
+  np.testing.assert_allclose(resumed["accuracy"], whole["accuracy"], atol=1e-6)
+
+
+def test_batches_are_a_function_of_the_step():
+  a = [mqar_suite.batch_indices(s, 10, 3, 0) for s in range(6)]
+  assert all(len(x) == 3 for x in a)
+  assert len(set(np.concatenate(a[:3]))) == 9  # one epoch: distinct rows
+  np.testing.assert_array_equal(a[4], mqar_suite.batch_indices(4, 10, 3, 0))
+  with pytest.raises(ValueError, match="smaller than batch_size"):
+    mqar_suite.batch_indices(0, 2, 3, 0)
 
 
 def test_plot_sweep_and_table():
