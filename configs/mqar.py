@@ -48,7 +48,7 @@ SWEEP = dict(
     d_models=(64, 128, 256), seq_lens=(256, 512), num_kv_pairs=(16, 32, 64),
     lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), seeds=(0,),
     vocab_size=8192, num_train=100_000, num_test=3_000, num_layers=2,
-    num_steps=6_250, batch_size=256, eval_batch_size=500, warmup_steps=300, dtype="float32")
+    num_steps=6_250, batch_size=256, eval_batch_size=250, warmup_steps=300, dtype="float32")
 
 # A seconds-long CPU smoke test of the same code path (scripts/mqar_suite.py sweep --quick).
 SWEEP_QUICK = dict(

@@ -503,7 +503,9 @@ def sweep_main(argv=None):
   for name, conv in (("mixers", strs), ("caching", strs), ("segment_sizes", ints),
                      ("d_models", ints), ("seq_lens", ints), ("num_kv_pairs", ints),
                      ("lrs", lambda s: tuple(float(x) for x in s.split(","))), ("seeds", ints),
-                     ("num_steps", int), ("batch_size", int), ("top_k", int), ("dtype", str)):
+                     ("num_steps", int), ("batch_size", int), ("top_k", int), ("dtype", str),
+                     ("num_train", int), ("num_test", int), ("eval_batch_size", int),
+                     ("vocab_size", int)):
     parser.add_argument(f"--{name}", type=conv, default=None)
   args = parser.parse_args(argv)
   grid = dict(mqar.SWEEP_QUICK if args.quick else mqar.SWEEP)
