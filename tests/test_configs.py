@@ -35,7 +35,7 @@ def _importable(kind):
 
 ALL = ([(listops.get_config, f"{m},{s}" if s else m) for m in listops.MODELS
         for s in common.SIZES] + [(mqar.get_config, m) for m in mqar.MODELS]
-       + [(mqar.get_config, f"{m},tiny") for m in mqar.MODELS])
+       + [(mqar.get_config, f"{m},{s}") for m in mqar.MODELS for s in ("tiny", "zoology")])
 
 
 @pytest.mark.parametrize("get_config,arg", ALL, ids=[f"{g.__module__}:{a}" for g, a in ALL])
