@@ -3,8 +3,10 @@ r"""Multi-query associative recall (MQAR, Zoology: Arora et al. 2023) for any ca
   python -m train --config=configs/mqar.py:mamba --workdir=/tmp/mqar_mamba
   python -m train --config=configs/mqar.py:s4d --workdir=/tmp/mqar_s4d --config.data.num_kv_pairs=32
 
-The argument is "model[,tiny]": any model name of configs/lra/listops.py (all run causal
-here); "tiny" is a seconds-long setting for tests.
+The argument is "model[,size]": any model name of configs/lra/listops.py (all run causal
+here); size "tiny" is a seconds-long setting for tests, "zoology" Zoology's task size
+(vocabulary 8192, 2 layers, 100k training sequences; length, pairs and width are set per
+cell by the sweep, scripts/mqar_suite.py sweep, over the grid `SWEEP`).
 
 The setting is Zoology's recall task at a CPU-friendly size: vocabulary 512, sequences of
 128 tokens holding 16 key-value pairs then queries, 2 layers of width 64 (Zoology sweeps
@@ -33,8 +35,30 @@ MIXERS = {
 }
 
 
+# Zoology's protocol as issue 27 states it (Arora et al. 2023: vocabulary 8192, lr swept from
+# 1e-4 to 1e-2, d_model 64..512, best lr per cell reported), on the issue's grid. A cell is
+# (mixer, caching, segment size, d_model, seq_len, num_kv_pairs); every lr of a cell trains
+# at once (vmapped) through one compiled step per (mixer, caching, segment, d_model, seq_len).
+# Training: num_steps x batch_size = 16 passes over the 100k sequences (our choice; Zoology
+# trains many epochs over a fixed training set). "caching": none | grm (gated residual memory)
+# | ssc (sparse selective caching, top_k cached memories); attention takes none only.
+SWEEP = dict(
+    mixers=("transformer", "mamba", "mamba2", "lightning", "linear_attention"),
+    caching=("none", "grm", "ssc"), segment_sizes=(32, 64), top_k=2,
+    d_models=(64, 128, 256), seq_lens=(256, 512), num_kv_pairs=(16, 32, 64),
+    lrs=(1e-4, 4.6e-4, 2.2e-3, 1e-2), seeds=(0,),
+    vocab_size=8192, num_train=100_000, num_test=3_000, num_layers=2,
+    num_steps=6_250, batch_size=256, eval_batch_size=250, warmup_steps=300, dtype="float32")
+
+# A seconds-long CPU smoke test of the same code path (scripts/mqar_suite.py sweep --quick).
+SWEEP_QUICK = dict(
+    SWEEP, mixers=("transformer", "lightning"), segment_sizes=(8,), d_models=(16,),
+    seq_lens=(32,), num_kv_pairs=(4,), lrs=(1e-3, 1e-2), vocab_size=32, num_train=64,
+    num_test=32, num_layers=1, num_steps=4, batch_size=8, eval_batch_size=16, warmup_steps=1)
+
+
 def get_config(arg: str = "mamba") -> ml_collections.ConfigDict:
-  model, size = common.parse_arg(arg, models=MODELS, sizes=("", "tiny"))
+  model, size = common.parse_arg(arg, models=MODELS, sizes=("", "tiny", "zoology"))
   config = common.base_config()
   config.name = f"mqar:{model}" + (f",{size}" if size else "")
   seq_len = ml_collections.FieldReference(128)
@@ -50,6 +74,12 @@ def get_config(arg: str = "mamba") -> ml_collections.ConfigDict:
   config.train.update(dict(num_steps=3_000, batch_size=64, eval_batch_size=250,
                            eval_every=500, checkpoint_every=500, log_every=50))
   mixer = dict(MIXERS[model])
+  if size == "zoology":
+    seq_len.set(256)
+    config.data.update(dict(vocab_size=8192, num_kv_pairs=16, num_train=100_000,
+                            num_test=3_000))
+    config.train.update(dict(num_steps=6_250, batch_size=256, eval_batch_size=500))
+    config.optim.warmup_steps = 300
   if size == "tiny":
     seq_len.set(32)
     config.data.update(dict(vocab_size=32, num_kv_pairs=4, num_train=64, num_test=32))

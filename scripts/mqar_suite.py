@@ -6,19 +6,59 @@ A variant is a model name of configs/mqar.py, optionally with "+mc" for memory c
 (gated residual memory, segments of --segment_size tokens, each segment's memory continuing
 from the previous one) or "+mcr" (the same with a fresh memory per segment). Writes
 WORKDIR/summary.json and prints a table (variant, params, query accuracy, steps, s).
+
+Sweep (Zoology's protocol, issue 27; the grid is configs/mqar.py SWEEP):
+
+  python scripts/mqar_suite.py sweep --workdir=runs/mqar_sweep            # the whole grid
+  python scripts/mqar_suite.py sweep --workdir=/tmp/sw --quick            # CPU smoke test
+  python scripts/mqar_suite.py sweep --workdir=W --mixers=mamba2 --caching=none,ssc \
+      --d_models=64,128 --seq_lens=256 --plan                              # count, run nothing
+
+A cell is (mixer, caching, segment size, d_model, seq_len, num_kv_pairs). All learning rates
+(x seeds) of a cell train at once: the parameters and optimizer states of R = lrs x seeds
+replicas are stacked and one `jax.vmap`ped step updates them all on the same batch, each
+with its own lr (the optimizer is built with peak lr 1 and every replica's update is
+scaled by its lr, exact for AdamW with decoupled decay and any schedule shape). The step is
+compiled once per program (mixer, caching, segment, d_model, seq_len): num_kv_pairs does
+not change shapes, so the cells of one program share it. Training data live on the device
+and batches are gathered there (a step's batch is a function of the step number). Each
+finished cell writes WORKDIR/cells/<cell>.json (accuracy and losses per lr, best lr, step
+time, parameters, recurrent-state bytes for one sequence); a rerun skips finished cells.
+A cell under way checkpoints its stacked state every 500 steps and when --max_seconds
+runs out (WORKDIR/cells/<cell>.ckpt.npz), and a rerun continues it from there: keep
+--max_seconds under the device's per-command limit and call again until every cell is
+done. WORKDIR/sweep.json holds the protocol; a rerun with another protocol is refused (use
+a new workdir). WORKDIR/results.jsonl (one row per cell) and results.md (best-lr table) are
+rewritten at the end of every call; `plot_sweep(load_rows(workdir))` draws accuracy vs
+d_model per length and vs state bytes.
+
+Cost model: time = sum over programs of one compile (tens of seconds on a GPU) + sum over
+cells of num_steps x t_step(program, R) + evaluation (num_test / eval_batch_size forward
+passes). For these small models t_step grows sub-linearly in R until the GPU is busy, so
+vmapping the lrs costs much less than R separate runs. --plan prints the number of cells,
+programs and steps and, from cells already done, the measured step times extrapolated to
+the remaining cells of the same program.
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import nnx
 
 import models
 from configs import mqar
 from data import load_task
+from models import registry
+from train import metrics as metrics_lib
+from train import optim as optim_lib
 from train import trainer
 
 
@@ -46,6 +86,442 @@ def count_params(config) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+# -- the sweep ----------------------------------------------------------------------------
+
+CACHING = ("none", "grm", "ssc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One point of the sweep grid; caching "none" has segment_size None."""
+
+  mixer: str
+  caching: str
+  segment_size: int | None
+  d_model: int
+  seq_len: int
+  num_kv_pairs: int
+
+  @property
+  def variant(self) -> str:
+    return self.mixer if self.caching == "none" else f"{self.mixer}+{self.caching}{self.segment_size}"
+
+  @property
+  def program(self) -> tuple:
+    """What fixes the compiled step's shapes: cells of one program share it."""
+    return (self.variant, self.d_model, self.seq_len)
+
+  @property
+  def name(self) -> str:
+    return f"{self.variant.replace('+', '_')}_d{self.d_model}_L{self.seq_len}_kv{self.num_kv_pairs}"
+
+
+def sweep_cells(grid: dict) -> list[Cell]:
+  """Every cell of the grid (configs/mqar.py SWEEP's keys), grouped by program."""
+  for c in grid["caching"]:
+    if c not in CACHING:
+      raise ValueError(f"caching must be among {CACHING}, got {c!r}")
+  mc_kinds = set(registry.kinds(memory_caching=True))
+  cells = []
+  for mixer in grid["mixers"]:
+    if mixer not in mqar.MIXERS:
+      raise ValueError(f"unknown mixer {mixer!r}; valid: {sorted(mqar.MIXERS)}")
+    options = [("none", None)]
+    if mixer in mc_kinds:
+      options += [(c, seg) for c in grid["caching"] if c != "none"
+                  for seg in grid["segment_sizes"]]
+    options = [o for o in options if o[0] in grid["caching"]]
+    for caching, seg in options:
+      for d in grid["d_models"]:
+        for length in grid["seq_lens"]:
+          for kv in grid["num_kv_pairs"]:
+            if length >= 4 * kv:
+              cells.append(Cell(mixer, caching, seg, d, length, kv))
+  return cells
+
+
+def cell_config(cell: Cell, grid: dict):
+  """The configs/mqar.py config of a cell (optimizer peak lr 1: replicas scale it)."""
+  config = mqar.get_config(f"{cell.mixer},zoology")
+  with config.unlocked():
+    config.data.update(dict(vocab_size=grid["vocab_size"], seq_len=cell.seq_len,
+                            num_kv_pairs=cell.num_kv_pairs, num_train=grid["num_train"],
+                            num_test=grid["num_test"]))
+    config.model.update(dict(d_model=cell.d_model, num_layers=grid["num_layers"],
+                             dtype=grid["dtype"]))
+    if cell.caching != "none":
+      config.model.mixer.memory_caching = dict(
+          segment_size=cell.segment_size,
+          variant="gated" if cell.caching == "grm" else "sparse",
+          top_k=grid["top_k"] if cell.caching == "ssc" else None)
+    config.optim.update(dict(lr=1.0, ssm_lr=1.0, warmup_steps=min(
+        grid["warmup_steps"], max(grid["num_steps"] // 10, 1))))
+    config.train.update(dict(num_steps=grid["num_steps"], batch_size=grid["batch_size"],
+                             eval_batch_size=grid["eval_batch_size"]))
+    config.name = f"mqar_sweep:{cell.name}"
+  return config
+
+
+def _nbytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def state_bytes(model, seq_len: int) -> int:
+  """Bytes of the recurrent state for one sequence of seq_len tokens (KV cache for
+  attention, the cached memories' buffer for memory caching)."""
+  shapes = jax.eval_shape(lambda: model.init_state(1, max_len=seq_len))
+  return _nbytes(shapes)
+
+
+class _Program:
+  """The compiled vmapped train / eval steps of one program (see the module docstring)."""
+
+  def __init__(self, config, task):
+    self.config, self.task = config, task
+    self.tx, _ = optim_lib.make_optimizer(config.optim, num_steps=config.train.num_steps)
+    model = models.build_model(config.model, task, rngs=nnx.Rngs(params=0, dropout=1))
+    self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
+    self.state_bytes = state_bytes(model, task.seq_len)
+    kind, tx, graphdef = task.kind, self.tx, self.graphdef
+
+    def loss_fn(params, rest, batch):
+      logits = nnx.merge(graphdef, params, rest)(batch, deterministic=True)
+      sums = metrics_lib.loss_sums(logits, batch, kind)
+      return sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9)
+
+    def one(params, opt_state, lr, rest, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
+      updates, new_opt = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
+      # A non-finite step (a too-large lr) is discarded and counted.
+      finite = jnp.isfinite(loss) & trainer.all_finite((new_params, new_opt))
+      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
+              loss, ~finite)
+
+    def train_step(params, opt_state, lrs, rest, data, idx):
+      batch = {k: v[idx] for k, v in data.items()}
+      return jax.vmap(one, in_axes=(0, 0, 0, None, None))(params, opt_state, lrs, rest, batch)
+
+    def eval_step(params, rest, batch):
+      def sums(p):
+        logits = nnx.merge(graphdef, p, rest)(batch, deterministic=True)
+        return metrics_lib.loss_sums(logits, batch, kind)
+      return jax.vmap(sums)(params)
+
+    self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    self.eval_step = jax.jit(eval_step)
+
+  def init(self, seeds: list[int]):
+    """Stacked (params, opt_state) of one replica per seed."""
+    by_seed = {}
+    for seed in sorted(set(seeds)):
+      model = models.build_model(self.config.model, self.task,
+                                 rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+      by_seed[seed] = nnx.split(model, nnx.Param, ...)[1]
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[by_seed[s] for s in seeds])
+    return params, jax.vmap(self.tx.init)(params)
+
+
+def _mqar_arrays(config, split: str) -> dict:
+  from data import mqar as mqar_data
+  d = config.data
+  arrays = mqar_data.generate(
+      d.num_train if split == "train" else d.num_test, seed=[d.seed, 0 if split == "train" else 1],
+      vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs,
+      power_a=d.power_a, random_non_queries=d.random_non_queries)
+  arrays["weights"] = np.ones(len(arrays["inputs"]), np.float32)
+  return arrays
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+  """Training rows of a step: epoch e = step // (n // batch_size) walks the permutation
+  seeded by (seed, 2, e); a function of the step alone, so a resumed cell sees the same
+  batches."""
+  per_epoch = n // batch_size
+  if per_epoch < 1:
+    raise ValueError(f"num_train={n} is smaller than batch_size={batch_size}")
+  epoch, i = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, 2, epoch]).permutation(n)
+  return order[i * batch_size:(i + 1) * batch_size]
+
+
+def _save_checkpoint(path: str, step: int, tree) -> None:
+  leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, step=np.int64(step), *leaves)
+  os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, like):
+  with np.load(path) as f:
+    leaves = [f[f"arr_{i}"] for i in range(len(jax.tree.leaves(like)))]
+    step = int(f["step"])
+  return step, jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
+
+
+def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = None,
+             deadline: float | None = None, halt_at_step: int | None = None,
+             checkpoint_every: int = 500) -> dict | None:
+  """Train every replica (lrs x seeds) of one cell; returns its result row, or None when
+  stopped early (time past `deadline`, or `halt_at_step` reached) with its state saved
+  to `checkpoint` (every checkpoint_every steps too), from which a rerun continues."""
+  lrs = [float(lr) for lr in grid["lrs"] for _ in grid["seeds"]]
+  seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
+  params, opt_state = program.init(seeds)
+  n_params = _nbytes(jax.tree.map(lambda x: x[0], params)) // 4
+  data = jax.device_put(_mqar_arrays(config, "train"))
+  n, bs, steps = len(data["inputs"]), config.train.batch_size, config.train.num_steps
+  lr_arr = jnp.asarray(lrs, jnp.float32)
+  bad = jnp.zeros(len(lrs), jnp.int32)
+  loss = jnp.full(len(lrs), jnp.nan, jnp.float32)
+  first = 0
+  if checkpoint and os.path.exists(checkpoint):
+    first, (params, opt_state, bad, loss) = _load_checkpoint(
+        checkpoint, (params, opt_state, bad, loss))
+  t0 = time.time()
+  t_first = t0
+  for step in range(first, steps):
+    if (halt_at_step is not None and step >= halt_at_step) or (
+        deadline is not None and time.time() > deadline):
+      if checkpoint:
+        _save_checkpoint(checkpoint, step, (params, opt_state, bad, loss))
+      return None
+    idx = jnp.asarray(batch_indices(step, n, bs, config.data.seed), jnp.int32)
+    params, opt_state, loss, nonfinite = program.train_step(params, opt_state, lr_arr,
+                                                            program.rest, data, idx)
+    bad = bad + nonfinite
+    if step == first:
+      jax.block_until_ready(loss)
+      t_first = time.time()
+    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+      _save_checkpoint(checkpoint, step + 1, (params, opt_state, bad, loss))
+  jax.block_until_ready(params)
+  t_end = time.time()
+  # Steady-state time of one (vmapped) step: this invocation's steps after its first.
+  step_time = (t_end - t_first) / max(steps - first - 1, 1)
+  test = _mqar_arrays(config, "test")
+  totals = None
+  ebs = config.train.eval_batch_size
+  for i in range(0, len(test["inputs"]), ebs):
+    batch = {k: jnp.asarray(v[i:i + ebs]) for k, v in test.items()}
+    sums = program.eval_step(params, program.rest, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  acc = [float(x) for x in totals["correct"] / np.maximum(totals["weight"], 1e-9)]
+  test_loss = [float(x) for x in totals["loss_sum"] / np.maximum(totals["weight"], 1e-9)]
+  # Best lr by mean accuracy over seeds.
+  by_lr = {}
+  for lr, a in zip(lrs, acc):
+    by_lr.setdefault(lr, []).append(a)
+  best_lr = max(by_lr, key=lambda lr: (np.mean(by_lr[lr]), -lr))
+  return dict(lrs=lrs, seeds=seeds, accuracy=acc, test_loss=test_loss,
+              final_train_loss=[float(x) for x in jax.device_get(loss)],
+              nonfinite_steps=[int(x) for x in jax.device_get(bad)],
+              best_lr=best_lr, best_accuracy=float(np.mean(by_lr[best_lr])),
+              steps=steps, batch_size=bs, replicas=len(lrs), resumed_at_step=first,
+              step_time_s=step_time, first_step_s=t_first - t0, train_s=t_end - t0,
+              params=int(n_params), state_bytes=program.state_bytes,
+              device=jax.devices()[0].device_kind)
+
+
+PROTOCOL_KEYS = ("lrs", "seeds", "vocab_size", "num_train", "num_test", "num_layers",
+                 "num_steps", "batch_size", "warmup_steps", "top_k", "dtype")
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _check_protocol(workdir: str, grid: dict) -> None:
+  protocol = {k: list(grid[k]) if isinstance(grid[k], (list, tuple)) else grid[k]
+              for k in PROTOCOL_KEYS}
+  path = os.path.join(workdir, "sweep.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != protocol:
+      diff = {k: (saved.get(k), protocol[k]) for k in protocol if saved.get(k) != protocol[k]}
+      raise ValueError(f"{workdir} holds a sweep with another protocol (saved, asked): {diff}; "
+                       f"use a new workdir")
+  else:
+    _write_json(path, protocol)
+
+
+def load_rows(workdir: str) -> list[dict]:
+  """Every finished cell's row (WORKDIR/cells/*.json), sorted by cell name."""
+  folder = os.path.join(workdir, "cells")
+  if not os.path.isdir(folder):
+    return []
+  rows = []
+  for fname in sorted(os.listdir(folder)):
+    if fname.endswith(".json"):
+      with open(os.path.join(folder, fname)) as f:
+        rows.append(json.load(f))
+  return rows
+
+
+_LIVE_PROGRAM: dict = {}
+
+
+def _program(cell: Cell, grid: dict, config) -> _Program:
+  """The cell's program, reused while consecutive cells (of this or a later sweep in the
+  same process) share it; one is kept alive at a time (cells come grouped by program).
+  The lrs and seeds only set the replica axis, which jit specialises on by itself."""
+  key = (cell.program, json.dumps({k: v for k, v in grid.items() if k not in ("lrs", "seeds")},
+                                  sort_keys=True, default=str))
+  if key not in _LIVE_PROGRAM:
+    _LIVE_PROGRAM.clear()
+    _LIVE_PROGRAM[key] = _Program(config, load_task_spec(config)[0])
+  return _LIVE_PROGRAM[key]
+
+
+def run_sweep(grid: dict, workdir: str, *, log=print, max_seconds: float | None = None,
+              halt_at_step: int | None = None) -> dict:
+  """Run the grid's unfinished cells; rewrite results.jsonl and results.md.
+
+  max_seconds: stop (checkpointing the cell under way) once this much time has passed;
+  halt_at_step: stop each cell there (tests). Returns {"ran", "skipped", "stopped",
+  "rows"}: cell names finished now, skipped as done, stopped with a checkpoint; every
+  finished row.
+  """
+  deadline = None if max_seconds is None else time.time() + max_seconds
+  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  _check_protocol(workdir, grid)
+  cells = sweep_cells(grid)
+  ran, skipped, stopped = [], [], []
+  for cell in cells:
+    path = os.path.join(workdir, "cells", cell.name + ".json")
+    if os.path.exists(path):
+      skipped.append(cell.name)
+      continue
+    if stopped:
+      continue
+    config = cell_config(cell, grid)
+    program = _program(cell, grid, config)
+    start = time.time()
+    ckpt = os.path.join(workdir, "cells", cell.name + ".ckpt.npz")
+    result = run_cell(program, config, grid, checkpoint=ckpt,
+                      deadline=deadline, halt_at_step=halt_at_step)
+    if result is None:
+      stopped.append(cell.name)
+      log(f"{cell.name}: stopped, state saved to {ckpt}")
+      continue
+    if os.path.exists(ckpt):
+      os.remove(ckpt)
+    row = dict(dataclasses.asdict(cell), cell=cell.name, variant=cell.variant, **result,
+               seconds=round(time.time() - start, 2))
+    _write_json(path, row)
+    ran.append(cell.name)
+    log(f"{cell.name}: best lr {row['best_lr']:.2g} acc {row['best_accuracy']:.3f} "
+        f"({row['step_time_s'] * 1e3:.1f} ms/step x {row['steps']}, {row['seconds']} s)")
+  rows = load_rows(workdir)
+  with open(os.path.join(workdir, "results.jsonl"), "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(best_table(rows) + "\n")
+  return dict(ran=ran, skipped=skipped, stopped=stopped, rows=rows)
+
+
+def load_task_spec(config):
+  """The MQAR TaskSpec of a config, without generating its data."""
+  from data.task import TaskSpec
+  d = config.data
+  return TaskSpec(name="mqar", kind="lm", input_kind="tokens", seq_len=d.seq_len,
+                  num_classes=d.vocab_size, vocab_size=d.vocab_size), None
+
+
+def plan(grid: dict, workdir: str | None = None) -> dict:
+  """Counts of the sweep and, from finished cells, an estimate of the remaining time."""
+  cells = sweep_cells(grid)
+  done = {r["cell"]: r for r in (load_rows(workdir) if workdir else [])}
+  per_program = {}
+  for r in done.values():
+    per_program.setdefault((r["variant"], r["d_model"], r["seq_len"]), []).append(r["step_time_s"])
+  todo = [c for c in cells if c.name not in done]
+  known = [c for c in todo if c.program in per_program]
+  est = sum(np.median(per_program[c.program]) * grid["num_steps"] for c in known)
+  return dict(cells=len(cells), programs=len({c.program for c in cells}), done=len(done),
+              todo=len(todo), replicas=len(grid["lrs"]) * len(grid["seeds"]),
+              steps_per_cell=grid["num_steps"], estimated_s_known=round(float(est), 1),
+              todo_without_estimate=len(todo) - len(known))
+
+
+def best_table(rows: list[dict]) -> str:
+  """Markdown table: one line per cell, its best lr and accuracy."""
+  lines = ["| variant | d_model | L | pairs | best lr | acc | ms/step | state KiB |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (r["variant"], r["seq_len"], r["num_kv_pairs"], r["d_model"])):
+    lines.append(f"| {r['variant']} | {r['d_model']} | {r['seq_len']} | {r['num_kv_pairs']} | "
+                 f"{r['best_lr']:.2g} | {r['best_accuracy']:.3f} | {r['step_time_s'] * 1e3:.1f} | "
+                 f"{r['state_bytes'] / 1024:.1f} |")
+  return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], *, num_kv_pairs: int | None = None):
+  """Figure of best accuracy: one column per seq_len, top row vs d_model, bottom row vs
+  state bytes (log x), one line per variant. num_kv_pairs: keep those cells only (default
+  the largest in rows). Returns the matplotlib Figure."""
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+  if not rows:
+    raise ValueError("plot_sweep: no rows")
+  kv = num_kv_pairs or max(r["num_kv_pairs"] for r in rows)
+  rows = [r for r in rows if r["num_kv_pairs"] == kv]
+  lengths = sorted({r["seq_len"] for r in rows})
+  fig, axes = plt.subplots(2, len(lengths), figsize=(4.5 * len(lengths), 7), squeeze=False)
+  for j, length in enumerate(lengths):
+    sub = [r for r in rows if r["seq_len"] == length]
+    for variant in sorted({r["variant"] for r in sub}):
+      pts = sorted((r["d_model"], r["state_bytes"], r["best_accuracy"]) for r in sub
+                   if r["variant"] == variant)
+      d, sb, acc = zip(*pts)
+      axes[0, j].plot(d, acc, marker="o", label=variant)
+      axes[1, j].plot(sb, acc, marker="o", label=variant)
+    axes[0, j].set(title=f"L={length}, {kv} pairs", xlabel="d_model", ylabel="accuracy",
+                   xscale="log", ylim=(-0.02, 1.02))
+    axes[1, j].set(xlabel="state bytes", ylabel="accuracy", xscale="log", ylim=(-0.02, 1.02))
+  axes[0, -1].legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def sweep_main(argv=None):
+  parser = argparse.ArgumentParser(prog="mqar_suite.py sweep")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--quick", action="store_true", help="configs/mqar.py SWEEP_QUICK")
+  parser.add_argument("--plan", action="store_true", help="print counts and estimates only")
+  parser.add_argument("--max_seconds", type=float, default=None,
+                      help="stop after this long, checkpointing the cell under way")
+  ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+  strs = lambda s: tuple(s.split(","))  # noqa: E731
+  for name, conv in (("mixers", strs), ("caching", strs), ("segment_sizes", ints),
+                     ("d_models", ints), ("seq_lens", ints), ("num_kv_pairs", ints),
+                     ("lrs", lambda s: tuple(float(x) for x in s.split(","))), ("seeds", ints),
+                     ("num_steps", int), ("batch_size", int), ("top_k", int), ("dtype", str),
+                     ("num_train", int), ("num_test", int), ("eval_batch_size", int),
+                     ("vocab_size", int)):
+    parser.add_argument(f"--{name}", type=conv, default=None)
+  args = parser.parse_args(argv)
+  grid = dict(mqar.SWEEP_QUICK if args.quick else mqar.SWEEP)
+  for k, v in vars(args).items():
+    if v is not None and k in grid:
+      grid[k] = v
+  if args.plan:
+    print(json.dumps(plan(grid, args.workdir), indent=1))
+    return None
+  out = run_sweep(grid, args.workdir, max_seconds=args.max_seconds)
+  print(f"ran {len(out['ran'])} cells, skipped {len(out['skipped'])} done, "
+        f"stopped {len(out['stopped'])} (checkpointed)")
+  print(best_table(out["rows"]))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir", required=True)
@@ -71,4 +547,7 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:2] == ["sweep"]:
+    sweep_main(sys.argv[2:])
+  else:
+    main()

@@ -1,8 +1,55 @@
 """Memory caching (MC) for linear memories: RNNs whose memory grows with the sequence.
 
-Behrouz et al. 2026, "Memory Caching: RNNs with Growing Memory" (arXiv 2602.24281;
-no official code; checked against the paper's equations as quoted in public
-summaries and the unofficial PyTorch package memory-caching 0.1.0).
+Behrouz et al. 2026, "Memory Caching: RNNs with Growing Memory" (arXiv 2602.24281; no
+official code).
+
+What this was checked against (issue 27). The paper's method section could not be read
+here: the stored copies of its arXiv HTML page, its Hugging Face page and mirrors return
+only the title and abstract. Read instead: the abstract; third-party summaries of the
+method (howistudyai.com, gentic.news, bemiagent.com, wispaper.ai, arxivlens.com,
+emergentmind.com); and the unofficial PyTorch reproduction (github kmccleary3301/
+memory_caching, `src/memory_caching/layer.py`, PyPI memory-caching). No equation below is
+quoted from the paper; "summaries" are what those pages say in words.
+
+| equation (our notation)                  | source found          | this code           |
+|------------------------------------------|-----------------------|---------------------|
+| segments of fixed size; the memory at a  | abstract, summaries,  | follows             |
+| segment's end is cached, M^(i)           | unofficial package    |                     |
+| token t reads its online memory M_t and  | summaries, package    | follows             |
+| the cached M^(i), i < s(t); cost O(N L)  | (summaries: O(NL))    | (O(L x segments))   |
+| segment start: checkpoint (continue) or  | package (both modes)  | follows, default    |
+| restart (independent compressors)        |                       | checkpoint          |
+| RM: y = M_t(q) + sum_i M^(i)(q)          | summaries ("sum all   | follows             |
+|                                          | cached"), package     |                     |
+| GRM: y = g^on M_t(q) + sum_i g^i M^(i)(q)| summaries ("input-    | follows; softmax    |
+| g = softmax_i <u_t, pool(keys of seg i)>,| dependent gates per   | includes the online |
+| the online segment pooled up to t        | segment"), package    | segment, as package |
+| u_t = W_u x_t, or u_t = q_t ("shared")   | arxivlens ("shared u  | follows: mixers     |
+|                                          | and q"), package      | learn W_u; default q|
+| pool = mean over the segment's keys      | package: SUM          | option `pooling`,   |
+|                                          | (paper: not readable) | default "mean" (a)  |
+| Soup: M*_t = g^on M_t + sum_i g^i M^(i), | summaries ("averages  | follows (step form  |
+| y = M*_t(q) (mix parameters, then read)  | the parameters"), pkg | mixes the states)   |
+| SSC: router = the GRM scores; keep the   | summaries ("router",  | follows; top_k over |
+| top_k cached; softmax over them + online | "only a few caches    | cached only, online |
+| and read only those                      | per token"), package  | always kept (d)     |
+| logarithmic segmentation                 | package               | absent (b)          |
+| deep (MLP) memories                      | abstract              | absent (c)          |
+
+(a) The mean keeps the scores' scale independent of the segment size and of how far the
+    online segment has run; "sum" reproduces the package (tests cover both). Which the
+    paper uses could not be read here.
+(b) Constant segments only: the sweep (scripts/mqar_suite.py sweep) varies their size.
+(c) Linear memories only (matrix states with a scalar or per-key decay), where Soup and
+    GRM coincide; a deep memory's soup would mix its weights, which GRM does not.
+
+(d) Fixed here: the step form read all cached memories and zeroed the unselected ones, so
+    SSC cost as much as GRM at inference; it now gathers the top_k memories and reads only
+    those, O(top_k dk dv) per token instead of O(segments dk dv). The parallel (training)
+    form still computes every cached read and masks (dense, as the package does).
+
+Beyond (a)-(d) nothing was found that departs from these sources in the equations; tests/test_memory_caching_paper.py checks each row on hand-computed
+examples, tests/test_memory_caching.py the general definition.
 
 A *linear memory* is a matrix state per head, S (dk, dv), written and read as
 
@@ -28,11 +75,11 @@ the memories cached at the end of every earlier segment, M^(0) .. M^(s(t)-1):
               router); the softmax runs over those and the online score.
 
 The gate token u_t defaults to q_t and the gate keys to k_t (mixers pass a learned
-u_t = W_u x_t as in the paper). The paper writes MeanPooling(S^(i)); the
-unofficial package pools with a sum; we use the mean (scale-free in the segment
-size), for the online segment the mean over the tokens seen so far.
+u_t = W_u x_t). Summaries pool the gate keys with the mean (`pooling="mean"`, default;
+for the online segment the mean over the tokens seen so far) or the sum
+(`pooling="sum"`, the unofficial package's choice).
 
-How a segment's memory starts (`state_init`, the paper's Sec. 3.4):
+How a segment's memory starts (`state_init`; both are in the unofficial package):
 
     "checkpoint" (default): one continuous recurrence; the cached memories are
       checkpoints of it (M_0^(s) = M^(s-1)), the online memory is the ordinary
@@ -61,7 +108,7 @@ overwritten (ring buffer): step and parallel forms agree for sequences of up to
 (max_segments + 1) * segment_size tokens.
 
 Mixers take the option `memory_caching=dict(segment_size=..., variant="gated",
-top_k=None, state_init="checkpoint", max_segments=64)`, validated by
+top_k=None, state_init="checkpoint", max_segments=64, pooling="mean")`, validated by
 `memory_caching_config`.
 """
 
@@ -77,6 +124,7 @@ from ssm.ops.linear_scan import assoc_scan
 from ssm.ops.ssd import segsum
 
 VARIANTS = ("residual", "gated", "soup", "sparse")
+POOLINGS = ("mean", "sum")
 STATE_INITS = ("checkpoint", "restart")
 DEFAULT_MAX_SEGMENTS = 64
 
@@ -93,6 +141,7 @@ class MemoryCachingConfig:
     must be None for the other variants.
   state_init: "checkpoint" | "restart".
   max_segments: capacity of the step-mode buffer of cached memories.
+  pooling: "mean" | "sum", how a segment's gate keys are pooled into its summary.
   """
 
   segment_size: int
@@ -100,9 +149,10 @@ class MemoryCachingConfig:
   top_k: int | None = None
   state_init: str = "checkpoint"
   max_segments: int = DEFAULT_MAX_SEGMENTS
+  pooling: str = "mean"
 
   def __post_init__(self):
-    _check_options(self.segment_size, self.variant, self.top_k, self.state_init)
+    _check_options(self.segment_size, self.variant, self.top_k, self.state_init, self.pooling)
     if not _is_int(self.max_segments) or self.max_segments < 1:
       raise ValueError(f"memory_caching: max_segments must be an int >= 1, "
                        f"got {self.max_segments!r}")
@@ -125,7 +175,7 @@ class MemoryCachingConfig:
   def read_kwargs(self) -> dict[str, Any]:
     """The keyword arguments of `cached_memory_read` / `cached_memory_step`."""
     return dict(segment_size=self.segment_size, variant=self.variant, top_k=self.top_k,
-                state_init=self.state_init)
+                state_init=self.state_init, pooling=self.pooling)
 
 
 def memory_caching_config(options) -> MemoryCachingConfig | None:
@@ -148,7 +198,9 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_options(segment_size, variant, top_k, state_init):
+def _check_options(segment_size, variant, top_k, state_init, pooling="mean"):
+  if pooling not in POOLINGS:
+    raise ValueError(f"memory_caching: pooling must be one of {POOLINGS}, got {pooling!r}")
   if not _is_int(segment_size) or segment_size < 1:
     raise ValueError(f"memory_caching: segment_size must be an int >= 1, got {segment_size!r}")
   if variant not in VARIANTS:
@@ -293,7 +345,8 @@ def _gate_weights(variant, top_k, scores, valid, score_on):
 
 def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str = "gated",
                        top_k: int | None = None, gate_u=None, gate_keys=None,
-                       state_init: str = "checkpoint", chunk_size: int = 64, online=None):
+                       state_init: str = "checkpoint", chunk_size: int = 64, online=None,
+                       pooling: str = "mean"):
   """Memory-cached read of a linear memory over a whole sequence (parallel form).
 
   Args:
@@ -320,7 +373,7 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
     y: (b, l, h, dv), dtype of q. Computed in float32.
   """
   h = _check_read_args(q, k, v, log_a, gate_u, gate_keys)
-  _check_options(segment_size, variant, top_k, state_init)
+  _check_options(segment_size, variant, top_k, state_init, pooling)
   if not _is_int(chunk_size) or chunk_size < 1:
     raise ValueError(f"cached_memory_read: chunk_size must be an int >= 1, got {chunk_size!r}")
   out_dtype = q.dtype
@@ -390,8 +443,11 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
   # running mean over the current segment for the online memory.
   gks = jnp.pad(gk, [(0, 0), (0, n_seg * S - l), (0, 0), (0, 0)]).reshape(
       (b, n_seg, S) + gk.shape[2:])
-  summaries = jnp.mean(gks[:, :n_cached], axis=2)         # (b, n, g, du)
-  running = jnp.cumsum(gks, axis=2) / jnp.arange(1, S + 1, dtype=acc)[:, None, None]
+  summaries = jnp.sum(gks[:, :n_cached], axis=2)          # (b, n, g, du)
+  running = jnp.cumsum(gks, axis=2)
+  if pooling == "mean":
+    summaries = summaries / S
+    running = running / jnp.arange(1, S + 1, dtype=acc)[:, None, None]
   running = running.reshape((b, n_seg * S) + gk.shape[2:])[:, :l]  # (b, l, g, du)
   g = max(gu.shape[2], gk.shape[2])
   gu_b = _bcast_heads(gu, g)
@@ -447,7 +503,8 @@ def init_cache_state(batch_size: int, num_heads: int, key_dim: int, value_dim: i
 
 def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
                        segment_size: int, variant: str = "gated", top_k: int | None = None,
-                       gate_u_t=None, gate_keys_t=None, state_init: str = "checkpoint"):
+                       gate_u_t=None, gate_keys_t=None, state_init: str = "checkpoint",
+                       pooling: str = "mean"):
   """One token of `cached_memory_read`.
 
   Args:
@@ -460,7 +517,7 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
   Returns:
     (state, y_t) with y_t (b, h, dv) in q_t's dtype.
   """
-  _check_options(segment_size, variant, top_k, state_init)
+  _check_options(segment_size, variant, top_k, state_init, pooling)
   b, h, dk, dv = state.online.shape
   M = state.cached.shape[1]
   gu = q_t if gate_u_t is None else gate_u_t
@@ -502,16 +559,23 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
     g = max(gu.shape[1], state.key_sum.shape[1])
     gu_b = jnp.broadcast_to(gu, (b, g, gu.shape[-1]))
     summaries = jnp.broadcast_to(state.summaries, (b, M, g, gu.shape[-1]))
-    n_in = (pos % segment_size + 1).astype(acc)
+    n_in = (pos % segment_size + 1).astype(acc) if pooling == "mean" else 1.0
     scores = jnp.einsum("bgd,bmgd->bgm", gu_b, summaries)
     score_on = jnp.sum(gu_b * key_sum / n_in, axis=-1)
     w_c, w_on = _gate_weights(variant, top_k, scores, valid, score_on)
     w_c = jnp.broadcast_to(w_c, (b, h, M))
     w_on = jnp.broadcast_to(w_on[..., None], (b, h, 1))[..., 0]
     if variant == "soup":
-      # Mix the memories first, then read once (the paper's memory soup).
+      # Mix the memories first, then read once (memory soup).
       mixed = w_on[..., None, None] * online + jnp.einsum("bhm,bmhkv->bhkv", w_c, state.cached)
       y = jnp.einsum("bhk,bhkv->bhv", qh, mixed)
+    elif variant == "sparse":
+      # Read only the top_k selected memories: the unselected have weight exactly 0, so
+      # the top_k weights are the selected ones (ties at 0 add nothing).
+      w_sel, idx = lax.top_k(w_c, min(top_k, M))                     # (b, h, k)
+      by_head = jnp.moveaxis(state.cached, 1, 2)                      # (b, h, M, dk, dv)
+      sel = jnp.take_along_axis(by_head, idx[..., None, None], axis=2)
+      y = w_on[..., None] * y_on + jnp.einsum("bhm,bhk,bhmkv->bhv", w_sel, qh, sel)
     else:
       y = w_on[..., None] * y_on + jnp.einsum("bhm,bhk,bmhkv->bhv", w_c, qh, state.cached)
 
@@ -519,7 +583,8 @@ def cached_memory_step(state: MemoryCacheState, q_t, k_t, v_t, log_a_t=None, *,
   end = (pos + 1) % segment_size == 0
   slot = state.count % M
   cached = jnp.where(end, state.cached.at[:, slot].set(online), state.cached)
-  summaries = jnp.where(end, state.summaries.at[:, slot].set(key_sum / segment_size),
+  pooled = key_sum / segment_size if pooling == "mean" else key_sum
+  summaries = jnp.where(end, state.summaries.at[:, slot].set(pooled),
                         state.summaries)
   if state_init == "restart":
     online = jnp.where(end, jnp.zeros_like(online), online)
@@ -534,6 +599,6 @@ def max_sequence_length(config: MemoryCachingConfig) -> int:
   return (config.max_segments + 1) * config.segment_size
 
 
-__all__ = ["VARIANTS", "STATE_INITS", "MemoryCachingConfig", "memory_caching_config",
+__all__ = ["VARIANTS", "STATE_INITS", "POOLINGS", "MemoryCachingConfig", "memory_caching_config",
            "cached_memory_read", "MemoryCacheState", "init_cache_state", "cached_memory_step",
            "max_sequence_length"]

@@ -38,7 +38,7 @@ _LRA = [importlib.import_module(f"configs.lra.{task}") for task in LRA_TASKS]
 ALL = ([(mod.get_config, f"{m},{s}" if s else m) for mod in _LRA for m in mod.MODELS
         for s in getattr(mod, "SIZES", common.SIZES)]
        + [(mqar.get_config, m) for m in mqar.MODELS]
-       + [(mqar.get_config, f"{m},tiny") for m in mqar.MODELS])
+       + [(mqar.get_config, f"{m},{s}") for m in mqar.MODELS for s in ("tiny", "zoology")])
 
 
 def test_every_lra_task_has_every_model():

@@ -11,7 +11,7 @@ from ssm.memory_caching import (
     MemoryCachingConfig, cached_memory_read, cached_memory_step, init_cache_state,
     memory_caching_config)
 
-STATIC = ("segment_size", "variant", "top_k", "state_init", "chunk_size")
+STATIC = ("segment_size", "variant", "top_k", "state_init", "chunk_size", "pooling")
 # One compilation per configuration (eager dispatch of the many small ops is slower).
 read = jax.jit(cached_memory_read, static_argnames=STATIC)
 
@@ -24,13 +24,14 @@ def _full_float32_matmuls():
 
 
 def naive_memory_caching(q, k, v, log_a, segment_size, variant="gated", top_k=None,
-                         gate_u=None, gate_keys=None, state_init="checkpoint"):
+                         gate_u=None, gate_keys=None, state_init="checkpoint", pooling="mean"):
   """The definition, one token at a time, in float64 NumPy (module docstring)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   gu = q if gate_u is None else np.asarray(gate_u, np.float64)
   gk = k if gate_keys is None else np.asarray(gate_keys, np.float64)
   b, l = v.shape[:2]
   h = max(x.shape[2] for x in (q, k, v, gu, gk))
+  pool = np.mean if pooling == "mean" else np.sum
   bc = lambda x: np.broadcast_to(x, x.shape[:2] + (h,) + x.shape[3:])
   q, k, v, gu, gk = map(bc, (q, k, v, gu, gk))
   if log_a is None:
@@ -47,7 +48,7 @@ def naive_memory_caching(q, k, v, log_a, segment_size, variant="gated", top_k=No
       for t in range(l):
         if t > 0 and t % segment_size == 0:
           cached.append(state.copy())
-          summaries.append(np.mean(seg_keys, axis=0))
+          summaries.append(pool(seg_keys, axis=0))
           seg_keys = []
           if state_init == "restart":
             state = np.zeros_like(state)
@@ -63,7 +64,7 @@ def naive_memory_caching(q, k, v, log_a, segment_size, variant="gated", top_k=No
         idx = list(range(len(cached)))
         if variant == "sparse":
           idx = sorted(idx, key=lambda i: -scores[i])[:top_k]
-        logits = np.array([scores[i] for i in idx] + [ut @ np.mean(seg_keys, axis=0)])
+        logits = np.array([scores[i] for i in idx] + [ut @ pool(seg_keys, axis=0)])
         w = np.exp(logits - logits.max())
         w /= w.sum()
         y[bi, t, hi] = w[-1] * y_on + sum((wi * reads[i] for wi, i in zip(w[:-1], idx)),
@@ -160,6 +161,21 @@ def test_step_matches_parallel(variant, state_init, decay):
   assert_close(run_steps(q, k, v, log_a, gates, cfg), y)
 
 
+@pytest.mark.parametrize("variant,top_k", [("gated", None), ("sparse", 1)])
+def test_sum_pooling_parallel_step_and_definition(variant, top_k):
+  """pooling="sum" (segment summaries are sums of the gate keys, as the unofficial
+  package pools): parallel = definition = step form."""
+  q, k, v, log_a, gates = make_inputs(17, decay="scalar", gate=True)
+  cfg = MemoryCachingConfig(segment_size=3, variant=variant, top_k=top_k, pooling="sum",
+                            max_segments=3)
+  y = read(q, k, v, log_a, **gates, **cfg.read_kwargs())
+  assert_close(y, naive_memory_caching(q, k, v, log_a, 3, variant, top_k, pooling="sum",
+                                       **gates))
+  assert_close(run_steps(q, k, v, log_a, gates, cfg), y)
+  mean = read(q, k, v, log_a, **gates, segment_size=3, variant=variant, top_k=top_k)
+  assert not np.allclose(mean, y)
+
+
 @pytest.mark.parametrize("variant,decay", [("sparse", "key")])  # gated: mixer tests
 def test_one_segment_is_the_base_recurrence(variant, decay):
   """A segment covering the whole sequence leaves only the online memory: y_t = q_t . S_t."""
@@ -226,7 +242,7 @@ def test_config_validation():
   assert memory_caching_config(None) is None
   cfg = memory_caching_config(dict(segment_size=8, variant="sparse", top_k=2))
   assert cfg.read_kwargs() == dict(segment_size=8, variant="sparse", top_k=2,
-                                   state_init="checkpoint")
+                                   state_init="checkpoint", pooling="mean")
   bad = [
       (dict(segment_size=0), "segment_size"),
       (dict(segment_size=2.0), "segment_size"),
@@ -237,6 +253,7 @@ def test_config_validation():
       (dict(segment_size=4, variant="sparse", top_k=65), "max_segments"),
       (dict(segment_size=4, variant="gated", top_k=2), "only used by"),
       (dict(segment_size=4, state_init="fresh"), "state_init"),
+      (dict(segment_size=4, pooling="max"), "pooling"),
       (dict(segment_size=4, max_segments=0), "max_segments"),
       (dict(segment_size=4, segments=3), "unknown keys"),
   ]

@@ -1,0 +1,112 @@
+"""The MQAR sweep runner (scripts/mqar_suite.py sweep) on CPU: one tiny cell with two
+learning rates vmapped, its result files, per-cell resume, the protocol check, the plan,
+replicas independent of each other, and the plotting helper."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import mqar
+from scripts import mqar_suite
+
+# One cell: lightning with gated residual memory, segments of 8 tokens, 2 lrs, 3 steps.
+GRID = dict(mqar.SWEEP_QUICK, mixers=("lightning",), caching=("grm",), num_steps=3)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  return workdir, mqar_suite.run_sweep(GRID, workdir, log=lambda *_: None)
+
+
+def test_grid_cells():
+  cells = mqar_suite.sweep_cells(dict(mqar.SWEEP))
+  # attention: no caching; 4 recurrent mixers x (none + 2 caching x 2 segment sizes);
+  # 3 widths x 2 lengths x 3 pair counts each.
+  assert len(cells) == (1 + 4 * 5) * 3 * 2 * 3
+  assert len({c.program for c in cells}) == (1 + 4 * 5) * 3 * 2
+  assert {c.variant for c in cells if c.mixer == "transformer"} == {"transformer"}
+  assert "mamba2+ssc64" in {c.variant for c in cells}
+  assert all(len(mqar.SWEEP["lrs"]) >= 4 and 1e-4 <= lr <= 1e-2 for lr in mqar.SWEEP["lrs"])
+
+
+def test_sweep_writes_one_row_per_cell(swept):
+  workdir, out = swept
+  assert out["ran"] == ["lightning_grm8_d16_L32_kv4"] and out["skipped"] == []
+  assert os.path.exists(os.path.join(workdir, "results.md"))
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 1
+  row = rows[0]
+  assert row["variant"] == "lightning+grm8" and row["segment_size"] == 8
+  assert (row["d_model"], row["seq_len"], row["num_kv_pairs"]) == (16, 32, 4)
+  assert row["lrs"] == [1e-3, 1e-2] and len(row["accuracy"]) == 2
+  assert all(0.0 <= a <= 1.0 for a in row["accuracy"])
+  assert row["best_lr"] in row["lrs"]
+  assert row["best_accuracy"] == max(row["accuracy"])
+  assert row["steps"] == 3 and row["replicas"] == 2
+  assert row["step_time_s"] > 0 and row["params"] > 0
+  assert row["state_bytes"] > 0 and all(np.isfinite(row["final_train_loss"]))
+  with open(os.path.join(workdir, "sweep.json")) as f:
+    assert json.load(f)["lrs"] == [1e-3, 1e-2]
+
+
+def test_rerun_skips_done_cells_and_refuses_another_protocol(swept):
+  workdir, first = swept
+  again = mqar_suite.run_sweep(GRID, workdir, log=lambda *_: None)
+  assert again["ran"] == [] and again["skipped"] == first["ran"]
+  assert again["rows"] == first["rows"]
+  p = mqar_suite.plan(GRID, workdir)
+  assert (p["cells"], p["done"], p["todo"]) == (1, 1, 0)
+  with pytest.raises(ValueError, match="another protocol"):
+    mqar_suite.run_sweep(dict(GRID, lrs=(1e-3,)), workdir)
+
+
+def test_replicas_are_independent(swept, tmp_path):
+  """The lr-1e-3 replica trained alone gives the same result as inside the 2-lr vmap."""
+  _, both = swept
+  alone = mqar_suite.run_sweep(dict(GRID, lrs=(1e-3,)), str(tmp_path), log=lambda *_: None)
+  a, b = alone["rows"][0], both["rows"][0]
+  np.testing.assert_allclose(a["final_train_loss"][0], b["final_train_loss"][0], rtol=1e-5)
+  np.testing.assert_allclose(a["test_loss"][0], b["test_loss"][0], rtol=1e-5)
+
+
+def test_a_stopped_cell_resumes_from_its_checkpoint(swept, tmp_path):
+  """Stopped after 2 of 3 steps, the cell leaves a checkpoint and no row; the rerun
+  continues at step 2 and ends where the uninterrupted run did."""
+  workdir = str(tmp_path)
+  first = mqar_suite.run_sweep(GRID, workdir, halt_at_step=2, log=lambda *_: None)
+  assert first["ran"] == [] and first["stopped"] == ["lightning_grm8_d16_L32_kv4"]
+  assert os.path.exists(os.path.join(workdir, "cells", "lightning_grm8_d16_L32_kv4.ckpt.npz"))
+  second = mqar_suite.run_sweep(GRID, workdir, log=lambda *_: None)
+  assert second["ran"] == first["stopped"]
+  assert os.listdir(os.path.join(workdir, "cells")) == ["lightning_grm8_d16_L32_kv4.json"]
+  resumed, whole = second["rows"][0], swept[1]["rows"][0]
+  assert resumed["resumed_at_step"] == 2
+  np.testing.assert_allclose(resumed["final_train_loss"], whole["final_train_loss"], rtol=1e-5)
+  np.testing.assert_allclose(resumed["accuracy"], whole["accuracy"], atol=1e-6)
+
+
+def test_batches_are_a_function_of_the_step():
+  a = [mqar_suite.batch_indices(s, 10, 3, 0) for s in range(6)]
+  assert all(len(x) == 3 for x in a)
+  assert len(set(np.concatenate(a[:3]))) == 9  # one epoch: distinct rows
+  np.testing.assert_array_equal(a[4], mqar_suite.batch_indices(4, 10, 3, 0))
+  with pytest.raises(ValueError, match="smaller than batch_size"):
+    mqar_suite.batch_indices(0, 2, 3, 0)
+
+
+def test_plot_sweep_and_table():
+  rows = [dict(variant=v, d_model=d, seq_len=length, num_kv_pairs=16, best_lr=1e-3,
+               best_accuracy=acc, step_time_s=0.01, state_bytes=d * 1024 * (2 if "+" in v else 1))
+          for v, acc in (("mamba", 0.2), ("mamba+grm32", 0.5))
+          for d in (64, 128) for length in (256, 512)]
+  fig = mqar_suite.plot_sweep(rows)
+  axes = fig.axes
+  assert len(axes) == 4  # (vs d_model, vs state bytes) x 2 lengths
+  assert [len(ax.get_lines()) for ax in axes] == [2, 2, 2, 2]
+  assert axes[0].get_title() == "L=256, 16 pairs"
+  table = mqar_suite.best_table(rows)
+  assert table.count("\n") == 1 + len(rows) and "mamba+grm32" in table
