@@ -349,17 +349,26 @@ def generate_images(rng: np.random.Generator, labels, s: Settings):
   return images, ok, markers
 
 
+def draw_until_done(rng, labels, size: int, batch: int, draw):
+  """(len(labels), size, size) uint8 images: `draw(rng, labels_part)` -> (images, ok, _)
+  makes `batch` at a time, and the failed ones are drawn again (same labels) until all
+  succeed. Shared by the generator versions."""
+  images = np.zeros((len(labels), size, size), np.uint8)
+  todo = np.arange(len(labels))
+  while todo.size:
+    part = todo[:batch]
+    imgs, ok, _ = draw(rng, labels[part])
+    images[part[ok]] = imgs[ok]
+    todo = np.concatenate([part[~ok], todo[batch:]])
+  return images
+
+
 def generate_chunk(seed: int, chunk: int, count: int, s: Settings, batch: int = 128):
   """`count` images and labels (balanced within 1) of one chunk, from (seed, chunk)."""
   rng = np.random.default_rng([seed, chunk, GENERATOR_VERSION])
   labels = rng.permutation(np.arange(count) % 2)
-  images = np.zeros((count, s.size, s.size), np.uint8)
-  todo = np.arange(count)
-  while todo.size:
-    part = todo[:batch]
-    imgs, ok, _ = generate_images(rng, labels[part], s)
-    images[part[ok]] = imgs[ok]
-    todo = np.concatenate([part[~ok], todo[batch:]])
+  images = draw_until_done(rng, labels, s.size, batch,
+                           lambda rng, lab: generate_images(rng, lab, s))
   return images, labels.astype(np.int32)
 
 

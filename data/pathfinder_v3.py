@@ -452,13 +452,9 @@ def generate_images(rng: np.random.Generator, labels, s: SettingsV3, *, parts: b
 def generate_chunk(seed: int, chunk: int, count: int, s: SettingsV3, batch: int = 0):
   """`count` images and i.i.d. fair labels of one chunk, from (seed, chunk)."""
   batch = batch or max(8, 2048 // s.main_tries)
+  from data.pathfinder import draw_until_done  # deferred: data.pathfinder imports this module
   rng = np.random.default_rng([seed, chunk, VERSION])
   labels = rng.integers(0, 2, count)
-  images = np.zeros((count, s.size, s.size), np.uint8)
-  todo = np.arange(count)
-  while todo.size:
-    part = todo[:batch]
-    imgs, ok, _ = generate_images(rng, labels[part], s)
-    images[part[ok]] = imgs[ok]
-    todo = np.concatenate([part[~ok], todo[batch:]])
+  images = draw_until_done(rng, labels, s.size, batch,
+                           lambda rng, lab: generate_images(rng, lab, s))
   return images, labels.astype(np.int32)

@@ -250,6 +250,14 @@ def selective_scan_seq_parallel(u, delta, A, B, C, D=None, *, z=None, delta_bias
                        chunk_size=chunk_size, impl=impl)
 
 
+def _op_dt(dt, bias, softplus: bool, dtype):
+  """The step size the op itself uses: dt (+ bias), through softplus when asked, in dtype."""
+  dt = dt.astype(dtype)
+  if bias is not None:
+    dt = dt + bias.astype(dtype)
+  return jax.nn.softplus(dt) if softplus else dt
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "seq_axis", "bax", "n", "delta_softplus",
                                              "return_state", "chunk_size", "impl"))
 def _selective_sp(u, delta, A, B, C, D, z, delta_bias, h0, *, mesh, seq_axis, bax, n,
@@ -259,11 +267,7 @@ def _selective_sp(u, delta, A, B, C, D, z, delta_bias, h0, *, mesh, seq_axis, ba
                             delta_softplus=delta_softplus, return_state=True,
                             chunk_size=chunk_size, impl=impl)
     cdt = end.dtype
-    dt = delta.astype(cdt)                                      # the op's own dt
-    if delta_bias is not None:
-      dt = dt + delta_bias.astype(cdt)
-    if delta_softplus:
-      dt = jax.nn.softplus(dt)
+    dt = _op_dt(delta, delta_bias, delta_softplus, cdt)
     a_dn = A.astype(cdt)
     cs = jnp.cumsum(dt, axis=1)                                 # (b, lc, d) sum of dt to t
     total = jnp.exp(cs[:, -1, :, None] * a_dn)                  # (b, d, n)
@@ -324,11 +328,7 @@ def _ssd_sp(x, dt, A, B, C, D, h0, segment_ids, dt_bias, *, mesh, seq_axis, bax,
     y, end = ssd(x, dt, A, B, C, D=D, segment_ids=segment_ids, dt_bias=dt_bias,
                  dt_softplus=dt_softplus, return_state=True, chunk_size=chunk_size, impl=impl)
     cdt = end.dtype
-    dte = dt.astype(cdt)                                        # the op's own dt
-    if dt_bias is not None:
-      dte = dte + dt_bias.astype(cdt)
-    if dt_softplus:
-      dte = jax.nn.softplus(dte)
+    dte = _op_dt(dt, dt_bias, dt_softplus, cdt)
     log_p = jnp.cumsum(dte * A.astype(cdt), axis=1)             # (b, lc, h) log P[t]
     p_t = jnp.exp(log_p)
     if segment_ids is not None:
