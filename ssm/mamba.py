@@ -16,6 +16,9 @@ b_dt = softplus^-1(dt); W_dt ~ U(+-dt_rank^-1/2); A_log[d, n] = log(n + 1)
 Conv1d default). A_log and D are `NoDecayParam`s in float32. The dense projections
 use Flax's default init (the reference model re-initialises them at the LM level).
 
+The convolution + silu is `ssm.ops.causal_conv1d` (a Mosaic GPU kernel on Hopper,
+see `conv_impl`; `causal_depthwise_conv`, its XLA path, is re-exported here).
+
 Modes: parallel `__call__` (ssm.ops.selective_scan, chunked) and recurrent
 `init_state` / `step`, one token at a time. The step state is a `MambaState`:
 the last d_conv - 1 conv inputs (b, d_inner, d_conv - 1) and the SSM state
@@ -77,10 +80,12 @@ def conv_step(window_bdk, x_bd, w_kd, bias_d):
   return full[..., 1:], y
 
 
-def conv_impl(impl: str) -> str:
+def conv_impl(impl: str, seq_mesh=None) -> str:
   """The depthwise convolution's path for a layer's `impl`: "xla" stays XLA; "auto" and
-  "pallas" (a request for the scan kernels) take the conv kernel where it fits the shape."""
-  return "xla" if impl == "xla" else "auto"
+  "pallas" (a request for the scan kernels) take the conv kernel where it fits the shape
+  ("auto": a Hopper GPU, channels a multiple of 128). Under sequence parallelism the
+  length is sharded and the convolution is left to GSPMD: XLA."""
+  return "xla" if impl == "xla" or seq_mesh is not None else "auto"
 
 
 def conv_init(key, shape, width):
@@ -168,7 +173,7 @@ class Mamba(Mixer):
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
     # The convolution and silu (taps summed in float32), stored in the compute dtype.
     xc = self.compute(causal_conv1d(xs, self.conv_w[...], self.conv_b[...], activation="silu",
-                                    impl=conv_impl(self.impl)))
+                                    impl=conv_impl(self.impl, self.seq_mesh)))
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

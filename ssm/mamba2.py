@@ -12,8 +12,9 @@ H = d_inner / headdim heads; head i reads the B/C group i // (H / G); the gated
 RMSNorm normalises each of the G groups of d_inner / G channels (the reference's
 `RMSNormGated(group_size=d_inner // ngroups)`, eps 1e-5, norm after the gate).
 
-The SSM is `ssm.ops.ssd` (the chunked matrix form in XLA, or the Pallas kernel on a
-Hopper GPU: `impl`), with the D skip, dt_bias and the softplus of dt inside the op;
+The convolution + silu is `ssm.ops.causal_conv1d` (a Mosaic GPU kernel on Hopper when the
+channels are a multiple of 128, the XLA shifted sum elsewhere). The SSM is `ssm.ops.ssd`
+(the chunked matrix form in XLA, or the Pallas kernel on a Hopper GPU: `impl`), with the D skip, dt_bias and the softplus of dt inside the op;
 `segment_ids` (packed documents) restart the SSM state and the convolution window where
 the id changes. The step mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
 
@@ -210,7 +211,8 @@ class Mamba2(Mixer):
     # weight-gradient reduction (transposes of (b, c, l) float32 arrays, about half of the
     # LM train step on an H200 at B 16, L 2048, d_model 768).
     xbc = causal_conv1d(xbc, self.conv_w[...].astype(f32), self.conv_b[...].astype(f32),
-                        segment_ids=segment_ids, activation="silu", impl=conv_impl(self.impl))
+                        segment_ids=segment_ids, activation="silu",
+                        impl=conv_impl(self.impl, self.seq_mesh))
     xs, B, C = self._split_xbc(xbc.astype(self.dtype or f32))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:
