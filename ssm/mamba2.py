@@ -16,7 +16,8 @@ The convolution + silu is `ssm.ops.causal_conv1d` (a Mosaic GPU kernel on Hopper
 channels are a multiple of 128, the XLA shifted sum elsewhere). The SSM is `ssm.ops.ssd`
 (the chunked matrix form in XLA, or the Pallas kernel on a Hopper GPU: `impl`), with the D
 skip, dt_bias and the softplus of dt inside the op; `segment_ids` (packed documents) restart
-the SSM state and the convolution window where the id changes. The step mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
+the SSM state and the convolution window where the id changes. The step mode runs
+`ssm.ops.ssd.ssd_step`, one token of the recurrence.
 
 Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
 "seq") runs the SSD through `ssm.ops.seq_parallel.ssd_seq_parallel`, the length split over
