@@ -7,8 +7,8 @@ still happens only on the GPU.
 
 Cases: the FFT convolution (every size class, f32/bf16, causal/circular), the linear
 and selective scans and the depthwise causal convolution, forward and forward+backward;
-lightning attention and SSD (Mamba-2)
-come with --lightning or on jax >= 0.11 (see chunked_cases).
+lightning attention and SSD (Mamba-2) come with --lightning or on jax >= 0.11 (see
+chunked_cases).
 """
 import sys
 
