@@ -197,3 +197,37 @@ def test_tuning_validates_itself():
     ccp.ConvTuning(chunk=12)
   with pytest.raises(ValueError, match=">= 1"):
     ccp.ConvTuning(stages=0)
+
+
+# -- in the layers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_layers_through_the_kernel_equal_xla(kind, monkeypatch):
+  """Given a Mamba-1 / Mamba-2 layer whose conv has 128 channels and packed documents (Mamba-2),
+  when the conv runs through the kernel (forced, interpreted), then the layer's output and
+  the gradients of its input and conv parameters equal the XLA layer's."""
+  from flax import nnx
+  import ssm.mamba
+  import ssm.mamba2
+  if kind == "mamba":
+    layer = ssm.mamba.Mamba(64, d_state=4, expand=2, impl="xla", rngs=nnx.Rngs(0))  # 128 ch
+    kw = {}
+  else:  # conv_dim = d_inner + 2 N = 64 + 64
+    layer = ssm.mamba2.Mamba2(32, d_state=32, headdim=16, impl="xla", rngs=nnx.Rngs(0))
+    kw = dict(segment_ids=_packed_ids(20, [7]))
+  x = jax.random.normal(jax.random.key(1), (1, 20, layer.d_model))
+
+  def run(module, path):
+    monkeypatch.setattr(ssm.mamba, "conv_impl", lambda *a: path)
+    monkeypatch.setattr(ssm.mamba2, "conv_impl", lambda *a: path)
+    graphdef, params = nnx.split(module)
+    def loss(params, x):
+      return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x, **kw)))
+    y = nnx.merge(graphdef, params)(x, **kw)
+    return y, jax.grad(loss, argnums=(0, 1))(params, x)
+
+  y, (gp, gx) = run(layer, "pallas")
+  y_ref, (gp_ref, gx_ref) = run(layer, "xla")
+  assert rel(y, y_ref) < 1e-5 and rel(gx, gx_ref) < 1e-5
+  for name in ("conv_w", "conv_b"):
+    assert rel(gp[name][...], gp_ref[name][...]) < 1e-5, name
