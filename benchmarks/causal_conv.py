@@ -12,6 +12,7 @@ against the XLA shifted sum, in the same call.
    and the kernel's speed-up over XLA (fwd / fwd+bwd). Shapes: (16, 2048, 1792) (Mamba-2's
    xBC at d_model 768, packed documents as in the LM train step) and (8, 2048, 1536)
    (Mamba-1's x at d_model 768), float32 and bfloat16, K = 4, silu, a bias.
+   `--block_c 256 [--tiles_per_cta N]` adds kernel rows with other ConvTuning knobs;
    `--chain` also times the convolution followed by a gated RMS norm and a reduction
    (the elementwise chain of the LM step whose layout XLA chose badly).
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from benchmarks.common import device_name, print_table, time_fn
 from ssm.ops import causal_conv1d
+from ssm.ops import causal_conv_pallas
 
 WARMUP, ITERS = 3, 20
 TAPS = 4
@@ -50,9 +52,14 @@ def packed_ids(b, l, doc=300):
   return (t // doc).astype(jnp.int32)
 
 
-def conv_fn(impl, chain=False):
+def conv_fn(impl, chain=False, tuning=None):
   def f(x, w, bias, seg):
-    y = causal_conv1d(x, w, bias, segment_ids=seg, activation="silu", impl=impl)
+    if impl == "pallas" and tuning is not None:
+      y = causal_conv_pallas.causal_conv1d_pallas(x, w, bias, segment_ids=seg, activation="silu",
+                                                  interpret=jax.default_backend() != "gpu",
+                                                  tuning=tuning)
+    else:
+      y = causal_conv1d(x, w, bias, segment_ids=seg, activation="silu", impl=impl)
     if not chain:
       return y
     yf = y.astype(jnp.float32)  # a gated RMS norm over the channels, as Mamba-2's tail
@@ -112,12 +119,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--chain", action="store_true", help="also time conv + gated norm")
+  parser.add_argument("--block_c", type=int, nargs="*", default=[],
+                      help="also time the kernel with these ConvTuning.block_c (e.g. 256)")
+  parser.add_argument("--tiles_per_cta", type=int, default=None,
+                      help="ConvTuning.tiles_per_cta of the --block_c variants")
   opts = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device_name()}",
         flush=True)
   if opts.quick:
     WARMUP, ITERS = 1, 2
-    cases = [((1, 64, 128), True), ((1, 48, 128), False)]
+    cases = [((1, 64, 256), True), ((1, 48, 256), False)]
   else:
     cases = [((16, 2048, 1792), True), ((8, 2048, 1536), False)]
   checks, rows = [], []
@@ -130,7 +141,12 @@ def main():
       kern, ref = conv_fn("pallas"), conv_fn("xla")
       checks.append(check(f"{label} {shape} {jnp.dtype(dtype).name}", kern, ref, args, ct))
       print(checks[-1], flush=True)
-      rows += bench(label, shape, dtype, [("xla", ref), ("pallas", kern)], args, ct)
+      variants = [("xla", ref), ("pallas", kern)]
+      for block in opts.block_c:
+        tun = causal_conv_pallas.ConvTuning(block_c=block, **(
+            {} if opts.tiles_per_cta is None else dict(tiles_per_cta=opts.tiles_per_cta)))
+        variants.append((f"pallas c{block}", conv_fn("pallas", tuning=tun)))
+      rows += bench(label, shape, dtype, variants, args, ct)
       if opts.chain:
         rows += bench(label + " +norm", shape, dtype,
                       [("xla", conv_fn("xla", True)), ("pallas", conv_fn("pallas", True))],

@@ -73,16 +73,19 @@ def scan_cases():
 
 def conv_cases():
   """The depthwise causal convolution (silu), forward and forward+backward: f32 with whole
-  tiles and several tiles per CTA; bf16 packed, the length not a multiple of the tile."""
+  tiles and several tiles per CTA; bf16 packed, the length not a multiple of the tile; 256
+  channels per CTA (two a thread)."""
   s = jax.ShapeDtypeStruct
-  for l, dtype, packed in ((256, jnp.float32, False), (200, jnp.bfloat16, True)):
-    def conv(x, w, b, l=l, packed=packed):
+  for l, dtype, packed, block in ((256, jnp.float32, False, 128), (200, jnp.bfloat16, True, 128),
+                                  (200, jnp.float32, True, 256)):
+    def conv(x, w, b, l=l, packed=packed, block=block):
       ids = jnp.broadcast_to(jnp.arange(l) // 70, (2, l)) if packed else None
       return causal_conv_pallas.causal_conv1d_pallas(
           x, w, b, segment_ids=ids, activation="silu", interpret=False,
-          tuning=causal_conv_pallas.ConvTuning(tiles_per_cta=4))
+          tuning=causal_conv_pallas.ConvTuning(tiles_per_cta=4, block_c=block))
     shapes = (s((2, l, 256), dtype), s((4, 256), jnp.float32), s((256,), jnp.float32))
-    tag = f"causal_conv L{l} {jnp.dtype(dtype).name}{' packed' if packed else ''}"
+    tag = (f"causal_conv L{l} {jnp.dtype(dtype).name}{' packed' if packed else ''}"
+           f"{' block 256' if block == 256 else ''}")
     yield f"{tag} fwd", conv, shapes
     yield f"{tag} fwd+bwd", _loss_grad(conv, (0, 1, 2)), shapes
 

@@ -147,6 +147,14 @@ def test_kernel_default_tiles_two_channel_blocks_no_activation():
   _check(got, (y_ref, (dx, dw, None)), tolerance(jnp.float32))
 
 
+def test_kernel_wide_blocks():
+  """ConvTuning(block_c=256): one CTA over 256 channels (two a thread on the GPU)."""
+  rng = np.random.default_rng(5)
+  x, w, bias, ct = _inputs(rng, 1, 20, 256, 4)
+  got = _run("pallas", x, w, bias, ct, None, True, ccp.ConvTuning(chunk=8, block_c=256))
+  _check(got, reference(x, w, bias, None, True, ct), tolerance(jnp.float32))
+
+
 def test_kernel_bf16():
   """bf16 x: y and dx come back in bf16, dw and dbias in float32; errors at bf16's rounding
   against the float64 reference of the same (bf16-exact) inputs."""
@@ -197,6 +205,11 @@ def test_tuning_validates_itself():
     ccp.ConvTuning(chunk=12)
   with pytest.raises(ValueError, match=">= 1"):
     ccp.ConvTuning(stages=0)
+  with pytest.raises(ValueError, match="128 or 256"):
+    ccp.ConvTuning(block_c=512)
+  with pytest.raises(ValueError, match="block_c = 256"):
+    ccp.causal_conv1d_pallas(jnp.ones((1, 8, 384)), jnp.ones((4, 384)),
+                             tuning=ccp.ConvTuning(block_c=256))
 
 
 # -- in the layers -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     x (b, l, c), w (K, c), bias (c,), keep (b, Lp + TAIL, 4) -> y (b, l, c)
 
 Layout: grid (c / 128, b, segments); a CTA (one warpgroup, thread i owns channel
-c0 + i, layout `LINE`) walks `tiles_per_cta` tiles of `chunk` tokens of one sequence,
+c0 + i, layout `LINE`; with ConvTuning(block_c=256), 256 channels and two a thread) walks `tiles_per_cta` tiles of `chunk` tokens of one sequence,
 TMA copies of (chunk, 128) slabs into a ring of shared-memory slots (`stages` deep),
 channels contiguous. The K - 1 previous inputs of a token ride along in registers (a
 sliding window); at a CTA's first token they are read straight from device memory (the
@@ -55,12 +55,18 @@ TAIL = 8  # rows of `keep` past a CTA's segment read by the backward's lookahead
 
 @dataclasses.dataclass(frozen=True)
 class ConvTuning:
-  """Kernel knobs: tokens per TMA tile, tiles of one sequence per CTA, ring depth."""
+  """Kernel knobs: tokens per TMA tile, tiles of one sequence per CTA, ring depth, and
+  channels per CTA (block_c = 128 v: each thread holds v adjacent channels; a TMA copy
+  takes at most 256 elements a dimension). Defaults: 128 channels as the scan kernels, 256
+  tokens per CTA, three stages; block_c = 256 is the knob to time on the GPU."""
   chunk: int = 32
   tiles_per_cta: int = 8
   stages: int = 3
+  block_c: int = BLOCK_D
 
   def __post_init__(self):
+    if self.block_c not in (BLOCK_D, 2 * BLOCK_D):
+      raise ValueError(f"ConvTuning: block_c = {self.block_c} must be 128 or 256")
     if self.chunk < 8 or self.chunk % 8:
       raise ValueError(f"ConvTuning: chunk = {self.chunk} must be a multiple of 8")
     if self.tiles_per_cta < 1 or self.stages < 1:
@@ -95,8 +101,19 @@ class _Cfg:
     return max(1, min(self.tuning.stages, self.tuning.tiles_per_cta, self.n_tiles))
 
   @property
+  def block(self) -> int:
+    return self.tuning.block_c
+
+  @property
+  def layout(self):
+    """Thread i holds channels [v i, v i + v) of the CTA's block (v = block / 128)."""
+    if self.block == BLOCK_D:
+      return LINE
+    return plgpu.Layout.WG_STRIDED((self.block,), vec_size=self.block // BLOCK_D)
+
+  @property
   def grid(self):
-    return (self.dim // BLOCK_D, self.batch, self.segments)
+    return (self.dim // self.block, self.batch, self.segments)
 
 
 def check_supported(x, w) -> None:
@@ -146,10 +163,11 @@ def _setup(cfg: _Cfg, x_ref, w_ref, b_ref):
   its first token (win[j - 1] = x[s0 - j], row clamped at 0: its taps are masked)."""
   interp, T, K = cfg.interpret, cfg.tuning.chunk, cfg.taps
   ci, bi, si = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("s")
-  cols = pl.ds(ci * BLOCK_D, BLOCK_D)
+  cols = pl.ds(ci * cfg.block, cfg.block)
   n0 = si * cfg.tuning.tiles_per_cta
   count = jnp.minimum(cfg.tuning.tiles_per_cta, cfg.n_tiles - n0)
-  vec = lambda r: _pallas.load(r, LINE, interp)
+  layout = cfg.layout
+  vec = lambda r: _pallas.load(r, layout, interp)
   wv = [vec(w_ref.at[k, cols]) for k in range(K)]
   bv = vec(b_ref.at[cols])
   s0 = n0 * T
@@ -159,13 +177,14 @@ def _setup(cfg: _Cfg, x_ref, w_ref, b_ref):
 
 def _ring(cfg: _Cfg, sources, buffers, bars, bi, cols, n0, count, step, carry):
   """fori_loop over this CTA's tiles, each slot's TMA copies issued `stages` tiles ahead.
-  sources: GMEM refs (b, Lp, ...) -> with `cols` if 3-D; step(slot, base, carry) -> carry."""
+  sources: GMEM refs (b, Lp, c) (the CTA's channels copied) or keep (b, Lp + TAIL, KEEP)
+  (copied whole); step(slot, base, carry) -> carry."""
   T, stages = cfg.tuning.chunk, cfg.stages
 
   def fetch(i, slot):
     rows = pl.ds((n0 + i) * T, T)
     for src, buf in zip(sources, buffers):
-      view = src.at[bi, rows, cols] if buf.shape[-1] == BLOCK_D else src.at[bi, rows]
+      view = src.at[bi, rows] if buf.shape[-1] == KEEP else src.at[bi, rows, cols]
       plgpu.copy_gmem_to_smem(view, buf.at[slot], bars.at[slot])
 
   for i in range(stages):
@@ -194,7 +213,7 @@ def _fwd_call(cfg: _Cfg, x, w, bias, keep):
   y (b, l, c) x.dtype."""
   T, K, stages, interp = cfg.tuning.chunk, cfg.taps, cfg.stages, cfg.interpret
   padded = cfg.padded_len != cfg.seq_len
-  scratch = [plgpu.SMEM((stages, T, BLOCK_D), x.dtype), plgpu.SMEM((stages, T, KEEP), F32),
+  scratch = [plgpu.SMEM((stages, T, cfg.block), x.dtype), plgpu.SMEM((stages, T, KEEP), F32),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
 
   def body(x_ref, w_ref, b_ref, keep_ref, y_ref, xs, ks, bars):
@@ -240,7 +259,8 @@ def _bwd_call(cfg: _Cfg, x, dy, w, bias, keep):
   out_type = (jax.ShapeDtypeStruct((bsz, L, dim), x.dtype),
               jax.ShapeDtypeStruct((bsz, nseg, K, dim), F32),
               jax.ShapeDtypeStruct((bsz, nseg, dim), F32))
-  scratch = [plgpu.SMEM((stages, T, BLOCK_D), x.dtype), plgpu.SMEM((stages, T, BLOCK_D), dy.dtype),
+  scratch = [plgpu.SMEM((stages, T, cfg.block), x.dtype),
+             plgpu.SMEM((stages, T, cfg.block), dy.dtype),
              plgpu.SMEM((stages, T, KEEP), F32), plgpu.SMEM((TAIL, KEEP), F32),
              plgpu.Barrier(num_arrivals=3, num_barriers=stages),
              plgpu.Barrier(num_arrivals=1, num_barriers=1)]
@@ -336,11 +356,15 @@ def causal_conv1d_pallas(x, w, bias=None, *, segment_ids=None, activation=None,
   bias (c,) or None, segment_ids (b, l) int or None -> y (b, l, c) in x's dtype.
   Gradients: dx in x's dtype, dw and dbias in their own dtypes (summed in float32)."""
   check_supported(x, w)
+  tuning = tuning or ConvTuning()
+  if x.shape[2] % tuning.block_c:
+    raise ValueError(f"causal_conv1d (pallas): channels = {x.shape[2]} must be a multiple of "
+                     f"block_c = {tuning.block_c}")
   if activation not in (None, "silu"):
     raise ValueError(f"causal_conv1d (pallas): activation {activation!r} (None or 'silu')")
   bsz, seq_len, dim = x.shape
   cfg = _Cfg(batch=bsz, seq_len=seq_len, dim=dim, taps=w.shape[0], silu=activation == "silu",
-             interpret=bool(interpret), tuning=tuning or ConvTuning())
+             interpret=bool(interpret), tuning=tuning)
   keep = keep_table(segment_ids, bsz, seq_len, cfg.padded_len + TAIL, cfg.taps)
   w32 = w.astype(F32)
   b32 = jnp.zeros((dim,), F32) if bias is None else bias.astype(F32)
