@@ -205,6 +205,8 @@ def test_tuning_validates_itself():
     ccp.ConvTuning(chunk=12)
   with pytest.raises(ValueError, match=">= 1"):
     ccp.ConvTuning(stages=0)
+  assert ccp.default_tuning(2048) == ccp.ConvTuning(chunk=32, tiles_per_cta=8)
+  assert ccp.default_tuning(200).chunk == 8 and ccp.default_tuning(45).chunk == 32
   with pytest.raises(ValueError, match="128 or 256"):
     ccp.ConvTuning(block_c=512)
   with pytest.raises(ValueError, match="block_c = 256"):

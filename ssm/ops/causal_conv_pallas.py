@@ -28,7 +28,8 @@ from device memory; their masks come from a TAIL-row TMA copy of `keep`), scatte
 each e_j[u] into K - 1 running dx accumulators and emitting dx[u - K + 1] once it is
 complete. dw and dbias come out per CTA (b, segments, .) and XLA sums them.
 
-Lengths: any l >= 1. When l is not a multiple of `chunk` the inputs are padded to whole
+Lengths: any l >= 1. The tile is 32 tokens, or 16 or 8 where that divides l and 32 does
+not (`default_tuning`); when l is not a multiple of the tile the inputs are padded to whole
 tiles in XLA (a copy; the hot shapes are multiples) and the kernel's stores stop at l.
 Constraints (else `check_supported` raises ValueError; impl="auto" then takes XLA):
 x float32 or bfloat16, c a multiple of 128, 2 <= K <= 4.
@@ -114,6 +115,13 @@ class _Cfg:
   @property
   def grid(self):
     return (self.dim // self.block, self.batch, self.segments)
+
+
+def default_tuning(seq_len: int) -> ConvTuning:
+  """32-token tiles, or 16 / 8 where they divide the length and 32 does not (no padding
+  copy); about 256 tokens per CTA."""
+  chunk = next((c for c in (32, 16, 8) if seq_len % c == 0), 32)
+  return ConvTuning(chunk=chunk, tiles_per_cta=256 // chunk)
 
 
 def check_supported(x, w) -> None:
@@ -356,7 +364,7 @@ def causal_conv1d_pallas(x, w, bias=None, *, segment_ids=None, activation=None,
   bias (c,) or None, segment_ids (b, l) int or None -> y (b, l, c) in x's dtype.
   Gradients: dx in x's dtype, dw and dbias in their own dtypes (summed in float32)."""
   check_supported(x, w)
-  tuning = tuning or ConvTuning()
+  tuning = tuning or default_tuning(x.shape[1])
   if x.shape[2] % tuning.block_c:
     raise ValueError(f"causal_conv1d (pallas): channels = {x.shape[2]} must be a multiple of "
                      f"block_c = {tuning.block_c}")
