@@ -5,9 +5,10 @@ still happens only on the GPU.
 
     python scripts/export_pallas_cuda.py [--lightning]
 
-Cases: the FFT convolution (every size class, f32/bf16, causal/circular) and the linear
-and selective scans, forward and forward+backward; lightning attention and SSD (Mamba-2)
-come with --lightning or on jax >= 0.11 (see chunked_cases).
+Cases: the FFT convolution (every size class, f32/bf16, causal/circular), the linear
+and selective scans and the depthwise causal convolution, forward and forward+backward;
+lightning attention and SSD (Mamba-2) come with --lightning or on jax >= 0.11 (see
+chunked_cases).
 """
 import sys
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from ssm.ops import causal_conv_pallas
 from ssm.ops import fft_conv_pallas as fcp
 from ssm.ops import lightning_pallas, linear_scan_pallas, selective_scan_pallas, ssd_pallas
 
@@ -69,6 +71,25 @@ def scan_cases():
   yield "selective_scan f32 fwd+bwd", _loss_grad(sel, (0, 1, 2, 3, 4)), shapes
 
 
+def conv_cases():
+  """The depthwise causal convolution (silu), forward and forward+backward: f32 with whole
+  tiles and several tiles per CTA; bf16 packed, the length not a multiple of the tile; 256
+  channels per CTA (two a thread)."""
+  s = jax.ShapeDtypeStruct
+  for l, dtype, packed, block in ((256, jnp.float32, False, 128), (200, jnp.bfloat16, True, 128),
+                                  (200, jnp.float32, True, 256)):
+    def conv(x, w, b, l=l, packed=packed, block=block):
+      ids = jnp.broadcast_to(jnp.arange(l) // 70, (2, l)) if packed else None
+      return causal_conv_pallas.causal_conv1d_pallas(
+          x, w, b, segment_ids=ids, activation="silu", interpret=False,
+          tuning=causal_conv_pallas.ConvTuning(tiles_per_cta=4, block_c=block))
+    shapes = (s((2, l, 256), dtype), s((4, 256), jnp.float32), s((256,), jnp.float32))
+    tag = (f"causal_conv L{l} {jnp.dtype(dtype).name}{' packed' if packed else ''}"
+           f"{' block 256' if block == 256 else ''}")
+    yield f"{tag} fwd", conv, shapes
+    yield f"{tag} fwd+bwd", _loss_grad(conv, (0, 1, 2)), shapes
+
+
 def _jax_version():
   return tuple(int(p) for p in jax.__version__.split(".")[:2])
 
@@ -100,7 +121,7 @@ def chunked_cases(force: bool = False):
 
 def main(argv):
   failed = 0
-  cases = (list(fftconv_cases()) + list(scan_cases())
+  cases = (list(fftconv_cases()) + list(scan_cases()) + list(conv_cases())
            + list(chunked_cases(force="--lightning" in argv)))
   for name, fn, shapes in cases:
     try:

@@ -16,6 +16,9 @@ b_dt = softplus^-1(dt); W_dt ~ U(+-dt_rank^-1/2); A_log[d, n] = log(n + 1)
 Conv1d default). A_log and D are `NoDecayParam`s in float32. The dense projections
 use Flax's default init (the reference model re-initialises them at the LM level).
 
+The convolution + silu is `ssm.ops.causal_conv1d` (a Mosaic GPU kernel on Hopper,
+see `conv_impl`; `causal_depthwise_conv`, its XLA path, is re-exported here).
+
 Modes: parallel `__call__` (ssm.ops.selective_scan, chunked) and recurrent
 `init_state` / `step`, one token at a time. The step state is a `MambaState`:
 the last d_conv - 1 conv inputs (b, d_inner, d_conv - 1) and the SSM state
@@ -48,7 +51,8 @@ from flax import nnx
 from ssm import memory_caching as mcache
 from ssm._checks import positive_int
 from ssm.mixer import Mixer, cached_memory
-from ssm.ops import selective_scan
+from ssm.ops import causal_conv1d, selective_scan
+from ssm.ops.causal_conv import causal_depthwise_conv  # noqa: F401  (the XLA path, re-exported)
 from ssm.ops._impl import check_impl
 from ssm.ops.selective_scan import DEFAULT_CHUNK_SIZE
 from ssm.ops.seq_parallel import check_seq_mesh, selective_scan_seq_parallel
@@ -65,22 +69,6 @@ def dt_bias_init(key, shape, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
   return dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1(dt)
 
 
-def causal_depthwise_conv(x_bld, w_kd, bias_d, segment_ids=None):
-  """y[t] = sum_k w[k] x[t - K + 1 + k] + bias, zero before the start. (b, l, d) -> (b, l, d).
-
-  segment_ids (b, l) int: packed documents; a tap reaching into another document reads
-  zero (each document is convolved as if it started the sequence; the reference's
-  causal_conv1d with seq_idx)."""
-  width, seq_len = w_kd.shape[0], x_bld.shape[1]
-  xp = jnp.pad(x_bld, ((0, 0), (width - 1, 0), (0, 0)))
-  taps = [xp[:, k:k + seq_len] for k in range(width)]
-  if segment_ids is not None:
-    sp = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
-    taps = [jnp.where((sp[:, k:k + seq_len] == segment_ids)[..., None], tap, 0)
-            for k, tap in enumerate(taps)]
-  return sum(w_kd[k] * tap for k, tap in enumerate(taps)) + bias_d
-
-
 def conv_step(window_bdk, x_bd, w_kd, bias_d):
   """One step of `causal_depthwise_conv`.
 
@@ -90,6 +78,14 @@ def conv_step(window_bdk, x_bd, w_kd, bias_d):
   full = jnp.concatenate([window_bdk, x_bd[..., None].astype(window_bdk.dtype)], axis=-1)
   y = jnp.einsum("bdk,kd->bd", full, w_kd, precision="highest") + bias_d
   return full[..., 1:], y
+
+
+def conv_impl(impl: str, seq_mesh=None) -> str:
+  """The depthwise convolution's path for a layer's `impl`: "xla" stays XLA; "auto" and
+  "pallas" (a request for the scan kernels) take the conv kernel where it fits the shape
+  ("auto": a Hopper GPU, channels a multiple of 128). Under sequence parallelism the
+  length is sharded and the convolution is left to GSPMD: XLA."""
+  return "xla" if impl == "xla" or seq_mesh is not None else "auto"
 
 
 def conv_init(key, shape, width):
@@ -175,9 +171,9 @@ class Mamba(Mixer):
     del mask, deterministic, segment_ids
     xz = self.in_proj(x)
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
-    # The convolution and silu in float32 (fused by XLA), stored in the compute dtype.
-    xc = self.compute(jax.nn.silu(causal_depthwise_conv(xs.astype(jnp.float32),
-                                                        self.conv_w[...], self.conv_b[...])))
+    # The convolution and silu (taps summed in float32), stored in the compute dtype.
+    xc = self.compute(causal_conv1d(xs, self.conv_w[...], self.conv_b[...], activation="silu",
+                                    impl=conv_impl(self.impl, self.seq_mesh)))
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

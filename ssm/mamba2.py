@@ -12,10 +12,12 @@ H = d_inner / headdim heads; head i reads the B/C group i // (H / G); the gated
 RMSNorm normalises each of the G groups of d_inner / G channels (the reference's
 `RMSNormGated(group_size=d_inner // ngroups)`, eps 1e-5, norm after the gate).
 
-The SSM is `ssm.ops.ssd` (the chunked matrix form in XLA, or the Pallas kernel on a
-Hopper GPU: `impl`), with the D skip, dt_bias and the softplus of dt inside the op;
-`segment_ids` (packed documents) restart the SSM state and the convolution window where
-the id changes. The step mode runs `ssm.ops.ssd.ssd_step`, one token of the recurrence.
+The convolution + silu is `ssm.ops.causal_conv1d` (a Mosaic GPU kernel on Hopper when the
+channels are a multiple of 128, the XLA shifted sum elsewhere). The SSM is `ssm.ops.ssd`
+(the chunked matrix form in XLA, or the Pallas kernel on a Hopper GPU: `impl`), with the D
+skip, dt_bias and the softplus of dt inside the op; `segment_ids` (packed documents) restart
+the SSM state and the convolution window where the id changes. The step mode runs
+`ssm.ops.ssd.ssd_step`, one token of the recurrence.
 
 Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
 "seq") runs the SSD through `ssm.ops.seq_parallel.ssd_seq_parallel`, the length split over
@@ -45,9 +47,9 @@ from flax import nnx
 
 from ssm import memory_caching as mcache
 from ssm._checks import positive_int
-from ssm.mamba import MambaState, causal_depthwise_conv, conv_init, conv_step, dt_bias_init
+from ssm.mamba import MambaState, conv_impl, conv_init, conv_step, dt_bias_init
 from ssm.mixer import Mixer, cached_memory
-from ssm.ops import ssd
+from ssm.ops import causal_conv1d, ssd
 from ssm.ops._impl import check_impl
 from ssm.ops.seq_parallel import check_seq_mesh, ssd_seq_parallel
 from ssm.ops.ssd import ssd_path, ssd_step
@@ -204,13 +206,14 @@ class Mamba2(Mixer):
     del mask, deterministic
     f32 = jnp.float32
     z, xbc, dt = self._split_in(self.in_proj(x))
-    # The convolution reads xbc in the compute dtype and sums its taps in float32 (the
-    # float32 weights promote them inside the fusion); silu's output goes back to the
-    # compute dtype for SSD (bf16 operands, float32 accumulation). Casting xbc to float32
-    # first stored float32 taps for the backward: 5.64 -> 5.38 ms fwd+bwd per bf16 layer
-    # (B 16, L 2048, d_model 768, packed; H200).
-    xbc = jax.nn.silu(causal_depthwise_conv(xbc, self.conv_w[...].astype(f32),
-                                            self.conv_b[...].astype(f32), segment_ids))
+    # The convolution + silu (ssm.ops.causal_conv1d) reads xbc in the compute dtype, sums
+    # its taps in float32 and returns xbc's dtype for SSD (bf16 operands, float32
+    # accumulation). On a Hopper GPU it is a kernel: in XLA the chain's layout followed the
+    # weight-gradient reduction (transposes of (b, c, l) float32 arrays, about half of the
+    # LM train step on an H200 at B 16, L 2048, d_model 768).
+    xbc = causal_conv1d(xbc, self.conv_w[...].astype(f32), self.conv_b[...].astype(f32),
+                        segment_ids=segment_ids, activation="silu",
+                        impl=conv_impl(self.impl, self.seq_mesh))
     xs, B, C = self._split_xbc(xbc.astype(self.dtype or f32))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

@@ -1,4 +1,4 @@
-"""Mosaic GPU lowering of the FFT-convolution and scan kernels for CUDA, on the CPU.
+"""Mosaic GPU lowering of the FFT-convolution, scan and causal-conv kernels for CUDA, on the CPU.
 
 The interpreter that runs the kernels in the other tests ignores layouts, swizzles and
 SMEM transforms; jax.export(platforms=["cuda"]) runs Mosaic GPU's own lowering without a
@@ -21,6 +21,7 @@ _THREE_STAGE = ("L3000 ", "L8192 ", "L16384 ", "L10000 ", "L32768 ")
 CASES = [c for c in export_pallas_cuda.fftconv_cases() if c[0].endswith("fwd+bwd")
          or any(t in c[0] for t in _THREE_STAGE)]
 CASES += [c for c in export_pallas_cuda.scan_cases() if c[0].endswith("fwd+bwd")]
+CASES += list(export_pallas_cuda.conv_cases())  # the forward is its own kernel
 
 
 @pytest.mark.parametrize("name,fn,shapes", CASES, ids=[c[0] for c in CASES])
