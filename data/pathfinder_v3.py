@@ -59,6 +59,7 @@ With 16 processes that is about 40 s for 200k images at 32 px, but about 12 minu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -130,7 +131,7 @@ PRESETS_V3 = {
     # 32 px: PIL-like hard lines and one try per distractor came closer to the re-run's
     # statistics (mean, fraction lit, about 2-4 distractors placed) than the defaults
     32: SettingsV3(32, 14, 2.0, 0.5, (1,), 1.0, 10, 4, 1.5, 7.0, 1.5, 2.0, 1.0, 1.0,
-                   distractor_attempts=1, hard_lines=True, main_tries=8, render="window",
+                   distractor_attempts=2, hard_lines=True, main_tries=8, render="window",
                    grid="original"),
     # 64 px: 14 dashes of 7 px from the centre almost always run into a border (< 1 in
     # 600 pairs fit here), so this preset is very slow; see the module docstring.
@@ -236,33 +237,19 @@ class _Grower:
     shape = a.shape[:-1]
     a, b, rows = a.reshape(-1, 2), b.reshape(-1, 2), np.broadcast_to(rows, shape).reshape(-1)
     length = int(round(s.paddle_length))
-    width = int(round(s.paddle_thickness * aa))
     big_half = length + int(math.ceil(s.paddle_thickness)) + int(max(s.margins))
     side = 2 * big_half + 1
     idx = np.zeros((a.shape[0], side * side), np.int64)
     val = np.zeros((a.shape[0], side * side), np.float32)
     anchor = np.rint(b)
     theta = np.arctan2(a[:, 1] - anchor[:, 1], a[:, 0] - anchor[:, 0])
+    dx, dy = _window_offsets(theta, length, aa)
     margin = self.margin[rows]
     for m in np.unique(margin):
       sel = np.flatnonzero(margin == m)
       half = length + int(math.ceil(s.paddle_thickness)) + int(m)
-      win = _dash_windows(theta[sel], length, width, half, aa)
-      r = int(m) * aa
-      if r > 0:  # dilation by a disk of radius 2m (2x px)
-        grown = win.copy()
-        n2 = win.shape[1]
-        for oy in range(-r, r + 1):
-          for ox in range(-r, r + 1):
-            if ox * ox + oy * oy <= r * r and (ox or oy):
-              sh = np.zeros_like(win)
-              sh[:, max(oy, 0):n2 + min(oy, 0), max(ox, 0):n2 + min(ox, 0)] = \
-                  win[:, max(-oy, 0):n2 + min(-oy, 0), max(-ox, 0):n2 + min(-ox, 0)]
-              np.maximum(grown, sh, out=grown)
-        win = grown
-      lz = resize_matrix(win.shape[1], 2 * half + 1)
-      small = np.einsum("ij,njk,lk->nil", lz, win * 255, lz, optimize=True)
-      small = np.rint(np.clip(small, 0, 255)) / 255
+      table = _window_table(length, float(s.paddle_thickness), int(m), True)
+      small = table[dy[sel] + aa * length, dx[sel] + aa * length]
       pad = big_half - half
       full = np.zeros((sel.size, side, side), np.float32)
       full[:, pad:side - pad, pad:side - pad] = small
@@ -308,7 +295,7 @@ class _Grower:
       step = (s.paddle_length + 2 * m) * np.stack([np.cos(heading), np.sin(heading)], -1)
       pivot = np.ceil(pivot + step).astype(np.float32)
       count = np.ceil(2 * np.pi * radius[:, 0] - 1e-6).astype(np.int64)  # (B,)
-      k = int(count.max())
+      k = int(count.max(initial=1))
       ang = 2 * np.pi * np.arange(k)[None, :] / count[:, None]  # (B, K)
       raw = np.stack([pivot[:, 0:1] + radius * np.cos(ang),
                       pivot[:, 1:2] + radius * np.sin(ang)], -1)  # (B, K, 2)
@@ -494,20 +481,58 @@ def resize_matrix(n_in: int, n_out: int, a: int = 3) -> np.ndarray:
   return m.astype(np.float32)
 
 
-def _dash_windows(theta, length: int, width: int, half: int, aa: int = 2):
-  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window.
-
-  Each starts at the window's centre pixel and runs `length` (1x px) along theta (n,)
-  (x right, y down) to the pixel ceil(aa length (cos, sin)) from the centre, as the
-  original's translate_coord. width (2x px) 1: one pixel per step of the major axis
-  (Bresenham, as PIL's 1-px lines); wider: pixels whose centre lies on the segment's
-  rectangle (a stand-in for PIL's wide-line polygon).
-  """
-  n = theta.shape[0]
-  side = 2 * aa * half + 1
-  c = aa * half
+def _window_offsets(theta, length: int, aa: int = 2):
+  """The far end of a dash along theta (x right, y down) in 2x px from its anchor:
+  ceil(aa length (cos, sin)), as the original's translate_coord. Returns dx, dy int."""
   dx = np.ceil(aa * length * np.cos(theta)).astype(np.int64)
   dy = np.ceil(aa * length * np.sin(theta)).astype(np.int64)
+  return dx, dy
+
+
+@functools.lru_cache(maxsize=None)
+def _window_table(length: int, thickness: float, margin: int, footprint: bool, aa: int = 2):
+  """(2 aa L + 1, 2 aa L + 1, 2 R + 1, 2 R + 1) float32, indexed [dy + aa L, dx + aa L]:
+  a dash to the 2x offset (dx, dy) drawn in its window and shrunk (R = L +
+  ceil(thickness) + margin). footprint: dilated by a disk of radius aa * margin (2x
+  px) and kept in 0..255 as the original's 8-bit masks (then / 255); else the line
+  itself in float (contrast 1, the filter's overshoot and negative lobes kept)."""
+  half = length + int(math.ceil(thickness)) + margin
+  width = int(round(thickness * aa))
+  o = np.arange(-aa * length, aa * length + 1)
+  dy, dx = (v.ravel() for v in np.meshgrid(o, o, indexing="ij"))
+  win = _dash_windows(dx, dy, width, half, aa)
+  r = aa * margin
+  if footprint and r > 0:
+    grown = win.copy()
+    n2 = win.shape[1]
+    for oy in range(-r, r + 1):
+      for ox in range(-r, r + 1):
+        if ox * ox + oy * oy <= r * r and (ox or oy):
+          sh = np.zeros_like(win)
+          sh[:, max(oy, 0):n2 + min(oy, 0), max(ox, 0):n2 + min(ox, 0)] = \
+              win[:, max(-oy, 0):n2 + min(-oy, 0), max(-ox, 0):n2 + min(-ox, 0)]
+          np.maximum(grown, sh, out=grown)
+    win = grown
+  lz = resize_matrix(win.shape[1], 2 * half + 1)
+  small = np.einsum("ij,njk,lk->nil", lz, win, lz, optimize=True)
+  if footprint:
+    small = np.rint(np.clip(small * 255, 0, 255)) / 255
+  small = small.astype(np.float32).reshape(o.size, o.size, 2 * half + 1, 2 * half + 1)
+  small.setflags(write=False)
+  return small
+
+
+def _dash_windows(dx, dy, width: int, half: int, aa: int = 2):
+  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window.
+
+  Each runs from the window's centre pixel to the pixel (dx, dy) (n,) int from it.
+  width (2x px) 1: one pixel per step of the major axis (Bresenham, as PIL's 1-px
+  lines); wider: pixels whose centre lies on the segment's rectangle (a stand-in for
+  PIL's wide-line polygon).
+  """
+  n = dx.shape[0]
+  side = 2 * aa * half + 1
+  c = aa * half
   win = np.zeros((n, side, side), np.float32)
   if width <= 1:
     steps = np.maximum(np.maximum(np.abs(dx), np.abs(dy)), 1)
@@ -536,14 +561,13 @@ def _draw_windowed(canvas, rows, anchor, theta, value, s: SettingsV3, margin):
     return
   size, aa = s.size, 2
   length = int(round(s.paddle_length))
-  width = int(round(s.paddle_thickness * aa))
+  dx, dy = _window_offsets(theta, length, aa)
   for m in np.unique(margin):
     sel = np.flatnonzero(margin == m)
     half = length + int(math.ceil(s.paddle_thickness)) + int(m)
-    lz = resize_matrix(2 * aa * half + 1, 2 * half + 1)
-    win = _dash_windows(theta[sel], length, width, half, aa)
-    small = np.einsum("ij,njk,lk->nil", lz, win, lz, optimize=True)
-    small *= np.asarray(value, np.float32)[sel, None, None]
+    table = _window_table(length, float(s.paddle_thickness), int(m), False)
+    small = table[dy[sel] + aa * length, dx[sel] + aa * length]
+    small = small * np.asarray(value, np.float32)[sel, None, None]
     off = np.arange(-half, half + 1)
     px = np.rint(anchor[sel, 0]).astype(np.int64)[:, None, None] + off[None, None, :]
     py = np.rint(anchor[sel, 1]).astype(np.int64)[:, None, None] + off[None, :, None]
