@@ -131,7 +131,7 @@ PRESETS_V3 = {
     # 32 px: PIL-like hard lines and one try per distractor came closer to the re-run's
     # statistics (mean, fraction lit, about 2-4 distractors placed) than the defaults
     32: SettingsV3(32, 14, 2.0, 0.5, (1,), 1.0, 10, 4, 1.5, 7.0, 1.5, 2.0, 1.0, 1.0,
-                   distractor_attempts=2, hard_lines=True, main_tries=8, render="window",
+                   distractor_attempts=5, main_tries=8, render="window",
                    grid="original"),
     # 64 px: 14 dashes of 7 px from the centre almost always run into a border (< 1 in
     # 600 pairs fit here), so this preset is very slow; see the module docstring.
@@ -350,6 +350,83 @@ class _Grower:
     np.maximum.at(self.occ.reshape(-1), flat, val.ravel())
 
 
+@functools.lru_cache(maxsize=None)
+def _seed_kernels(length: int, thickness: float, margin: int, aa: int = 2):
+  """The original's seed test per whole-degree heading d in [-180, 180) (index d + 180).
+
+  Its seeds are tested with a dilation (cv2.dilate: dst(p) = max_k src(p + k)) of the
+  mask by the seed dash's own footprint (its pixels at full value, the footprint's
+  8-bit 255s), drawn one pixel down and right of the kernel's centre and cut to a
+  window of 2 (L + m) + 1 px. Outside the image counts as -inf, and a dilated mask with
+  any -inf pixel has "no free pixel": a heading passes only when its kernel reaches
+  rows and columns <= 0 and >= 0 (about 1 in 10 headings at 32 px, all pointing up
+  and left). Returns allowed (360,) bool, ky, kx (360, n) int kernel offsets (rows
+  padded by repeating their first offset).
+  """
+  table = _window_table(length, thickness, margin, True, aa)
+  half = length + int(math.ceil(thickness)) + margin
+  lm = length + margin
+  dx, dy = _window_offsets(np.deg2rad(np.arange(-180, 180)), length, aa)
+  allowed, kys, kxs = [], [], []
+  for i in range(360):
+    ys, xs = np.nonzero(table[dy[i] + aa * length, dx[i] + aa * length] >= 1 - 1e-6)
+    oy, ox = ys - half, xs - half
+    keep = (oy >= -(lm + 1)) & (oy <= lm - 1) & (ox >= -(lm + 1)) & (ox <= lm - 1)
+    ky, kx = oy[keep] + 1, ox[keep] + 1
+    allowed.append(ky.size > 0 and ky.min() <= 0 <= ky.max() and kx.min() <= 0 <= kx.max())
+    kys.append(ky if ky.size else np.zeros(1, np.int64))
+    kxs.append(kx if kx.size else np.zeros(1, np.int64))
+  n = max(k.size for k in kys)
+  pad = lambda k: np.concatenate([k, np.full(n - k.size, k[0])])
+  return np.array(allowed), np.stack([pad(k) for k in kys]), np.stack([pad(k) for k in kxs])
+
+
+def _seed_original(g, rng, rows, tries: int = 3):
+  """The original's seed_snake for images rows (R,): a whole-degree heading (its
+  kernel must pass, see _seed_kernels), a start uniform among the pixels whose
+  dilated mask is <= 0.3, and up to `tries` draws while the dash's end or pivot falls
+  outside the image. Returns start (R, 2), heading (R,), ok (R,)."""
+  s = g.s
+  size, length = s.size, int(round(s.paddle_length))
+  start = np.zeros((rows.size, 2), np.float32)
+  heading = np.zeros(rows.size, np.float32)
+  ok = np.zeros(rows.size, bool)
+  retry = np.arange(rows.size)
+  yy, xx = np.divmod(np.arange(size * size), size)
+  for _ in range(tries):
+    if retry.size == 0:
+      break
+    r = rows[retry]
+    deg = rng.integers(-180, 180, retry.size)
+    u = rng.uniform(0, 1, retry.size)
+    good = np.zeros(retry.size, bool)
+    free = np.zeros((retry.size, size * size), bool)
+    for m in np.unique(g.margin[r]):
+      sel = np.flatnonzero(g.margin[r] == m)
+      allowed, ky, kx = _seed_kernels(length, float(s.paddle_thickness), int(m))
+      py = yy[None, :, None] + ky[deg[sel] + 180][:, None, :]  # (S, P, n)
+      px = xx[None, :, None] + kx[deg[sel] + 180][:, None, :]
+      inside = (py >= 0) & (py < size) & (px >= 0) & (px < size)
+      flat = np.clip(py, 0, size - 1) * size + np.clip(px, 0, size - 1)
+      v = np.where(inside, g.occ[r[sel][:, None, None], flat], -np.inf)
+      free[sel] = v.max(-1) <= 0.3
+      raw = (g.occ[r[sel]] <= 0.3).mean(1)  # the original stops below 1% free pixels
+      good[sel] = allowed[deg[sel] + 180] & (raw >= 0.01)
+    count = free.sum(1)
+    good &= count > 0
+    pick = np.minimum((np.cumsum(free, 1) <= (u * count)[:, None]).sum(1), size * size - 1)
+    tail = np.stack([xx[pick], yy[pick]], -1).astype(np.float32)
+    th = np.deg2rad(deg).astype(np.float32)
+    uu = np.stack([np.cos(th), np.sin(th)], -1)
+    head = np.ceil(tail + s.paddle_length * uu)
+    piv = np.ceil(head - (s.paddle_length + g.margin[r][:, None]) * uu)
+    inb = (((head >= 0) & (head < size)).all(-1) & ((piv >= 0) & (piv < size)).all(-1))
+    done = good & inb
+    start[retry[done]], heading[retry[done]], ok[retry[done]] = tail[done], th[done], True
+    retry = retry[good & ~inb]  # only an end or pivot outside is drawn again
+  return start, heading, ok
+
+
 def _headings(rng, s: SettingsV3, shape):
   """Seed headings: whole degrees in [-180, 180) (grid "original") or uniform."""
   if s.grid == "original":
@@ -391,8 +468,28 @@ def _grow_main(g: _Grower, rng):
   s, num_b = g.s, g.num_b
   n = s.contour_length
   lo = 2 * s.seed_distance
-  start0, head0, ok = _first_dash(rng, s, lo, s.size - 1 - lo, num_b)
-  start0 = np.rint(start0)
+  if s.grid == "original":
+    # the original's first seed: a heading whose kernel passes (_seed_kernels), the
+    # start uniform where the kernel stays inside [2 sd, size - 1 - 2 sd]
+    # A heading that fails fails the whole pair before any other draw, so drawing it
+    # among the passing ones gives the same pairs as the original's retries, faster.
+    allowed, ky, kx = _seed_kernels(int(round(s.paddle_length)), float(s.paddle_thickness),
+                                    int(g.margin[0]))
+    hi = s.size - 1 - lo
+    fits = allowed & (hi - lo - (kx.max(1) - kx.min(1)) >= 0) & (hi - lo - (ky.max(1) - ky.min(1)) >= 0)
+    if not fits.any():
+      raise ValueError(f"Pathfinder v3: no seed heading fits at size {s.size}")
+    deg = rng.choice(np.flatnonzero(fits), num_b)
+    ok = np.ones(num_b, bool)
+    start0 = np.zeros((num_b, 2), np.float32)
+    for axis, k in ((0, kx), (1, ky)):
+      a_lo, a_hi = lo - k[deg].min(1), hi - k[deg].max(1)
+      ok &= a_hi >= a_lo
+      start0[:, axis] = a_lo + np.floor(rng.uniform(0, 1, num_b) * np.maximum(a_hi - a_lo + 1, 1))
+    head0 = np.deg2rad(deg - 180).astype(np.float32)
+  else:
+    start0, head0, ok = _first_dash(rng, s, lo, s.size - 1 - lo, num_b)
+    start0 = np.rint(start0)
   if s.grid == "original":
     phi = np.deg2rad(rng.integers(0, 360, num_b))
   else:
@@ -439,19 +536,30 @@ def _grow_distractor(g: _Grower, rng, active, attempts: int = 4, seeds: int = 8)
     todo = active & ~placed
     if not todo.any():
       break
-    start = np.rint(rng.uniform(lo, hi, (num_b, seeds, 2))).astype(np.float32)
-    head = _headings(rng, s, num_b)
-    d = np.stack([np.cos(head), np.sin(head)], -1)[:, None]
-    end = start + s.paddle_length * d
-    ok = ((end >= lo) & (end <= hi)).all(-1) & todo[:, None]
-    live = np.nonzero(ok)
-    if live[0].size:
-      idx, val = g.footprint(start[live], end[live], live[0])
-      ok[live] = ~((g.occ[live[0][:, None], idx] > 0.3) & (val > 0)).any(-1)
-    pick = ok.argmax(1)
-    cur = ok.any(1)
     trial = np.zeros_like(dashes)
-    trial[:, 0, 0], trial[:, 0, 1] = start[everyone, pick], end[everyone, pick]
+    if s.grid == "original":
+      rows0 = np.flatnonzero(todo)
+      st, hd, got = _seed_original(g, rng, rows0)
+      start = np.zeros((num_b, 2), np.float32)
+      head = np.zeros(num_b, np.float32)
+      start[rows0], head[rows0] = st, hd
+      cur = np.zeros(num_b, bool)
+      cur[rows0] = got
+      trial[:, 0, 0] = start
+      trial[:, 0, 1] = start + s.paddle_length * np.stack([np.cos(head), np.sin(head)], -1)
+    else:
+      start = np.rint(rng.uniform(lo, hi, (num_b, seeds, 2))).astype(np.float32)
+      head = _headings(rng, s, num_b)
+      d = np.stack([np.cos(head), np.sin(head)], -1)[:, None]
+      end = start + s.paddle_length * d
+      ok = ((end >= lo) & (end <= hi)).all(-1) & todo[:, None]
+      live = np.nonzero(ok)
+      if live[0].size:
+        idx, val = g.footprint(start[live], end[live], live[0])
+        ok[live] = ~((g.occ[live[0][:, None], idx] > 0.3) & (val > 0)).any(-1)
+      pick = ok.argmax(1)
+      cur = ok.any(1)
+      trial[:, 0, 0], trial[:, 0, 1] = start[everyone, pick], end[everyone, pick]
     pivot = _seed_pivot(g, trial[:, 0, 0], head, everyone)
     for t in range(1, n):
       sel = np.flatnonzero(cur)
@@ -514,9 +622,19 @@ def _window_table(length: int, thickness: float, margin: int, footprint: bool, a
           np.maximum(grown, sh, out=grown)
     win = grown
   lz = resize_matrix(win.shape[1], 2 * half + 1)
-  small = np.einsum("ij,njk,lk->nil", lz, win, lz, optimize=True)
   if footprint:
-    small = np.rint(np.clip(small * 255, 0, 255)) / 255
+    # PIL's 8-bit resize: fixed-point weights (22 fraction bits), the horizontal pass
+    # then the vertical one, each rounded and clipped to 0..255
+    bits = 22
+    lq = np.where(lz < 0, np.trunc(lz.astype(np.float64) * (1 << bits) - 0.5),
+                  np.trunc(lz.astype(np.float64) * (1 << bits) + 0.5)).astype(np.int64)
+    px = (win * 255).astype(np.int64)
+    h = np.einsum("njk,lk->njl", px, lq) + (1 << (bits - 1))
+    h = np.clip(h >> bits, 0, 255)
+    v = np.einsum("ij,njl->nil", lq, h) + (1 << (bits - 1))
+    small = np.clip(v >> bits, 0, 255).astype(np.float64) / 255
+  else:
+    small = np.einsum("ij,njk,lk->nil", lz, win, lz, optimize=True)
   small = small.astype(np.float32).reshape(o.size, o.size, 2 * half + 1, 2 * half + 1)
   small.setflags(write=False)
   return small
