@@ -30,16 +30,20 @@ canvas pixels flattened (b, size * size) at 1x and (b, 4 * size * size) at 2x.
 
 Measured (tests/test_data_pathfinder.py's samples; targets from PATHFINDER.md, pixel
 values / 255; blobs = 8-connected components of pixels >= 32; "ok" = within 15%):
-  32 px (147 images; target = the original re-run): mean 0.080 (0.080-0.087) ok,
-    > 0 44.6% (38-41%) ok, >= 32 18.7% (14-15%) MISS, >= 128 5.2% (8-9%) MISS,
-    blobs 25.6 (~16) MISS, snakes touching 23% (22-29%) ok, about 3.6 distractors
-    placed (about 2).
+  32 px (revision 2: render "window", grid "original"; 1500 draws, ~420 images; target =
+  the original re-run, and in brackets a re-run here of the original code with cv2.dilate
+  emulated, 300 images): mean 0.083 (0.080-0.087 [0.085]) ok, > 0 39.7% (38-41% [40.2])
+  ok, >= 32 14.8% (14-15% [15.1]) ok, >= 128 8.5% (8-9% [8.6]) ok, blobs 13.3 (~16
+  [13.5]) ok against 13.5-16, snakes touching 21% ([22%]; PATHFINDER.md 22-29%), about
+  2.1 distractors placed ([2.25]). Before revision 2: 0.080, 44.6%, 18.7%, 5.2%, 25.6.
   128 px (21 images; target = re-run / release): mean 0.044 (0.040 / 0.037) ok,
     > 0 17.5% (18.5 / 16.1%) ok, >= 32 7.7% (7.4%) ok, >= 128 4.1% (4.2 / 3.9%) ok,
     marker plateau 0.91 = 233 (225) ok, blobs 80 (82 / 87) ok, about 13-15
-    distractors placed (14-15).
-  64 px: not measured: 14 dashes of 7 px from the centre nearly always hit a border
-    under continuity 1.8 (< 1 pair in 600 fits), so this preset is impractically slow.
+    distractors placed (14-15). Unchanged by revision 2 (its preset keeps "canvas" and
+    "round"; its seeds do not follow the original's kernel test yet).
+  64 px: not in the tests: about 1 in 900 snake pairs fit (the original re-run here:
+    0.2 images/s). With "window" + "original" its main snakes match the re-run (7.3 blobs
+    each) but distractors are over-placed (6.7 vs 5.3) and its 2 px lines are not PIL's.
 What differs from the original, as far as known: our footprints (the mask a dash
 leaves) are drawn analytically (half width = thickness / 2 + margin, a linear edge of
 `soft` px) where the original rasterises, dilates and Lanczos-filters each one; we
@@ -50,10 +54,11 @@ distractor 1 (32 px), 2 (128 px) or 4 tries) are our guesses. At 32 px dashes st
 (too many blobs) and their faint skirts too wide.
 
 Speed (generate_chunk, one process on this 2-core machine shared with other work, no PNG
-writing): 310 images/s at 32 px, 18 images/s at 128 px (most snake pairs die at a
-border and are grown again: 8 pairs per image are grown at once at 32 px, 64 at 128).
-With 16 processes that is about 40 s for 200k images at 32 px, but about 12 minutes at
-128 px: above the aim of a few minutes.
+writing): 77 images/s at 32 px (revision 2; 310 before: the seed test, the per-pixel
+free map and the 8-bit footprints cost 4x), 18 images/s at 128 px (most snake pairs die
+at a border and are grown again: 8 pairs per image are grown at once at 32 px, 64 at
+128). With 16 processes that is about 3 minutes for 200k images at 32 px, but about 12
+minutes at 128 px.
 """
 
 from __future__ import annotations
@@ -129,8 +134,8 @@ class SettingsV3:
 
 
 PRESETS_V3 = {
-    # 32 px: PIL-like hard lines and one try per distractor came closer to the re-run's
-    # statistics (mean, fraction lit, about 2-4 distractors placed) than the defaults
+    # 32 px: the original's construction (per-dash windows, integer steps, its seed
+    # test, 5 tries per distractor): all five statistics within 15% of the re-run
     32: SettingsV3(32, 14, 2.0, 0.5, (1,), 1.0, 10, 4, 1.5, 7.0, 1.5, 2.0, 1.0, 1.0,
                    distractor_attempts=5, main_tries=8, render="window",
                    grid="original"),
