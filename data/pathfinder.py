@@ -634,7 +634,12 @@ def ensure_generated(cache_dir, *, num_examples, seed, size, contour_length, num
                      generator_version: int = GENERATOR_VERSION) -> Path:
   """The contour folder of a generated set, generating it (atomically) if missing."""
   root = cache_root(cache_dir)
-  name = (f"pathfinder{size}-len{contour_length}-n{num_examples}-v{generator_version}"
+  # v3 images changed with its revision (data/pathfinder_v3.py REVISION): part of the key
+  rev = ""
+  if generator_version == 3:
+    from data import pathfinder_v3
+    rev = f"r{pathfinder_v3.REVISION}"
+  name = (f"pathfinder{size}-len{contour_length}-n{num_examples}-v{generator_version}{rev}"
           f"-seed{seed}")
   final = root / name
   inner = Path(f"pathfinder{size}") / contour_dir_name(contour_length)

@@ -30,16 +30,20 @@ canvas pixels flattened (b, size * size) at 1x and (b, 4 * size * size) at 2x.
 
 Measured (tests/test_data_pathfinder.py's samples; targets from PATHFINDER.md, pixel
 values / 255; blobs = 8-connected components of pixels >= 32; "ok" = within 15%):
-  32 px (147 images; target = the original re-run): mean 0.080 (0.080-0.087) ok,
-    > 0 44.6% (38-41%) ok, >= 32 18.7% (14-15%) MISS, >= 128 5.2% (8-9%) MISS,
-    blobs 25.6 (~16) MISS, snakes touching 23% (22-29%) ok, about 3.6 distractors
-    placed (about 2).
+  32 px (revision 2: render "window", grid "original"; 1500 draws, ~420 images; target =
+  the original re-run, and in brackets a re-run here of the original code with cv2.dilate
+  emulated, 300 images): mean 0.083 (0.080-0.087 [0.085]) ok, > 0 39.7% (38-41% [40.2])
+  ok, >= 32 14.8% (14-15% [15.1]) ok, >= 128 8.5% (8-9% [8.6]) ok, blobs 13.3 (~16
+  [13.5]) ok against 13.5-16, snakes touching 21% ([22%]; PATHFINDER.md 22-29%), about
+  2.1 distractors placed ([2.25]). Before revision 2: 0.080, 44.6%, 18.7%, 5.2%, 25.6.
   128 px (21 images; target = re-run / release): mean 0.044 (0.040 / 0.037) ok,
     > 0 17.5% (18.5 / 16.1%) ok, >= 32 7.7% (7.4%) ok, >= 128 4.1% (4.2 / 3.9%) ok,
     marker plateau 0.91 = 233 (225) ok, blobs 80 (82 / 87) ok, about 13-15
-    distractors placed (14-15).
-  64 px: not measured: 14 dashes of 7 px from the centre nearly always hit a border
-    under continuity 1.8 (< 1 pair in 600 fits), so this preset is impractically slow.
+    distractors placed (14-15). Unchanged by revision 2 (its preset keeps "canvas" and
+    "round"; its seeds do not follow the original's kernel test yet).
+  64 px: not in the tests: about 1 in 900 snake pairs fit (the original re-run here:
+    0.2 images/s). With "window" + "original" its main snakes match the re-run (7.3 blobs
+    each) but distractors are over-placed (6.7 vs 5.3) and its 2 px lines are not PIL's.
 What differs from the original, as far as known: our footprints (the mask a dash
 leaves) are drawn analytically (half width = thickness / 2 + margin, a linear edge of
 `soft` px) where the original rasterises, dilates and Lanczos-filters each one; we
@@ -50,20 +54,23 @@ distractor 1 (32 px), 2 (128 px) or 4 tries) are our guesses. At 32 px dashes st
 (too many blobs) and their faint skirts too wide.
 
 Speed (generate_chunk, one process on this 2-core machine shared with other work, no PNG
-writing): 310 images/s at 32 px, 18 images/s at 128 px (most snake pairs die at a
-border and are grown again: 8 pairs per image are grown at once at 32 px, 64 at 128).
-With 16 processes that is about 40 s for 200k images at 32 px, but about 12 minutes at
-128 px: above the aim of a few minutes.
+writing): 77 images/s at 32 px (revision 2; 310 before: the seed test, the per-pixel
+free map and the 8-bit footprints cost 4x), 18 images/s at 128 px (most snake pairs die
+at a border and are grown again: 8 pairs per image are grown at once at 32 px, 64 at
+128). With 16 processes that is about 3 minutes for 200k images at 32 px, but about 12
+minutes at 128 px.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 
 VERSION = 3
+REVISION = 2  # bumped when the images change (part of the cache key); 2: the 32 px preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +96,19 @@ class SettingsV3:
   accept: float = 1.8             # max(mask + dilated dash) must stay below this
   soft: float = 2.0               # px over which a footprint's edge falls from 1 to 0
   distractor_attempts: int = 4    # tries per distractor before it is left out
-  hard_lines: bool = False        # dashes drawn unantialiased at 2x
+  hard_lines: bool = False        # dashes drawn unantialiased at 2x (render "canvas" only)
+  # "window": each dash drawn alone as the original does (a PIL-like line in a window of
+  # 2 (2R) + 1 px at 2x around its anchor, R = L + ceil(thickness) + m, shrunk to 2R + 1
+  # px by PIL's Lanczos weights, so the anchor's 1x pixel centre is a 2x pixel centre),
+  # combined by max at 1x. "canvas": all dashes combined at 2x, then one 2:1 filter.
+  render: str = "canvas"
+  # "original": the original's integer steps: the next pivot is ceil(pivot + (L + 2m) u),
+  # the candidate ends are the distinct pixels floor(pivot' + (L + m) (cos, sin)) of
+  # ceil(2 pi (L + m)) evenly spaced angles, a seed's end is ceil(start + L u) and
+  # headings of seeds are whole degrees; the padding enters the mask as 1 (so ends keep
+  # padding + m from the border). "round": the pivot moves to rint(end + m u) and K
+  # `candidates` at a random rotation, rounded to the nearest pixel.
+  grid: str = "round"
   main_tries: int = 8             # snake pairs grown per image at once (keep the first fit)
 
   # the metadata line's fields, as in write_dataset
@@ -106,15 +125,20 @@ class SettingsV3:
         raise ValueError(f"Pathfinder {name} must be a positive int, got {v!r}")
     if not isinstance(self.num_distractors, int) or self.num_distractors < 0:
       raise ValueError(f"Pathfinder num_distractors must be an int >= 0, got {self.num_distractors!r}")
+    if self.grid not in ("round", "original"):
+      raise ValueError(f"Pathfinder grid must be 'round' or 'original', got {self.grid!r}")
+    if self.render not in ("canvas", "window"):
+      raise ValueError(f"Pathfinder render must be 'canvas' or 'window', got {self.render!r}")
     if not self.margins or min(self.margins) < 0:
       raise ValueError(f"Pathfinder margins must be a non-empty tuple of values >= 0, got {self.margins!r}")
 
 
 PRESETS_V3 = {
-    # 32 px: PIL-like hard lines and one try per distractor came closer to the re-run's
-    # statistics (mean, fraction lit, about 2-4 distractors placed) than the defaults
+    # 32 px: the original's construction (per-dash windows, integer steps, its seed
+    # test, 5 tries per distractor): all five statistics within 15% of the re-run
     32: SettingsV3(32, 14, 2.0, 0.5, (1,), 1.0, 10, 4, 1.5, 7.0, 1.5, 2.0, 1.0, 1.0,
-                   distractor_attempts=1, hard_lines=True, main_tries=8),
+                   distractor_attempts=5, main_tries=8, render="window",
+                   grid="original"),
     # 64 px: 14 dashes of 7 px from the centre almost always run into a border (< 1 in
     # 600 pairs fit here), so this preset is very slow; see the module docstring.
     64: SettingsV3(64, 14, 5.0, 1.0, (1,), 1.8, 11, 4, 2.5, 12.0, 0.8, 0.8, 1.0, 1.0,
@@ -182,6 +206,11 @@ class _Grower:
   def __init__(self, rng, s: SettingsV3, num_b: int):
     self.rng, self.s, self.num_b = rng, s, num_b
     self.occ = np.zeros((num_b, s.size * s.size), np.float32)  # the soft occupancy mask
+    if s.grid == "original":  # the original's mask starts with its padding set to 1
+      p = int(round(s.padding))
+      edge = np.zeros((s.size, s.size), bool)
+      edge[:p], edge[-p:], edge[:, :p], edge[:, -p:] = True, True, True, True
+      self.occ[:, edge.ravel()] = 1.0
     self.margin = rng.choice(np.asarray(s.margins, np.float32), num_b)  # (B,)
     self.w = s.paddle_thickness / 2
     # a dash's footprint in the mask: the dash widened by the margin (the original's
@@ -198,11 +227,45 @@ class _Grower:
 
   def footprint(self, a, b, rows):
     """Mask footprint of dashes a -> b (..., 2) of images rows (...): (idx, value)."""
+    if self.s.grid == "original":
+      return self.footprint_window(a, b, rows)
     soft = self.s.soft
     reach = self.w + float(max(self.s.margins)) + soft / 2
     idx, d = _seg_windows(a, b, reach, self.s.size)
     half = self.w + self.margin[rows][..., None]
     return idx, np.clip((half + soft / 2 - d) / soft, 0.0, 1.0)
+
+  def footprint_window(self, a, b, rows):
+    """The original's footprint: the dash drawn at 2x in its window (from rint(b)
+    towards a), dilated by a disk of radius 2m, shrunk by PIL's Lanczos and kept in
+    0..255 as its 8-bit images (then / 255). Returns (idx, value) (..., w)."""
+    s, aa = self.s, 2
+    shape = a.shape[:-1]
+    a, b, rows = a.reshape(-1, 2), b.reshape(-1, 2), np.broadcast_to(rows, shape).reshape(-1)
+    length = int(round(s.paddle_length))
+    big_half = length + int(math.ceil(s.paddle_thickness)) + int(max(s.margins))
+    side = 2 * big_half + 1
+    idx = np.zeros((a.shape[0], side * side), np.int64)
+    val = np.zeros((a.shape[0], side * side), np.float32)
+    anchor = np.rint(b)
+    theta = np.arctan2(a[:, 1] - anchor[:, 1], a[:, 0] - anchor[:, 0])
+    dx, dy = _window_offsets(theta, length, aa)
+    margin = self.margin[rows]
+    for m in np.unique(margin):
+      sel = np.flatnonzero(margin == m)
+      half = length + int(math.ceil(s.paddle_thickness)) + int(m)
+      table = _window_table(length, float(s.paddle_thickness), int(m), True)
+      small = table[dy[sel] + aa * length, dx[sel] + aa * length]
+      pad = big_half - half
+      full = np.zeros((sel.size, side, side), np.float32)
+      full[:, pad:side - pad, pad:side - pad] = small
+      off = np.arange(-big_half, big_half + 1)
+      px = anchor[sel, 0].astype(np.int64)[:, None, None] + off[None, None, :]
+      py = anchor[sel, 1].astype(np.int64)[:, None, None] + off[None, :, None]
+      inside = (px >= 0) & (px < s.size) & (py >= 0) & (py < s.size)
+      idx[sel] = (np.clip(py, 0, s.size - 1) * s.size + np.clip(px, 0, s.size - 1)).reshape(sel.size, -1)
+      val[sel] = np.where(inside, full, 0.0).reshape(sel.size, -1)
+    return idx.reshape(shape + (-1,)), val.reshape(shape + (-1,))
 
   def fits(self, a, b, rows):
     """(...) bool: the soft test max(mask + footprint) < accept for dashes a -> b."""
@@ -225,25 +288,41 @@ class _Grower:
     """One dash for each image sel (R,) from pivot (R, 2) after heading (R,).
 
     Returns a, b (R, 2) the dash ends, the next pivot (R, 2), the new heading (R,) and
-    ok (R,) bool, False where no candidate passed.
+    ok (R,) bool, False where no candidate passed. grid "original": pivot is the last
+    pivot, moved L + 2m along heading here (the original's extend_snake).
     """
     s, rng, num_b = self.s, self.rng, sel.size
-    k = s.candidates
     rows = np.arange(num_b)
-    ang = (heading[:, None] + np.float32(2 * np.pi / k)
-           * (np.arange(k, dtype=np.float32) + rng.uniform(0, 1, (num_b, 1)).astype(np.float32)))
     m = self.margin[sel, None]
-    dx, dy = np.cos(ang), np.sin(ang)
-    # the original's candidates are whole pixels on the circle; the heading is that of
-    # the pixel (so paths live on the pixel grid, which joins some diagonal gaps)
-    head = np.rint(np.stack([pivot[:, 0:1] + (m + s.paddle_length) * dx,
-                             pivot[:, 1:2] + (m + s.paddle_length) * dy], -1))  # (B, K, 2)
+    radius = m + s.paddle_length  # (B, 1)
+    if s.grid == "original":
+      # the pivot first moves L + 2m along the heading; the candidates are the distinct
+      # pixels (truncated) at ceil(2 pi r) evenly spaced angles on the circle of radius r
+      step = (s.paddle_length + 2 * m) * np.stack([np.cos(heading), np.sin(heading)], -1)
+      pivot = np.ceil(pivot + step).astype(np.float32)
+      count = np.ceil(2 * np.pi * radius[:, 0] - 1e-6).astype(np.int64)  # (B,)
+      k = int(count.max(initial=1))
+      ang = 2 * np.pi * np.arange(k)[None, :] / count[:, None]  # (B, K)
+      raw = np.stack([pivot[:, 0:1] + radius * np.cos(ang),
+                      pivot[:, 1:2] + radius * np.sin(ang)], -1)  # (B, K, 2)
+      head = np.floor(raw)
+      valid = (np.arange(k)[None, :] < count[:, None]) & ((raw >= 0) & (raw < s.size)).all(-1)
+      same = (head[:, :, None] == head[:, None, :]).all(-1) & np.tri(k, k, -1, bool)[None]
+      inside = valid & ~(same & valid[:, None, :]).any(-1)  # a pixel counts once
+    else:
+      k = s.candidates
+      ang = (heading[:, None] + np.float32(2 * np.pi / k)
+             * (np.arange(k, dtype=np.float32) + rng.uniform(0, 1, (num_b, 1)).astype(np.float32)))
+      # the original's candidates are whole pixels on the circle; the heading is that of
+      # the pixel (so paths live on the pixel grid, which joins some diagonal gaps)
+      head = np.rint(np.stack([pivot[:, 0:1] + radius * np.cos(ang),
+                               pivot[:, 1:2] + radius * np.sin(ang)], -1))  # (B, K, 2)
+      lo, hi = s.padding, s.size - 1 - s.padding
+      inside = ((head >= lo) & (head <= hi)).all(-1)
     ang = np.arctan2(head[..., 1] - pivot[:, None, 1], head[..., 0] - pivot[:, None, 0])
     dx, dy = np.cos(ang), np.sin(ang)
     turn = np.abs(np.angle(np.exp(1j * (ang - heading[:, None])))).astype(np.float32)
     wt = np.cos(np.minimum(s.continuity * turn, np.pi / 2)) ** 2
-    lo, hi = s.padding, s.size - 1 - s.padding
-    inside = ((head >= lo) & (head <= hi)).all(-1)
     wt = wt * inside * np.maximum(self.end_free(head, np.broadcast_to(sel[:, None], (num_b, k))), 0)
     total = wt.sum(1)
     cum = np.cumsum(wt, 1)
@@ -263,7 +342,10 @@ class _Grower:
     got = ok.any(1) & (total > 1e-4)
     new_ang = ang[rows, pick[rows, first]]
     b1 = b[rows, first]
-    new_pivot = np.rint(b1 + m * np.stack([np.cos(new_ang), np.sin(new_ang)], -1))
+    if s.grid == "original":
+      new_pivot = pivot
+    else:
+      new_pivot = np.rint(b1 + m * np.stack([np.cos(new_ang), np.sin(new_ang)], -1))
     return a[rows, first], b1, new_pivot.astype(np.float32), new_ang.astype(np.float32), got
 
   def commit(self, rows, a, b):
@@ -274,12 +356,109 @@ class _Grower:
     np.maximum.at(self.occ.reshape(-1), flat, val.ravel())
 
 
+@functools.lru_cache(maxsize=None)
+def _seed_kernels(length: int, thickness: float, margin: int, aa: int = 2):
+  """The original's seed test per whole-degree heading d in [-180, 180) (index d + 180).
+
+  Its seeds are tested with a dilation (cv2.dilate: dst(p) = max_k src(p + k)) of the
+  mask by the seed dash's own footprint (its pixels at full value, the footprint's
+  8-bit 255s), drawn one pixel down and right of the kernel's centre and cut to a
+  window of 2 (L + m) + 1 px. Outside the image counts as -inf, and a dilated mask with
+  any -inf pixel has "no free pixel": a heading passes only when its kernel reaches
+  rows and columns <= 0 and >= 0 (about 1 in 10 headings at 32 px, all pointing up
+  and left). Returns allowed (360,) bool, ky, kx (360, n) int kernel offsets (rows
+  padded by repeating their first offset).
+  """
+  table = _window_table(length, thickness, margin, True, aa)
+  half = length + int(math.ceil(thickness)) + margin
+  lm = length + margin
+  dx, dy = _window_offsets(np.deg2rad(np.arange(-180, 180)), length, aa)
+  allowed, kys, kxs = [], [], []
+  for i in range(360):
+    ys, xs = np.nonzero(table[dy[i] + aa * length, dx[i] + aa * length] >= 1 - 1e-6)
+    oy, ox = ys - half, xs - half
+    keep = (oy >= -(lm + 1)) & (oy <= lm - 1) & (ox >= -(lm + 1)) & (ox <= lm - 1)
+    ky, kx = oy[keep] + 1, ox[keep] + 1
+    allowed.append(ky.size > 0 and ky.min() <= 0 <= ky.max() and kx.min() <= 0 <= kx.max())
+    kys.append(ky if ky.size else np.zeros(1, np.int64))
+    kxs.append(kx if kx.size else np.zeros(1, np.int64))
+  n = max(k.size for k in kys)
+  pad = lambda k: np.concatenate([k, np.full(n - k.size, k[0])])
+  return np.array(allowed), np.stack([pad(k) for k in kys]), np.stack([pad(k) for k in kxs])
+
+
+def _seed_original(g, rng, rows, tries: int = 3):
+  """The original's seed_snake for images rows (R,): a whole-degree heading (its
+  kernel must pass, see _seed_kernels), a start uniform among the pixels whose
+  dilated mask is <= 0.3, and up to `tries` draws while the dash's end or pivot falls
+  outside the image. Returns start (R, 2), heading (R,), ok (R,)."""
+  s = g.s
+  size, length = s.size, int(round(s.paddle_length))
+  start = np.zeros((rows.size, 2), np.float32)
+  heading = np.zeros(rows.size, np.float32)
+  ok = np.zeros(rows.size, bool)
+  retry = np.arange(rows.size)
+  yy, xx = np.divmod(np.arange(size * size), size)
+  for _ in range(tries):
+    if retry.size == 0:
+      break
+    r = rows[retry]
+    deg = rng.integers(-180, 180, retry.size)
+    u = rng.uniform(0, 1, retry.size)
+    good = np.zeros(retry.size, bool)
+    free = np.zeros((retry.size, size * size), bool)
+    for m in np.unique(g.margin[r]):
+      sel = np.flatnonzero(g.margin[r] == m)
+      allowed, ky, kx = _seed_kernels(length, float(s.paddle_thickness), int(m))
+      py = yy[None, :, None] + ky[deg[sel] + 180][:, None, :]  # (S, P, n)
+      px = xx[None, :, None] + kx[deg[sel] + 180][:, None, :]
+      inside = (py >= 0) & (py < size) & (px >= 0) & (px < size)
+      flat = np.clip(py, 0, size - 1) * size + np.clip(px, 0, size - 1)
+      v = np.where(inside, g.occ[r[sel][:, None, None], flat], -np.inf)
+      free[sel] = v.max(-1) <= 0.3
+      raw = (g.occ[r[sel]] <= 0.3).mean(1)  # the original stops below 1% free pixels
+      good[sel] = allowed[deg[sel] + 180] & (raw >= 0.01)
+    count = free.sum(1)
+    good &= count > 0
+    pick = np.minimum((np.cumsum(free, 1) <= (u * count)[:, None]).sum(1), size * size - 1)
+    tail = np.stack([xx[pick], yy[pick]], -1).astype(np.float32)
+    th = np.deg2rad(deg).astype(np.float32)
+    uu = np.stack([np.cos(th), np.sin(th)], -1)
+    head = np.ceil(tail + s.paddle_length * uu)
+    piv = np.ceil(head - (s.paddle_length + g.margin[r][:, None]) * uu)
+    inb = (((head >= 0) & (head < size)).all(-1) & ((piv >= 0) & (piv < size)).all(-1))
+    done = good & inb
+    start[retry[done]], heading[retry[done]], ok[retry[done]] = tail[done], th[done], True
+    retry = retry[good & ~inb]  # only an end or pivot outside is drawn again
+  return start, heading, ok
+
+
+def _headings(rng, s: SettingsV3, shape):
+  """Seed headings: whole degrees in [-180, 180) (grid "original") or uniform."""
+  if s.grid == "original":
+    return np.deg2rad(rng.integers(-180, 180, shape)).astype(np.float32)
+  return rng.uniform(-np.pi, np.pi, shape).astype(np.float32)
+
+
+def _seed_pivot(g, start, heading, rows):
+  """The pivot after a seed dash from start (..., 2) along heading (...) of images rows.
+
+  grid "original": ceil(ceil(start + L u) - (L + m) u), as its seeds; "round": the
+  point m beyond the dash's end, rounded."""
+  s = g.s
+  u = np.stack([np.cos(heading), np.sin(heading)], -1)
+  m = g.margin[rows][..., None]
+  if s.grid == "original":
+    return np.ceil(np.ceil(start + s.paddle_length * u) - (s.paddle_length + m) * u)
+  return np.rint(start + (s.paddle_length + m) * u)
+
+
 def _first_dash(rng, s: SettingsV3, lo, hi, num_b: int, tries: int = 8):
   """Seed dashes from a uniform start in [lo, hi]^2 whose far end stays there too.
 
   Returns starts (B, 2), headings (B,), ok (B,)."""
   start = rng.uniform(lo, hi, (num_b, tries, 2)).astype(np.float32)
-  head = rng.uniform(-np.pi, np.pi, (num_b, tries)).astype(np.float32)
+  head = _headings(rng, s, (num_b, tries))
   end = start + s.paddle_length * np.stack([np.cos(head), np.sin(head)], -1)
   ok = ((end >= lo) & (end <= hi)).all(-1)
   first = ok.argmax(1)
@@ -295,11 +474,34 @@ def _grow_main(g: _Grower, rng):
   s, num_b = g.s, g.num_b
   n = s.contour_length
   lo = 2 * s.seed_distance
-  start0, head0, ok = _first_dash(rng, s, lo, s.size - 1 - lo, num_b)
-  start0 = np.rint(start0)
-  phi = rng.uniform(0, 2 * np.pi, num_b)
+  if s.grid == "original":
+    # the original's first seed: a heading whose kernel passes (_seed_kernels), the
+    # start uniform where the kernel stays inside [2 sd, size - 1 - 2 sd]
+    # A heading that fails fails the whole pair before any other draw, so drawing it
+    # among the passing ones gives the same pairs as the original's retries, faster.
+    allowed, ky, kx = _seed_kernels(int(round(s.paddle_length)), float(s.paddle_thickness),
+                                    int(g.margin[0]))
+    hi = s.size - 1 - lo
+    fits = allowed & (hi - lo - (kx.max(1) - kx.min(1)) >= 0) & (hi - lo - (ky.max(1) - ky.min(1)) >= 0)
+    if not fits.any():
+      raise ValueError(f"Pathfinder v3: no seed heading fits at size {s.size}")
+    deg = rng.choice(np.flatnonzero(fits), num_b)
+    ok = np.ones(num_b, bool)
+    start0 = np.zeros((num_b, 2), np.float32)
+    for axis, k in ((0, kx), (1, ky)):
+      a_lo, a_hi = lo - k[deg].min(1), hi - k[deg].max(1)
+      ok &= a_hi >= a_lo
+      start0[:, axis] = a_lo + np.floor(rng.uniform(0, 1, num_b) * np.maximum(a_hi - a_lo + 1, 1))
+    head0 = np.deg2rad(deg - 180).astype(np.float32)
+  else:
+    start0, head0, ok = _first_dash(rng, s, lo, s.size - 1 - lo, num_b)
+    start0 = np.rint(start0)
+  if s.grid == "original":
+    phi = np.deg2rad(rng.integers(0, 360, num_b))
+  else:
+    phi = rng.uniform(0, 2 * np.pi, num_b)
   start1 = np.rint(start0 + round(s.seed_distance) * np.stack([np.cos(phi), np.sin(phi)], -1))
-  head1 = rng.uniform(-np.pi, np.pi, num_b).astype(np.float32)
+  head1 = _headings(rng, s, num_b)
   end1 = start1 + s.paddle_length * np.stack([np.cos(head1), np.sin(head1)], -1)
   ok &= ((start1 >= 0) & (start1 <= s.size - 1) & (end1 >= 0) & (end1 <= s.size - 1)).all(-1)
   dashes = np.zeros((num_b, 2, n, 2, 2), np.float32)
@@ -307,8 +509,8 @@ def _grow_main(g: _Grower, rng):
   dashes[:, 0, 0] = np.stack([start0, start0 + s.paddle_length * np.stack(
       [np.cos(head0), np.sin(head0)], -1)], 1)
   dashes[:, 1, 0] = np.stack([start1, end1], 1)
-  dirs = np.stack([np.cos(heads), np.sin(heads)], -1)
-  pivot = np.rint(dashes[:, :, 0, 1] + g.margin[:, None, None] * dirs)  # (B, 2, 2)
+  everyone = np.arange(num_b)
+  pivot = _seed_pivot(g, dashes[:, :, 0, 0], heads, np.stack([everyone, everyone], 1))
   for t in range(1, n):
     for j in range(2):
       sel = np.flatnonzero(ok)  # only the images still growing: most die at a border
@@ -340,20 +542,31 @@ def _grow_distractor(g: _Grower, rng, active, attempts: int = 4, seeds: int = 8)
     todo = active & ~placed
     if not todo.any():
       break
-    start = np.rint(rng.uniform(lo, hi, (num_b, seeds, 2))).astype(np.float32)
-    head = rng.uniform(-np.pi, np.pi, num_b).astype(np.float32)
-    d = np.stack([np.cos(head), np.sin(head)], -1)[:, None]
-    end = start + s.paddle_length * d
-    ok = ((end >= lo) & (end <= hi)).all(-1) & todo[:, None]
-    live = np.nonzero(ok)
-    if live[0].size:
-      idx, val = g.footprint(start[live], end[live], live[0])
-      ok[live] = ~((g.occ[live[0][:, None], idx] > 0.3) & (val > 0)).any(-1)
-    pick = ok.argmax(1)
-    cur = ok.any(1)
     trial = np.zeros_like(dashes)
-    trial[:, 0, 0], trial[:, 0, 1] = start[everyone, pick], end[everyone, pick]
-    pivot = np.rint(trial[:, 0, 1] + g.margin[:, None] * d[:, 0])
+    if s.grid == "original":
+      rows0 = np.flatnonzero(todo)
+      st, hd, got = _seed_original(g, rng, rows0)
+      start = np.zeros((num_b, 2), np.float32)
+      head = np.zeros(num_b, np.float32)
+      start[rows0], head[rows0] = st, hd
+      cur = np.zeros(num_b, bool)
+      cur[rows0] = got
+      trial[:, 0, 0] = start
+      trial[:, 0, 1] = start + s.paddle_length * np.stack([np.cos(head), np.sin(head)], -1)
+    else:
+      start = np.rint(rng.uniform(lo, hi, (num_b, seeds, 2))).astype(np.float32)
+      head = _headings(rng, s, num_b)
+      d = np.stack([np.cos(head), np.sin(head)], -1)[:, None]
+      end = start + s.paddle_length * d
+      ok = ((end >= lo) & (end <= hi)).all(-1) & todo[:, None]
+      live = np.nonzero(ok)
+      if live[0].size:
+        idx, val = g.footprint(start[live], end[live], live[0])
+        ok[live] = ~((g.occ[live[0][:, None], idx] > 0.3) & (val > 0)).any(-1)
+      pick = ok.argmax(1)
+      cur = ok.any(1)
+      trial[:, 0, 0], trial[:, 0, 1] = start[everyone, pick], end[everyone, pick]
+    pivot = _seed_pivot(g, trial[:, 0, 0], head, everyone)
     for t in range(1, n):
       sel = np.flatnonzero(cur)
       a, b, pivot[sel], head[sel], got = g.step(sel, pivot[sel], head[sel])
@@ -365,6 +578,126 @@ def _grow_distractor(g: _Grower, rng, active, attempts: int = 4, seeds: int = 8)
     for t in range(n):
       g.commit(rows, trial[rows, t, 0], trial[rows, t, 1])
   return dashes, placed
+
+
+def resize_matrix(n_in: int, n_out: int, a: int = 3) -> np.ndarray:
+  """(n_out, n_in) float32: PIL's Lanczos-a resize weights along one axis (output pixel
+  i centred at input (i + 0.5) n_in / n_out, support a times the ratio, renormalised at
+  the borders). resize_matrix(2 n, n) == lanczos_matrix(n)."""
+  scale = n_in / n_out
+  m = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    c = (i + 0.5) * scale
+    lo, hi = max(int(c - a * scale + 0.5), 0), min(int(c + a * scale + 0.5), n_in)
+    x = (np.arange(lo, hi) + 0.5 - c) / scale
+    w = np.where(np.abs(x) < a, np.sinc(x) * np.sinc(x / a), 0.0)
+    m[i, lo:hi] = w / w.sum()
+  return m.astype(np.float32)
+
+
+def _window_offsets(theta, length: int, aa: int = 2):
+  """The far end of a dash along theta (x right, y down) in 2x px from its anchor:
+  ceil(aa length (cos, sin)), as the original's translate_coord. Returns dx, dy int."""
+  dx = np.ceil(aa * length * np.cos(theta)).astype(np.int64)
+  dy = np.ceil(aa * length * np.sin(theta)).astype(np.int64)
+  return dx, dy
+
+
+@functools.lru_cache(maxsize=None)
+def _window_table(length: int, thickness: float, margin: int, footprint: bool, aa: int = 2):
+  """(2 aa L + 1, 2 aa L + 1, 2 R + 1, 2 R + 1) float32, indexed [dy + aa L, dx + aa L]:
+  a dash to the 2x offset (dx, dy) drawn in its window and shrunk (R = L +
+  ceil(thickness) + margin). footprint: dilated by a disk of radius aa * margin (2x
+  px) and kept in 0..255 as the original's 8-bit masks (then / 255); else the line
+  itself in float (contrast 1, the filter's overshoot and negative lobes kept)."""
+  half = length + int(math.ceil(thickness)) + margin
+  width = int(round(thickness * aa))
+  o = np.arange(-aa * length, aa * length + 1)
+  dy, dx = (v.ravel() for v in np.meshgrid(o, o, indexing="ij"))
+  win = _dash_windows(dx, dy, width, half, aa)
+  r = aa * margin
+  if footprint and r > 0:
+    grown = win.copy()
+    n2 = win.shape[1]
+    for oy in range(-r, r + 1):
+      for ox in range(-r, r + 1):
+        if ox * ox + oy * oy <= r * r and (ox or oy):
+          sh = np.zeros_like(win)
+          sh[:, max(oy, 0):n2 + min(oy, 0), max(ox, 0):n2 + min(ox, 0)] = \
+              win[:, max(-oy, 0):n2 + min(-oy, 0), max(-ox, 0):n2 + min(-ox, 0)]
+          np.maximum(grown, sh, out=grown)
+    win = grown
+  lz = resize_matrix(win.shape[1], 2 * half + 1)
+  if footprint:
+    # PIL's 8-bit resize: fixed-point weights (22 fraction bits), the horizontal pass
+    # then the vertical one, each rounded and clipped to 0..255
+    bits = 22
+    lq = np.where(lz < 0, np.trunc(lz.astype(np.float64) * (1 << bits) - 0.5),
+                  np.trunc(lz.astype(np.float64) * (1 << bits) + 0.5)).astype(np.int64)
+    px = (win * 255).astype(np.int64)
+    h = np.einsum("njk,lk->njl", px, lq) + (1 << (bits - 1))
+    h = np.clip(h >> bits, 0, 255)
+    v = np.einsum("ij,njl->nil", lq, h) + (1 << (bits - 1))
+    small = np.clip(v >> bits, 0, 255).astype(np.float64) / 255
+  else:
+    small = np.einsum("ij,njk,lk->nil", lz, win, lz, optimize=True)
+  small = small.astype(np.float32).reshape(o.size, o.size, 2 * half + 1, 2 * half + 1)
+  small.setflags(write=False)
+  return small
+
+
+def _dash_windows(dx, dy, width: int, half: int, aa: int = 2):
+  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window.
+
+  Each runs from the window's centre pixel to the pixel (dx, dy) (n,) int from it.
+  width (2x px) 1: one pixel per step of the major axis (Bresenham, as PIL's 1-px
+  lines); wider: pixels whose centre lies on the segment's rectangle (a stand-in for
+  PIL's wide-line polygon).
+  """
+  n = dx.shape[0]
+  side = 2 * aa * half + 1
+  c = aa * half
+  win = np.zeros((n, side, side), np.float32)
+  if width <= 1:
+    steps = np.maximum(np.maximum(np.abs(dx), np.abs(dy)), 1)
+    k = np.minimum(np.arange(int(steps.max()) + 1)[None, :], steps[:, None])  # (n, s)
+    xs = c + np.floor(k * dx[:, None] / steps[:, None] + 0.5).astype(np.int64)
+    ys = c + np.floor(k * dy[:, None] / steps[:, None] + 0.5).astype(np.int64)
+    win[np.arange(n)[:, None], ys, xs] = 1.0
+    return win
+  off = np.arange(side, dtype=np.float32) - c
+  yy, xx = off[:, None], off[None, :]
+  seg = np.maximum(np.hypot(dx, dy), 1e-6).astype(np.float32)[:, None, None]
+  ux, uy = dx[:, None, None] / seg, dy[:, None, None] / seg
+  along = xx * ux + yy * uy
+  perp = yy * ux - xx * uy
+  win[(along >= 0) & (along <= seg) & (perp > -width / 2) & (perp <= width / 2)] = 1.0
+  return win
+
+
+def _draw_windowed(canvas, rows, anchor, theta, value, s: SettingsV3, margin):
+  """canvas (B, size*size) at 1x = max(canvas, each dash drawn alone and shrunk).
+
+  rows (R,) image of each dash; anchor (R, 2) integer (x, y) 1x pixel where it starts;
+  theta (R,) its direction; value (R,) its contrast; margin (R,) the image's margin.
+  """
+  if rows.size == 0:
+    return
+  size, aa = s.size, 2
+  length = int(round(s.paddle_length))
+  dx, dy = _window_offsets(theta, length, aa)
+  for m in np.unique(margin):
+    sel = np.flatnonzero(margin == m)
+    half = length + int(math.ceil(s.paddle_thickness)) + int(m)
+    table = _window_table(length, float(s.paddle_thickness), int(m), False)
+    small = table[dy[sel] + aa * length, dx[sel] + aa * length]
+    small = small * np.asarray(value, np.float32)[sel, None, None]
+    off = np.arange(-half, half + 1)
+    px = np.rint(anchor[sel, 0]).astype(np.int64)[:, None, None] + off[None, None, :]
+    py = np.rint(anchor[sel, 1]).astype(np.int64)[:, None, None] + off[None, :, None]
+    inside = (px >= 0) & (px < size) & (py >= 0) & (py < size)
+    flat = rows[sel, None, None] * canvas.shape[1] + py * size + px
+    np.maximum.at(canvas.reshape(-1), flat[inside], small[inside])
 
 
 def lanczos_matrix(size: int, a: int = 3) -> np.ndarray:
@@ -413,39 +746,71 @@ def generate_images(rng: np.random.Generator, labels, s: SettingsV3, *, parts: b
   big = 2 * size
   hw = s.paddle_thickness  # half width at 2x
   rows = np.flatnonzero(ok)
-
-  def draw_main(canvas, only=None):
-    for j in ((0, 1) if only is None else (only,)):
-      for t in range(s.contour_length):
-        _stamp(canvas, rows, 2 * main[rows, j, t, 0], 2 * main[rows, j, t, 1], hw,
-               s.contrast_main, big, s.hard_lines)
-
-  canvas = np.zeros((num_b, big * big), np.float32)  # rows of failed images stay 0
-  draw_main(canvas)
-  for dashes, placed in dis:
-    pr = np.flatnonzero(placed)
-    for t in range(s.distractor_length):
-      _stamp(canvas, pr, 2 * dashes[pr, t, 0], 2 * dashes[pr, t, 1], hw,
-             s.contrast_distractor, big, s.hard_lines)
-  mk = np.repeat(rows, 2)
-  mpts = 2 * markers[rows].reshape(-1, 2)
-  _stamp(canvas, mk, mpts, mpts, 2 * s.marker_radius, s.contrast_marker, big)
-
   lz = lanczos_matrix(size)
 
   def shrink(c):  # (B, 4 size^2) -> (B, size, size), float, overshoot kept
     return np.einsum("ij,bjk,lk->bil", lz, c.reshape(num_b, big, big), lz, optimize=True)
 
-  small = np.maximum(shrink(canvas), 0.0)
+  def windowed(canvas, dashes, rr, contrast):
+    """Dashes (B, n, 2, 2) of images rr, drawn alone into the 1x canvas: the first
+    from its start (the seed), the others from their far end back (as extend_snake)."""
+    n = dashes.shape[1]
+    a, b = dashes[rr, :, 0], dashes[rr, :, 1]  # (R, n, 2)
+    anchor = np.concatenate([a[:, :1], b[:, 1:]], 1)
+    other = np.concatenate([b[:, :1], a[:, 1:]], 1)
+    theta = np.arctan2(other[..., 1] - anchor[..., 1], other[..., 0] - anchor[..., 0])
+    r = np.repeat(rr, n)
+    _draw_windowed(canvas, r, anchor.reshape(-1, 2), theta.reshape(-1),
+                   np.full(r.size, contrast, np.float32), s, np.repeat(g.margin[rr], n))
+
+  def draw_main(canvas, only=None):
+    for j in ((0, 1) if only is None else (only,)):
+      if s.render == "window":
+        windowed(canvas, main[:, j], rows, s.contrast_main)
+        continue
+      for t in range(s.contour_length):
+        _stamp(canvas, rows, 2 * main[rows, j, t, 0], 2 * main[rows, j, t, 1], hw,
+               s.contrast_main, big, s.hard_lines)
+
+  if s.render == "window":
+    # as the original: every dash filtered alone and combined by max at 1x (from 0, so
+    # the filter's negative lobes vanish); the marker disks (hard at 2x, centred on the
+    # 2x pixel 2c as its draw_circle) shrunk over the whole image, then max with the rest
+    small = np.zeros((num_b, size * size), np.float32)
+    draw_main(small)
+    for dashes, placed in dis:
+      windowed(small, dashes, np.flatnonzero(placed), s.contrast_distractor)
+    mcanvas = np.zeros((num_b, big * big), np.float32)
+    mk = np.repeat(rows, 2)
+    mpts = 2 * markers[rows].reshape(-1, 2)
+    _stamp(mcanvas, mk, mpts, mpts, 2 * s.marker_radius, s.contrast_marker, big, hard=True)
+    small = np.maximum(small.reshape(num_b, size, size), shrink(mcanvas))
+  else:
+    canvas = np.zeros((num_b, big * big), np.float32)  # rows of failed images stay 0
+    draw_main(canvas)
+    for dashes, placed in dis:
+      pr = np.flatnonzero(placed)
+      for t in range(s.distractor_length):
+        _stamp(canvas, pr, 2 * dashes[pr, t, 0], 2 * dashes[pr, t, 1], hw,
+               s.contrast_distractor, big, s.hard_lines)
+    mk = np.repeat(rows, 2)
+    mpts = 2 * markers[rows].reshape(-1, 2)
+    _stamp(canvas, mk, mpts, mpts, 2 * s.marker_radius, s.contrast_marker, big)
+    small = np.maximum(shrink(canvas), 0.0)
   peak = np.maximum(small.reshape(num_b, -1).max(1), 1e-12)[:, None, None]
   images = np.rint(small / peak * 255).astype(np.uint8)
   if not parts:
     return images, ok, markers
   snakes = np.zeros((num_b, 2, size, size), np.float32)
   for j in range(2):
-    c = np.zeros_like(canvas)
-    draw_main(c, j)
-    snakes[:, j] = np.maximum(shrink(c), 0.0) / peak
+    if s.render == "window":
+      c = np.zeros((num_b, size * size), np.float32)
+      draw_main(c, j)
+      snakes[:, j] = c.reshape(num_b, size, size) / peak
+    else:
+      c = np.zeros((num_b, big * big), np.float32)
+      draw_main(c, j)
+      snakes[:, j] = np.maximum(shrink(c), 0.0) / peak
   return images, ok, markers, snakes
 
 
