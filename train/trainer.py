@@ -159,6 +159,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps <= t.num_steps,
          "optim.warmup_steps", o.warmup_steps, f"must be an int in [0, num_steps={t.num_steps}]")
   for axis in sharding_lib.AXES:
+    if axis in sharding_lib.OPTIONAL_AXES and axis not in t.mesh:
+      continue  # a config written before the axis existed: its default size
     _check(axis in t.mesh and isinstance(t.mesh[axis], int), f"train.mesh.{axis}",
            t.mesh.get(axis), "must be an int (-1 = the remaining devices)")
   unknown = sorted(set(t.mesh.keys()) - set(sharding_lib.AXES))
@@ -204,7 +206,8 @@ class Trainer:
 
     def init():
       model = models.build_model(config.model, task,
-                                 rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+                                 rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+                                 seq_mesh=mesh, seq_axis=sharding_lib.SEQ_AXIS)
       graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
       holder["graphdef"] = graphdef
       holder["sequence_flops"] = flops_lib.sequence_flops(model, task.seq_len)
@@ -236,18 +239,26 @@ class Trainer:
         abstract_state, self.state_sharding)
     self.group_sizes = optim_lib.group_sizes(abstract_state.params)
 
-    batch_sh = sharding_lib.batch_sharding(mesh)
+    # The batch's arrays carry their shardings from global_batch (split over the batch
+    # axes, and over "seq" along the length when the mesh has seq > 1; their keys vary by
+    # task), and the steps constrain them to the same (sharding_lib.constrain_batch).
+    self.length_axis = sharding_lib.length_axis(task.kind)
+    flags_sh = sharding_lib.batch_sharding(mesh)
     repl = sharding_lib.replicated(mesh)
     self._train_step_jit = jax.jit(
         self._train_step, donate_argnums=(0,),
-        in_shardings=(self.state_sharding, self.rng_sharding, batch_sh, batch_sh),
+        in_shardings=(self.state_sharding, self.rng_sharding, None, flags_sh),
         out_shardings=(self.state_sharding, repl))
     self._stop_flags = {}
     self.eval_step = jax.jit(
         self._eval_step,
         in_shardings=(self.state_sharding.params, self.state_sharding.rest,
-                      self.rng_sharding, batch_sh),
+                      self.rng_sharding, None),
         out_shardings=repl)
+
+  def global_batch(self, local: dict) -> dict:
+    """A host's NumPy batch -> the global, sharded batch the steps take."""
+    return sharding_lib.global_batch(local, self.mesh, self.length_axis)
 
   # -- state ---------------------------------------------------------------------------
   def init_state(self):
@@ -293,6 +304,7 @@ class Trainer:
   # -- steps (pure) ----------------------------------------------------------------------
   def _train_step(self, state: TrainState, rngs, batch: dict, stop: jax.Array):
     rngs = self._step_rngs(rngs, state.step)
+    batch = sharding_lib.constrain_batch(batch, self.mesh, self.length_axis)
 
     def loss_fn(params):
       # Fresh Variable objects at this trace level, so the forward pass may update them.
@@ -325,6 +337,7 @@ class Trainer:
     return new_state, out
 
   def _eval_step(self, params, rest, rngs, batch: dict):
+    batch = sharding_lib.constrain_batch(batch, self.mesh, self.length_axis)
     model = nnx.merge(self.graphdef, params, rngs, rest)
     logits = model(batch, deterministic=True)
     return metrics_lib.loss_sums(logits, batch, self.kind)
@@ -340,7 +353,7 @@ class Trainer:
     totals = None
     with sharding_lib.mesh_context(self.mesh):
       for local in loader:
-        batch = sharding_lib.global_batch(local, self.mesh)
+        batch = self.global_batch(local)
         sums = self.eval_step(state.params, state.rest, rngs, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -568,7 +581,7 @@ class _Loop:
       local = next(self.loader)
       if self.tokens_per_example is None:
         self.tokens_per_example = _tokens_per_example(local, self.task)
-      batch = sharding_lib.global_batch(local, self.trainer.mesh)
+      batch = self.trainer.global_batch(local)
       self.state, dev_m = self.trainer.train_step(
           self.state, self.rngs, batch, self.trainer.stop_flags(signals.requested))
       if pending is not None:
