@@ -23,8 +23,9 @@ the last d_conv - 1 conv inputs (b, d_inner, d_conv - 1) and the SSM state
 
 Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
 "seq") runs the scan through `ssm.ops.seq_parallel.selective_scan_seq_parallel`, the length
-split over that axis; the projections and the depthwise convolution are left to GSPMD
-under the caller's jit and input sharding.
+split over that axis, and the depthwise convolution through
+`ssm.ops.seq_parallel.depthwise_conv_seq_parallel` (each device gets the previous chunk's
+last d_conv - 1 inputs); the projections are left to GSPMD under the caller's jit.
 
 Memory caching (`memory_caching=dict(segment_size=..., variant="gated", top_k=None,
 state_init="checkpoint", max_segments=64)`, see `ssm.memory_caching`): the SSM is
@@ -51,7 +52,8 @@ from ssm.mixer import Mixer, cached_memory
 from ssm.ops import selective_scan
 from ssm.ops._impl import check_impl
 from ssm.ops.selective_scan import DEFAULT_CHUNK_SIZE
-from ssm.ops.seq_parallel import check_seq_mesh, selective_scan_seq_parallel
+from ssm.ops.seq_parallel import (check_seq_mesh, depthwise_conv_seq_parallel,
+                                  selective_scan_seq_parallel)
 from ssm.params import NoDecayParam
 
 # -- pure functions shared with Mamba-2 ------------------------------------------
@@ -176,8 +178,11 @@ class Mamba(Mixer):
     xz = self.in_proj(x)
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
     # The convolution and silu in float32 (fused by XLA), stored in the compute dtype.
-    xc = self.compute(jax.nn.silu(causal_depthwise_conv(xs.astype(jnp.float32),
-                                                        self.conv_w[...], self.conv_b[...])))
+    conv = (causal_depthwise_conv if self.seq_mesh is None else functools.partial(
+        depthwise_conv_seq_parallel, causal_depthwise_conv, mesh=self.seq_mesh,
+        seq_axis=self.seq_axis))
+    xc = self.compute(jax.nn.silu(conv(xs.astype(jnp.float32), self.conv_w[...],
+                                       self.conv_b[...])))
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

@@ -19,8 +19,9 @@ the id changes. The step mode runs `ssm.ops.ssd.ssd_step`, one token of the recu
 
 Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
 "seq") runs the SSD through `ssm.ops.seq_parallel.ssd_seq_parallel`, the length split over
-that axis; the projections, norm and depthwise convolution (its window crosses the chunk
-boundaries) are left to GSPMD under the caller's jit and input sharding.
+that axis, and the depthwise convolution through `depthwise_conv_seq_parallel` (its window
+crosses the chunk boundaries: each device gets the previous chunk's last d_conv - 1 inputs);
+the projections and norm are left to GSPMD under the caller's jit and input sharding.
 
 Memory caching (`memory_caching=dict(segment_size=..., ...)`, see `ssm.memory_caching`):
 SSD is a linear memory with heads = H, dk = N, dv = P, q = C_t, k = B_t, v = dt_t x_t
@@ -49,7 +50,7 @@ from ssm.mamba import MambaState, causal_depthwise_conv, conv_init, conv_step, d
 from ssm.mixer import Mixer, cached_memory
 from ssm.ops import ssd
 from ssm.ops._impl import check_impl
-from ssm.ops.seq_parallel import check_seq_mesh, ssd_seq_parallel
+from ssm.ops.seq_parallel import check_seq_mesh, depthwise_conv_seq_parallel, ssd_seq_parallel
 from ssm.ops.ssd import ssd_path, ssd_step
 from ssm.params import NoDecayParam
 
@@ -209,8 +210,11 @@ class Mamba2(Mixer):
     # compute dtype for SSD (bf16 operands, float32 accumulation). Casting xbc to float32
     # first stored float32 taps for the backward: 5.64 -> 5.38 ms fwd+bwd per bf16 layer
     # (B 16, L 2048, d_model 768, packed; H200).
-    xbc = jax.nn.silu(causal_depthwise_conv(xbc, self.conv_w[...].astype(f32),
-                                            self.conv_b[...].astype(f32), segment_ids))
+    conv = (causal_depthwise_conv if self.seq_mesh is None else functools.partial(
+        depthwise_conv_seq_parallel, causal_depthwise_conv, mesh=self.seq_mesh,
+        seq_axis=self.seq_axis))
+    xbc = jax.nn.silu(conv(xbc, self.conv_w[...].astype(f32), self.conv_b[...].astype(f32),
+                           segment_ids))
     xs, B, C = self._split_xbc(xbc.astype(self.dtype or f32))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

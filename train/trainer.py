@@ -29,6 +29,24 @@ What a run does:
      process), train_time_s and runs (the step loops' time summed over every resume, and
      how many processes that took: carried in the checkpoint meta), device, mesh, date.
 
+Mesh (train/sharding.py): config.train.mesh = {data, fsdp, seq} sizes (-1: the remaining
+devices; seq may be left out: 1). The batch is split over data x fsdp and parameters
+larger than fsdp_min_size over fsdp. Sequence parallelism, seq > 1: every batch array
+with a length (inputs, targets, mask, segment_ids; retrieval's (b, 2, l) on its axis 2)
+is split along it over "seq" (Trainer.global_batch, and as a constraint inside the
+steps), and the model is built with `seq_mesh=mesh` (models.build_model): the mamba,
+mamba2, linear_attention and lightning mixers (without memory_caching) run their scans
+sequence-parallel (ssm.ops.seq_parallel); the others -- attention, the LTI convolutions
+(lssl, s4, s4d, sgconv) and memory caching -- run correctly under the split input with
+their input all-gathered over the length and their output split again (no memory saved
+in those layers); norms, FFNs, embedding, head and the loss are partitioned by GSPMD. So
+losses and metrics equal the one-device run's within float32 noise
+(tests/test_train_seq.py), checkpoints hold the same arrays (parameters are replicated
+over seq), and a run resumes under another mesh. config.data.seq_len must be a multiple
+of seq (ValueError naming the field, before any data is loaded); on several hosts seq
+must divide each host's device count (a host loads whole sequences). Generation and the
+step mode are unaffected (one token at a time).
+
 Train state: `TrainState(step, params, rest, opt_state)`, where params is the
 nnx.State of every nnx.Param, rest every other variable except RNG state (BatchNorm
 statistics, buffers; updated by the forward pass, never by the optimizer), opt_state a
@@ -191,6 +209,22 @@ def _tokens_per_example(batch: dict, task) -> int:
 
 # -- the trainer --------------------------------------------------------------------------
 
+def seq_layers(model) -> dict:
+  """How the model's mixer layers treat a length split over "seq": {"parallel": layers
+  whose mixer runs its scan sequence-parallel (built with seq_mesh), "gathered": layers
+  that all-gather the length (models.blocks.ResidualBlock's gather_mesh), "plain": the
+  rest (no seq mesh)}."""
+  out = dict(parallel=0, gathered=0, plain=0)
+  for block in getattr(getattr(model, "backbone", None), "blocks", ()):
+    if getattr(block.mixer, "seq_mesh", None) is not None:
+      out["parallel"] += 1
+    elif getattr(block, "gather_mesh", None) is not None:
+      out["gathered"] += 1
+    else:
+      out["plain"] += 1
+  return out
+
+
 class Trainer:
   """Model graph, optimizer and the jitted step functions of one config and task."""
 
@@ -211,6 +245,7 @@ class Trainer:
       graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
       holder["graphdef"] = graphdef
       holder["sequence_flops"] = flops_lib.sequence_flops(model, task.seq_len)
+      holder["seq_layers"] = seq_layers(model)
       state = TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
       return state, rngs
 
@@ -227,6 +262,7 @@ class Trainer:
         abstract_state, abstract_rngs = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._eager)
     self.graphdef = holder["graphdef"]
+    self.seq_layers = holder["seq_layers"]
     # Model FLOPs per trained token (train/flops.py): 6 N + 3 x the mixers' sequence terms.
     self.flops_per_token = 6.0 * flops_lib.matmul_params(
         abstract_state.params, tied=bool(config.model.get("tie_embeddings", False))) + (
@@ -403,6 +439,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   tc = config.train
   mesh = sharding_lib.make_mesh(tc.mesh)
+  seq = sharding_lib.seq_size(mesh)
+  _check(config.data.seq_len % seq == 0, "data.seq_len", config.data.seq_len,
+         f"must be divisible by the {seq} devices of mesh axis 'seq' (train.mesh.seq)")
   train_bs = sharding_lib.per_host_batch(tc.batch_size, mesh)
   eval_bs = sharding_lib.per_host_batch(tc.eval_batch_size, mesh, "config.train.eval_batch_size")
   with contextlib.ExitStack() as stack:
@@ -440,6 +479,9 @@ def _setup(config, mesh, train_bs):
            "per optimizer group %s", task.name, task.kind, task.seq_len, task.num_classes,
            dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind,
            trainer.group_sizes)
+  if sharding_lib.seq_size(mesh) > 1:
+    log.info("sequence parallelism over %d devices: %s mixer layers", sharding_lib.seq_size(mesh),
+             trainer.seq_layers)
   import grain  # noqa: PLC0415
   loader = make_loader(splits["train"], batch_size=train_bs, shuffle=True,
                        seed=config.train.seed, drop_remainder=True,
