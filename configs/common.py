@@ -87,8 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,      # the latest N are kept, plus the best by val accuracy
       log_every=50,
       seed=0,
-      # Device mesh: axis sizes of ("data", "fsdp"); -1 takes the remaining devices.
-      mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
+      # Device mesh: axis sizes of ("data", "fsdp", "seq"); -1 takes the remaining devices.
+      # seq > 1 splits every sequence's length over seq devices (sequence parallelism,
+      # train/trainer.py); the batch is split over data x fsdp.
+      mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1)),
       fsdp_min_size=2**20,     # parameters with fewer elements stay replicated
       halt_at_step=0,          # stop this invocation at that step (checkpointed); 0 = never
       resume="auto",           # "auto" | "allow_changes" | "restart": a workdir whose saved

@@ -213,11 +213,18 @@ class ResidualBlock(nnx.Module):
     ffn: "none" | "mlp" | "glu"; ffn_mult its hidden width in units of d_model.
     dropout: rate on each residual branch's output.
     dtype, param_dtype: the FFN's compute and weight dtypes (the mixer has its own).
+    gather_mesh, seq_axis: a jax.sharding.Mesh whose axis seq_axis splits the length, for a
+      mixer without a sequence-parallel path of its own (attention, the LTI convolutions,
+      memory caching): its input is constrained to the whole length on every device (an
+      all-gather over seq_axis, batch still split over the other axes) and its output split
+      over seq_axis again, so the layer computes exactly as unsplit and the rest of the
+      block stays split. None (default): no constraint.
   """
 
   def __init__(self, mixer: nnx.Module, d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, gather_mesh=None,
+               seq_axis: str = "seq", rngs: nnx.Rngs):
     if not isinstance(mixer, Mixer):
       raise TypeError(f"ResidualBlock: mixer must be an ssm.mixer.Mixer (the mixer contract), "
                       f"got {type(mixer).__name__}")
@@ -228,6 +235,7 @@ class ResidualBlock(nnx.Module):
     d_model = positive_int("ResidualBlock", "d_model", d_model)
     positive_int("ResidualBlock", "ffn_mult", ffn_mult)
     self.mixer = mixer
+    self.gather_mesh, self.seq_axis = gather_mesh, seq_axis
     self.prenorm = bool(prenorm)
     self.norm = make_norm(norm, d_model, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -254,10 +262,25 @@ class ResidualBlock(nnx.Module):
     state where the id changes); a mixer that cannot take them refuses them."""
     mix = lambda u: self.mixer(u, mask=mask, deterministic=deterministic,
                                segment_ids=segment_ids)
+    if self.gather_mesh is not None:
+      mix = self._gathered(mix)
     x = self._sublayer(x, mix, self.norm, mask, deterministic)
     if self.ffn is not None:
       x = self._sublayer(x, self.ffn, self.ffn_norm, mask, deterministic)
     return zero_padding(x, mask)
+
+  def _gathered(self, mix):
+    """mix with its input whole over the length and its output split over seq_axis."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh, seq = self.gather_mesh, self.seq_axis
+    batch = tuple(a for a in mesh.axis_names if a != seq) or None
+    whole = NamedSharding(mesh, P(batch, None, None))
+    split = NamedSharding(mesh, P(batch, seq, None))
+
+    def run(u):
+      y = mix(jax.lax.with_sharding_constraint(u, whole))
+      return jax.lax.with_sharding_constraint(y, split)
+    return run
 
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> Any:
     batch_size = positive_int("ResidualBlock", "batch_size", batch_size)
@@ -285,12 +308,15 @@ class Backbone(nnx.Module):
     mixers: one sequence mixer per layer (distinct modules).
     d_model, norm, prenorm, ffn, ffn_mult, dropout, dtype, param_dtype: as `ResidualBlock`.
     remat: "none" | "block" | a REMAT_POLICIES name (module docstring).
+    gather_mesh, seq_axis: as `ResidualBlock`, for the blocks whose mixer has no
+      seq_mesh of its own (a mixer built with seq_mesh runs sequence-parallel itself).
   """
 
   def __init__(self, mixers: Sequence[nnx.Module], d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
                dropout: float = 0.0, dtype=None, param_dtype=jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", gather_mesh=None, seq_axis: str = "seq",
+               rngs: nnx.Rngs):
     if not mixers:
       raise ValueError("Backbone needs at least one mixer (num_layers >= 1)")
     if len({id(m) for m in mixers}) != len(mixers):
@@ -299,7 +325,9 @@ class Backbone(nnx.Module):
     self.remat, self.remat_policy = remat_policy(remat)
     self.blocks = nnx.List([
         ResidualBlock(m, d_model, norm=norm, prenorm=prenorm, ffn=ffn, ffn_mult=ffn_mult,
-                      dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      dropout=dropout, dtype=dtype, param_dtype=param_dtype,
+                      gather_mesh=(None if getattr(m, "seq_mesh", None) is not None
+                                   else gather_mesh), seq_axis=seq_axis, rngs=rngs)
         for m in mixers])
     self.final_norm = make_norm(norm, d_model, rngs=rngs) if prenorm else None
 

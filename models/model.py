@@ -34,8 +34,22 @@ config.model fields (all but `name` have defaults, see MODEL_DEFAULTS):
                 and SSM parameters are float32 whatever it is); the optimizer state
                 follows the parameters.
   remat         "none" | "block" | a jax.checkpoint_policies name (`models.blocks.REMATS`)
+
+Sequence parallelism (not a config field: a Mesh is no config value; the trainer builds
+it from config.train.mesh): `build_model(..., seq_mesh=mesh)` with a mesh whose axis
+`seq_axis` ("seq") splits the length. The mixers with a sequence-parallel path (mamba,
+mamba2, linear_attention, lightning: `seq_mesh` among their options, and no
+memory_caching) get it and run their scan split over the axis
+(`ssm.ops.seq_parallel`). Every other layer runs correctly on a sequence-split input:
+attention, the LTI convolutions (lssl, s4, s4d, sgconv) and memory caching have their
+input all-gathered over the length and their output split again
+(`models.blocks.ResidualBlock`, gather_mesh), exactly the unsplit computation with no
+memory saving in that layer; norms, FFNs, embedding, heads and the loss are pointwise
+or reductions, partitioned by GSPMD. The length (task.seq_len) must be a multiple of the
+axis size (ValueError naming it otherwise).
 """
 
+import logging
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -69,6 +83,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "remat": "none",           # "none" | "block" | a jax.checkpoint_policies name
 }
 ALIASES = {"transformer": "attention"}
+
+log = logging.getLogger(__name__)
 
 
 def model_names() -> list[str]:
@@ -260,8 +276,35 @@ class LanguageModel(_Encoded):
     return state, self._logits(y_t)
 
 
-def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Build the model config.model describes for the task (see the module docstring)."""
+def seq_parallel_kind(kind: str, mixer_options_: Mapping) -> bool:
+  """Whether mixers of this kind, with these options, run sequence-parallel themselves
+  (take seq_mesh); the others are all-gathered over the length (module docstring)."""
+  return ("seq_mesh" in mixer_options(ALIASES.get(kind, kind))
+          and mixer_options_.get("memory_caching") is None)
+
+
+def _check_seq_mesh(seq_mesh, seq_axis: str, task: TaskSpec) -> int:
+  from jax.sharding import Mesh
+  if not isinstance(seq_mesh, Mesh):
+    raise ValueError(f"build_model: seq_mesh must be a jax.sharding.Mesh or None, got "
+                     f"{type(seq_mesh).__name__}")
+  if seq_axis not in seq_mesh.axis_names:
+    raise ValueError(f"build_model: seq_mesh has no axis {seq_axis!r} (its axes: "
+                     f"{tuple(seq_mesh.axis_names)})")
+  n = seq_mesh.shape[seq_axis]
+  if task.seq_len % n:
+    raise ValueError(f"build_model: the length {task.seq_len} (data.seq_len) is not divisible "
+                     f"by the {n} devices of mesh axis {seq_axis!r} (train.mesh.{seq_axis})")
+  return n
+
+
+def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs, seq_mesh=None,
+                seq_axis: str = "seq") -> nnx.Module:
+  """Build the model config.model describes for the task (see the module docstring).
+
+  seq_mesh, seq_axis: sequence parallelism over that mesh axis (module docstring); None
+  (default), or a mesh whose seq_axis has size 1, builds the ordinary model.
+  """
   if not isinstance(task, TaskSpec):
     raise ValueError(f"task must be a data.task.TaskSpec, got {type(task).__name__}")
   cfg = resolve_config(model_cfg)
@@ -273,6 +316,16 @@ def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs) -> nnx.Module:
   if cfg["bidirectional"]:
     options["bidirectional"] = True  # only when True: causal-only mixers lack the option
   accepted = mixer_options(kind)
+  gather_mesh = None
+  if seq_mesh is not None and _check_seq_mesh(seq_mesh, seq_axis, task) > 1:
+    if seq_parallel_kind(kind, options):
+      options.update(seq_mesh=seq_mesh, seq_axis=seq_axis)
+    else:
+      gather_mesh = seq_mesh
+      log.info("mixer %r has no sequence-parallel path%s: each of its layers all-gathers "
+               "the length over mesh axis %r", kind,
+               " with memory_caching" if options.get("memory_caching") is not None else "",
+               seq_axis)
   precision = dict(dtype=jnp.dtype(cfg["dtype"]), param_dtype=jnp.dtype(cfg["param_dtype"]))
   for key, value in precision.items():
     if key in accepted:
@@ -290,7 +343,8 @@ def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs) -> nnx.Module:
     mixers.append(build_mixer(kind, cfg["d_model"], rngs=rngs, **layer_opts))
   backbone = Backbone(mixers, cfg["d_model"], norm=cfg["norm"], prenorm=cfg["prenorm"],
                       ffn=cfg["ffn"], ffn_mult=cfg["ffn_mult"], dropout=float(cfg["dropout"]),
-                      remat=cfg["remat"], rngs=rngs, **precision)
+                      remat=cfg["remat"], gather_mesh=gather_mesh, seq_axis=seq_axis,
+                      rngs=rngs, **precision)
   if task.kind == "classification":
     return Classifier(task, backbone, pooling=cfg["pooling"], rngs=rngs, **precision)
   if task.kind == "retrieval":

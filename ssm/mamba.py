@@ -26,8 +26,9 @@ the last d_conv - 1 conv inputs (b, d_inner, d_conv - 1) and the SSM state
 
 Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
 "seq") runs the scan through `ssm.ops.seq_parallel.selective_scan_seq_parallel`, the length
-split over that axis; the projections and the depthwise convolution are left to GSPMD
-under the caller's jit and input sharding.
+split over that axis, and the depthwise convolution through
+`ssm.ops.seq_parallel.depthwise_conv_seq_parallel` (each device gets the previous chunk's
+last d_conv - 1 inputs); the projections are left to GSPMD under the caller's jit.
 
 Memory caching (`memory_caching=dict(segment_size=..., variant="gated", top_k=None,
 state_init="checkpoint", max_segments=64)`, see `ssm.memory_caching`): the SSM is
@@ -55,7 +56,8 @@ from ssm.ops import causal_conv1d, selective_scan
 from ssm.ops.causal_conv import causal_depthwise_conv  # noqa: F401  (the XLA path, re-exported)
 from ssm.ops._impl import check_impl
 from ssm.ops.selective_scan import DEFAULT_CHUNK_SIZE
-from ssm.ops.seq_parallel import check_seq_mesh, selective_scan_seq_parallel
+from ssm.ops.seq_parallel import (check_seq_mesh, depthwise_conv_seq_parallel,
+                                  selective_scan_seq_parallel)
 from ssm.params import NoDecayParam
 
 # -- pure functions shared with Mamba-2 ------------------------------------------
@@ -84,7 +86,7 @@ def conv_impl(impl: str, seq_mesh=None) -> str:
   """The depthwise convolution's path for a layer's `impl`: "xla" stays XLA; "auto" and
   "pallas" (a request for the scan kernels) take the conv kernel where it fits the shape
   ("auto": a Hopper GPU, channels a multiple of 128). Under sequence parallelism the
-  length is sharded and the convolution is left to GSPMD: XLA."""
+  length is sharded: the layers run the XLA convolution behind an explicit halo."""
   return "xla" if impl == "xla" or seq_mesh is not None else "auto"
 
 
@@ -171,9 +173,17 @@ class Mamba(Mixer):
     del mask, deterministic, segment_ids
     xz = self.in_proj(x)
     xs, z = xz[..., :self.d_inner], xz[..., self.d_inner:]
-    # The convolution and silu (taps summed in float32), stored in the compute dtype.
-    xc = self.compute(causal_conv1d(xs, self.conv_w[...], self.conv_b[...], activation="silu",
-                                    impl=conv_impl(self.impl, self.seq_mesh)))
+    # The convolution and silu (taps summed in float32), stored in the compute dtype: the
+    # kernel (ssm.ops.causal_conv1d) on a Hopper GPU; under sequence parallelism an
+    # explicit halo around the XLA convolution (GSPMD's own split gave wrong gradients).
+    if self.seq_mesh is None:
+      xc = causal_conv1d(xs, self.conv_w[...], self.conv_b[...], activation="silu",
+                         impl=conv_impl(self.impl))
+    else:
+      xc = jax.nn.silu(depthwise_conv_seq_parallel(
+          causal_depthwise_conv, xs.astype(jnp.float32), self.conv_w[...], self.conv_b[...],
+          mesh=self.seq_mesh, seq_axis=self.seq_axis))
+    xc = self.compute(xc)
     delta, B, C = self._ssm_inputs(xc)
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

@@ -21,8 +21,9 @@ the SSM state and the convolution window where the id changes. The step mode run
 
 Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
 "seq") runs the SSD through `ssm.ops.seq_parallel.ssd_seq_parallel`, the length split over
-that axis; the projections, norm and depthwise convolution (its window crosses the chunk
-boundaries) are left to GSPMD under the caller's jit and input sharding.
+that axis, and the depthwise convolution through `depthwise_conv_seq_parallel` (its window
+crosses the chunk boundaries: each device gets the previous chunk's last d_conv - 1 inputs);
+the projections and norm are left to GSPMD under the caller's jit and input sharding.
 
 Memory caching (`memory_caching=dict(segment_size=..., ...)`, see `ssm.memory_caching`):
 SSD is a linear memory with heads = H, dk = N, dv = P, q = C_t, k = B_t, v = dt_t x_t
@@ -47,11 +48,12 @@ from flax import nnx
 
 from ssm import memory_caching as mcache
 from ssm._checks import positive_int
-from ssm.mamba import MambaState, conv_impl, conv_init, conv_step, dt_bias_init
+from ssm.mamba import (MambaState, causal_depthwise_conv, conv_impl, conv_init, conv_step,
+                       dt_bias_init)
 from ssm.mixer import Mixer, cached_memory
 from ssm.ops import causal_conv1d, ssd
 from ssm.ops._impl import check_impl
-from ssm.ops.seq_parallel import check_seq_mesh, ssd_seq_parallel
+from ssm.ops.seq_parallel import check_seq_mesh, depthwise_conv_seq_parallel, ssd_seq_parallel
 from ssm.ops.ssd import ssd_path, ssd_step
 from ssm.params import NoDecayParam
 
@@ -210,10 +212,16 @@ class Mamba2(Mixer):
     # its taps in float32 and returns xbc's dtype for SSD (bf16 operands, float32
     # accumulation). On a Hopper GPU it is a kernel: in XLA the chain's layout followed the
     # weight-gradient reduction (transposes of (b, c, l) float32 arrays, about half of the
-    # LM train step on an H200 at B 16, L 2048, d_model 768).
-    xbc = causal_conv1d(xbc, self.conv_w[...].astype(f32), self.conv_b[...].astype(f32),
-                        segment_ids=segment_ids, activation="silu",
-                        impl=conv_impl(self.impl, self.seq_mesh))
+    # LM train step on an H200 at B 16, L 2048, d_model 768). Under sequence parallelism:
+    # an explicit halo around the XLA convolution (GSPMD's own split gave wrong gradients).
+    w, bias = self.conv_w[...].astype(f32), self.conv_b[...].astype(f32)
+    if self.seq_mesh is None:
+      xbc = causal_conv1d(xbc, w, bias, segment_ids=segment_ids, activation="silu",
+                          impl=conv_impl(self.impl))
+    else:
+      xbc = jax.nn.silu(depthwise_conv_seq_parallel(
+          causal_depthwise_conv, xbc, w, bias, segment_ids, mesh=self.seq_mesh,
+          seq_axis=self.seq_axis))
     xs, B, C = self._split_xbc(xbc.astype(self.dtype or f32))
     A = -jnp.exp(self.A_log[...])
     if self.memory is None:

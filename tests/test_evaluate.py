@@ -88,8 +88,8 @@ def eight_devices(one_device_run, jax_cache, data_cache, tmp_path_factory):
 def test_trained_on_1_device_evaluates_on_8_with_fsdp(one_device_run, eight_devices):
   workdir, results = one_device_run
   stdout, got, _, _ = eight_devices
-  assert results["device_count"] == 1 and results["mesh"] == {"data": 1, "fsdp": 1}
-  assert got["mesh"] == {"data": 4, "fsdp": 2} and got["device_count"] == 8
+  assert results["device_count"] == 1 and results["mesh"] == {"data": 1, "fsdp": 1, "seq": 1}
+  assert got["mesh"] == {"data": 4, "fsdp": 2, "seq": 1} and got["device_count"] == 8
   assert got["step"] == 8 and got["checkpoint"].endswith(os.path.join("checkpoints", "8"))
   _assert_same_metrics(got, results["test_loss"], results["test_accuracy"])
   assert "test step 8  loss" in stdout and _result(stdout) == got  # the CLI's printout
@@ -103,12 +103,12 @@ def test_trained_on_8_devices_evaluates_on_1(eight_devices):
     pytest.skip("this process must have exactly one device")
   # Given a run trained with its parameters split over (data=4, fsdp=2),
   _, _, workdir, results = eight_devices
-  assert results["mesh"] == {"data": 4, "fsdp": 2} and results["device_count"] == 8
+  assert results["mesh"] == {"data": 4, "fsdp": 2, "seq": 1} and results["device_count"] == 8
   # when this one-device process evaluates its latest and its best checkpoint,
   test = evaluate_lib.evaluate(str(workdir), "test")
   val = evaluate_lib.evaluate(str(workdir), "val", "best")
   # then it reproduces the run's final test and best validation numbers.
-  assert test["mesh"] == {"data": 1, "fsdp": 1} and test["device_count"] == 1
+  assert test["mesh"] == {"data": 1, "fsdp": 1, "seq": 1} and test["device_count"] == 1
   assert test["step"] == 8
   _assert_same_metrics(test, results["test_loss"], results["test_accuracy"])
   assert val["split"] == "validation" and val["step"] == results["best_val_step"]

@@ -289,8 +289,8 @@ def test_param_sharding_rule():
   assert sharding.param_spec((3, 5), fsdp=2, min_size=1) == P()          # nothing divisible
   assert sharding.param_spec((64, 128), fsdp=2, min_size=10**6) == P()   # small: replicated
   assert sharding.param_spec((64, 128), fsdp=1, min_size=1) == P()
-  assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2)
-  assert sharding.mesh_shape({"data": 8, "fsdp": 1}, 8) == (8, 1)
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2, 1)
+  assert sharding.mesh_shape({"data": 8, "fsdp": 1}, 8) == (8, 1, 1)
 
 
 EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
@@ -320,7 +320,7 @@ def test_eight_devices_match_one(reference, jax_cache, data_cache, tmp_path):
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
   out = json.loads(line[len("RESULT "):])
   assert out["sharded"] >= 2, out  # some parameters really are split over fsdp
-  assert out["results"]["mesh"] == {"data": 4, "fsdp": 2}
+  assert out["results"]["mesh"] == {"data": 4, "fsdp": 2, "seq": 1}
   ref, got = train_losses(reference[0]), train_losses(tmp_path)
   assert sorted(got) == sorted(ref)
   np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],

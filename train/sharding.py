@@ -2,10 +2,14 @@
 
 One code path for 1 CPU, 1 GPU, N GPUs and N hosts:
 
-- Mesh axes ("data", "fsdp") with sizes from config.train.mesh (-1 = the remaining
-  devices; default all devices on "data").
-- Batches are split on their leading (batch) dimension over both axes, so every device
-  gets batch_size / (data * fsdp) examples.
+- Mesh axes ("data", "fsdp", "seq") with sizes from config.train.mesh (-1 = the
+  remaining devices; default all devices on "data"; "seq" may be left out: 1).
+- Batches are split on their leading (batch) dimension over ("data", "fsdp"), so every
+  group of `seq` devices gets batch_size / (data * fsdp) examples, and, when seq > 1, on
+  their length dimension over "seq" (sequence parallelism, `batch_spec`): inputs, targets,
+  mask and segment_ids of shape (b, l, ...) (retrieval's (b, 2, l, ...) on axis 2); arrays
+  without a length (labels, weights) over the batch axes only. "seq" is the last mesh
+  axis, so its devices are neighbours (one host, the fastest links).
 - Parameters and optimizer moments are replicated, except arrays with at least
   config.train.fsdp_min_size elements, which are split over "fsdp" along their largest
   dimension divisible by the fsdp size (ZeRO-3 style: XLA all-gathers them for the
@@ -32,8 +36,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", "seq")
 BATCH_AXES = ("data", "fsdp")
+SEQ_AXIS = "seq"
+OPTIONAL_AXES = {"seq": 1}  # an axis a config may leave out (configs written before it)
 
 
 def _multiprocess_env() -> bool:
@@ -88,9 +94,14 @@ def from_process_0(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) sizes from config.train.mesh; -1 takes what the other leaves."""
-  sizes = [int(mesh_cfg[a]) for a in AXES]
+def mesh_sizes(mesh_cfg) -> dict:
+  """config.train.mesh as {axis: size} over every axis (a missing optional one: its default)."""
+  return {a: int(mesh_cfg[a]) if a in mesh_cfg else OPTIONAL_AXES[a] for a in AXES}
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, seq) sizes from config.train.mesh; -1 takes what the others leave."""
+  sizes = list(mesh_sizes(mesh_cfg).values())
   if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
     raise ValueError(f"config.train.mesh sizes must be positive or one -1, got "
                      f"{dict(zip(AXES, sizes))}")
@@ -109,6 +120,11 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
+  seq = shape[AXES.index(SEQ_AXIS)]
+  if jax.process_count() > 1 and jax.local_device_count() % seq:
+    # Each host loads whole sequences of its batch rows: a seq group must lie in one host.
+    raise ValueError(f"config.train.mesh.seq={seq} must divide the {jax.local_device_count()} "
+                     f"devices of a host (each host loads whole sequences)")
   return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
                        devices=devices)
 
@@ -118,8 +134,39 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  """Leading dimension split over all mesh axes, the rest replicated."""
+  """Leading dimension split over the batch axes, the rest replicated (over "seq" too)."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def seq_size(mesh) -> int:
+  """The size of the mesh's "seq" axis (1 on a mesh without one)."""
+  return dict(mesh.shape).get(SEQ_AXIS, 1)
+
+
+def length_axis(kind: str) -> int:
+  """The length dimension of a batch array of this task kind (retrieval: (b, 2, l, ...))."""
+  return 2 if kind == "retrieval" else 1
+
+
+def batch_spec(ndim: int, mesh, length: int | None = 1) -> P:
+  """PartitionSpec of a batch array of rank ndim: batch axes on dim 0, and "seq" on dim
+  `length` when the mesh splits the length (seq > 1) and the array has that dimension."""
+  if length is None or seq_size(mesh) == 1 or ndim <= length:
+    return P(BATCH_AXES)
+  spec = [BATCH_AXES] + [None] * (ndim - 1)
+  spec[length] = SEQ_AXIS
+  return P(*spec)
+
+
+def batch_shardings(batch: dict, mesh, length: int | None = 1) -> dict:
+  """NamedSharding of every array of a batch dict (`batch_spec` by its rank)."""
+  return {k: NamedSharding(mesh, batch_spec(np.ndim(v), mesh, length)) for k, v in batch.items()}
+
+
+def constrain_batch(batch: dict, mesh, length: int | None = 1) -> dict:
+  """The batch with its `batch_shardings` as sharding constraints (inside a jit)."""
+  return {k: jax.lax.with_sharding_constraint(v, s)
+          for (k, v), s in zip(batch.items(), batch_shardings(batch, mesh, length).values())}
 
 
 def param_spec(shape, fsdp: int, min_size: int) -> P:
@@ -162,13 +209,14 @@ def per_host_batch(global_batch: int, mesh, what: str = "config.train.batch_size
   return global_batch // jax.process_count()
 
 
-def global_batch(local: dict, mesh) -> dict:
-  """Per-host NumPy batch -> global jax.Arrays split on the batch dimension."""
-  sharding = batch_sharding(mesh)
+def global_batch(local: dict, mesh, length: int | None = 1) -> dict:
+  """Per-host NumPy batch -> global jax.Arrays split on the batch dimension and, when the
+  mesh has seq > 1, on dimension `length` over "seq" (`batch_spec`; None: never)."""
   n = jax.process_count()
 
   def one(x):
     x = np.asarray(x)
+    sharding = NamedSharding(mesh, batch_spec(x.ndim, mesh, length))
     return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n,) + x.shape[1:])
 
   return {k: one(v) for k, v in local.items()}
@@ -179,7 +227,7 @@ def process_flags(value: int, mesh) -> jax.Array:
   over it inside a jitted step is the same on every process: a vote folded into the
   step, with no synchronisation of its own."""
   local = np.full((mesh.size // jax.process_count(),), value, np.int32)
-  return global_batch({"flags": local}, mesh)["flags"]
+  return global_batch({"flags": local}, mesh, None)["flags"]
 
 
 def mesh_context(mesh):

@@ -29,6 +29,24 @@ What a run does:
      process), train_time_s and runs (the step loops' time summed over every resume, and
      how many processes that took: carried in the checkpoint meta), device, mesh, date.
 
+Mesh (train/sharding.py): config.train.mesh = {data, fsdp, seq} sizes (-1: the remaining
+devices; seq may be left out: 1). The batch is split over data x fsdp and parameters
+larger than fsdp_min_size over fsdp. Sequence parallelism, seq > 1: every batch array
+with a length (inputs, targets, mask, segment_ids; retrieval's (b, 2, l) on its axis 2)
+is split along it over "seq" (Trainer.global_batch, and as a constraint inside the
+steps), and the model is built with `seq_mesh=mesh` (models.build_model): the mamba,
+mamba2, linear_attention and lightning mixers (without memory_caching) run their scans
+sequence-parallel (ssm.ops.seq_parallel); the others -- attention, the LTI convolutions
+(lssl, s4, s4d, sgconv) and memory caching -- run correctly under the split input with
+their input all-gathered over the length and their output split again (no memory saved
+in those layers); norms, FFNs, embedding, head and the loss are partitioned by GSPMD. So
+losses and metrics equal the one-device run's within float32 noise
+(tests/test_train_seq.py), checkpoints hold the same arrays (parameters are replicated
+over seq), and a run resumes under another mesh. config.data.seq_len must be a multiple
+of seq (ValueError naming the field, before any data is loaded); on several hosts seq
+must divide each host's device count (a host loads whole sequences). Generation and the
+step mode are unaffected (one token at a time).
+
 Train state: `TrainState(step, params, rest, opt_state)`, where params is the
 nnx.State of every nnx.Param, rest every other variable except RNG state (BatchNorm
 statistics, buffers; updated by the forward pass, never by the optimizer), opt_state a
@@ -159,6 +177,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps <= t.num_steps,
          "optim.warmup_steps", o.warmup_steps, f"must be an int in [0, num_steps={t.num_steps}]")
   for axis in sharding_lib.AXES:
+    if axis in sharding_lib.OPTIONAL_AXES and axis not in t.mesh:
+      continue  # a config written before the axis existed: its default size
     _check(axis in t.mesh and isinstance(t.mesh[axis], int), f"train.mesh.{axis}",
            t.mesh.get(axis), "must be an int (-1 = the remaining devices)")
   unknown = sorted(set(t.mesh.keys()) - set(sharding_lib.AXES))
@@ -189,6 +209,22 @@ def _tokens_per_example(batch: dict, task) -> int:
 
 # -- the trainer --------------------------------------------------------------------------
 
+def seq_layers(model) -> dict:
+  """How the model's mixer layers treat a length split over "seq": {"parallel": layers
+  whose mixer runs its scan sequence-parallel (built with seq_mesh), "gathered": layers
+  that all-gather the length (models.blocks.ResidualBlock's gather_mesh), "plain": the
+  rest (no seq mesh)}."""
+  out = dict(parallel=0, gathered=0, plain=0)
+  for block in getattr(getattr(model, "backbone", None), "blocks", ()):
+    if getattr(block.mixer, "seq_mesh", None) is not None:
+      out["parallel"] += 1
+    elif getattr(block, "gather_mesh", None) is not None:
+      out["gathered"] += 1
+    else:
+      out["plain"] += 1
+  return out
+
+
 class Trainer:
   """Model graph, optimizer and the jitted step functions of one config and task."""
 
@@ -204,10 +240,12 @@ class Trainer:
 
     def init():
       model = models.build_model(config.model, task,
-                                 rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+                                 rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+                                 seq_mesh=mesh, seq_axis=sharding_lib.SEQ_AXIS)
       graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
       holder["graphdef"] = graphdef
       holder["sequence_flops"] = flops_lib.sequence_flops(model, task.seq_len)
+      holder["seq_layers"] = seq_layers(model)
       state = TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
       return state, rngs
 
@@ -224,6 +262,7 @@ class Trainer:
         abstract_state, abstract_rngs = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._eager)
     self.graphdef = holder["graphdef"]
+    self.seq_layers = holder["seq_layers"]
     # Model FLOPs per trained token (train/flops.py): 6 N + 3 x the mixers' sequence terms.
     self.flops_per_token = 6.0 * flops_lib.matmul_params(
         abstract_state.params, tied=bool(config.model.get("tie_embeddings", False))) + (
@@ -236,18 +275,26 @@ class Trainer:
         abstract_state, self.state_sharding)
     self.group_sizes = optim_lib.group_sizes(abstract_state.params)
 
-    batch_sh = sharding_lib.batch_sharding(mesh)
+    # The batch's arrays carry their shardings from global_batch (split over the batch
+    # axes, and over "seq" along the length when the mesh has seq > 1; their keys vary by
+    # task), and the steps constrain them to the same (sharding_lib.constrain_batch).
+    self.length_axis = sharding_lib.length_axis(task.kind)
+    flags_sh = sharding_lib.batch_sharding(mesh)
     repl = sharding_lib.replicated(mesh)
     self._train_step_jit = jax.jit(
         self._train_step, donate_argnums=(0,),
-        in_shardings=(self.state_sharding, self.rng_sharding, batch_sh, batch_sh),
+        in_shardings=(self.state_sharding, self.rng_sharding, None, flags_sh),
         out_shardings=(self.state_sharding, repl))
     self._stop_flags = {}
     self.eval_step = jax.jit(
         self._eval_step,
         in_shardings=(self.state_sharding.params, self.state_sharding.rest,
-                      self.rng_sharding, batch_sh),
+                      self.rng_sharding, None),
         out_shardings=repl)
+
+  def global_batch(self, local: dict) -> dict:
+    """A host's NumPy batch -> the global, sharded batch the steps take."""
+    return sharding_lib.global_batch(local, self.mesh, self.length_axis)
 
   # -- state ---------------------------------------------------------------------------
   def init_state(self):
@@ -293,6 +340,7 @@ class Trainer:
   # -- steps (pure) ----------------------------------------------------------------------
   def _train_step(self, state: TrainState, rngs, batch: dict, stop: jax.Array):
     rngs = self._step_rngs(rngs, state.step)
+    batch = sharding_lib.constrain_batch(batch, self.mesh, self.length_axis)
 
     def loss_fn(params):
       # Fresh Variable objects at this trace level, so the forward pass may update them.
@@ -325,6 +373,7 @@ class Trainer:
     return new_state, out
 
   def _eval_step(self, params, rest, rngs, batch: dict):
+    batch = sharding_lib.constrain_batch(batch, self.mesh, self.length_axis)
     model = nnx.merge(self.graphdef, params, rngs, rest)
     logits = model(batch, deterministic=True)
     return metrics_lib.loss_sums(logits, batch, self.kind)
@@ -340,7 +389,7 @@ class Trainer:
     totals = None
     with sharding_lib.mesh_context(self.mesh):
       for local in loader:
-        batch = sharding_lib.global_batch(local, self.mesh)
+        batch = self.global_batch(local)
         sums = self.eval_step(state.params, state.rest, rngs, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -390,6 +439,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   tc = config.train
   mesh = sharding_lib.make_mesh(tc.mesh)
+  seq = sharding_lib.seq_size(mesh)
+  _check(config.data.seq_len % seq == 0, "data.seq_len", config.data.seq_len,
+         f"must be divisible by the {seq} devices of mesh axis 'seq' (train.mesh.seq)")
   train_bs = sharding_lib.per_host_batch(tc.batch_size, mesh)
   eval_bs = sharding_lib.per_host_batch(tc.eval_batch_size, mesh, "config.train.eval_batch_size")
   with contextlib.ExitStack() as stack:
@@ -427,6 +479,9 @@ def _setup(config, mesh, train_bs):
            "per optimizer group %s", task.name, task.kind, task.seq_len, task.num_classes,
            dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind,
            trainer.group_sizes)
+  if sharding_lib.seq_size(mesh) > 1:
+    log.info("sequence parallelism over %d devices: %s mixer layers", sharding_lib.seq_size(mesh),
+             trainer.seq_layers)
   import grain  # noqa: PLC0415
   loader = make_loader(splits["train"], batch_size=train_bs, shuffle=True,
                        seed=config.train.seed, drop_remainder=True,
@@ -568,7 +623,7 @@ class _Loop:
       local = next(self.loader)
       if self.tokens_per_example is None:
         self.tokens_per_example = _tokens_per_example(local, self.task)
-      batch = sharding_lib.global_batch(local, self.trainer.mesh)
+      batch = self.trainer.global_batch(local)
       self.state, dev_m = self.trainer.train_step(
           self.state, self.rngs, batch, self.trainer.stop_flags(signals.requested))
       if pending is not None:

@@ -40,15 +40,22 @@ must be a multiple of the seq axis size and the batch of the batch axes' product
 sharding (shard_map moves them to its specs).
 
 Mixers: Mamba, Mamba2, LinearAttention and Lightning take `seq_mesh=mesh` (and `seq_axis`)
-and then call these variants; their projections and depthwise convolutions stay ordinary
-XLA ops, partitioned by GSPMD under the caller's jit (a sequence-sharded input there costs
-the convolution a small halo exchange, which XLA inserts).
+and then call these variants; Mamba's and Mamba-2's depthwise convolution runs through
+`depthwise_conv_seq_parallel` (an explicit halo of d_conv - 1 tokens from the previous
+device, one ppermute); their projections stay ordinary XLA ops, partitioned by GSPMD
+under the caller's jit.
 
 Not here: the LTI mixers' FFT convolution (ssm/ops/fft_conv.py) under a sequence-sharded
 input is left to GSPMD, which all-gathers the length around the FFT (the compiled program
 on a (data, seq) mesh holds an all-gather; its output comes back replicated over seq, so
 the layers after it run unsplit until resharded): correct, but no distributed FFT.
 Heads are not split over a mesh axis (only batch and length).
+
+The trainer (train/trainer.py, config.train.mesh.seq) builds its model with seq_mesh=its
+mesh: these mixers get it; the layers without a variant here (attention, the LTI
+convolutions, memory caching) get their input all-gathered over the length explicitly
+(models.blocks.ResidualBlock, gather_mesh), so no Pallas or cuDNN custom call sees a
+length-split operand.
 """
 
 from __future__ import annotations
@@ -68,8 +75,8 @@ from ssm.ops.selective_scan import (DEFAULT_CHUNK_SIZE as SELECTIVE_CHUNK, _spre
                                     check_selective_scan_args, selective_scan)
 from ssm.ops.ssd import DEFAULT_CHUNK_SIZE as SSD_CHUNK, check_ssd_args, ssd
 
-__all__ = ["check_seq_mesh", "lightning_attention_seq_parallel", "linear_scan_seq_parallel",
-           "selective_scan_seq_parallel", "ssd_seq_parallel"]
+__all__ = ["check_seq_mesh", "depthwise_conv_seq_parallel", "lightning_attention_seq_parallel",
+           "linear_scan_seq_parallel", "selective_scan_seq_parallel", "ssd_seq_parallel"]
 
 
 # -- the mesh: which axes split what ---------------------------------------------------------
@@ -168,6 +175,55 @@ def _last_only(final):
 def _spec(batch_axes, seq_axis, rank):
   """PartitionSpec of a (b, l, ...) array of this rank."""
   return P(batch_axes, seq_axis, *([None] * (rank - 2)))
+
+
+# -- the causal depthwise convolution (Mamba's conv_4) -------------------------------------------
+
+def depthwise_conv_seq_parallel(conv, x, w_kd, bias_d, segment_ids=None, *, mesh: Mesh,
+                                seq_axis: str = "seq", batch_axes="auto"):
+  """A causal depthwise convolution of width K with the length split over `seq_axis`.
+
+  conv(x, w_kd, bias_d, segment_ids) -> y is the unsplit convolution (ssm.mamba's
+  causal_depthwise_conv: zero before the start, taps reading another document zero).
+  Each device receives the last K - 1 inputs (and ids) of the previous device's chunk
+  (one ppermute; the first device gets zeros, the sequence's own zero start), runs conv
+  on its chunk with them in front and drops their outputs: exactly the unsplit result.
+  An explicit halo rather than GSPMD's: under jit, GSPMD's partitioning of this
+  convolution's backward next to the shard_map'd scans gave wrong input gradients with
+  packed documents on a seq axis of 2 (jax 0.10; tests/test_train_seq.py).
+
+  x: (batch, length, d); w_kd: (K, d); bias_d: (d,); segment_ids: (batch, length) int.
+  Each device's chunk must hold at least K - 1 tokens (ValueError otherwise).
+  """
+  width = w_kd.shape[0]
+  n, bax = _axes("depthwise_conv_seq_parallel", mesh, seq_axis, batch_axes, *x.shape[:2])
+  if width > 1 and x.shape[1] // n < width - 1:
+    raise ValueError(f"depthwise_conv_seq_parallel: {x.shape[1] // n} tokens per device of "
+                     f"mesh axis {seq_axis!r} are fewer than the convolution's window "
+                     f"{width} - 1")
+  return _conv_sp(x, w_kd, bias_d, segment_ids, conv=conv, mesh=mesh, seq_axis=seq_axis,
+                  bax=bax, n=n)
+
+
+@functools.partial(jax.jit, static_argnames=("conv", "mesh", "seq_axis", "bax", "n"))
+def _conv_sp(x, w_kd, bias_d, segment_ids, *, conv, mesh, seq_axis, bax, n):
+  halo = w_kd.shape[0] - 1
+
+  def body(x, w_kd, bias_d, segment_ids):
+    if halo == 0:
+      return conv(x, w_kd, bias_d, segment_ids)
+    to_next = [(i, i + 1) for i in range(n - 1)]
+    x_prev = lax.ppermute(x[:, -halo:], seq_axis, to_next)      # zeros on the first device
+    ids = None
+    if segment_ids is not None:
+      ids = jnp.concatenate([lax.ppermute(segment_ids[:, -halo:], seq_axis, to_next),
+                             segment_ids], axis=1)
+    y = conv(jnp.concatenate([x_prev, x], axis=1), w_kd, bias_d, ids)
+    return y[:, halo:]
+
+  x3 = _spec(bax, seq_axis, 3)
+  return _shard(body, mesh, (x3, P(), P(), None if segment_ids is None
+                             else _spec(bax, seq_axis, 2)), x3)(x, w_kd, bias_d, segment_ids)
 
 
 # -- linear_scan ------------------------------------------------------------------------------
