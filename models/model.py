@@ -58,6 +58,7 @@ from flax import nnx
 from data.task import TaskSpec
 from models.blocks import FFNS, NORMS, REMATS, Backbone
 from ssm._checks import dtype_option
+from ssm.ops.seq_parallel import check_seq_mesh
 from models.heads import (POOLINGS, ClassificationHead, LMHead, PixelEncoder, RetrievalHead,
                           TokenEncoder, pool, tied_logits)
 from models.registry import MIXERS, build_mixer, mixer_options
@@ -284,13 +285,7 @@ def seq_parallel_kind(kind: str, mixer_options_: Mapping) -> bool:
 
 
 def _check_seq_mesh(seq_mesh, seq_axis: str, task: TaskSpec) -> int:
-  from jax.sharding import Mesh
-  if not isinstance(seq_mesh, Mesh):
-    raise ValueError(f"build_model: seq_mesh must be a jax.sharding.Mesh or None, got "
-                     f"{type(seq_mesh).__name__}")
-  if seq_axis not in seq_mesh.axis_names:
-    raise ValueError(f"build_model: seq_mesh has no axis {seq_axis!r} (its axes: "
-                     f"{tuple(seq_mesh.axis_names)})")
+  check_seq_mesh("build_model", seq_mesh, seq_axis)   # a Mesh with that axis
   n = seq_mesh.shape[seq_axis]
   if task.seq_len % n:
     raise ValueError(f"build_model: the length {task.seq_len} (data.seq_len) is not divisible "
