@@ -17,6 +17,8 @@ shift 4
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 SSMLAB_CACHE=/tmp/ssmlab_cache
+# a warm machine's next call reuses the compiled step (and the data cache above)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 runs=/tmp/runs
 mkdir -p $runs
 if [ -f runs/$name.tgz ]; then tar xzf runs/$name.tgz -C $runs && echo "restored runs/$name.tgz"; fi
