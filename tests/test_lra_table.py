@@ -172,12 +172,16 @@ def test_test_accuracy_of_the_best_validation_checkpoint(tmp_path):
 
 
 def test_committed_runs(tmp_path):
-  # the finished runs (results/lra/): ListOps S4 and S4D at their complete schedules and
-  # Pathfinder S4D over the "short" tenth of its, all with test results
+  # the finished runs (results/lra/): ListOps S4 and S4D and Text S4D at their complete
+  # schedules and Pathfinder S4D over the "short" tenth of its, all with test results
   runs = {(run.task, run.model, run.size): run
           for run in lra_table.collect(str(REPO / "results" / "lra"))}
   assert sorted(runs) == [("listops", "s4", ""), ("listops", "s4d", ""),
-                          ("pathfinder", "s4d", "short")]
+                          ("pathfinder", "s4d", "short"), ("text", "s4d", "")]
+  tx = runs["text", "s4d", ""]
+  assert (tx.steps, tx.schedule_steps, tx.best_val_step) == (50_000, 50_000, 50_000)
+  assert not tx.partial and tx.test_accuracy == pytest.approx(0.85568)
+  assert cell(rows(lra_table.table([tx])), "S4D (ours)", "text") == "85.57"
   pf = runs["pathfinder", "s4d", "short"]
   assert (pf.steps, pf.schedule_steps, pf.best_val_step) == (50_000, 500_000, 42_500)
   assert pf.partial and pf.test_accuracy == 1.0 and "data/pathfinder.py" in pf.source
