@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       num_steps=1000,
       batch_size=32,           # global, across all devices and hosts
+      accum_steps=1,           # gradient accumulation: micro-batches of batch_size / accum_steps
+                               # per update (train/trainer.py)
       eval_batch_size=64,      # global
       eval_every=500,          # steps between validation passes (and at the end)
       checkpoint_every=500,    # steps between checkpoints (and at the end); 0 = end only

@@ -124,3 +124,16 @@ def assert_steps_match(mixer, x, *, tol, max_len=None):
   assert y.shape == y_steps.shape == x.shape[:2] + (mixer.d_model,)
   err = max_rel(y_steps, y)
   assert err < tol, err
+
+
+def write_word_corpus(path, *, docs: int = 24, words_per_doc: int | None = None):
+  """A folder of `docs` small text files of words from a fixed list (a byte-level LM
+  corpus for the trainer tests): words_per_doc words each, or 5..39 (seeded) when None."""
+  import pathlib
+  path = pathlib.Path(path)
+  rng = np.random.default_rng(0)
+  words = ["the", "state", "space", "model", "scan", "of", "a", "long", "sequence"]
+  for i in range(docs):
+    n = words_per_doc if words_per_doc is not None else int(rng.integers(5, 40))
+    (path / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, n)))
+  return path

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import models
-from _testing import rel
+from _testing import rel, write_word_corpus
 from configs.lm import shakespeare
 from data.task import TaskSpec
 from models.registry import MIXERS
@@ -170,12 +170,7 @@ def _lm_tiny(corpus_dir, workdir_name="run", **overrides):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = ["the", "state", "space", "model", "scan", "of", "a", "long", "sequence"]
-  for i in range(24):
-    (path / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 40)))
-  return path
+  return write_word_corpus(tmp_path_factory.mktemp("corpus"), words_per_doc=40)
 
 
 def test_bf16_training_decreases_the_loss_keeping_state_float32(corpus, tmp_path):

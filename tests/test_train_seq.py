@@ -9,6 +9,8 @@ packed documents, segment_ids, whose boundaries cross the devices' chunks) run t
 scans sequence-parallel; s4d and the transformer (no such path) have the length
 all-gathered around the layer. A run halted at step 2 under the seq mesh resumes from
 its checkpoint to the same losses, under the same mesh and under a data-only one.
+Gradient accumulation (train.accum_steps=2, dropout off) under data 2 x seq 4 equals the
+one-device, one-batch run.
 
 The 8-device runs happen in one subprocess (XLA_FLAGS must be set before JAX starts; this
 pytest process keeps one device), which prints its results as JSON; the one-device
@@ -27,6 +29,7 @@ import pytest
 
 from configs.lm import shakespeare
 from train import metrics as metrics_lib
+from tests._testing import write_word_corpus
 from train import sharding, trainer
 
 pytestmark = pytest.mark.xdist_group("train_seq")
@@ -39,13 +42,14 @@ MESHES = {"data4_seq2": dict(data=4, seq=2), "data2_seq4": dict(data=2, seq=4),
 RTOL = 1e-4  # float32 noise over a 4-step run (the sums run in another order)
 
 
-def lm_config(kind: str, corpus: str, **mesh):
+def lm_config(kind: str, corpus: str, dropout: float = 0.1, accum_steps: int = 1, **mesh):
   """The tiny LM config of `kind`, batch 8, packed-document ids where the kind takes them."""
   config = shakespeare.get_config(f"{kind},tiny")
   config.data.path = corpus
   config.data.segment_ids = kind in ("mamba2", "lightning")
-  config.model.dropout = 0.1  # dropout on: its masks must not depend on the mesh
-  config.train.update(dict(batch_size=8, eval_batch_size=8, fsdp_min_size=16))
+  config.model.dropout = dropout  # on by default: its masks must not depend on the mesh
+  config.train.update(dict(batch_size=8, eval_batch_size=8, fsdp_min_size=16,
+                           accum_steps=accum_steps))
   config.train.mesh.update(mesh)
   return config
 
@@ -64,12 +68,7 @@ def losses(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = ["the", "state", "space", "model", "scan", "of", "a", "long", "sequence"]
-  for i in range(24):
-    (path / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, int(rng.integers(5, 40)))))
-  return str(path)
+  return str(write_word_corpus(tmp_path_factory.mktemp("corpus")))
 
 
 # Runs in the 8-device subprocess: argv = corpus, workdir root; prints RESULT <json>.
@@ -111,6 +110,18 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
       trainer.run(first, workdir)
       trainer.run(lm_config("mamba2", corpus, **second), workdir)
       out[f"resume/{name}"] = losses(workdir)
+
+    # Gradient accumulation under the seq mesh: micro-batches of 4 over data 2 x seq 4.
+    workdir = os.path.join(root, "accum2")
+    trainer.run(lm_config("mamba2", corpus, dropout=0.0, accum_steps=2,
+                          **MESHES["data2_seq4"]), workdir)
+    out["accum2"] = losses(workdir)
+    try:  # micro-batches of 4 cannot split over 8 data devices
+      trainer.run(lm_config("mamba", corpus, accum_steps=2, data=8),
+                  os.path.join(root, "bad_accum"))
+      out["accum_error"] = None
+    except ValueError as e:
+      out["accum_error"] = str(e)
 
     # One-line errors: a length the seq axis does not divide.
     bad = lm_config("mamba", corpus, data=2, seq=4)
@@ -190,6 +201,16 @@ def test_resume_under_the_seq_mesh(references, eight, second):
   got = eight[f"resume/{second}"]
   assert_same_run(got, references["mamba2"])
   assert_same_run(got, eight["mamba2/data2_seq4"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_accumulation_under_the_seq_mesh_matches_one_batch_on_one_device(corpus, eight, tmp_path):
+  # dropout off: micro-batches draw their own dropout masks
+  trainer.run(lm_config("mamba2", corpus, dropout=0.0), str(tmp_path))
+  assert_same_run(eight["accum2"], losses(tmp_path))
+  error = eight["accum_error"]
+  assert error and "\n" not in error
+  assert "config.train.accum_steps=2" in error and "8 devices of the data/fsdp mesh" in error, error
 
 
 @pytest.mark.slow

@@ -47,6 +47,13 @@ of seq (ValueError naming the field, before any data is loaded); on several host
 must divide each host's device count (a host loads whole sequences). Generation and the
 step mode are unaffected (one token at a time).
 
+Gradient accumulation, config.train.accum_steps = k > 1: each update takes the same global
+batch as k micro-batches of batch_size / k in a lax.scan inside the step (the gradient
+of the batch's mean loss: the micro-batches' gradient sums over the batch's weight; the
+metrics are the batch's), so a batch that does not fit in memory trains with the update
+of one step. BatchNorm sees each micro-batch's statistics. The micro-batches must split
+over the data x fsdp devices; accum_steps may change on resume.
+
 Train state: `TrainState(step, params, rest, opt_state)`, where params is the
 nnx.State of every nnx.Param, rest every other variable except RNG state (BatchNorm
 statistics, buffers; updated by the forward pass, never by the optimizer), opt_state a
@@ -131,6 +138,15 @@ def _check(cond: bool, field: str, value, requirement: str) -> None:
     raise ValueError(f"config.{field}={value!r}: {requirement}")
 
 
+# Keys a config may leave out (configs written before they existed), with their defaults.
+OPTIONAL_KEYS = {"train": {"accum_steps": 1}}
+
+
+def accum_steps(config) -> int:
+  """config.train.accum_steps, 1 where a config predates the key."""
+  return config.train.get("accum_steps", OPTIONAL_KEYS["train"]["accum_steps"])
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, naming the field, on unknown keys and bad values of optim and train.
 
@@ -147,7 +163,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if unknown:
       raise ValueError(f"unknown config.{section} keys {unknown}; valid: "
                        f"{sorted(base[section].keys())}")
-    missing = sorted(set(base[section].keys()) - set(config[section].keys()))
+    missing = sorted(set(base[section].keys()) - set(config[section].keys())
+                     - set(OPTIONAL_KEYS.get(section, {})))
     if missing:
       raise ValueError(f"config.{section} lacks keys {missing}")
   o, t = config.optim, config.train
@@ -172,6 +189,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                "seed"):
     _check(isinstance(t[name], int) and t[name] >= 0, f"train.{name}", t[name],
            "must be an int >= 0")
+  accum = accum_steps(config)
+  _check(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+         "train.accum_steps", accum, "must be an int >= 1")
+  _check(t.batch_size % accum == 0, "train.accum_steps", accum,
+         f"must divide train.batch_size={t.batch_size} (each micro-batch is batch_size / "
+         f"accum_steps examples)")
   _check(t.resume in workdir_lib.RESUME_MODES, "train.resume", t.resume,
          f"must be one of {workdir_lib.RESUME_MODES} (see train/workdir.py)")
   _check(isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps <= t.num_steps,
@@ -322,6 +345,12 @@ class Trainer:
            else jnp.zeros_like(x) for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, new)
 
+  @staticmethod
+  def _fold_rngs(rngs, i):
+    """Micro-batch i's RNG state: every key of the step's folded with i."""
+    return jax.tree.map(lambda x: jax.random.fold_in(x, i)
+                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rngs)
+
   def stop_flags(self, requested: bool) -> jax.Array:
     """This process's vote to stop, as the train step takes it (sharding.process_flags)."""
     if requested not in self._stop_flags:
@@ -338,21 +367,66 @@ class Trainer:
                                 self.stop_flags(False) if stop is None else stop)
 
   # -- steps (pure) ----------------------------------------------------------------------
+  def _loss_sums(self, params, rest, rngs, batch):
+    """The forward pass on one (micro-)batch -> (loss sums, updated non-Param state)."""
+    # Fresh Variable objects at this trace level, so the forward pass may update them.
+    fresh = jax.tree.map(lambda x: x, (rngs, rest))
+    model = nnx.merge(self.graphdef, params, *fresh)
+    logits = model(batch, deterministic=False)
+    sums = metrics_lib.loss_sums(logits, batch, self.kind)
+    _, _, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    return sums, rest
+
+  def _accumulated_grads(self, state: TrainState, rngs, batch: dict, accum: int):
+    """Gradients of the whole batch's mean loss from `accum` micro-batches in a lax.scan
+    (config.train.accum_steps) -> (loss, sums, rest, grads).
+
+    Micro-batch i is rows i, i + accum, i + 2 accum, ... of the batch: every device's rows
+    stay on it (the batch is split over the devices in contiguous blocks), so slicing moves
+    no data. The gradients of the micro-batches' loss SUMS are added and divided once by the
+    whole batch's weight, so the update is the one-batch update (up to summation order):
+    the mean is over tokens (weights), not over micro-batches. Each micro-batch gets its own
+    dropout keys (the step's, folded with i) and runs the forward in training mode in turn
+    on the state the previous one left: BatchNorm normalises each micro-batch by its own
+    statistics and updates its running averages `accum` times a step, as any micro-batched
+    trainer does."""
+    b = jax.tree.leaves(batch)[0].shape[0]
+    micro = {k: jnp.swapaxes(v.reshape((b // accum, accum) + v.shape[1:]), 0, 1)
+             for k, v in batch.items()}
+
+    def loss_sum(params, rest, rngs, mb):
+      sums, rest = self._loss_sums(params, rest, rngs, mb)
+      return sums["loss_sum"], (sums, rest)
+
+    grad_fn = jax.grad(loss_sum, has_aux=True)
+
+    def one(carry, xs):
+      grads, sums, rest = carry
+      i, mb = xs
+      mb = sharding_lib.constrain_batch(mb, self.mesh, self.length_axis)
+      g, (s, rest) = grad_fn(state.params, rest, self._fold_rngs(rngs, i), mb)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), rest), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    sums0 = dict(loss_sum=jnp.float32(0), correct=jnp.float32(0), weight=jnp.float32(0))
+    (grads, sums, rest), _ = jax.lax.scan(one, (zeros, sums0, state.rest),
+                                          (jnp.arange(accum), micro))
+    weight = jnp.maximum(sums["weight"], 1e-9)
+    grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+    return sums["loss_sum"] / weight, sums, rest, grads
+
   def _train_step(self, state: TrainState, rngs, batch: dict, stop: jax.Array):
     rngs = self._step_rngs(rngs, state.step)
     batch = sharding_lib.constrain_batch(batch, self.mesh, self.length_axis)
+    accum = accum_steps(self.config)
+    if accum > 1:
+      loss, sums, rest, grads = self._accumulated_grads(state, rngs, batch, accum)
+    else:
+      def loss_fn(params):
+        sums, rest = self._loss_sums(params, state.rest, rngs, batch)
+        return sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9), (sums, rest)
 
-    def loss_fn(params):
-      # Fresh Variable objects at this trace level, so the forward pass may update them.
-      fresh = jax.tree.map(lambda x: x, (rngs, state.rest))
-      model = nnx.merge(self.graphdef, params, *fresh)
-      logits = model(batch, deterministic=False)
-      sums = metrics_lib.loss_sums(logits, batch, self.kind)
-      loss = sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9)
-      _, _, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-      return loss, (sums, rest)
-
-    (loss, (sums, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (loss, (sums, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _tree_norm(grads)
@@ -443,6 +517,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check(config.data.seq_len % seq == 0, "data.seq_len", config.data.seq_len,
          f"must be divisible by the {seq} devices of mesh axis 'seq' (train.mesh.seq)")
   train_bs = sharding_lib.per_host_batch(tc.batch_size, mesh)
+  accum, shards = accum_steps(config), mesh.shape["data"] * mesh.shape["fsdp"]
+  _check((tc.batch_size // accum) % shards == 0, "train.accum_steps", accum,
+         f"its micro-batches of batch_size / accum_steps = {tc.batch_size // accum} examples "
+         f"must split over the {shards} devices of the data/fsdp mesh")
   eval_bs = sharding_lib.per_host_batch(tc.eval_batch_size, mesh, "config.train.eval_batch_size")
   with contextlib.ExitStack() as stack:
     stack.enter_context(workdir_lib.WorkdirLock(workdir))

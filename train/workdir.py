@@ -12,7 +12,7 @@ Config. Before anything is written, the config of a workdir that holds checkpoin
 (workdir/config.json, written at every start) is compared with the new one, key by key:
 
   harmless (HARMLESS_KEYS: the run length, evaluation/checkpoint/logging cadence, the
-    device mesh, the data cache folder): allowed; the differences are logged and
+    device mesh, gradient accumulation, the data cache folder): allowed; the differences are logged and
     appended to workdir/config_changes.jsonl;
   anything else (the model, the optimizer and its schedule, the data, batch size,
     seed): the run stops with ConfigMismatchError naming the keys, and nothing in the
@@ -54,7 +54,11 @@ HARMLESS_KEYS = ("name", "train.num_steps", "train.eval_every", "train.eval_batc
                  "data.cache_dir", "data.tfds_dir", "data.num_workers",
                  # the batch stream is the same with any number of grain workers (a state
                  # saved with workers resumes only with as many: data/pipeline.py says so)
-                 "train.data_workers")
+                 "train.data_workers",
+                 # the same batches and the same update up to summation order (and
+                 # BatchNorm's per-micro-batch statistics): a run may resume on fewer
+                 # devices with its batch accumulated
+                 "train.accum_steps")
 HARMLESS_PREFIXES = ("train.mesh.",)
 # What a run leaves in its workdir; "restart" moves these aside.
 RUN_FILES = ("checkpoints", "best", "corrupt", "tb", "metrics.jsonl", "metrics_superseded.jsonl",
