@@ -647,32 +647,115 @@ def _window_table(length: int, thickness: float, margin: int, footprint: bool, a
 
 
 def _dash_windows(dx, dy, width: int, half: int, aa: int = 2):
-  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window.
+  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window, as
+  PIL's ImageDraw.line draws them (the original's draw_line_n_mask).
 
   Each runs from the window's centre pixel to the pixel (dx, dy) (n,) int from it.
-  width (2x px) 1: one pixel per step of the major axis (Bresenham, as PIL's 1-px
-  lines); wider: pixels whose centre lies on the segment's rectangle (a stand-in for
-  PIL's wide-line polygon).
+  width (2x px) 1: PIL's Bresenham line, both ends included; wider: PIL's wide line, a
+  4-vertex polygon filled by its scan-line rule (_pil_wide_line). Built once per table.
   """
   n = dx.shape[0]
   side = 2 * aa * half + 1
   c = aa * half
   win = np.zeros((n, side, side), np.float32)
-  if width <= 1:
-    steps = np.maximum(np.maximum(np.abs(dx), np.abs(dy)), 1)
-    k = np.minimum(np.arange(int(steps.max()) + 1)[None, :], steps[:, None])  # (n, s)
-    xs = c + np.floor(k * dx[:, None] / steps[:, None] + 0.5).astype(np.int64)
-    ys = c + np.floor(k * dy[:, None] / steps[:, None] + 0.5).astype(np.int64)
-    win[np.arange(n)[:, None], ys, xs] = 1.0
-    return win
-  off = np.arange(side, dtype=np.float32) - c
-  yy, xx = off[:, None], off[None, :]
-  seg = np.maximum(np.hypot(dx, dy), 1e-6).astype(np.float32)[:, None, None]
-  ux, uy = dx[:, None, None] / seg, dy[:, None, None] / seg
-  along = xx * ux + yy * uy
-  perp = yy * ux - xx * uy
-  win[(along >= 0) & (along <= seg) & (perp > -width / 2) & (perp <= width / 2)] = 1.0
+  for i in range(n):
+    x1, y1 = c + int(dx[i]), c + int(dy[i])
+    if width <= 1:
+      pts = _pil_bresenham(c, c, x1, y1)
+    else:
+      pts = _pil_wide_line(c, c, x1, y1, width)
+    for x, y in pts:
+      if 0 <= x < side and 0 <= y < side:
+        win[i, y, x] = 1.0
   return win
+
+
+def _round_up(f):  # PIL's ROUND_UP: halves away from zero
+  return int(math.floor(f + 0.5)) if f >= 0 else -int(math.floor(abs(f) + 0.5))
+
+
+def _round_down(f):  # PIL's ROUND_DOWN: halves towards zero
+  return int(math.ceil(f - 0.5)) if f >= 0 else -int(math.ceil(abs(f) - 0.5))
+
+
+def _pil_bresenham(x0: int, y0: int, x1: int, y1: int):
+  """[(x, y)] of PIL's 1-px line (Draw.c line32 plus the end point _draw_lines adds)."""
+  ddx, ddy = abs(x1 - x0), abs(y1 - y0)
+  xs, ys = (1 if x1 >= x0 else -1), (1 if y1 >= y0 else -1)
+  pts, x, y = [], x0, y0
+  if ddx == 0 or ddy == 0:
+    for _ in range(max(ddx, ddy)):
+      pts.append((x, y))
+      x, y = x + (xs if ddy == 0 else 0), y + (ys if ddx == 0 else 0)
+  elif ddx > ddy:
+    e = 2 * ddy - ddx
+    for _ in range(ddx):
+      pts.append((x, y))
+      if e >= 0:
+        y, e = y + ys, e - 2 * ddx
+      e, x = e + 2 * ddy, x + xs
+  else:
+    e = 2 * ddx - ddy
+    for _ in range(ddy):
+      pts.append((x, y))
+      if e >= 0:
+        x, e = x + xs, e - 2 * ddy
+      e, y = e + 2 * ddx, y + ys
+  return pts + [(x1, y1)]
+
+
+def _pil_wide_line(x0: int, y0: int, x1: int, y1: int, width: int):
+  """[(x, y)] of PIL's line of `width` px (Draw.c ImagingDrawWideLine: a parallelogram
+  beside the segment, filled by polygon_generic's scan lines with its corner rule)."""
+  dx, dy = x1 - x0, y1 - y0
+  if dx == 0 and dy == 0:
+    return [(x0, y0)]
+  big = math.hypot(dx, dy)
+  small = (width - 1) / 2.0
+  rmax, rmin = _round_up(small) / big, _round_down(small) / big
+  dxmin, dxmax = _round_down(rmin * dy), _round_down(rmax * dy)
+  dymin, dymax = _round_down(rmin * dx), _round_down(rmax * dx)
+  v = [(x0 - dxmin, y0 + dymax), (x1 - dxmin, y1 + dymax), (x1 + dxmax, y1 - dymin),
+       (x0 + dxmax, y0 - dymin)]
+  f32 = np.float32
+  edges, pts = [], []
+  for (ax, ay), (bx, by) in zip(v, v[1:] + v[:1]):
+    e = dict(xmin=min(ax, bx), xmax=max(ax, bx), ymin=min(ay, by), ymax=max(ay, by),
+             x0=ax, y0=ay, dx=f32(0.0) if ay == by else f32(bx - ax) / f32(by - ay))
+    if e["ymin"] == e["ymax"]:  # horizontal edges are drawn as they are
+      pts += [(x, e["ymin"]) for x in range(e["xmin"], e["xmax"] + 1)]
+    else:
+      edges.append(e)
+  ymin = max(min(p[1] for p in v), 0)
+  ymax = max(p[1] for p in v)
+  at = lambda e, y: f32(y - e["y0"]) * e["dx"] + f32(e["x0"])
+  roundf = lambda f: math.floor(f + 0.5) if f >= 0 else -math.floor(-f + 0.5)
+  for y in range(ymin, ymax + 1):
+    xx = []
+    for i, cur in enumerate(edges):
+      if not cur["ymin"] <= y <= cur["ymax"]:
+        continue
+      xx.append(at(cur, y))
+      if y == cur["ymax"] and y < ymax:
+        xx.append(xx[-1])
+      elif y in (cur["ymin"], cur["ymax"]) and cur["dx"] != 0:
+        for other in edges[:i]:  # polygon_generic's "connect discontiguous corners"
+          if y not in (other["ymin"], other["ymax"]) or other["dx"] == 0:
+            continue
+          if roundf(xx[-1]) == roundf(at(other, y)):
+            off = -1 if y == cur["ymax"] else 1
+            adj = at(cur, y + off)
+            if other["ymin"] <= y + off <= other["ymax"]:
+              adj_o = at(other, y + off)
+              if xx[-1] > adj + 1 and xx[-1] > adj_o + 1:
+                xx[-1] = f32(roundf(max(adj, adj_o)) + 1)
+              elif xx[-1] < adj - 1 and xx[-1] < adj_o - 1:
+                xx[-1] = f32(roundf(min(adj, adj_o)) - 1)
+              break
+    xx.sort()
+    for i in range(1, len(xx), 2):
+      pts += [(x, y) for x in range(_round_up(xx[i - 1]), _round_down(xx[i]) + 1)]
+  return pts
 
 
 def _draw_windowed(canvas, rows, anchor, theta, value, s: SettingsV3, margin):
