@@ -652,7 +652,8 @@ def _dash_windows(dx, dy, width: int, half: int, aa: int = 2):
 
   Each runs from the window's centre pixel to the pixel (dx, dy) (n,) int from it.
   width (2x px) 1: PIL's Bresenham line, both ends included; wider: PIL's wide line, a
-  4-vertex polygon filled by its scan-line rule (_pil_wide_line). Built once per table.
+  4-vertex polygon filled by its scan-line rule (_pil_wide_line). Built once per table
+  (Python loops over 441 offsets at most: milliseconds).
   """
   n = dx.shape[0]
   side = 2 * aa * half + 1
@@ -705,8 +706,11 @@ def _pil_bresenham(x0: int, y0: int, x1: int, y1: int):
 
 
 def _pil_wide_line(x0: int, y0: int, x1: int, y1: int, width: int):
-  """[(x, y)] of PIL's line of `width` px (Draw.c ImagingDrawWideLine: a parallelogram
-  beside the segment, filled by polygon_generic's scan lines with its corner rule)."""
+  """[(x, y)] of PIL's line of `width` px, as Pillow 5.x-7.0 drew it (the Python 2 era
+  of the original): Draw.c ImagingDrawWideLine's parallelogram beside the segment, its
+  horizontal edges drawn as they are, the rest filled by polygon_generic's scan lines
+  (from ROUND_UP of one crossing to ROUND_DOWN of the next). Later Pillows (9.2+) also
+  "connect discontiguous corners", which changes a few pixels of some offsets."""
   dx, dy = x1 - x0, y1 - y0
   if dx == 0 and dy == 0:
     return [(x0, y0)]
@@ -720,38 +724,19 @@ def _pil_wide_line(x0: int, y0: int, x1: int, y1: int, width: int):
   f32 = np.float32
   edges, pts = [], []
   for (ax, ay), (bx, by) in zip(v, v[1:] + v[:1]):
-    e = dict(xmin=min(ax, bx), xmax=max(ax, bx), ymin=min(ay, by), ymax=max(ay, by),
-             x0=ax, y0=ay, dx=f32(0.0) if ay == by else f32(bx - ax) / f32(by - ay))
-    if e["ymin"] == e["ymax"]:  # horizontal edges are drawn as they are
-      pts += [(x, e["ymin"]) for x in range(e["xmin"], e["xmax"] + 1)]
-    else:
-      edges.append(e)
-  ymin = max(min(p[1] for p in v), 0)
-  ymax = max(p[1] for p in v)
-  at = lambda e, y: f32(y - e["y0"]) * e["dx"] + f32(e["x0"])
-  roundf = lambda f: math.floor(f + 0.5) if f >= 0 else -math.floor(-f + 0.5)
+    if ay == by:  # horizontal edges are drawn as they are
+      pts += [(x, ay) for x in range(min(ax, bx), max(ax, bx) + 1)]
+    else:  # (ymin, ymax, x0, y0, dx) with dx in float32 as the C code
+      edges.append((min(ay, by), max(ay, by), ax, ay, f32(bx - ax) / f32(by - ay)))
+  ymin = max(min(e[0] for e in edges), 0)
+  ymax = max(e[1] for e in edges)
   for y in range(ymin, ymax + 1):
     xx = []
-    for i, cur in enumerate(edges):
-      if not cur["ymin"] <= y <= cur["ymax"]:
-        continue
-      xx.append(at(cur, y))
-      if y == cur["ymax"] and y < ymax:
-        xx.append(xx[-1])
-      elif y in (cur["ymin"], cur["ymax"]) and cur["dx"] != 0:
-        for other in edges[:i]:  # polygon_generic's "connect discontiguous corners"
-          if y not in (other["ymin"], other["ymax"]) or other["dx"] == 0:
-            continue
-          if roundf(xx[-1]) == roundf(at(other, y)):
-            off = -1 if y == cur["ymax"] else 1
-            adj = at(cur, y + off)
-            if other["ymin"] <= y + off <= other["ymax"]:
-              adj_o = at(other, y + off)
-              if xx[-1] > adj + 1 and xx[-1] > adj_o + 1:
-                xx[-1] = f32(roundf(max(adj, adj_o)) + 1)
-              elif xx[-1] < adj - 1 and xx[-1] < adj_o - 1:
-                xx[-1] = f32(roundf(min(adj, adj_o)) - 1)
-              break
+    for lo, hi, ex, ey, edx in edges:
+      if lo <= y <= hi:
+        xx.append(f32(y - ey) * edx + f32(ex))
+        if y == hi and y < ymax:  # "needed to draw consistent polygons"
+          xx.append(xx[-1])
     xx.sort()
     for i in range(1, len(xx), 2):
       pts += [(x, y) for x in range(_round_up(xx[i - 1]), _round_down(xx[i]) + 1)]
