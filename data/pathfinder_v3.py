@@ -238,33 +238,30 @@ class _Grower:
   def footprint_window(self, a, b, rows):
     """The original's footprint: the dash drawn at 2x in its window (from rint(b)
     towards a), dilated by a disk of radius 2m, shrunk by PIL's Lanczos and kept in
-    0..255 as its 8-bit images (then / 255). Returns (idx, value) (..., w)."""
+    0..255 as its 8-bit images (then / 255). Returns (idx, value) (..., w), the
+    window's nonzero pixels only (_footprint_sparse; zeros decide no test)."""
     s, aa = self.s, 2
     shape = a.shape[:-1]
     a, b, rows = a.reshape(-1, 2), b.reshape(-1, 2), np.broadcast_to(rows, shape).reshape(-1)
     length = int(round(s.paddle_length))
-    big_half = length + int(math.ceil(s.paddle_thickness)) + int(max(s.margins))
-    side = 2 * big_half + 1
-    idx = np.zeros((a.shape[0], side * side), np.int64)
-    val = np.zeros((a.shape[0], side * side), np.float32)
-    anchor = np.rint(b)
+    anchor = np.rint(b).astype(np.int64)
     theta = np.arctan2(a[:, 1] - anchor[:, 1], a[:, 0] - anchor[:, 0])
     dx, dy = _window_offsets(theta, length, aa)
     margin = self.margin[rows]
-    for m in np.unique(margin):
+    tables = {int(m): _footprint_sparse(length, float(s.paddle_thickness), int(m))
+              for m in np.unique(margin)}
+    width = max(t[0].shape[-1] for t in tables.values())
+    oy = np.zeros((a.shape[0], width), np.int64)
+    ox = np.zeros((a.shape[0], width), np.int64)
+    val = np.zeros((a.shape[0], width), np.float32)
+    for m, (ty, tx, tv) in tables.items():
       sel = np.flatnonzero(margin == m)
-      half = length + int(math.ceil(s.paddle_thickness)) + int(m)
-      table = _window_table(length, float(s.paddle_thickness), int(m), True)
-      small = table[dy[sel] + aa * length, dx[sel] + aa * length]
-      pad = big_half - half
-      full = np.zeros((sel.size, side, side), np.float32)
-      full[:, pad:side - pad, pad:side - pad] = small
-      off = np.arange(-big_half, big_half + 1)
-      px = anchor[sel, 0].astype(np.int64)[:, None, None] + off[None, None, :]
-      py = anchor[sel, 1].astype(np.int64)[:, None, None] + off[None, :, None]
-      inside = (px >= 0) & (px < s.size) & (py >= 0) & (py < s.size)
-      idx[sel] = (np.clip(py, 0, s.size - 1) * s.size + np.clip(px, 0, s.size - 1)).reshape(sel.size, -1)
-      val[sel] = np.where(inside, full, 0.0).reshape(sel.size, -1)
+      i, j, n = dy[sel] + aa * length, dx[sel] + aa * length, ty.shape[-1]
+      oy[sel, :n], ox[sel, :n], val[sel, :n] = ty[i, j], tx[i, j], tv[i, j]
+    px, py = anchor[:, 0:1] + ox, anchor[:, 1:2] + oy
+    inside = (px >= 0) & (px < s.size) & (py >= 0) & (py < s.size)
+    idx = np.clip(py, 0, s.size - 1) * s.size + np.clip(px, 0, s.size - 1)
+    val = np.where(inside, val, np.float32(0.0))
     return idx.reshape(shape + (-1,)), val.reshape(shape + (-1,))
 
   def fits(self, a, b, rows):
@@ -297,18 +294,29 @@ class _Grower:
     radius = m + s.paddle_length  # (B, 1)
     if s.grid == "original":
       # the pivot first moves L + 2m along the heading; the candidates are the distinct
-      # pixels (truncated) at ceil(2 pi r) evenly spaced angles on the circle of radius r
+      # pixels (truncated) of the points 1 px of arc apart on the circle of radius r from
+      # angle 0 (get_coords_cmf's np.arange(0, 360, 360 / (2 pi r)) degrees)
       step = (s.paddle_length + 2 * m) * np.stack([np.cos(heading), np.sin(heading)], -1)
       pivot = np.ceil(pivot + step).astype(np.float32)
       count = np.ceil(2 * np.pi * radius[:, 0] - 1e-6).astype(np.int64)  # (B,)
       k = int(count.max(initial=1))
-      ang = 2 * np.pi * np.arange(k)[None, :] / count[:, None]  # (B, K)
+      ang = np.arange(k, dtype=np.float32)[None, :] / radius  # (B, K)
       raw = np.stack([pivot[:, 0:1] + radius * np.cos(ang),
                       pivot[:, 1:2] + radius * np.sin(ang)], -1)  # (B, K, 2)
       head = np.floor(raw)
       valid = (np.arange(k)[None, :] < count[:, None]) & ((raw >= 0) & (raw < s.size)).all(-1)
-      same = (head[:, :, None] == head[:, None, :]).all(-1) & np.tri(k, k, -1, bool)[None]
-      inside = valid & ~(same & valid[:, None, :]).any(-1)  # a pixel counts once
+      # A pixel counts once. Points 3 arc px apart (cyclically) are over sqrt(2) apart, so
+      # a pixel repeats only within 2 samples: compare with those (not all K x K pairs).
+      key = head[..., 1] * s.size + head[..., 0]
+      dup = np.zeros((num_b, k), bool)
+      for d in (1, 2):
+        dup[:, d:] |= key[:, d:] == key[:, :-d]
+      rows_b = np.arange(num_b)
+      for back in (1, 2):  # the last two samples neighbour the first two
+        i = count - back
+        for j in range(min(2, k)):
+          dup[rows_b, i] |= (key[rows_b, i] == key[:, j]) & (j < i)
+      inside = valid & ~dup
     else:
       k = s.candidates
       ang = (heading[:, None] + np.float32(2 * np.pi / k)
@@ -321,7 +329,8 @@ class _Grower:
       inside = ((head >= lo) & (head <= hi)).all(-1)
     ang = np.arctan2(head[..., 1] - pivot[:, None, 1], head[..., 0] - pivot[:, None, 0])
     dx, dy = np.cos(ang), np.sin(ang)
-    turn = np.abs(np.angle(np.exp(1j * (ang - heading[:, None])))).astype(np.float32)
+    turn = np.abs(ang - heading[:, None])  # both in [-pi, pi]: as get_coords_cmf
+    turn = np.minimum(turn, 2 * np.pi - turn).astype(np.float32)
     wt = np.cos(np.minimum(s.continuity * turn, np.pi / 2)) ** 2
     wt = wt * inside * np.maximum(self.end_free(head, np.broadcast_to(sel[:, None], (num_b, k))), 0)
     total = wt.sum(1)
@@ -335,9 +344,12 @@ class _Grower:
     dirs = np.stack([dx[r2, pick], dy[r2, pick]], -1)
     a = b - s.paddle_length * dirs
     ok = np.zeros((num_b, tries), bool)
-    live = np.nonzero((total > 1e-4)[:, None] & np.ones_like(ok))
-    if live[0].size:
-      ok[live] = self.fits(a[live], b[live], sel[live[0]])
+    todo = np.flatnonzero(total > 1e-4)
+    for t in range(tries):  # a try is tested only where the earlier ones failed
+      if todo.size == 0:
+        break
+      ok[todo, t] = self.fits(a[todo, t], b[todo, t], sel[todo])
+      todo = todo[~ok[todo, t]]
     first = ok.argmax(1)
     got = ok.any(1) & (total > 1e-4)
     new_ang = ang[rows, pick[rows, first]]
@@ -354,6 +366,29 @@ class _Grower:
     idx, val = self.footprint(a, b, rows)
     flat = (rows[:, None] * self.occ.shape[1] + idx).ravel()
     np.maximum.at(self.occ.reshape(-1), flat, val.ravel())
+
+
+@functools.lru_cache(maxsize=None)
+def _footprint_sparse(length: int, thickness: float, margin: int, aa: int = 2):
+  """_window_table's footprints as their nonzero pixels: oy, ox (1x offsets from the
+  anchor) int64 and values float32, each (2 aa L + 1, 2 aa L + 1, n), indexed [dy + aa L,
+  dx + aa L]; n = the most nonzero pixels of any offset, the rest padded with value 0."""
+  table = _window_table(length, thickness, margin, True, aa)
+  half = table.shape[-1] // 2
+  o = table.shape[0]
+  nz = table > 0
+  n = int(nz.sum((-1, -2)).max())
+  oy = np.zeros((o, o, n), np.int64)
+  ox = np.zeros((o, o, n), np.int64)
+  val = np.zeros((o, o, n), np.float32)
+  for i in range(o):
+    for j in range(o):
+      ys, xs = np.nonzero(nz[i, j])
+      oy[i, j, :ys.size], ox[i, j, :ys.size] = ys - half, xs - half
+      val[i, j, :ys.size] = table[i, j, ys, xs]
+  for t in (oy, ox, val):
+    t.setflags(write=False)
+  return oy, ox, val
 
 
 @functools.lru_cache(maxsize=None)
