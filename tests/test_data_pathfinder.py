@@ -375,3 +375,25 @@ def test_v3_written_set_and_cache_key(tmp_path):
   assert list((tmp_path / "c").rglob("gen-n20-v3-*"))  # v3 has its own cache entry
   with pytest.raises(ValueError, match="generator_version"):
     data.load_task(dict(cfg, generator_version=7))
+
+
+@pytest.mark.parametrize("length,thickness,margin", [(2, 0.5, 1), (5, 1.0, 1), (5, 1.5, 2)],
+                         ids=["32px", "64px", "128px"])
+def test_v3_dash_windows_are_pils_lines(length, thickness, margin):
+  """Given every 2x end offset a dash can take (_window_offsets), when its window is drawn
+  (_dash_windows), then it holds the pixels PIL's ImageDraw.line sets in a mode-F
+  window, as the original's draw_line_n_mask draws it."""
+  Image = pytest.importorskip("PIL.Image")
+  from PIL import ImageDraw
+  aa = 2
+  half = length + int(np.ceil(thickness)) + margin
+  side, c, width = 2 * aa * half + 1, aa * half, int(round(thickness * aa))
+  dx, dy = v3._window_offsets(np.linspace(-np.pi, np.pi, 7201), length, aa)
+  dx, dy = np.unique(np.stack([dx, dy], 1), axis=0).T
+  ours = v3._dash_windows(dx, dy, width, half, aa)
+  for i in range(dx.size):
+    im = Image.new("F", (side, side), "black")
+    ImageDraw.Draw(im).line([(c, c), (c + int(dx[i]), c + int(dy[i]))], fill="white",
+                            width=width)
+    np.testing.assert_array_equal(ours[i], np.asarray(im) > 0,
+                                  err_msg=f"offset ({dx[i]}, {dy[i]})")
