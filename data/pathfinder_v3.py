@@ -349,7 +349,11 @@ class _Grower:
     turn = np.abs(ang - heading[:, None])  # both in [-pi, pi]: as get_coords_cmf
     turn = np.minimum(turn, 2 * np.pi - turn).astype(np.float32)
     wt = np.cos(np.minimum(s.continuity * turn, np.pi / 2)) ** 2
-    wt = wt * inside * np.maximum(self.end_free(head, np.broadcast_to(sel[:, None], (num_b, k))), 0)
+    # "free" only where it can matter: turns past pi / (2c) weigh cos(pi / 2)^2 ~ 4e-33
+    need = inside & (wt > 1e-12)
+    free = np.zeros((num_b, k), np.float32)
+    free[need] = np.maximum(self.end_free(head[need], np.broadcast_to(sel[:, None], (num_b, k))[need]), 0)
+    wt = wt * free
     total = wt.sum(1)
     cum = np.cumsum(wt, 1)
     # the original draws up to `tries` candidates from this distribution and keeps the
