@@ -111,7 +111,7 @@ class SettingsV3:
   soft: float = 2.0               # px over which a footprint's edge falls from 1 to 0
   distractor_attempts: int = 4    # tries per distractor before it is left out
   hard_lines: bool = False        # dashes drawn unantialiased at 2x (render "canvas" only)
-  # "window": each dash drawn alone as the original does (a PIL-like line in a window of
+  # "window": each dash drawn alone as the original does (PIL's own line in a window of
   # 2 (2R) + 1 px at 2x around its anchor, R = L + ceil(thickness) + m, shrunk to 2R + 1
   # px by PIL's Lanczos weights, so the anchor's 1x pixel centre is a 2x pixel centre),
   # combined by max at 1x. "canvas": all dashes combined at 2x, then one 2:1 filter.
@@ -766,7 +766,8 @@ def _pil_wide_line(x0: int, y0: int, x1: int, y1: int, width: int):
   of the original): Draw.c ImagingDrawWideLine's parallelogram beside the segment, its
   horizontal edges drawn as they are, the rest filled by polygon_generic's scan lines
   (from ROUND_UP of one crossing to ROUND_DOWN of the next). Later Pillows (9.2+) also
-  "connect discontiguous corners", which changes a few pixels of some offsets."""
+  "connect discontiguous corners"; on the offsets a dash takes here both give the same
+  pixels (test_v3_dash_windows_are_pils_lines checks the installed Pillow)."""
   dx, dy = x1 - x0, y1 - y0
   if dx == 0 and dy == 0:
     return [(x0, y0)]
@@ -784,6 +785,8 @@ def _pil_wide_line(x0: int, y0: int, x1: int, y1: int, width: int):
       pts += [(x, ay) for x in range(min(ax, bx), max(ax, bx) + 1)]
     else:  # (ymin, ymax, x0, y0, dx) with dx in float32 as the C code
       edges.append((min(ay, by), max(ay, by), ax, ay, f32(bx - ax) / f32(by - ay)))
+  if not edges:
+    return pts
   ymin = max(min(e[0] for e in edges), 0)
   ymax = max(e[1] for e in edges)
   for y in range(ymin, ymax + 1):
