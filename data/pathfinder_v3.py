@@ -65,13 +65,15 @@ draws K `candidates` at a random rotation, and its seeds skip the original's ker
 test; render "window" puts PIL's Lanczos weights in float (no 8-bit rounding, as
 PATHFINDER.md: "float, no clipping") where its footprints keep PIL's 8-bit masks.
 
-Speed (generate_chunk, one process, no PNG writing; this 2-core machine was shared with
-other sessions' work, so figures vary by +-30%; in brackets revision 2, run at the same
-time): 74 images/s at 32 px (50; the step's candidate, duplicate and footprint work
-made cheaper), 2.9 at 64 px (2.5 for revision 2's unfaithful preset; 2.3 per core
-with two processes: about 1000 snake pairs are grown per image, as in the original),
-8-11 at 128 px (8-10, the same images; 18 on a quiet machine). With 16 processes,
-200k images take about 3 minutes at 32 px, 70 at 64 px and 12-25 at 128 px.
+Speed (generate_chunk, one process, no PNG writing, images/s; this 2-core machine is
+shared with other sessions' work, so figures move by 2x with its load; in brackets
+revision 2 measured right after or alongside): 106 at 32 px (73), 5.7 at 64 px (4.0 for
+revision 2's unfaithful preset; about 1000 snake pairs are grown per image, as in the
+original), 15-25 at 128 px (6-7 back to back, same images; its docstring said 18). Under
+load: 35-74 (22-50), 1.8-2.9 (1.8-2.5), 8-16. The gains: a dash try is tested only where
+earlier ones failed, duplicate candidates are found among neighbouring samples, "free"
+is looked up only where the turn weight is not ~0, footprints are kept sparse. With 16
+processes, 200k images take about 2 minutes at 32 px, 40 at 64 px and 10 at 128 px.
 """
 
 from __future__ import annotations
