@@ -72,7 +72,7 @@ per-image stretch, i.i.d. labels). Revision 3 (cache key v3r3): at 32 px (Pathfi
 > 0, >= 32 and >= 128, marker plateau, blobs) is within 15% of the release's or of a
 re-run of the original (64 px: within 4% of the release, on 2000 images); that module's
 docstring has the table. 64 px is slow (about 1 snake pair in 1000 fits, as in the
-original: about 2 images/s per core). Not the default yet (no training run on it so
+original: 2-6 images/s per core). Not the default yet (no training run on it so
 far): version 2 stays GENERATOR_VERSION.
 
 Files (LRA release, lra_release/pathfinder{size}/curv_contour_length_{n}):
