@@ -67,12 +67,13 @@ Version 3 (data/pathfinder_v3.py, config.data.generator_version = 3, cache key v
 the release's construction after /work/shared/PATHFINDER.md (two snakes grown
 alternately that may touch or cross, dashes 2m apart, the cos^2-weighted choice of the
 next dash on a circle, 10/11/17/15 distractors, 2x drawing with a Lanczos filter and a
-per-image stretch, i.i.d. labels). Revision 2 (cache key v3r2) draws each dash in its own
-window as the original does: at 32 px (Pathfinder) and 128 px (Path-X) the per-image
-statistics are within 15% of the release's / of a re-run of the original; 64 px is not
-yet faithful (too many distractors placed) and impractically slow. That module's
-docstring has the numbers. Not the default yet (4x slower than version 2 at 32 px, and no
-run on it so far): version 2 stays GENERATOR_VERSION.
+per-image stretch, i.i.d. labels). Revision 3 (cache key v3r3): at 32 px (Pathfinder),
+64 px and 128 px (Path-X) every per-image statistic of PATHFINDER.md (mean, fractions
+> 0, >= 32 and >= 128, marker plateau, blobs) is within 15% of the release's or of a
+re-run of the original (64 px: within 4% of the release, on 2000 images); that module's
+docstring has the table. 64 px is slow (about 1 snake pair in 1000 fits, as in the
+original: 2-6 images/s per core). Not the default yet (no training run on it so
+far): version 2 stays GENERATOR_VERSION.
 
 Files (LRA release, lra_release/pathfinder{size}/curv_contour_length_{n}):
   imgs/<k>/sample_<i>.png     8-bit grayscale PNG, size x size

@@ -17,48 +17,63 @@ snakes2.py as LRA ran it. Per image (all images of a batch advance together):
   4. num_distractors snakes of distractor_length dashes, each from a uniform start.
   5. Markers: the start of a random snake i, and the far end of i (label 1) or of the
      other snake (label 0). Every draw is made whatever the label.
-  6. Drawing at 2x: dashes (contrast main / distractor) and marker disks (contrast
-     marker) as antialiased coverage, combined by max; shrunk 2x by a separable
-     Lanczos-3 filter in float (no clipping of the overshoot), negatives set to 0, and
-     each image stretched so its brightest pixel is 255.
+  6. Drawing (render "canvas", 64 and 128 px): at 2x, dashes (contrast main /
+     distractor) and marker disks (contrast marker) as antialiased coverage, combined by
+     max; shrunk 2x by a separable Lanczos-3 filter in float (no clipping of the
+     overshoot), negatives set to 0, and each image stretched so its brightest pixel is
+     255. render "window" (32 px): each dash drawn alone as the public code does, a PIL
+     line in its own 2x window shrunk by PIL's Lanczos weights, combined by max at 1x.
 Labels are i.i.d. fair coins per image (as the release), not balanced per chunk.
 Selected by config.data.generator_version = 3 (data/pathfinder.py keeps 2 the default:
-the statistics below do not all match yet).
+no training run on version 3 yet).
 
 Shapes: b = images of a batch, k = candidate headings, w = window pixels,
 canvas pixels flattened (b, size * size) at 1x and (b, 4 * size * size) at 2x.
 
-Measured (tests/test_data_pathfinder.py's samples; targets from PATHFINDER.md, pixel
-values / 255; blobs = 8-connected components of pixels >= 32; "ok" = within 15%):
-  32 px (revision 2: render "window", grid "original"; 1500 draws, ~420 images; target =
-  the original re-run, and in brackets a re-run here of the original code with cv2.dilate
-  emulated, 300 images): mean 0.083 (0.080-0.087 [0.085]) ok, > 0 39.7% (38-41% [40.2])
-  ok, >= 32 14.8% (14-15% [15.1]) ok, >= 128 8.5% (8-9% [8.6]) ok, blobs 13.3 (~16
-  [13.5]) ok against 13.5-16, snakes touching 21% ([22%]; PATHFINDER.md 22-29%), about
-  2.1 distractors placed ([2.25]). Before revision 2: 0.080, 44.6%, 18.7%, 5.2%, 25.6.
-  128 px (21 images; target = re-run / release): mean 0.044 (0.040 / 0.037) ok,
-    > 0 17.5% (18.5 / 16.1%) ok, >= 32 7.7% (7.4%) ok, >= 128 4.1% (4.2 / 3.9%) ok,
-    marker plateau 0.91 = 233 (225) ok, blobs 80 (82 / 87) ok, about 13-15
-    distractors placed (14-15). Unchanged by revision 2 (its preset keeps "canvas" and
-    "round"; its seeds do not follow the original's kernel test yet).
-  64 px: not in the tests: about 1 in 900 snake pairs fit (the original re-run here:
-    0.2 images/s). With "window" + "original" its main snakes match the re-run (7.3 blobs
-    each) but distractors are over-placed (6.7 vs 5.3) and its 2 px lines are not PIL's.
-What differs from the original, as far as known: our footprints (the mask a dash
-leaves) are drawn analytically (half width = thickness / 2 + margin, a linear edge of
-`soft` px) where the original rasterises, dilates and Lanczos-filters each one; we
-filter once after combining all dashes by max (the original filters every dash
-alone); the Lanczos kernel is applied as an exact 2:1 matrix (the original resizes
-each paddle's window by a ratio near 2); the wrapper's retry counts (segment 3 draws,
-distractor 1 (32 px), 2 (128 px) or 4 tries) are our guesses. At 32 px dashes stay too separate
-(too many blobs) and their faint skirts too wide.
+Measured, revision 3 (these presets, generate_images, one seed per size; pixel values /
+255; blobs = 8-connected components of pixels >= 32; marker = the value at a marker's
+centre; touch = share of images whose two main snakes share a pixel above half their
+peak). Target: PATHFINDER.md, the release where it has one (8 images at 64 and 128 px),
+else the original re-run (32 px; 128 px: re-run / release); every statistic is within
+15% of a target figure (tests/test_data_pathfinder.py checks on 45-600 images):
+  px   images mean              > 0               >= 32         >= 128         marker    blobs
+  32   3037   0.083 (.080-.087) 40.0% (38-41)     15.0% (14-15) 8.4% (8-9)     249 (-)   13.7 (13.5-16)
+  64   2001   0.064 (.063)      27.6% (26.6)      13.9% (13.7)  5.9% (5.8)     227 (219) 15.9 (16)
+  128  2016   0.044 (.040/.037) 17.8% (18.5/16.1) 7.8% (7.4)    4.1% (4.2/3.9) 233 (225) 81.4 (82/87)
+  (32 px blobs: 13.5 is a re-run here of the original code with cv2.dilate emulated,
+  PATHFINDER.md says "~16". 128 px mean: +10% of the re-run, +19% of the 8 release
+  images. 64 px: within 4% of the release in every column.)
+  touch: 22% at 32 px (PATHFINDER.md 22-29%), 34% at 64, 9% at 128.
+  64 px before revision 3 (its v3r2 preset: grid "round"): mean 0.076 (+20%), > 0 34%
+  (+28%), >= 32 16.7% (+22%), >= 128 6.6%, blobs 34 (+111%): mostly its distractors,
+  whose uniform seeds skip the original's seed test: 9.0 of the 11 asked were placed
+  per image, against 5.7 with the original's seeds (5.3 in the re-run of the original
+  that revision 2 made here). The original's geometry (grid "original") with its
+  per-dash windows (render "window", as at 32 px) gives the dimmer dashes of a re-run
+  (PATHFINDER.md: "the re-run's dashes came out dimmer than the release's"): 0.057
+  (-10%), > 0 31.4% (+18%), >= 32 13.7%, >= 128 4.3% (-26%), marker 213, blobs 17.3
+  (400 draws, 88 images). On one 2x canvas (render "canvas", as Path-X) all six lie
+  within 4% of the release, which suggests that the release's 64 and 128 px images
+  were drawn whole at 2x and filtered once (higher contrast alone does not do it:
+  contrast 1.0 with windows gives > 0 +20%).
+  Revision 3 also changed 32 px slightly (dash windows drawn exactly as PIL, candidates
+  1 arc px apart): revision 2 measured 0.083, 39.7%, 14.8%, 8.5%, 13.3, touch 21%.
+What differs from the original, as far as known: render "canvas" draws dashes as
+antialiased coverage (half width = thickness, 2x px) where the original rasterises a
+PIL line per dash; grid "round" (128 px) moves a snake's pivot to rint(end + m u) and
+draws K `candidates` at a random rotation, and its seeds skip the original's kernel
+test; render "window" puts PIL's Lanczos weights in float (no 8-bit rounding, as
+PATHFINDER.md: "float, no clipping") where its footprints keep PIL's 8-bit masks.
 
-Speed (generate_chunk, one process on this 2-core machine shared with other work, no PNG
-writing): 77 images/s at 32 px (revision 2; 310 before: the seed test, the per-pixel
-free map and the 8-bit footprints cost 4x), 18 images/s at 128 px (most snake pairs die
-at a border and are grown again: 8 pairs per image are grown at once at 32 px, 64 at
-128). With 16 processes that is about 3 minutes for 200k images at 32 px, but about 12
-minutes at 128 px.
+Speed (generate_chunk, one process, no PNG writing, images/s; this 2-core machine is
+shared with other sessions' work, so figures move by 2x with its load; in brackets
+revision 2 measured right after or alongside): 106 at 32 px (73), 5.7 at 64 px (4.0 for
+revision 2's unfaithful preset; about 1000 snake pairs are grown per image, as in the
+original), 15-25 at 128 px (6-7 back to back, same images; its docstring said 18). Under
+load: 35-74 (22-50), 1.8-2.9 (1.8-2.5), 8-16. The gains: a dash try is tested only where
+earlier ones failed, duplicate candidates are found among neighbouring samples, "free"
+is looked up only where the turn weight is not ~0, footprints are kept sparse. With 16
+processes, 200k images take about 2 minutes at 32 px, 40 at 64 px and 10 at 128 px.
 """
 
 from __future__ import annotations
@@ -70,7 +85,8 @@ import math
 import numpy as np
 
 VERSION = 3
-REVISION = 2  # bumped when the images change (part of the cache key); 2: the 32 px preset
+REVISION = 3  # bumped when the images change (part of the cache key); 2: the 32 px preset;
+              # 3: the 64 px preset (grid "original"), PIL's own lines, 1 arc px candidates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +113,7 @@ class SettingsV3:
   soft: float = 2.0               # px over which a footprint's edge falls from 1 to 0
   distractor_attempts: int = 4    # tries per distractor before it is left out
   hard_lines: bool = False        # dashes drawn unantialiased at 2x (render "canvas" only)
-  # "window": each dash drawn alone as the original does (a PIL-like line in a window of
+  # "window": each dash drawn alone as the original does (PIL's own line in a window of
   # 2 (2R) + 1 px at 2x around its anchor, R = L + ceil(thickness) + m, shrunk to 2R + 1
   # px by PIL's Lanczos weights, so the anchor's 1x pixel centre is a 2x pixel centre),
   # combined by max at 1x. "canvas": all dashes combined at 2x, then one 2:1 filter.
@@ -139,10 +155,13 @@ PRESETS_V3 = {
     32: SettingsV3(32, 14, 2.0, 0.5, (1,), 1.0, 10, 4, 1.5, 7.0, 1.5, 2.0, 1.0, 1.0,
                    distractor_attempts=5, main_tries=8, render="window",
                    grid="original"),
-    # 64 px: 14 dashes of 7 px from the centre almost always run into a border (< 1 in
-    # 600 pairs fit here), so this preset is very slow; see the module docstring.
+    # 64 px: the original's geometry (integer steps, its seed test, 5 tries per
+    # distractor) drawn on one 2x canvas: all six statistics within 4% of the release.
+    # (Per-dash windows as the public code give its re-run's dimmer dashes: > 0 +18%,
+    # >= 128 -26%.) 14 dashes of 7 px from near the centre mostly run into a border:
+    # about 1 pair in 1000 fits, so 256 pairs are grown per image at once.
     64: SettingsV3(64, 14, 5.0, 1.0, (1,), 1.8, 11, 4, 2.5, 12.0, 0.8, 0.8, 1.0, 1.0,
-                   main_tries=256),
+                   distractor_attempts=5, main_tries=256, grid="original"),
     # 128 px: two tries per distractor place about 14 of the 17 asked (PATHFINDER.md:
     # about 14-15 fit) and bring the mean intensity near the release's
     128: SettingsV3(128, 14, 5.0, 1.5, (2, 3), 1.8, 17, 4, 3.0, 20.0, 0.9, 0.9, 1.0, 1.0,
@@ -238,33 +257,30 @@ class _Grower:
   def footprint_window(self, a, b, rows):
     """The original's footprint: the dash drawn at 2x in its window (from rint(b)
     towards a), dilated by a disk of radius 2m, shrunk by PIL's Lanczos and kept in
-    0..255 as its 8-bit images (then / 255). Returns (idx, value) (..., w)."""
+    0..255 as its 8-bit images (then / 255). Returns (idx, value) (..., w), the
+    window's nonzero pixels only (_footprint_sparse; zeros decide no test)."""
     s, aa = self.s, 2
     shape = a.shape[:-1]
     a, b, rows = a.reshape(-1, 2), b.reshape(-1, 2), np.broadcast_to(rows, shape).reshape(-1)
     length = int(round(s.paddle_length))
-    big_half = length + int(math.ceil(s.paddle_thickness)) + int(max(s.margins))
-    side = 2 * big_half + 1
-    idx = np.zeros((a.shape[0], side * side), np.int64)
-    val = np.zeros((a.shape[0], side * side), np.float32)
-    anchor = np.rint(b)
+    anchor = np.rint(b).astype(np.int64)
     theta = np.arctan2(a[:, 1] - anchor[:, 1], a[:, 0] - anchor[:, 0])
     dx, dy = _window_offsets(theta, length, aa)
     margin = self.margin[rows]
-    for m in np.unique(margin):
+    tables = {int(m): _footprint_sparse(length, float(s.paddle_thickness), int(m))
+              for m in np.unique(margin)}
+    width = max(t[0].shape[-1] for t in tables.values())
+    oy = np.zeros((a.shape[0], width), np.int64)
+    ox = np.zeros((a.shape[0], width), np.int64)
+    val = np.zeros((a.shape[0], width), np.float32)
+    for m, (ty, tx, tv) in tables.items():
       sel = np.flatnonzero(margin == m)
-      half = length + int(math.ceil(s.paddle_thickness)) + int(m)
-      table = _window_table(length, float(s.paddle_thickness), int(m), True)
-      small = table[dy[sel] + aa * length, dx[sel] + aa * length]
-      pad = big_half - half
-      full = np.zeros((sel.size, side, side), np.float32)
-      full[:, pad:side - pad, pad:side - pad] = small
-      off = np.arange(-big_half, big_half + 1)
-      px = anchor[sel, 0].astype(np.int64)[:, None, None] + off[None, None, :]
-      py = anchor[sel, 1].astype(np.int64)[:, None, None] + off[None, :, None]
-      inside = (px >= 0) & (px < s.size) & (py >= 0) & (py < s.size)
-      idx[sel] = (np.clip(py, 0, s.size - 1) * s.size + np.clip(px, 0, s.size - 1)).reshape(sel.size, -1)
-      val[sel] = np.where(inside, full, 0.0).reshape(sel.size, -1)
+      i, j, n = dy[sel] + aa * length, dx[sel] + aa * length, ty.shape[-1]
+      oy[sel, :n], ox[sel, :n], val[sel, :n] = ty[i, j], tx[i, j], tv[i, j]
+    px, py = anchor[:, 0:1] + ox, anchor[:, 1:2] + oy
+    inside = (px >= 0) & (px < s.size) & (py >= 0) & (py < s.size)
+    idx = np.clip(py, 0, s.size - 1) * s.size + np.clip(px, 0, s.size - 1)
+    val = np.where(inside, val, np.float32(0.0))
     return idx.reshape(shape + (-1,)), val.reshape(shape + (-1,))
 
   def fits(self, a, b, rows):
@@ -297,18 +313,29 @@ class _Grower:
     radius = m + s.paddle_length  # (B, 1)
     if s.grid == "original":
       # the pivot first moves L + 2m along the heading; the candidates are the distinct
-      # pixels (truncated) at ceil(2 pi r) evenly spaced angles on the circle of radius r
+      # pixels (truncated) of the points 1 px of arc apart on the circle of radius r from
+      # angle 0 (get_coords_cmf's np.arange(0, 360, 360 / (2 pi r)) degrees)
       step = (s.paddle_length + 2 * m) * np.stack([np.cos(heading), np.sin(heading)], -1)
       pivot = np.ceil(pivot + step).astype(np.float32)
       count = np.ceil(2 * np.pi * radius[:, 0] - 1e-6).astype(np.int64)  # (B,)
       k = int(count.max(initial=1))
-      ang = 2 * np.pi * np.arange(k)[None, :] / count[:, None]  # (B, K)
+      ang = np.arange(k, dtype=np.float32)[None, :] / radius  # (B, K)
       raw = np.stack([pivot[:, 0:1] + radius * np.cos(ang),
                       pivot[:, 1:2] + radius * np.sin(ang)], -1)  # (B, K, 2)
       head = np.floor(raw)
       valid = (np.arange(k)[None, :] < count[:, None]) & ((raw >= 0) & (raw < s.size)).all(-1)
-      same = (head[:, :, None] == head[:, None, :]).all(-1) & np.tri(k, k, -1, bool)[None]
-      inside = valid & ~(same & valid[:, None, :]).any(-1)  # a pixel counts once
+      # A pixel counts once. Points 3 arc px apart (cyclically) are over sqrt(2) apart, so
+      # a pixel repeats only within 2 samples: compare with those (not all K x K pairs).
+      key = head[..., 1] * s.size + head[..., 0]
+      dup = np.zeros((num_b, k), bool)
+      for d in (1, 2):
+        dup[:, d:] |= key[:, d:] == key[:, :-d]
+      rows_b = np.arange(num_b)
+      for back in (1, 2):  # the last two samples neighbour the first two
+        i = count - back
+        for j in range(min(2, k)):
+          dup[rows_b, i] |= (key[rows_b, i] == key[:, j]) & (j < i)
+      inside = valid & ~dup
     else:
       k = s.candidates
       ang = (heading[:, None] + np.float32(2 * np.pi / k)
@@ -321,9 +348,14 @@ class _Grower:
       inside = ((head >= lo) & (head <= hi)).all(-1)
     ang = np.arctan2(head[..., 1] - pivot[:, None, 1], head[..., 0] - pivot[:, None, 0])
     dx, dy = np.cos(ang), np.sin(ang)
-    turn = np.abs(np.angle(np.exp(1j * (ang - heading[:, None])))).astype(np.float32)
+    turn = np.abs(ang - heading[:, None])  # both in [-pi, pi]: as get_coords_cmf
+    turn = np.minimum(turn, 2 * np.pi - turn).astype(np.float32)
     wt = np.cos(np.minimum(s.continuity * turn, np.pi / 2)) ** 2
-    wt = wt * inside * np.maximum(self.end_free(head, np.broadcast_to(sel[:, None], (num_b, k))), 0)
+    # "free" only where it can matter: turns past pi / (2c) weigh cos(pi / 2)^2 ~ 4e-33
+    need = inside & (wt > 1e-12)
+    free = np.zeros((num_b, k), np.float32)
+    free[need] = np.maximum(self.end_free(head[need], np.broadcast_to(sel[:, None], (num_b, k))[need]), 0)
+    wt = wt * free
     total = wt.sum(1)
     cum = np.cumsum(wt, 1)
     # the original draws up to `tries` candidates from this distribution and keeps the
@@ -335,9 +367,12 @@ class _Grower:
     dirs = np.stack([dx[r2, pick], dy[r2, pick]], -1)
     a = b - s.paddle_length * dirs
     ok = np.zeros((num_b, tries), bool)
-    live = np.nonzero((total > 1e-4)[:, None] & np.ones_like(ok))
-    if live[0].size:
-      ok[live] = self.fits(a[live], b[live], sel[live[0]])
+    todo = np.flatnonzero(total > 1e-4)
+    for t in range(tries):  # a try is tested only where the earlier ones failed
+      if todo.size == 0:
+        break
+      ok[todo, t] = self.fits(a[todo, t], b[todo, t], sel[todo])
+      todo = todo[~ok[todo, t]]
     first = ok.argmax(1)
     got = ok.any(1) & (total > 1e-4)
     new_ang = ang[rows, pick[rows, first]]
@@ -354,6 +389,29 @@ class _Grower:
     idx, val = self.footprint(a, b, rows)
     flat = (rows[:, None] * self.occ.shape[1] + idx).ravel()
     np.maximum.at(self.occ.reshape(-1), flat, val.ravel())
+
+
+@functools.lru_cache(maxsize=None)
+def _footprint_sparse(length: int, thickness: float, margin: int, aa: int = 2):
+  """_window_table's footprints as their nonzero pixels: oy, ox (1x offsets from the
+  anchor) int64 and values float32, each (2 aa L + 1, 2 aa L + 1, n), indexed [dy + aa L,
+  dx + aa L]; n = the most nonzero pixels of any offset, the rest padded with value 0."""
+  table = _window_table(length, thickness, margin, True, aa)
+  half = table.shape[-1] // 2
+  o = table.shape[0]
+  nz = table > 0
+  n = int(nz.sum((-1, -2)).max())
+  oy = np.zeros((o, o, n), np.int64)
+  ox = np.zeros((o, o, n), np.int64)
+  val = np.zeros((o, o, n), np.float32)
+  for i in range(o):
+    for j in range(o):
+      ys, xs = np.nonzero(nz[i, j])
+      oy[i, j, :ys.size], ox[i, j, :ys.size] = ys - half, xs - half
+      val[i, j, :ys.size] = table[i, j, ys, xs]
+  for t in (oy, ox, val):
+    t.setflags(write=False)
+  return oy, ox, val
 
 
 @functools.lru_cache(maxsize=None)
@@ -647,32 +705,103 @@ def _window_table(length: int, thickness: float, margin: int, footprint: bool, a
 
 
 def _dash_windows(dx, dy, width: int, half: int, aa: int = 2):
-  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window.
+  """(n, 2 aa half + 1, ...) float32 0/1: dashes drawn at aa x in their own window, as
+  PIL's ImageDraw.line draws them (the original's draw_line_n_mask).
 
   Each runs from the window's centre pixel to the pixel (dx, dy) (n,) int from it.
-  width (2x px) 1: one pixel per step of the major axis (Bresenham, as PIL's 1-px
-  lines); wider: pixels whose centre lies on the segment's rectangle (a stand-in for
-  PIL's wide-line polygon).
+  width (2x px) 1: PIL's Bresenham line, both ends included; wider: PIL's wide line, a
+  4-vertex polygon filled by its scan-line rule (_pil_wide_line). Built once per table
+  (Python loops over 441 offsets at most: milliseconds).
   """
   n = dx.shape[0]
   side = 2 * aa * half + 1
   c = aa * half
   win = np.zeros((n, side, side), np.float32)
-  if width <= 1:
-    steps = np.maximum(np.maximum(np.abs(dx), np.abs(dy)), 1)
-    k = np.minimum(np.arange(int(steps.max()) + 1)[None, :], steps[:, None])  # (n, s)
-    xs = c + np.floor(k * dx[:, None] / steps[:, None] + 0.5).astype(np.int64)
-    ys = c + np.floor(k * dy[:, None] / steps[:, None] + 0.5).astype(np.int64)
-    win[np.arange(n)[:, None], ys, xs] = 1.0
-    return win
-  off = np.arange(side, dtype=np.float32) - c
-  yy, xx = off[:, None], off[None, :]
-  seg = np.maximum(np.hypot(dx, dy), 1e-6).astype(np.float32)[:, None, None]
-  ux, uy = dx[:, None, None] / seg, dy[:, None, None] / seg
-  along = xx * ux + yy * uy
-  perp = yy * ux - xx * uy
-  win[(along >= 0) & (along <= seg) & (perp > -width / 2) & (perp <= width / 2)] = 1.0
+  for i in range(n):
+    x1, y1 = c + int(dx[i]), c + int(dy[i])
+    if width <= 1:
+      pts = _pil_bresenham(c, c, x1, y1)
+    else:
+      pts = _pil_wide_line(c, c, x1, y1, width)
+    for x, y in pts:
+      if 0 <= x < side and 0 <= y < side:
+        win[i, y, x] = 1.0
   return win
+
+
+def _round_up(f):  # PIL's ROUND_UP: halves away from zero
+  return int(math.floor(f + 0.5)) if f >= 0 else -int(math.floor(abs(f) + 0.5))
+
+
+def _round_down(f):  # PIL's ROUND_DOWN: halves towards zero
+  return int(math.ceil(f - 0.5)) if f >= 0 else -int(math.ceil(abs(f) - 0.5))
+
+
+def _pil_bresenham(x0: int, y0: int, x1: int, y1: int):
+  """[(x, y)] of PIL's 1-px line (Draw.c line32 plus the end point _draw_lines adds)."""
+  ddx, ddy = abs(x1 - x0), abs(y1 - y0)
+  xs, ys = (1 if x1 >= x0 else -1), (1 if y1 >= y0 else -1)
+  pts, x, y = [], x0, y0
+  if ddx == 0 or ddy == 0:
+    for _ in range(max(ddx, ddy)):
+      pts.append((x, y))
+      x, y = x + (xs if ddy == 0 else 0), y + (ys if ddx == 0 else 0)
+  elif ddx > ddy:
+    e = 2 * ddy - ddx
+    for _ in range(ddx):
+      pts.append((x, y))
+      if e >= 0:
+        y, e = y + ys, e - 2 * ddx
+      e, x = e + 2 * ddy, x + xs
+  else:
+    e = 2 * ddx - ddy
+    for _ in range(ddy):
+      pts.append((x, y))
+      if e >= 0:
+        x, e = x + xs, e - 2 * ddy
+      e, y = e + 2 * ddx, y + ys
+  return pts + [(x1, y1)]
+
+
+def _pil_wide_line(x0: int, y0: int, x1: int, y1: int, width: int):
+  """[(x, y)] of PIL's line of `width` px, as Pillow 5.x-7.0 drew it (the Python 2 era
+  of the original): Draw.c ImagingDrawWideLine's parallelogram beside the segment, its
+  horizontal edges drawn as they are, the rest filled by polygon_generic's scan lines
+  (from ROUND_UP of one crossing to ROUND_DOWN of the next). Later Pillows (9.2+) also
+  "connect discontiguous corners"; on the offsets a dash takes here both give the same
+  pixels (test_v3_dash_windows_are_pils_lines checks the installed Pillow)."""
+  dx, dy = x1 - x0, y1 - y0
+  if dx == 0 and dy == 0:
+    return [(x0, y0)]
+  big = math.hypot(dx, dy)
+  small = (width - 1) / 2.0
+  rmax, rmin = _round_up(small) / big, _round_down(small) / big
+  dxmin, dxmax = _round_down(rmin * dy), _round_down(rmax * dy)
+  dymin, dymax = _round_down(rmin * dx), _round_down(rmax * dx)
+  v = [(x0 - dxmin, y0 + dymax), (x1 - dxmin, y1 + dymax), (x1 + dxmax, y1 - dymin),
+       (x0 + dxmax, y0 - dymin)]
+  f32 = np.float32
+  edges, pts = [], []
+  for (ax, ay), (bx, by) in zip(v, v[1:] + v[:1]):
+    if ay == by:  # horizontal edges are drawn as they are
+      pts += [(x, ay) for x in range(min(ax, bx), max(ax, bx) + 1)]
+    else:  # (ymin, ymax, x0, y0, dx) with dx in float32 as the C code
+      edges.append((min(ay, by), max(ay, by), ax, ay, f32(bx - ax) / f32(by - ay)))
+  if not edges:
+    return pts
+  ymin = max(min(e[0] for e in edges), 0)
+  ymax = max(e[1] for e in edges)
+  for y in range(ymin, ymax + 1):
+    xx = []
+    for lo, hi, ex, ey, edx in edges:
+      if lo <= y <= hi:
+        xx.append(f32(y - ey) * edx + f32(ex))
+        if y == hi and y < ymax:  # "needed to draw consistent polygons"
+          xx.append(xx[-1])
+    xx.sort()
+    for i in range(1, len(xx), 2):
+      pts += [(x, y) for x in range(_round_up(xx[i - 1]), _round_down(xx[i]) + 1)]
+  return pts
 
 
 def _draw_windowed(canvas, rows, anchor, theta, value, s: SettingsV3, margin):
