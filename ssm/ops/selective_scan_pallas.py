@@ -53,6 +53,7 @@ BWD_TILE = 16  # tokens per tile of the backward (the forward saves a state each
 SUB = 4  # tokens per history sub-tile in the backward
 _BWD_SMEM = 110 * 1024  # two backward CTAs per SM (228 KB, 1 KB reserved per CTA)
 SS_STATES = (4, 8, 16)
+BWD_VARIANT = 2  # the backward kernel by default: 2 `_ss_bwd_call_v2`, 1 `_ss_bwd_call`
 _WARP = 32
 _WARPS = BLOCK_D // _WARP
 _LOG2E = math.log2(math.e)
@@ -82,6 +83,7 @@ class _SSCfg(ScanCfg):
   save_states: bool
   bwd_segments: int = 1  # parallel pieces of each sequence in the backward
   true_len: int = 0  # the unpadded length (0: seq_len)
+  bwd_variant: int = 2  # 2: `_ss_bwd_call_v2` (default); 1: the previous `_ss_bwd_call`
 
   @property
   def group_blocks(self) -> int:  # channel blocks per group
@@ -108,7 +110,8 @@ def _ss_tiles(cfg: _SSCfg, names, refs, smem, bars, bi, gi, cols, n, slot, size=
 def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
   """u, dt, z (B, Lp, D); bm, cm (B, G, Lp, N) f32; bias, dskip (D,); a2t (N, D) = A log2(e)
   transposed; h0t (B, N, D). Returns y (B, Lp, D) u.dtype, final (B, N, D) f32 and, with
-  save_states, the state entering every BWD_TILE tokens (B, Lp / BWD_TILE, N, D) f32."""
+  save_states, the state entering every BWD_TILE tokens and, last, the final state
+  (B, Lp / BWD_TILE + 1, N, D) f32 (slot n + 1 is tile n's exit for the v2 backward)."""
   N, nt = cfg.n_state, cfg.n_tiles
   interp = cfg.interpret
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else [])
@@ -118,7 +121,8 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
   out_type = [jax.ShapeDtypeStruct(u.shape, u.dtype),
               jax.ShapeDtypeStruct((cfg.batch, N, cfg.dim), F32)]
   if cfg.save_states:
-    out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len // BWD_TILE, N, cfg.dim), F32))
+    out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len // BWD_TILE + 1, N, cfg.dim),
+                                         F32))
   smem_names = tile_names + ["bm", "cm"]
   scratch = [plgpu.SMEM((stages, CHUNK, BLOCK_D), arrays[k].dtype) for k in tile_names]
   scratch += [plgpu.SMEM((stages, CHUNK, N), F32)] * 2
@@ -178,6 +182,8 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
     h = lax.fori_loop(0, nt, tile, h)
     for j in range(N):
       refs["final"][bi, j, cols] = h[j]
+      if cfg.save_states:
+        refs["states"][bi, cfg.seq_len // BWD_TILE, j, cols] = h[j]
 
   call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
                         grid=(cfg.dim // BLOCK_D, cfg.batch), grid_names=("d", "b"),
@@ -383,6 +389,18 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
   return call(*(arrays[k] for k in in_names))
 
 
+def _segment_cotangents(cfg, segments, dt, z, dout, cm, bias, a2t, dfin_t):
+  """The state cotangent leaving each of the `segments` pieces of every sequence
+  (B, segments, N, D): `_ss_seg_call`'s local adjoints chained here (last piece: dfin_t)."""
+  if segments == 1:
+    return dfin_t[:, None]
+  gloc, decay = _ss_seg_call(cfg, segments, dt, z, dout, cm, bias, a2t)
+  g_in = [dfin_t]  # the cotangent leaving each segment, last segment first
+  for s in range(segments - 2, -1, -1):
+    g_in.append(gloc[:, s] + decay[:, s] * g_in[-1])
+  return jnp.stack(g_in[::-1], axis=1)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip, a2t, states,
                  dfin_t):
@@ -401,14 +419,7 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
   group = _WARP // width  # tokens per row of 32 products
   assert _WARP % width == 0 and SUB % group == 0 and nt % segments == 0, (N, segments)
   interp = cfg.interpret
-  if segments > 1:
-    gloc, decay = _ss_seg_call(cfg, segments, dt, z, dout, cm, bias, a2t)
-    g_in = [dfin_t]  # the cotangent leaving each segment, last segment first
-    for s in range(segments - 2, -1, -1):
-      g_in.append(gloc[:, s] + decay[:, s] * g_in[-1])
-    g_in = jnp.stack(g_in[::-1], axis=1)
-  else:
-    g_in = dfin_t[:, None]
+  g_in = _segment_cotangents(cfg, segments, dt, z, dout, cm, bias, a2t, dfin_t)
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else []) + ["dout"]
   arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
   red_len = BWD_TILE * width
@@ -583,6 +594,215 @@ def _ss_bwd_call(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip
   return outs[:-4] + [ddskip.sum(axis=1), dbias.sum(axis=1), da.sum(axis=1), dh0[:, 0]]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, dskip, a2t, states,
+                    dfin_t):
+  """`_ss_bwd_call` with fewer instructions per token (same operands and results; states
+  must hold the final state in its last slot, as `_ss_fwd_call` writes it).
+
+  * delta is computed (softplus included) once per token, in pass 1, into a shared-memory
+    row cache; passes 2 and 3 read it back (one load instead of a softplus each).
+  * The history holds the state *after* each token (h_t), not before: pass 3 reads h_t
+    instead of rebuilding it from h_{t-1} (2N fewer operations), and the dA / ddelta
+    term gh dec h_{t-1} becomes gh (h_t - du B_t). The state after a sub-tile's last token
+    is the next sub-tile's entry (pass 1 keeps them) or, for the tile's last token, the
+    next tile's saved state (`states[n + 1]`), so pass 2 advances SUB - 1 tokens and
+    keeps SUB - 1 rows (the freed rows hold the delta cache: same shared memory).
+  * Pass 3 is unrolled over the SUB tokens of a sub-tile (static token and history
+    offsets, and the scheduler may overlap one token's warp-sum shuffles with the next
+    token's arithmetic).
+  """
+  N, nt, bsz, dim = cfg.n_state, cfg.seq_len // BWD_TILE, cfg.batch, cfg.dim
+  per = nt // segments
+  nsub = BWD_TILE // SUB
+  width = 2 * N
+  group = _WARP // width  # tokens per row of 32 products
+  assert _WARP % width == 0 and SUB % group == 0 and nt % segments == 0, (N, segments)
+  assert states.shape[1] == nt + 1, states.shape
+  interp = cfg.interpret
+  g_in = _segment_cotangents(cfg, segments, dt, z, dout, cm, bias, a2t, dfin_t)
+  tile_names = ["u", "dt"] + (["z"] if cfg.has_z else []) + ["dout"]
+  arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
+  red_len = BWD_TILE * width
+  fixed = ((nsub - 1 + SUB - 1) * N * BLOCK_D * 4 + BWD_TILE * BLOCK_D * 4
+           + (_WARPS + 1) * red_len * 4)
+  per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * BWD_TILE * N * 4
+  stages = stage_count(per, per_stage, fixed, most=2, budget=_BWD_SMEM)
+  big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), u.dtype)  # written once, in u's dtype
+  per_seg = lambda *shape: jax.ShapeDtypeStruct((bsz, segments) + shape, F32)
+  out_names = ["du", "ddt"] + (["dz"] if cfg.has_z else []) + ["dbc", "ddskip", "dbias", "da",
+                                                                 "dh0"]
+  out_type = [big, big] + ([big] if cfg.has_z else []) + [
+      jax.ShapeDtypeStruct((bsz, dim // BLOCK_D, cfg.seq_len * width), F32),
+      per_seg(dim), per_seg(dim), per_seg(N, dim), per_seg(N, dim)]
+  smem_names = tile_names + ["bm", "cm"]
+  scratch = [plgpu.SMEM((stages, BWD_TILE, BLOCK_D), arrays[k].dtype) for k in tile_names]
+  scratch += [plgpu.SMEM((stages, BWD_TILE, N), F32)] * 2
+  scratch += [plgpu.SMEM((nsub - 1, N, BLOCK_D), F32),  # state after sub-tiles 0 .. nsub-2
+              plgpu.SMEM((SUB - 1, N, BLOCK_D), F32),  # state after tokens 0 .. SUB-2 of one
+              plgpu.SMEM((BWD_TILE, BLOCK_D), F32),  # delta of every token of the tile
+              plgpu.SMEM((_WARPS, red_len), F32),  # per-warp channel sums of the tile's rows
+              plgpu.SMEM((red_len,), F32),  # the CTA's sums for the tile
+              plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
+  in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "states", "g_in"]
+  red_line = plgpu.Layout.WG_STRIDED((red_len,), vec_size=1)
+
+  def body(*all_refs):
+    refs = dict(zip(in_names + out_names, all_refs))
+    rest = all_refs[len(in_names) + len(out_names):]
+    smem = dict(zip(smem_names, rest))
+    subs, hist, dcache, part, red, bars = rest[len(smem_names):]
+    di, bi, sg = lax.axis_index("d"), lax.axis_index("b"), lax.axis_index("s")
+    gi = di // cfg.group_blocks
+    cols = pl.ds(di * BLOCK_D, BLOCK_D)
+    last = sg * per + per - 1  # the segment's last tile
+    fetch = functools.partial(_ss_tiles, cfg, tile_names, refs, smem, bars, bi, gi, cols)
+    for i in range(stages):
+      fetch(last - i, i, size=BWD_TILE)
+    vec = lambda r: _pallas.load(r, LINE, interp)
+    bias, dskip = vec(refs["bias"].at[cols]), vec(refs["dskip"].at[cols])
+    a2 = [vec(refs["a2t"].at[j, cols]) for j in range(N)]
+    zero = 0.0 * bias
+    g0 = tuple(vec(refs["g_in"].at[bi, sg, j, cols]) for j in range(N))
+    acc0 = (tuple(zero for _ in range(N)), zero, zero)  # dA terms, dD, dbias
+
+    def tile(step, carry):
+      n = last - step
+      slot = lax.rem(step, stages)
+      plgpu.barrier_wait(bars.at[slot])
+      tiles = {k: smem[k].at[slot] for k in smem_names}
+      saved = lambda m: tuple(vec(refs["states"].at[bi, m, j, cols]) for j in range(N))
+
+      def x_of(t):
+        return vec(tiles["dt"].at[t]).astype(F32) + bias
+
+      def u_of(t):
+        return vec(tiles["u"].at[t]).astype(F32)
+
+      def advance(h, t, delta):
+        du = delta * u_of(t)
+        return tuple(jnp.exp2(delta * a2[j]) * h[j] + du * tiles["bm"][t, j] for j in range(N))
+
+      def cache_delta(t):
+        x = x_of(t)
+        delta = _softplus(x) if cfg.softplus else x
+        dcache[t, :] = delta
+        return delta
+
+      def entry(s, h):  # pass 1: delta of every token; the state after every sub-tile but the last
+        h = unrolled(SUB, lambda r, h: advance(h, s * SUB + r, cache_delta(s * SUB + r)), h,
+                     unroll=2)
+        for j in range(N):
+          subs[s, j, :] = h[j]
+        return h
+
+      lax.fori_loop(0, nsub - 1, entry, saved(n))
+      for r in range(SUB):
+        cache_delta((nsub - 1) * SUB + r)
+
+      def back_token(s, r, k, row, ht, carry):
+        """The adjoint step at token t = s * SUB + r (h_t = ht); its dC/dB terms go to `row`
+        (a _WarpRow) from position k * 2N on (k: the token's place in the row)."""
+        g, (da, dd, db) = carry
+        g, da = list(g), list(da)
+        t = s * SUB + r
+        pos = n * BWD_TILE + t
+        q = k * width
+        delta = vec(dcache.at[t])
+        uu = u_of(t)
+        du = delta * uu
+        dec = [jnp.exp2(delta * a2[j]) for j in range(N)]
+        bt = [tiles["bm"][t, j] for j in range(N)]
+        ct = [tiles["cm"][t, j] for j in range(N)]
+        dout = vec(tiles["dout"].at[t]).astype(F32)
+        if cfg.has_z:
+          y = dskip * uu
+          for j in range(N):
+            y = y + ht[j] * ct[j]
+          zz = vec(tiles["z"].at[t]).astype(F32)
+          sgm = jax.nn.sigmoid(zz)
+          dy = dout * (zz * sgm)
+          refs["dz"][bi, pos, cols] = (dout * y * (sgm * (1.0 + zz * (1.0 - sgm)))).astype(
+              refs["dz"].dtype)
+        else:
+          dy = dout
+        dd = dd + dy * uu
+        d_du = zero  # cotangent of delta * u
+        d_dec_a = zero  # sum_j d(dec_j) dec_j a2_j, the delta term of the decays
+        for j in range(N):
+          gh = g[j] + dy * ct[j]  # total cotangent of h_t[j]
+          row.put(q + j, dy * ht[j])  # dC_t[j] term
+          row.put(q + N + j, gh * du)  # dB_t[j] term
+          d_du = d_du + gh * bt[j]
+          gdec = gh * (ht[j] - du * bt[j])  # gh dec_j h_{t-1}[j]
+          da[j] = da[j] + gdec * delta
+          d_dec_a = d_dec_a + gdec * a2[j]
+          g[j] = gh * dec[j]
+        ddelta = d_dec_a * _LN2 + d_du * uu
+        if cfg.softplus:
+          x = x_of(t)
+          ddelta = ddelta * jnp.where(x > 20.0, 1.0, jax.nn.sigmoid(x))
+        refs["ddt"][bi, pos, cols] = ddelta.astype(refs["ddt"].dtype)
+        refs["du"][bi, pos, cols] = (dy * dskip + d_du * delta).astype(refs["du"].dtype)
+        if not cfg.softplus and 0 < cfg.true_len < cfg.seq_len:
+          # a padded step (delta = 0) still sees the final state's cotangent: not part of dbias
+          ddelta = ddelta * (pos < cfg.true_len).astype(F32)
+        return tuple(g), (tuple(da), dd, db + ddelta)
+
+      def sub_back(k, carry):  # passes 2 and 3, sub-tiles last first
+        s = nsub - 1 - k
+        h = lax.cond(s == 0, lambda: saved(n),
+                     lambda: tuple(vec(subs.at[jnp.maximum(s - 1, 0), j]) for j in range(N)))
+        for r in range(SUB - 1):  # pass 2: the state after each token but the last
+          h = advance(h, s * SUB + r, vec(dcache.at[s * SUB + r]))
+          for j in range(N):
+            hist[r, j, :] = h[j]
+        h_end = lax.cond(s == nsub - 1, lambda: saved(n + 1),
+                         lambda: tuple(vec(subs.at[jnp.minimum(s, nsub - 2), j])
+                                       for j in range(N)))
+        for i in reversed(range(SUB // group)):  # pass 3: rows of `group` tokens, last first
+          row = _WarpRow(interp)
+          for q in reversed(range(group)):
+            r = i * group + q
+            ht = h_end if r == SUB - 1 else tuple(vec(hist.at[r, j]) for j in range(N))
+            carry = back_token(s, r, q, row, ht, carry)
+          row.store(part.at[:, pl.ds((s * SUB + i * group) * width, _WARP)])
+        return carry
+
+      carry = lax.fori_loop(0, nsub, sub_back, carry)
+      plgpu.commit_smem()  # the slot is read and every warp's row sums are stored
+
+      @pl.when(step + stages < per)
+      def _():
+        fetch(n - stages, slot, size=BWD_TILE)
+
+      total = _pallas.load(part.at[0], red_line, interp)
+      for w in range(1, _WARPS):
+        total = total + _pallas.load(part.at[w], red_line, interp)
+      red[...] = total
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(red, refs["dbc"].at[bi, di, pl.ds(n * red_len, red_len)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return carry
+
+    g, (da, dd, db) = lax.fori_loop(0, per, tile, (g0, acc0))
+    plgpu.wait_smem_to_gmem(0)
+    for j in range(N):
+      refs["dh0"][bi, sg, j, cols] = g[j]
+      refs["da"][bi, sg, j, cols] = da[j]
+    refs["ddskip"][bi, sg, cols] = dd
+    refs["dbias"][bi, sg, cols] = db
+
+  call = _pallas.kernel(body, interpret=interp, out_type=tuple(out_type),
+                        grid=(dim // BLOCK_D, bsz, segments), grid_names=("d", "b", "s"),
+                        scratch_types=scratch, compiler_params=params(),
+                        kernel_name="selective_scan_bwd_v2")
+  arrays.update(bias=bias, dskip=dskip, a2t=a2t, states=states, g_in=g_in)
+  outs = list(call(*(arrays[k] for k in in_names)))
+  ddskip, dbias, da, dh0 = outs[-4:]
+  return outs[:-4] + [ddskip.sum(axis=1), dbias.sum(axis=1), da.sum(axis=1), dh0[:, 0]]
+
+
 def _ss_prepare(cfg: _SSCfg, seq_len, u, delta, z, B, C, bias, dskip, A, h0):
   """Kernel operands: padded in time with identity steps (dt = 0), B/C group-major."""
   Lp = cfg.seq_len
@@ -601,15 +821,20 @@ def _ss_prepare(cfg: _SSCfg, seq_len, u, delta, z, B, C, bias, dskip, A, h0):
   return u_p, dt_p, z_p, bm, cm, bias.astype(F32), dskip.astype(F32), a2t, h0t
 
 
+def _fwd_cfg(cfg: _SSCfg) -> _SSCfg:
+  """The forward kernel's cfg: the backward's knobs cleared (one forward kernel for all)."""
+  return dataclasses.replace(cfg, bwd_segments=1, bwd_variant=2)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ss(cfg: _SSCfg, seq_len: int, u, delta, A, B, C, D, z, bias, h0):
   ops = _ss_prepare(cfg, seq_len, u, delta, z, B, C, bias, D, A, h0)
-  y, final = _ss_fwd_call(cfg, *ops)[:2]
+  y, final = _ss_fwd_call(_fwd_cfg(cfg), *ops)[:2]
   return y[:, :seq_len], jnp.swapaxes(final, 1, 2)
 
 
 def _ss_fwd(cfg, seq_len, u, delta, A, B, C, D, z, bias, h0):
-  scfg = dataclasses.replace(cfg, save_states=True)
+  scfg = dataclasses.replace(_fwd_cfg(cfg), save_states=True)
   ops = _ss_prepare(scfg, seq_len, u, delta, z, B, C, bias, D, A, h0)
   y, final, states = _ss_fwd_call(scfg, *ops)
   out = (y[:, :seq_len], jnp.swapaxes(final, 1, 2))
@@ -621,8 +846,9 @@ def _ss_bwd(cfg, seq_len, res, cts):
   u_p, dt_p, z_p, bm, cm, bias_f, dskip_f, a2t, _ = ops
   dy, dfinal = cts
   dy_p = pad_time(dy.astype(u.dtype), cfg.seq_len)
-  outs = _ss_bwd_call(cfg, cfg.bwd_segments, u_p, dt_p, z_p, dy_p, bm, cm, bias_f, dskip_f, a2t, states,
-                      jnp.swapaxes(dfinal.astype(F32), 1, 2))
+  call = _ss_bwd_call_v2 if cfg.bwd_variant == 2 else _ss_bwd_call
+  outs = call(cfg, cfg.bwd_segments, u_p, dt_p, z_p, dy_p, bm, cm, bias_f, dskip_f, a2t, states,
+              jnp.swapaxes(dfinal.astype(F32), 1, 2))
   du, ddt = outs[0], outs[1]
   dz = outs[2] if cfg.has_z else None
   dbc, ddskip, dbias, da, dh0 = outs[3:] if cfg.has_z else outs[2:]
@@ -645,13 +871,14 @@ _ss.defvjp(_ss_fwd, _ss_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
                           delta_softplus=False, h0=None, interpret: bool = False,
-                          bwd_segments: int | None = None):
+                          bwd_segments: int | None = None, bwd_variant: int | None = None):
   """Mamba-1 selective scan by the kernels; returns (y, last state (b, D, N) float32).
 
   B, C: (b, l, g, n) (the op's public wrapper reshapes (b, l, n)). Same semantics as
   ssm.ops.selective_scan. bwd_segments: parallel pieces per sequence in the backward
   (None: `bwd_segments` for the device's SM count on a GPU, 1 when interpreting); it must
-  divide the number of BWD_TILE-token tiles.
+  divide the number of BWD_TILE-token tiles. bwd_variant: 2 (`_ss_bwd_call_v2`) or 1 (the
+  previous `_ss_bwd_call`, kept for A/B timing); None: the module's BWD_VARIANT.
   """
   check_supported(u, A, B)
   bsz, seq_len, dim = u.shape
@@ -667,11 +894,15 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
   if bwd_segments is None:
     sms = 0 if interpret else _impl.num_sms()
     bwd_segments = bwd_segments_for(bsz, dim, n_tiles, sms) if sms else 1
+  bwd_variant = BWD_VARIANT if bwd_variant is None else bwd_variant
+  if bwd_variant not in (1, 2):
+    raise ValueError(f"selective_scan (pallas): bwd_variant = {bwd_variant} (1 or 2)")
   if bwd_segments < 1 or n_tiles % bwd_segments:
     raise ValueError(f"selective_scan (pallas): bwd_segments = {bwd_segments} must divide the "
                      f"{n_tiles} backward tiles of {BWD_TILE} tokens")
   cfg = _SSCfg(batch=bsz, seq_len=pad_len(seq_len), dim=dim, n_state=n_state,
                groups=B.shape[2], softplus=bool(delta_softplus), has_z=z is not None,
                save_states=False, interpret=interpret, bwd_segments=bwd_segments,
+               bwd_variant=bwd_variant,
                true_len=seq_len)
   return _ss(cfg, seq_len, u, delta, A, B, C, D, z, bias, h0)
