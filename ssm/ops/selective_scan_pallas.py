@@ -625,7 +625,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
   arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
   red_len = BWD_TILE * width
   fixed = ((nsub - 1 + SUB - 1) * N * BLOCK_D * 4 + BWD_TILE * BLOCK_D * 4
-           + (_WARPS + 1) * red_len * 4)
+           + (_WARPS + 2) * red_len * 4)
   per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * BWD_TILE * N * 4
   stages = stage_count(per, per_stage, fixed, most=2, budget=_BWD_SMEM)
   big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), u.dtype)  # written once, in u's dtype
@@ -642,7 +642,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
               plgpu.SMEM((SUB - 1, N, BLOCK_D), F32),  # state after tokens 0 .. SUB-2 of one
               plgpu.SMEM((BWD_TILE, BLOCK_D), F32),  # delta of every token of the tile
               plgpu.SMEM((_WARPS, red_len), F32),  # per-warp channel sums of the tile's rows
-              plgpu.SMEM((red_len,), F32),  # the CTA's sums for the tile
+              plgpu.SMEM((2, red_len), F32),  # the CTA's sums, double-buffered for the TMA store
               plgpu.Barrier(num_arrivals=len(smem_names), num_barriers=stages)]
   in_names = tile_names + ["bm", "cm", "bias", "dskip", "a2t", "states", "g_in"]
   red_line = plgpu.Layout.WG_STRIDED((red_len,), vec_size=1)
@@ -770,6 +770,10 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
         return carry
 
       carry = lax.fori_loop(0, nsub, sub_back, carry)
+      # The store sent from this half of `red` two tiles ago has read it (at most the other
+      # half's, from the last tile, stays in flight); the barrier below orders it before the
+      # writes. No wait per tile for the store just sent.
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
       plgpu.commit_smem()  # the slot is read and every warp's row sums are stored
 
       @pl.when(step + stages < per)
@@ -779,10 +783,10 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
       total = _pallas.load(part.at[0], red_line, interp)
       for w in range(1, _WARPS):
         total = total + _pallas.load(part.at[w], red_line, interp)
-      red[...] = total
+      half = red.at[lax.rem(step, 2)]
+      half[...] = total
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(red, refs["dbc"].at[bi, di, pl.ds(n * red_len, red_len)])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.copy_smem_to_gmem(half, refs["dbc"].at[bi, di, pl.ds(n * red_len, red_len)])
       return carry
 
     g, (da, dd, db) = lax.fori_loop(0, per, tile, (g0, acc0))
