@@ -69,8 +69,8 @@ def scan_cases():
             s((2, 256, 1, 16), f32), s((2, 256, 1, 16), f32))
   yield "selective_scan f32 fwd", sel, shapes
   yield "selective_scan f32 fwd+bwd", _loss_grad(sel, (0, 1, 2, 3, 4)), shapes
-  # Mamba's call in bf16 (z gate, D, delta_bias), both backward variants (v1 kept for A/B).
-  for variant in (2, 1):
+  # Mamba's call in bf16 (z gate, D, delta_bias), every backward variant (v1 kept for A/B).
+  for variant in (3, 2, 1):
     def mamba(u, dt, a, b, c, d, z, bias, variant=variant):
       return selective_scan_pallas.selective_scan_pallas(
           u, dt, a, b, c, d, z=z, delta_bias=bias, delta_softplus=True, interpret=False,

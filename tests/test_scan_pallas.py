@@ -122,11 +122,20 @@ def test_selective_scan_kernel_backward_in_segments(bwd_variant):
 
 
 @pytest.mark.slow
-def test_selective_scan_kernel_groups_n16_no_softplus():
+@pytest.mark.parametrize("bwd_variant", [None, 3])
+def test_selective_scan_kernel_groups_n16_no_softplus(bwd_variant):
   """Two groups of 128 channels, N = 16 (Mamba's), delta + bias without softplus,
   no z, no h0; 40 tokens (a padded second tile)."""
   x = _ss_inputs(np.random.default_rng(6), 1, 40, 256, 16, 2)
-  _ss_check(x, softplus=False, use_z=False, use_h0=False)
+  _ss_check(x, softplus=False, use_z=False, use_h0=False, bwd_variant=bwd_variant)
+
+
+@pytest.mark.parametrize("bwd_variant", [2, 3])
+def test_selective_scan_kernel_n16_segments(bwd_variant):
+  """N = 16 with softplus, z, h0 and two segments: v2 and v3 (v3's rotated state order and
+  select-free dB/dC sums exist only at N = 16)."""
+  x = _ss_inputs(np.random.default_rng(13), 1, 64, 128, 16, 1)
+  _ss_check(x, softplus=True, use_z=True, use_h0=True, bwd_segments=2, bwd_variant=bwd_variant)
 
 
 def test_selective_scan_kernel_bf16():
@@ -144,7 +153,7 @@ def test_selective_scan_kernel_bf16():
   assert rel(y.astype(jnp.float32), y_ref) < 4e-3
 
 
-@pytest.mark.parametrize("bwd_variant", [2, 1])
+@pytest.mark.parametrize("bwd_variant", [3, 2, 1])
 def test_selective_scan_kernel_bf16_gradients(bwd_variant):
   """bf16 u, delta, z and cotangent (Mamba's mixed-precision call), N = 16, two segments:
   every gradient against the float32 XLA path on the same rounded inputs. du, ddelta and dz

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -43,7 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.experimental.mosaic.gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, memref, vector
+from jaxlib.mlir.dialects import arith, memref, nvvm, vector
 
 from ssm.ops import _impl, _pallas
 from ssm.ops._scan_tiles import (BLOCK_D, CHUNK, F32, LINE, ScanCfg, pad_len, pad_time, params,
@@ -291,6 +292,183 @@ class _WarpRow:
     else:
       _finish_gpu(row_ref, *self.firsts)
     self.firsts = [None] * (_WARP // 2)
+
+
+# -- select-free channel sums for N = 16 (backward variant 3) ------------------------------------
+#
+# The butterfly above spends two selects per pair and step (62 per row of 32 products). With
+# N = 16 a token's 32 products are (dC_j, dB_j) for j < 16, put at position p = 2j + c (c = 0
+# for dC, 1 for dB). Lane l of a warp works in a rotated state order: its "virtual" state v
+# is the real state (v + x_l) mod 16, x_l = l // 2 (A, the cotangents, B and C are read in
+# that order: B and C from rows stored twice, so the rotation is a per-lane base offset).
+# Then in the first four reduce-scatter steps every lane keeps the lower half of its values
+# and adds the upper half of lane l - m (m = 16, 8, 4, 2 in slot units), which holds the same
+# real positions: an indexed shuffle and an add, no select. The last step (lanes 1 apart,
+# dC against dB) is the plain butterfly. Lane l ends with the warp's sum of position l.
+
+
+def _rot_x(interp_lanes):
+  """x_l = (lane % 32) // 2 for each of the 128 threads (interpret mode: an int array)."""
+  return (interp_lanes % _WARP) // 2
+
+
+def _lane_rot_interp(x, m: int):
+  """y[l] = x[(l - m) mod 32] within each warp (interpret mode's indexed shuffle)."""
+  return jnp.roll(x.reshape(_WARPS, _WARP), m, axis=1).reshape(x.shape)
+
+
+def _shfl_sync_idx(x, src):
+  i32 = ir.IntegerType.get_signless(32)
+  xi = arith.bitcast(i32, x)
+  args = (mgpu_utils.c(0xFFFFFFFF, i32), xi, src, mgpu_utils.c(0x1F, i32), nvvm.ShflKind.idx)
+  first_param, *_ = inspect.signature(nvvm.shfl_sync).parameters.keys()
+  y = (nvvm.shfl_sync(i32, *args) if first_param != "thread_mask"
+       else nvvm.shfl_sync(*args, results=[i32]))
+  return arith.bitcast(x.type, y)
+
+
+def _mgpu_lane():
+  i32 = ir.IntegerType.get_signless(32)
+  return arith.andi(mgpu_utils.thread_idx(), mgpu_utils.c(_WARP - 1, i32))
+
+
+def _mgpu_rot_step(m: int, vals):
+  """vals[k] + (vals[k + m/2... ] of lane l - m): one select-free step on MLIR scalars."""
+  i32 = ir.IntegerType.get_signless(32)
+  src = arith.andi(arith.subi(_mgpu_lane(), mgpu_utils.c(m, i32)), mgpu_utils.c(_WARP - 1, i32))
+  h = len(vals) // 2
+  return [arith.addf(lo, _shfl_sync_idx(hi, src)) for lo, hi in zip(vals[:h], vals[h:])]
+
+
+def _as_line(like, v):
+  regs = like.registers.copy()
+  regs.flat[0] = vector.broadcast(regs.flat[0].type, v)
+  return mgpu.FragmentedArray(_registers=regs, _layout=like.layout, _is_signed=None)
+
+
+@plgpu.inline_mgpu(arg_types=(LINE, LINE),
+                   return_type=plgpu.ShapeDtypeStruct((BLOCK_D,), F32, layout=LINE))
+def _rot_first_gpu(ctx, lo, hi):
+  del ctx
+  (v,) = _mgpu_rot_step(_WARP // 2, [_one_reg(lo), _one_reg(hi)])
+  return _as_line(lo, v)
+
+
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) + (LINE,) * (_WARP // 2))
+def _rot_finish_gpu(ctx, row_ref, *parts):
+  """Steps m = 8, 4, 2 (indexed shuffles), then the butterfly 1 apart; lane l of warp w
+  stores its sum of position l at row_ref[w, l]."""
+  del ctx
+  vals = [_one_reg(p) for p in parts]
+  for m in (8, 4, 2):
+    vals = _mgpu_rot_step(m, vals)
+  vals = _mgpu_bfly(1, vals)
+  i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+  tid = mgpu_utils.thread_idx()
+  warp = arith.andi(arith.shrui(tid, mgpu_utils.c(5, i32)), mgpu_utils.c(_WARPS - 1, i32))
+  memref.store(vals[0], row_ref, [arith.index_cast(index, warp),
+                                  arith.index_cast(index, _mgpu_lane())])
+
+
+class _RotRow:
+  """`_WarpRow` for the rotated N = 16 layout: put(s, v) with s = 2 * (virtual state) + c."""
+
+  def __init__(self, interp: bool):
+    self.interp, self.waiting, self.firsts = interp, {}, [None] * (_WARP // 2)
+
+  def put(self, s: int, v):
+    if s < _WARP // 2:
+      self.waiting[s] = v
+      return
+    lo = self.waiting.pop(s - _WARP // 2)
+    k = s - _WARP // 2
+    if self.interp:
+      self.firsts[k] = lo + _lane_rot_interp(v, _WARP // 2)
+    else:
+      self.firsts[k] = _rot_first_gpu(lo, v)
+
+  def store(self, row_ref):
+    assert not self.waiting and all(f is not None for f in self.firsts)
+    if self.interp:
+      vals = self.firsts
+      for m in (8, 4, 2):
+        h = len(vals) // 2
+        vals = [a + _lane_rot_interp(b, m) for a, b in zip(vals[:h], vals[h:])]
+      (v,) = _bfly_interp(1, vals)
+      row_ref[...] = v.reshape(_WARPS, _WARP)
+    else:
+      _rot_finish_gpu(row_ref, *self.firsts)
+    self.firsts = [None] * (_WARP // 2)
+
+
+def _rot_row_gpu(n: int):
+  """Loads v_j = row[x_l + j], j < n, from a (2n,) SMEM row (B or C stored twice)."""
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), LINE),
+                     return_type=tuple(plgpu.ShapeDtypeStruct((BLOCK_D,), F32, layout=LINE)
+                                       for _ in range(n)))
+  def load(ctx, row_ref, like):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    x = arith.shrui(_mgpu_lane(), mgpu_utils.c(1, i32))
+    out = []
+    for j in range(n):
+      i = arith.index_cast(index, arith.addi(x, mgpu_utils.c(j, i32)))
+      out.append(_as_line(like, memref.load(row_ref, [i])))
+    return tuple(out)
+  return load
+
+
+def _rot_rows_gpu(n: int):
+  """Loads v_j[i] = ref[(j + x_i) mod n, i] from an (n, 128) GMEM view (thread i, channel i)."""
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), LINE),
+                     return_type=tuple(plgpu.ShapeDtypeStruct((BLOCK_D,), F32, layout=LINE)
+                                       for _ in range(n)))
+  def load(ctx, ref, like):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    tid = arith.andi(mgpu_utils.thread_idx(), mgpu_utils.c(BLOCK_D - 1, i32))
+    x = arith.shrui(_mgpu_lane(), mgpu_utils.c(1, i32))
+    col = arith.index_cast(index, tid)
+    out = []
+    for j in range(n):
+      r = arith.andi(arith.addi(x, mgpu_utils.c(j, i32)), mgpu_utils.c(n - 1, i32))
+      out.append(_as_line(like, memref.load(ref, [arith.index_cast(index, r), col])))
+    return tuple(out)
+  return load
+
+
+_rot_row_cache, _rot_rows_cache = {}, {}
+
+
+def _rot_load_row(ref, n: int, like, interp: bool):
+  """[row[x_i + j] for j < n] (LINE arrays) from the (2n,) SMEM row `ref`."""
+  if interp:
+    x = _rot_x(jnp.arange(BLOCK_D))
+    vals = ref[...][x[:, None] + jnp.arange(n)[None, :]]
+    return tuple(vals[:, j] for j in range(n))
+  if n not in _rot_row_cache:
+    _rot_row_cache[n] = _rot_row_gpu(n)
+  return _rot_row_cache[n](ref, like)
+
+
+def _rot_load_rows(ref, n: int, like, interp: bool):
+  """[ref[(j + x_i) mod n, i] for j < n] (LINE arrays) from the (n, 128) view `ref`."""
+  if interp:
+    x = _rot_x(jnp.arange(BLOCK_D))
+    idx = (jnp.arange(n)[:, None] + x[None, :]) % n
+    vals = jnp.take_along_axis(ref[...], idx, axis=0)
+    return tuple(vals[j] for j in range(n))
+  if n not in _rot_rows_cache:
+    _rot_rows_cache[n] = _rot_rows_gpu(n)
+  return _rot_rows_cache[n](ref, like)
+
+
+def _rot_index(dim: int, n: int, inverse: bool = False):
+  """(n, dim) rows: virtual state v of channel d is real (v + x_d) mod n (inverse: real ->
+  virtual), x_d = (d % 32) // 2."""
+  x = _rot_x(jnp.arange(dim))
+  v = jnp.arange(n)[:, None]
+  return ((v - x[None, :]) if inverse else (v + x[None, :])) % n
 
 
 def bwd_segments_for(batch: int, dim: int, n_tiles: int, num_sms: int) -> int:
@@ -621,12 +799,19 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
   assert states.shape[1] == nt + 1, states.shape
   interp = cfg.interpret
   g_in = _segment_cotangents(cfg, segments, dt, z, dout, cm, bias, a2t, dfin_t)
+  rot = cfg.bwd_variant == 3 and N == 16  # variant 3: select-free dB/dC sums
+  if rot:  # every lane in its rotated state order (see _RotRow); B and C rows stored twice
+    idx = _rot_index(dim, N)
+    a2t = jnp.take_along_axis(a2t, idx, axis=0)
+    g_in = jnp.take_along_axis(g_in, idx[None, None], axis=2)
+    bm, cm = jnp.concatenate([bm, bm], axis=-1), jnp.concatenate([cm, cm], axis=-1)
+  bcw = bm.shape[-1]
   tile_names = ["u", "dt"] + (["z"] if cfg.has_z else []) + ["dout"]
   arrays = dict(u=u, dt=dt, z=z, dout=dout, bm=bm, cm=cm)
   red_len = BWD_TILE * width
   fixed = ((nsub - 1 + SUB - 1) * N * BLOCK_D * 4 + BWD_TILE * BLOCK_D * 4
            + (_WARPS + 2) * red_len * 4)
-  per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * BWD_TILE * N * 4
+  per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + 2 * BWD_TILE * bcw * 4
   stages = stage_count(per, per_stage, fixed, most=2, budget=_BWD_SMEM)
   big = jax.ShapeDtypeStruct((bsz, cfg.seq_len, dim), u.dtype)  # written once, in u's dtype
   per_seg = lambda *shape: jax.ShapeDtypeStruct((bsz, segments) + shape, F32)
@@ -637,7 +822,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
       per_seg(dim), per_seg(dim), per_seg(N, dim), per_seg(N, dim)]
   smem_names = tile_names + ["bm", "cm"]
   scratch = [plgpu.SMEM((stages, BWD_TILE, BLOCK_D), arrays[k].dtype) for k in tile_names]
-  scratch += [plgpu.SMEM((stages, BWD_TILE, N), F32)] * 2
+  scratch += [plgpu.SMEM((stages, BWD_TILE, bcw), F32)] * 2
   scratch += [plgpu.SMEM((nsub - 1, N, BLOCK_D), F32),  # state after sub-tiles 0 .. nsub-2
               plgpu.SMEM((SUB - 1, N, BLOCK_D), F32),  # state after tokens 0 .. SUB-2 of one
               plgpu.SMEM((BWD_TILE, BLOCK_D), F32),  # delta of every token of the tile
@@ -671,7 +856,12 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
       slot = lax.rem(step, stages)
       plgpu.barrier_wait(bars.at[slot])
       tiles = {k: smem[k].at[slot] for k in smem_names}
-      saved = lambda m: tuple(vec(refs["states"].at[bi, m, j, cols]) for j in range(N))
+      if rot:
+        saved = lambda m: _rot_load_rows(refs["states"].at[bi, m, :, cols], N, bias, interp)
+        row_of = lambda name, t: _rot_load_row(tiles[name].at[t], N, bias, interp)
+      else:
+        saved = lambda m: tuple(vec(refs["states"].at[bi, m, j, cols]) for j in range(N))
+        row_of = lambda name, t: [tiles[name][t, j] for j in range(N)]
 
       def x_of(t):
         return vec(tiles["dt"].at[t]).astype(F32) + bias
@@ -681,7 +871,8 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
 
       def advance(h, t, delta):
         du = delta * u_of(t)
-        return tuple(jnp.exp2(delta * a2[j]) * h[j] + du * tiles["bm"][t, j] for j in range(N))
+        bt = row_of("bm", t)
+        return tuple(jnp.exp2(delta * a2[j]) * h[j] + du * bt[j] for j in range(N))
 
       def cache_delta(t):
         x = x_of(t)
@@ -712,8 +903,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
         uu = u_of(t)
         du = delta * uu
         dec = [jnp.exp2(delta * a2[j]) for j in range(N)]
-        bt = [tiles["bm"][t, j] for j in range(N)]
-        ct = [tiles["cm"][t, j] for j in range(N)]
+        bt, ct = row_of("bm", t), row_of("cm", t)
         dout = vec(tiles["dout"].at[t]).astype(F32)
         if cfg.has_z:
           y = dskip * uu
@@ -731,8 +921,8 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
         d_dec_a = zero  # sum_j d(dec_j) dec_j a2_j, the delta term of the decays
         for j in range(N):
           gh = g[j] + dy * ct[j]  # total cotangent of h_t[j]
-          row.put(q + j, dy * ht[j])  # dC_t[j] term
-          row.put(q + N + j, gh * du)  # dB_t[j] term
+          row.put(2 * j if rot else q + j, dy * ht[j])  # dC_t[j] term
+          row.put(2 * j + 1 if rot else q + N + j, gh * du)  # dB_t[j] term
           d_du = d_du + gh * bt[j]
           gdec = gh * (ht[j] - du * bt[j])  # gh dec_j h_{t-1}[j]
           da[j] = da[j] + gdec * delta
@@ -761,7 +951,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
                          lambda: tuple(vec(subs.at[jnp.minimum(s, nsub - 2), j])
                                        for j in range(N)))
         for i in reversed(range(SUB // group)):  # pass 3: rows of `group` tokens, last first
-          row = _WarpRow(interp)
+          row = _RotRow(interp) if rot else _WarpRow(interp)
           for q in reversed(range(group)):
             r = i * group + q
             ht = h_end if r == SUB - 1 else tuple(vec(hist.at[r, j]) for j in range(N))
@@ -804,6 +994,11 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
   arrays.update(bias=bias, dskip=dskip, a2t=a2t, states=states, g_in=g_in)
   outs = list(call(*(arrays[k] for k in in_names)))
   ddskip, dbias, da, dh0 = outs[-4:]
+  if rot:  # back to the real state order; dB/dC from (dC_j, dB_j) pairs to [dC, dB] per token
+    inv = _rot_index(dim, N, inverse=True)[None, None]
+    da, dh0 = (jnp.take_along_axis(x, inv, axis=2) for x in (da, dh0))
+    dbc = outs[-5].reshape(bsz, dim // BLOCK_D, cfg.seq_len, N, 2)
+    outs[-5] = jnp.swapaxes(dbc, -1, -2).reshape(bsz, dim // BLOCK_D, cfg.seq_len * width)
   return outs[:-4] + [ddskip.sum(axis=1), dbias.sum(axis=1), da.sum(axis=1), dh0[:, 0]]
 
 
@@ -850,7 +1045,7 @@ def _ss_bwd(cfg, seq_len, res, cts):
   u_p, dt_p, z_p, bm, cm, bias_f, dskip_f, a2t, _ = ops
   dy, dfinal = cts
   dy_p = pad_time(dy.astype(u.dtype), cfg.seq_len)
-  call = _ss_bwd_call_v2 if cfg.bwd_variant == 2 else _ss_bwd_call
+  call = _ss_bwd_call if cfg.bwd_variant == 1 else _ss_bwd_call_v2
   outs = call(cfg, cfg.bwd_segments, u_p, dt_p, z_p, dy_p, bm, cm, bias_f, dskip_f, a2t, states,
               jnp.swapaxes(dfinal.astype(F32), 1, 2))
   du, ddt = outs[0], outs[1]
@@ -899,8 +1094,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, z=None, delta_bias=None,
     sms = 0 if interpret else _impl.num_sms()
     bwd_segments = bwd_segments_for(bsz, dim, n_tiles, sms) if sms else 1
   bwd_variant = BWD_VARIANT if bwd_variant is None else bwd_variant
-  if bwd_variant not in (1, 2):
-    raise ValueError(f"selective_scan (pallas): bwd_variant = {bwd_variant} (1 or 2)")
+  if bwd_variant not in (1, 2, 3):
+    raise ValueError(f"selective_scan (pallas): bwd_variant = {bwd_variant} (1, 2 or 3)")
   if bwd_segments < 1 or n_tiles % bwd_segments:
     raise ValueError(f"selective_scan (pallas): bwd_segments = {bwd_segments} must divide the "
                      f"{n_tiles} backward tiles of {BWD_TILE} tokens")
