@@ -10,7 +10,8 @@ Costs per token and thread: the forward N exp2 and about 4N FMAs, the backward a
 shuffles per 32 dB/dC products, plus N exp2 in the segment pre-pass.
 
 Backward (custom_vjp), also kernels: the forward also writes the state entering every
-BWD_TILE tokens (batch, L / 16, N, D) float32 (1/16 of the states). The backward walks
+BWD_TILE tokens, and the final state last (batch, L / 16 + 1, N, D) float32 (1/16 of the
+states). The backward walks
 16-token tiles in reverse: it rebuilds the state entering each sub-tile of SUB
 tokens, then per sub-tile (last first) the state entering each token into a
 shared-memory history, and runs the adjoint backwards over it. dB and dC are
@@ -23,6 +24,55 @@ CTAs: the (D / 128) * batch CTAs alone leave most SMs idle. The cotangent
 entering each piece comes from a pre-pass kernel (the adjoint over the piece
 from a zero end cotangent, and the piece's total decay) chained in XLA; the
 adjoint is linear in it, so this is exact up to rounding.
+
+Three backward kernels (`bwd_variant`; BWD_VARIANT is the default): 1 `_ss_bwd_call` as
+described above; 2 `_ss_bwd_call_v2`, the same passes with fewer instructions (below); 3 the
+same kernel with select-free dB/dC sums at N = 16 (`_RotRow`; other N run 2).
+
+Where the backward's time goes (issue 22; Mamba-1 LM at B 8, L 2048, D 1536, N 16, bf16,
+H100/H200, 132 SMs; per token and channel unless said; estimates from the code, not a
+profile, except where a measurement is named):
+
+* HBM. Minimum for a fused backward: read u, delta, z, dout, write du, ddelta, dz: 14 B
+  (bf16). Ours: the main kernel reads those 8 B plus the saved states (N * 4 / 16 = 4 B)
+  and writes 6 B plus the per-block dB/dC partials (2N * 4 / 128 = 1 B, summed by XLA:
+  1 B more); the pre-pass reads delta, dout, z (6 B) on (S - 1) / S of the tokens (S = 8
+  at this shape: 5.25 B). About 25 B in all, 630 MB per layer at B 8: 0.15 ms at 4 TB/s,
+  against ~0.8 ms measured (31.9% of the two-layer step at B 16, results/train_step_h200.txt;
+  0.54 ms at B 4, results/pallas_scan_h100.txt). Not bandwidth-bound (~5x off).
+* Instructions (warp instructions per warp-token, i.e. 32 channels x 1 token), v1: pass 3,
+  the adjoint, ~456 (9 per state for the adjoint itself: 144; the dB/dC butterfly: 31
+  shuffles + 31 adds + 62 selects; N loads each of h, B, C; the decays N exp2 and the
+  rebuilt h_t 2N; softplus, sigmoids, stores); the two state-rebuild passes ~173 (1.5
+  advances per token: pass 1 over 12 of 16 tokens, pass 2 over 3 of every 4, each with
+  its softplus and N exp2); the pre-pass ~95 on 7/8 of the tokens; ~730 in all. At 4
+  issues per clock per SM (132 SMs, ~1.98 GHz) that is ~0.55 ms at B 8: close to the
+  ~0.8 ms measured, so issue slots are the bound. MUFU: ~75 ex2/lg2/rcp per warp-token
+  (3.5N exp2 in all), at 16 lanes per clock per SM ~0.45 ms: close behind.
+* Recomputation: states are rebuilt 2.5 times per token in the main kernel (passes 1, 2
+  and the h_t of pass 3) plus the pre-pass's decays (3.4N exp2 per token against N for
+  one decay per token); softplus 3 times per token plus once in the pre-pass.
+* Serial dependency per CTA: L / S = 256 tokens (16 tiles) in order; within a token the N
+  states are independent (16-way ILP), but v1 ran pass 3 one token per loop iteration,
+  each ending in the butterfly's 5 dependent shuffle rounds (~125 cycles) at a back edge.
+* Parallelism: 12 x 8 = 96 CTAs of 4 warps; two fit an SM (shared memory ~110 KB, ~190
+  registers a thread), i.e. 8 warps per SM, 2 per scheduler: little latency hiding, which
+  is why the instruction stream has to be dense. S = 8 gives 768 CTAs over 264 slots (2.9
+  waves); the pre-pass costs ~13% of the instructions for that parallelism.
+
+So the lever is instructions per token, not bytes. v2 (`_ss_bwd_call_v2`): delta
+(softplus) once per token in pass 1 into a shared-memory cache (passes 2 and 3 read it:
+~24 fewer); the history holds the state after each token, so pass 3 reads h_t instead of
+rebuilding it and the dA/ddelta term is gh (h_t - du B_t) (2N = 32 fewer); the last
+token's h_t is the next sub-tile's entry or the next tile's saved state (no copies; the
+freed rows hold the cache, so shared memory is not above v1's); pass 3 unrolled over the
+SUB tokens of a sub-tile (static offsets; the shuffle tail can overlap the next token's
+arithmetic); the dB/dC TMA store double-buffered instead of waited for every tile. About
+-60 instructions (-8%) and -13% MUFU per warp-token. v3 adds, at N = 16, the rotated
+state order of `_RotRow`: the dB/dC sums without selects (-60 more, ~-16% against v1).
+Left for later: splitting N over two warpgroups (twice the warps per SM, at the price of
+duplicated per-channel work), the f32 tiles' single prefetch stage (f32 only), and the
+segment count's cost model (scripts/gpu/ss_bwd_ab.py --segments sweeps it).
 
 Constraints (else `check_supported` raises ValueError; impl="auto" then takes the XLA
 path): N in {4, 8, 16} and each group of D / G channels a multiple of 128; float32 or
