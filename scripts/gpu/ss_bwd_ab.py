@@ -1,7 +1,8 @@
 """A/B of the selective-scan backward kernels (issue 22) in one process: v1 (`_ss_bwd_call`,
 the previous kernel), v2 (`_ss_bwd_call_v2`: delta cached, post-token history, pass 3
-unrolled, double-buffered dB/dC store) and v3 (v2 with the rotated state order and
-select-free dB/dC warp sums, N = 16 only).
+unrolled, double-buffered dB/dC store, reciprocals by rsqrt in it and its pre-pass) and v3
+(v2 with the rotated state order and select-free dB/dC warp sums, N = 16 only). The forward
+kernel is the same for all three (bwd = fwd+bwd - fwd).
 
     python3 scripts/gpu/ss_bwd_ab.py                      # B8 L2048 D1536 N16, bf16 and f32
     python3 scripts/gpu/ss_bwd_ab.py --variants=1,3       # fewer compiles

@@ -67,9 +67,13 @@ rebuilding it and the dA/ddelta term is gh (h_t - du B_t) (2N = 32 fewer); the l
 token's h_t is the next sub-tile's entry or the next tile's saved state (no copies; the
 freed rows hold the cache, so shared memory is not above v1's); pass 3 unrolled over the
 SUB tokens of a sub-tile (static offsets; the shuffle tail can overlap the next token's
-arithmetic); the dB/dC TMA store double-buffered instead of waited for every tile. About
--60 instructions (-8%) and -13% MUFU per warp-token. v3 adds, at N = 16, the rotated
-state order of `_RotRow`: the dB/dC sums without selects (-60 more, ~-16% against v1).
+arithmetic); the dB/dC TMA store double-buffered instead of waited for every tile; the
+divisions of softplus and the sigmoids (IEEE div.rn / rcp.rn, ~8 instructions each) as
+rsqrt(y)^2 (`_recip_pos`: one MUFU op; also in v2's pre-pass and in the forward, which all
+variants share). About -85 instructions (-12%) and -13% MUFU per warp-token. v3 adds, at
+N = 16, the rotated state order of `_RotRow`: the dB/dC sums without selects (-60 more,
+~-20% against v1). These are instruction counts read off the code, not measurements:
+scripts/gpu/ss_bwd_ab.py times the three variants on the device.
 Left for later: splitting N over two warpgroups (twice the warps per SM, at the price of
 duplicated per-channel work), the f32 tiles' single prefetch stage (f32 only), and the
 segment count's cost model (scripts/gpu/ss_bwd_ab.py --segments sweeps it).
@@ -149,6 +153,27 @@ def _softplus(x):
   return jnp.where(x > 20.0, x, lp)
 
 
+def _recip_pos(y):
+  """1 / y for y > 0 (inf -> 0) as rsqrt(y)^2: one MUFU rsqrt under approx_math (relative
+  error ~3e-7), where a division lowers to IEEE div.rn / rcp.rn (a reciprocal seed, Newton
+  steps and a range check: about 8 instructions)."""
+  r = lax.rsqrt(y)
+  return r * r
+
+
+def _softplus_fast(x):
+  """`_softplus` with its division by `_recip_pos`."""
+  e = jnp.exp(jnp.minimum(x, 20.0))
+  w = 1.0 + e
+  lp = jnp.where(w == 1.0, e, jnp.log(w) * (e * _recip_pos(w - 1.0)))
+  return jnp.where(x > 20.0, x, lp)
+
+
+def _sigmoid_fast(x):
+  """sigmoid(x) = 1 / (1 + e^-x) by `_recip_pos` (0 where e^-x overflows)."""
+  return _recip_pos(1.0 + jnp.exp(-x))
+
+
 def _ss_tiles(cfg: _SSCfg, names, refs, smem, bars, bi, gi, cols, n, slot, size=CHUNK):
   rows = pl.ds(n * size, size)
   for name in names:
@@ -203,7 +228,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
 
       def token(t, h):
         x = vec(smem["dt"].at[slot, t]).astype(F32) + bias
-        delta = _softplus(x) if cfg.softplus else x
+        delta = _softplus_fast(x) if cfg.softplus else x
         uu = vec(smem["u"].at[slot, t]).astype(F32)
         du = delta * uu
         y = dskip * uu
@@ -213,7 +238,7 @@ def _ss_fwd_call(cfg: _SSCfg, u, dt, z, bm, cm, bias, dskip, a2t, h0t):
           y = y + h[j] * cm_s[t, j]
         if cfg.has_z:
           zz = vec(smem["z"].at[slot, t]).astype(F32)
-          y = y * (zz * jax.nn.sigmoid(zz))
+          y = y * (zz * _sigmoid_fast(zz))
         refs["y"][bi, n * CHUNK + t, cols] = y.astype(refs["y"].dtype)
         return tuple(h)
 
@@ -546,6 +571,7 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
   cotangent entering segment s is gloc[s - 1] + decay[s - 1] * (the one at its end)."""
   N, per = cfg.n_state, cfg.seq_len // BWD_TILE // segments
   interp = cfg.interpret
+  fast = cfg.bwd_variant >= 2  # reciprocals by rsqrt (v1 keeps its divisions, for A/B)
   tile_names = ["dt", "dout"] + (["z"] if cfg.has_z else [])
   arrays = dict(dt=dt, z=z, dout=dout, cm=cm)
   per_stage = sum(BWD_TILE * BLOCK_D * arrays[k].dtype.itemsize for k in tile_names) + BWD_TILE * N * 4
@@ -587,11 +613,11 @@ def _ss_seg_call(cfg: _SSCfg, segments: int, dt, z, dout, cm, bias, a2t):
         g, sumd = carry
         t = BWD_TILE - 1 - k
         x = vec(smem["dt"].at[slot, t]).astype(F32) + bias
-        delta = _softplus(x) if cfg.softplus else x
+        delta = (_softplus_fast if fast else _softplus)(x) if cfg.softplus else x
         dy = vec(smem["dout"].at[slot, t]).astype(F32)
         if cfg.has_z:
           zz = vec(smem["z"].at[slot, t]).astype(F32)
-          dy = dy * (zz * jax.nn.sigmoid(zz))
+          dy = dy * (zz * (_sigmoid_fast if fast else jax.nn.sigmoid)(zz))
         g = tuple((g[j] + dy * smem["cm"][slot, t, j]) * jnp.exp2(delta * a2[j]) for j in range(N))
         return g, sumd + delta
 
@@ -926,7 +952,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
 
       def cache_delta(t):
         x = x_of(t)
-        delta = _softplus(x) if cfg.softplus else x
+        delta = _softplus_fast(x) if cfg.softplus else x
         dcache[t, :] = delta
         return delta
 
@@ -960,7 +986,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
           for j in range(N):
             y = y + ht[j] * ct[j]
           zz = vec(tiles["z"].at[t]).astype(F32)
-          sgm = jax.nn.sigmoid(zz)
+          sgm = _sigmoid_fast(zz)
           dy = dout * (zz * sgm)
           refs["dz"][bi, pos, cols] = (dout * y * (sgm * (1.0 + zz * (1.0 - sgm)))).astype(
               refs["dz"].dtype)
@@ -981,7 +1007,7 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
         ddelta = d_dec_a * _LN2 + d_du * uu
         if cfg.softplus:
           x = x_of(t)
-          ddelta = ddelta * jnp.where(x > 20.0, 1.0, jax.nn.sigmoid(x))
+          ddelta = ddelta * jnp.where(x > 20.0, 1.0, _sigmoid_fast(x))
         refs["ddt"][bi, pos, cols] = ddelta.astype(refs["ddt"].dtype)
         refs["du"][bi, pos, cols] = (dy * dskip + d_du * delta).astype(refs["du"].dtype)
         if not cfg.softplus and 0 < cfg.true_len < cfg.seq_len:
