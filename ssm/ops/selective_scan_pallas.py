@@ -38,8 +38,9 @@ profile, except where a measurement is named):
   and writes 6 B plus the per-block dB/dC partials (2N * 4 / 128 = 1 B, summed by XLA:
   1 B more); the pre-pass reads delta, dout, z (6 B) on (S - 1) / S of the tokens (S = 8
   at this shape: 5.25 B). About 25 B in all, 630 MB per layer at B 8: 0.15 ms at 4 TB/s,
-  against ~0.8 ms measured (31.9% of the two-layer step at B 16, results/train_step_h200.txt;
-  0.54 ms at B 4, results/pallas_scan_h100.txt). Not bandwidth-bound (~5x off).
+  against ~0.8 ms measured (1.64 ms per layer at B 16 x 2048: 31.9% of the 10.28 ms
+  two-layer step, results/train_step_h200.txt call D; fwd+bwd - fwd = 0.54 ms at B 4,
+  results/pallas_scan_h100.txt). Not bandwidth-bound (~5x off).
 * Instructions (warp instructions per warp-token, i.e. 32 channels x 1 token), v1: pass 3,
   the adjoint, ~456 (9 per state for the adjoint itself: 144; the dB/dC butterfly: 31
   shuffles + 31 adds + 62 selects; N loads each of h, B, C; the decays N exp2 and the
@@ -55,10 +56,11 @@ profile, except where a measurement is named):
 * Serial dependency per CTA: L / S = 256 tokens (16 tiles) in order; within a token the N
   states are independent (16-way ILP), but v1 ran pass 3 one token per loop iteration,
   each ending in the butterfly's 5 dependent shuffle rounds (~125 cycles) at a back edge.
-* Parallelism: 12 x 8 = 96 CTAs of 4 warps; two fit an SM (shared memory ~110 KB, ~190
-  registers a thread), i.e. 8 warps per SM, 2 per scheduler: little latency hiding, which
+* Parallelism: 12 x 8 = 96 CTAs of 4 warps; two fit an SM (shared memory ~110 KB; 194
+  registers a thread in the last Nsight Compute profile, of an earlier version), i.e. 8
+  warps per SM, 2 per scheduler: little latency hiding, which
   is why the instruction stream has to be dense. S = 8 gives 768 CTAs over 264 slots (2.9
-  waves); the pre-pass costs ~13% of the instructions for that parallelism.
+  waves); the pre-pass costs ~11% of the instructions for that parallelism.
 
 So the lever is instructions per token, not bytes. v2 (`_ss_bwd_call_v2`): delta
 (softplus) once per token in pass 1 into a shared-memory cache (passes 2 and 3 read it:
