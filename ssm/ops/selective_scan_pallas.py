@@ -867,6 +867,11 @@ def _ss_bwd_call_v2(cfg: _SSCfg, segments: int, u, dt, z, dout, bm, cm, bias, ds
   * Pass 3 is unrolled over the SUB tokens of a sub-tile (static token and history
     offsets, and the scheduler may overlap one token's warp-sum shuffles with the next
     token's arithmetic).
+  * Softplus and the sigmoids divide by rsqrt(y)^2 (`_recip_pos`), here and in the
+    pre-pass; the tile's dB/dC sums go out by a double-buffered TMA store, not waited for.
+  * cfg.bwd_variant == 3 and N == 16: every lane works in a rotated state order and the
+    dB/dC warp sums need no selects (`_RotRow`); A, the entering cotangents and the
+    saved states are read in that order, dA and dh0 put back in XLA.
   """
   N, nt, bsz, dim = cfg.n_state, cfg.seq_len // BWD_TILE, cfg.batch, cfg.dim
   per = nt // segments
