@@ -69,6 +69,17 @@ def scan_cases():
             s((2, 256, 1, 16), f32), s((2, 256, 1, 16), f32))
   yield "selective_scan f32 fwd", sel, shapes
   yield "selective_scan f32 fwd+bwd", _loss_grad(sel, (0, 1, 2, 3, 4)), shapes
+  # Mamba's call in bf16 (z gate, D, delta_bias), every backward variant (v1 kept for A/B).
+  for variant in (3, 2, 1):
+    def mamba(u, dt, a, b, c, d, z, bias, variant=variant):
+      return selective_scan_pallas.selective_scan_pallas(
+          u, dt, a, b, c, d, z=z, delta_bias=bias, delta_softplus=True, interpret=False,
+          bwd_segments=2, bwd_variant=variant)
+    mshapes = (s((2, 256, 128), bf16), s((2, 256, 128), bf16), s((128, 16), f32),
+               s((2, 256, 1, 16), f32), s((2, 256, 1, 16), f32), s((128,), f32),
+               s((2, 256, 128), bf16), s((128,), f32))
+    yield (f"selective_scan bf16 z bwd v{variant} fwd+bwd",
+           _loss_grad(mamba, tuple(range(8))), mshapes)
 
 
 def conv_cases():

@@ -72,7 +72,7 @@ def _ss_inputs(rng, bsz, seq_len, dim, n, groups):
               delta_bias=0.3 * f(dim), h0=f(bsz, dim, n))
 
 
-def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
+def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None, bwd_variant=None):
   names = ["u", "delta", "A", "B", "C", "D", "delta_bias"] + (["z"] if use_z else []) + (
       ["h0"] if use_h0 else [])
   if not softplus:  # dt = delta + bias must stay >= 0 (else exp(dt A) > 1 and the state explodes)
@@ -81,10 +81,11 @@ def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
   def run(impl):
     def fn(*args):
       kw = dict(zip(names, args))
-      if impl == "pallas" and bwd_segments:
+      if impl == "pallas" and (bwd_segments or bwd_variant):
         return selective_scan_pallas.selective_scan_pallas(
             kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), kw.pop("D"),
-            delta_softplus=softplus, interpret=True, bwd_segments=bwd_segments, **kw)
+            delta_softplus=softplus, interpret=True, bwd_segments=bwd_segments,
+            bwd_variant=bwd_variant, **kw)
       return selective_scan(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
                             kw.pop("D"), delta_softplus=softplus, return_state=True,
                             chunk_size=16, impl=impl, **kw)
@@ -104,25 +105,37 @@ def _ss_check(x, softplus, use_z, use_h0, bwd_segments=None):
     assert rel(d, d_ref) < 1e-5, (name, rel(d, d_ref))
 
 
-def test_selective_scan_kernel_matches_xla():
-  """Three tiles (odd length), softplus, z gate, D skip, bias, h0, N = 4."""
+@pytest.mark.parametrize("bwd_variant", [None, 1])
+def test_selective_scan_kernel_matches_xla(bwd_variant):
+  """Three tiles (odd length), softplus, z gate, D skip, bias, h0, N = 4; the default
+  backward (v2) and the previous one (bwd_variant=1, kept for A/B timing)."""
   x = _ss_inputs(np.random.default_rng(5), 1, 70, 128, 4, 1)
-  _ss_check(x, softplus=True, use_z=True, use_h0=True)
+  _ss_check(x, softplus=True, use_z=True, use_h0=True, bwd_variant=bwd_variant)
 
 
-def test_selective_scan_kernel_backward_in_segments():
+@pytest.mark.parametrize("bwd_variant", [None, 1])
+def test_selective_scan_kernel_backward_in_segments(bwd_variant):
   """The backward split into 3 parallel pieces per sequence (96 tokens, N = 8: two tokens per
   row of warp sums) equals the XLA gradients: the pre-pass adjoints chain exactly."""
   x = _ss_inputs(np.random.default_rng(7), 2, 96, 128, 8, 1)
-  _ss_check(x, softplus=True, use_z=True, use_h0=True, bwd_segments=3)
+  _ss_check(x, softplus=True, use_z=True, use_h0=True, bwd_segments=3, bwd_variant=bwd_variant)
 
 
 @pytest.mark.slow
-def test_selective_scan_kernel_groups_n16_no_softplus():
+@pytest.mark.parametrize("bwd_variant", [None, 3])
+def test_selective_scan_kernel_groups_n16_no_softplus(bwd_variant):
   """Two groups of 128 channels, N = 16 (Mamba's), delta + bias without softplus,
   no z, no h0; 40 tokens (a padded second tile)."""
   x = _ss_inputs(np.random.default_rng(6), 1, 40, 256, 16, 2)
-  _ss_check(x, softplus=False, use_z=False, use_h0=False)
+  _ss_check(x, softplus=False, use_z=False, use_h0=False, bwd_variant=bwd_variant)
+
+
+@pytest.mark.parametrize("bwd_variant", [2, 3])
+def test_selective_scan_kernel_n16_segments(bwd_variant):
+  """N = 16 with softplus, z, h0 and two segments: v2 and v3 (v3's rotated state order and
+  select-free dB/dC sums exist only at N = 16)."""
+  x = _ss_inputs(np.random.default_rng(13), 1, 64, 128, 16, 1)
+  _ss_check(x, softplus=True, use_z=True, use_h0=True, bwd_segments=2, bwd_variant=bwd_variant)
 
 
 def test_selective_scan_kernel_bf16():
@@ -138,6 +151,37 @@ def test_selective_scan_kernel_bf16():
                                    h0=xf["h0"], return_state=True, impl="xla")
   assert rel(last, last_ref) < 1e-5
   assert rel(y.astype(jnp.float32), y_ref) < 4e-3
+
+
+@pytest.mark.parametrize("bwd_variant", [3, 2, 1])
+def test_selective_scan_kernel_bf16_gradients(bwd_variant):
+  """bf16 u, delta, z and cotangent (Mamba's mixed-precision call), N = 16, two segments:
+  every gradient against the float32 XLA path on the same rounded inputs. du, ddelta and dz
+  come back in bf16 (one rounding: ~2e-3), the rest in float32."""
+  x = _ss_inputs(np.random.default_rng(9), 1, 64, 128, 16, 1)
+  names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"]
+  low = ("u", "delta", "z")
+  xb = {k: (v.astype(jnp.bfloat16) if k in low else v) for k, v in x.items()}
+
+  def kernel(u, delta, A, B, C, D, z, bias, h0):
+    return selective_scan_pallas.selective_scan_pallas(
+        u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, h0=h0,
+        interpret=True, bwd_segments=2, bwd_variant=bwd_variant)
+
+  def ref(u, delta, A, B, C, D, z, bias, h0):
+    return selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True,
+                          h0=h0, return_state=True, chunk_size=16, impl="xla")
+
+  rng = np.random.default_rng(12)
+  ct_y = jnp.asarray(rng.standard_normal((1, 64, 128)), jnp.bfloat16)
+  ct_h = jnp.asarray(rng.standard_normal((1, 128, 16)), jnp.float32)
+  got = grads(kernel, tuple(xb[k] for k in names), (ct_y, ct_h))
+  want = grads(ref, tuple(xb[k].astype(jnp.float32) for k in names),
+               (ct_y.astype(jnp.float32), ct_h), jit=True)
+  for name, d, d_ref in zip(names, got, want):
+    assert d.dtype == xb[name].dtype, name
+    tol = 8e-3 if name in low else 1e-4
+    assert rel(d.astype(jnp.float32), d_ref) < tol, (name, rel(d.astype(jnp.float32), d_ref))
 
 
 @pytest.mark.parametrize("kw,match", [
