@@ -62,7 +62,7 @@ profile, except where a measurement is named):
   is why the instruction stream has to be dense. S = 8 gives 768 CTAs over 264 slots (2.9
   waves); the pre-pass costs ~11% of the instructions for that parallelism.
 
-So the lever is instructions per token, not bytes. v2 (`_ss_bwd_call_v2`): delta
+So the lever looked like instructions per token, not bytes. v2 (`_ss_bwd_call_v2`): delta
 (softplus) once per token in pass 1 into a shared-memory cache (passes 2 and 3 read it:
 ~24 fewer); the history holds the state after each token, so pass 3 reads h_t instead of
 rebuilding it and the dA/ddelta term is gh (h_t - du B_t) (2N = 32 fewer); the last
@@ -74,8 +74,11 @@ divisions of softplus and the sigmoids (IEEE div.rn / rcp.rn, ~8 instructions ea
 rsqrt(y)^2 (`_recip_pos`: one MUFU op; also in v2's pre-pass and in the forward, which all
 variants share). About -85 instructions (-12%) and -13% MUFU per warp-token. v3 adds, at
 N = 16, the rotated state order of `_RotRow`: the dB/dC sums without selects (-60 more,
-~-20% against v1). These are instruction counts read off the code, not measurements:
-scripts/gpu/ss_bwd_ab.py times the three variants on the device.
+~-20% against v1). These are instruction counts read off the code. Measured (H200,
+2026-12-03, bf16, this shape; results/README.md): v3's backward 0.943 ms against v1's 0.987
+(1.05x for ~8% fewer instructions than v2's count), so at 8 warps per SM latency binds more
+than issue slots; v2 unmeasured. BWD_VARIANT stays 1 until v2/v3 are timed and checked
+against XLA on the GPU in f32 and bf16 (scripts/gpu/ss_check.py).
 Left for later: splitting N over two warpgroups (twice the warps per SM, at the price of
 duplicated per-channel work), the f32 tiles' single prefetch stage (f32 only), and the
 segment count's cost model (scripts/gpu/ss_bwd_ab.py --segments sweeps it).
@@ -110,7 +113,9 @@ BWD_TILE = 16  # tokens per tile of the backward (the forward saves a state each
 SUB = 4  # tokens per history sub-tile in the backward
 _BWD_SMEM = 110 * 1024  # two backward CTAs per SM (228 KB, 1 KB reserved per CTA)
 SS_STATES = (4, 8, 16)
-BWD_VARIANT = 2  # the backward kernel by default: 2 `_ss_bwd_call_v2`, 1 `_ss_bwd_call`
+# The backward kernel by default: 1 `_ss_bwd_call` (the one checked against XLA on the GPU);
+# 3 measured 1.05x faster on the H200 in bf16, 2 unmeasured there (results/README.md).
+BWD_VARIANT = 1
 _WARP = 32
 _WARPS = BLOCK_D // _WARP
 _LOG2E = math.log2(math.e)
