@@ -23,7 +23,8 @@ bf16 inputs go through float32 there (torch's FFT has no bf16). --rows-jsonl app
 each row as one JSON line when it lands (a timeout loses nothing); --make-auto turns
 such rows into the table that fft_conv(impl="auto") reads (ssm/ops/fft_conv_auto.json:
 the FFT sizes where the kernel beat jnp.fft forward AND forward+backward, per device
-kind and dtype). Last, S4D layers (models.build_mixer("s4d", ...)) forward+backward
+kind and dtype). --bank: the LTI layers' bank (fft_conv_bank_xla) at the ListOps and
+Text S4D shapes, method "fft" (forward transforms only) against "irfft". Last, S4D layers (models.build_mixer("s4d", ...)) forward+backward
 with impl "xla" vs "pallas": a causal B16 L4096 H256 one and the ListOps recipe's
 bidirectional B50 L2000 H128 N64 one.
 Targets on the H200 at B=8, H=1024: every L, fwd and fwd+bwd >= 1.5x faster than
@@ -163,6 +164,40 @@ def bench_torch(torch, b, seq_len, h, dtype, warmup, iters) -> dict:
   del u, k, dy
   torch.cuda.empty_cache()
   return row
+
+
+# The LTI layers' bank (fft_conv_bank_xla) at the LRA recipes' shapes: (name, B, L, H),
+# one two-sided kernel per channel (bidirectional S4D, kernel length L).
+BANK_SHAPES = (("listops s4d", 50, 2000, 128), ("text s4d", 16, 4096, 256))
+
+
+def bench_bank(name, b, seq_len, h, warmup, iters) -> list[dict]:
+  """fft_conv_bank_xla forward and forward+backward (du, dk_causal, dk_anticausal), method
+  "fft" (forward transforms only, custom VJP) against "irfft" (jnp.fft.irfft, autodiff)."""
+  from ssm.ops.fft_conv import fft_conv_bank_xla
+  ks = jax.random.split(jax.random.key(5), 4)
+  u = jax.random.normal(ks[0], (b, seq_len, h), jnp.float32)
+  kc, ka = (jax.random.normal(k, (1, h, seq_len), jnp.float32) / seq_len ** 0.5 for k in ks[1:3])
+  dy = jax.random.normal(ks[3], (b, seq_len, 1, h), jnp.float32)
+  rows, outs = [], {}
+  for method in ("irfft", "fft"):
+    f = functools.partial(fft_conv_bank_xla, method=method)
+    fwd = jax.jit(f)
+    @jax.jit
+    def fwd_bwd(u, kc, ka, dy, f=f):  # the output too, as a training step needs it
+      y, vjp = jax.vjp(f, u, kc, ka)
+      return y, *vjp(dy)
+
+    outs[method] = fwd_bwd(u, kc, ka, dy)
+    t_f = time_fn_pipelined(fwd, u, kc, ka, calls=iters, repeats=3, warmup=warmup)
+    t_fb = time_fn_pipelined(fwd_bwd, u, kc, ka, dy, calls=iters, repeats=3, warmup=warmup)
+    rows.append({"bank": name, "B": b, "L": seq_len, "H": h, "method": method,
+                 "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb})
+  errs = [rel(a, r) for a, r in zip(outs["fft"], outs["irfft"])]
+  rows[-1].update({"err y": errs[0], "err du": errs[1], "err dk": max(errs[2:])})
+  rows[-1]["speed-up"] = (f"x{rows[0]['fwd ms'] / rows[1]['fwd ms']:.2f} / "
+                          f"x{rows[0]['fwd+bwd ms'] / rows[1]['fwd+bwd ms']:.2f}")
+  return rows
 
 
 def bench_layer(b, seq_len, d_model, warmup, iters, **options) -> list[dict]:
@@ -334,6 +369,8 @@ def main(argv=None):
   parser.add_argument("--iters", type=int, default=None)
   parser.add_argument("--layers", choices=("on", "off", "only"), default="on",
                       help="the S4D layer comparison (split a GPU session across calls)")
+  parser.add_argument("--bank", choices=("on", "off", "only"), default="on",
+                      help="the LTI layers' bank, forward FFTs only vs irfft")
   parser.add_argument("--check-len", type=int, default=None,
                       help="length of the full-size correctness check (0: skip; default 8192)")
   parser.add_argument("--check-classes", action="store_true",
@@ -372,8 +409,21 @@ def main(argv=None):
     ok = check_classes(dtypes, status_path=args.status)
     print("check-classes:", "all ok" if ok else "FAILURES", flush=True)
     return ok
-  if args.layers == "only":
+  if "only" in (args.layers, args.bank):
     lengths, dtypes = {}, []
+  bank_rows = []
+  if args.bank != "off":
+    shapes = [(n, 2, 100, 8) for n, *_ in BANK_SHAPES[:1]] if quick else BANK_SHAPES
+    for shape in shapes:
+      bank_rows += bench_bank(*shape, warmup, iters)
+      print(f"  bank {shape}: {bank_rows[-1]['speed-up']} fwd / fwd+bwd", flush=True)
+  bank_table = functools.partial(
+      print_table, bank_rows, ["bank", "B", "L", "H", "method", "fwd ms", "fwd+bwd ms", "err y",
+                               "err du", "err dk", "speed-up"],
+      title=f"fft_conv_bank_xla (the LTI layers' convolution), f32, {device_name()}")
+  if args.bank == "only":
+    bank_table()
+    return bank_rows
   # 1. correctness at benchmark size (the headline shape), loud on NaN
   check_len = args.check_len if args.check_len is not None else (256 if quick else 8192)
   if check_len:
@@ -438,6 +488,9 @@ def main(argv=None):
     print()
     print_table(layer_rows, ["layer", "B", "L", "H", "impl", "fwd+bwd ms", "err dx"],
                 title="S4D mixer (build_mixer('s4d', H, impl=...)), forward+backward")
+  if bank_rows:
+    print()
+    bank_table()
   head = [r for r in rows if r["L"] == 8192 and r["dtype"] == "float32" and r["impl"] == "pallas"]
   if head:
     print(f"\nheadline B=8 H=1024 L=8192 f32: fwd {head[0]['fwd ms']:.3f} ms (target <= 1.0), "

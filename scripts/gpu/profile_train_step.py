@@ -1,7 +1,8 @@
 r"""Time one config's train step and list where the device time goes (run on a GPU).
 
     python scripts/gpu/profile_train_step.py --config=configs/lra/listops.py:s4d \
-        --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25]
+        --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25] \
+        [--bank_method=fft|irfft]
 
 Builds the trainer exactly as `python -m train` does (same model, optimizer, jitted
 step), takes one batch from the training loader, and reports:
@@ -22,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]",
 _STEPS = flags.DEFINE_integer("steps", 20, "steps per timing")
 _TRACE = flags.DEFINE_string("trace_dir", None, "write a profiler trace here and summarise it")
 _TOP = flags.DEFINE_integer("top", 25, "device ops listed from the trace")
+_BANK = flags.DEFINE_enum("bank_method", None, ["fft", "irfft"],
+                          "the LTI layers' bank method (ssm.ops.fft_conv.BANK_METHOD)")
 
 
 def main(argv):
@@ -33,6 +36,10 @@ def main(argv):
   from train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from train.trainer import Trainer, validate_config  # pylint: disable=import-outside-toplevel
 
+  if _BANK.value:
+    import importlib  # pylint: disable=import-outside-toplevel
+    # the module (ssm.ops re-exports the function fft_conv under the same name)
+    importlib.import_module("ssm.ops.fft_conv").BANK_METHOD = _BANK.value
   config = _CONFIG.value
   validate_config(config)
   mesh = sharding_lib.make_mesh(config.train.mesh)

@@ -11,8 +11,11 @@ only at the (device kind, dtype, FFT size) where it measured faster than jnp.fft
 (ssm/ops/fft_conv_auto.json), else XLA.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssm._checks import check_float
 from ssm.ops._impl import choose_impl, interpret_mode
@@ -48,21 +51,95 @@ def fft_conv_xla(u, k, *, circular: bool = False):
   return y.astype(u.dtype)
 
 
-def two_sided_kernel(k_causal, k_anticausal, n: int):
-  """(..., lk) causal and anti-causal kernels -> one length-n circular kernel (float32):
+def two_sided_kernel(k_causal, k_anticausal, n: int, dtype=jnp.float32):
+  """(..., lk) causal and anti-causal kernels -> one length-n circular kernel in `dtype`:
   index s <- k_causal[s], index (n - s) mod n <- k_anticausal[s]. Circular convolution of
   a sequence zero-padded to n >= L + lk - 1 with it gives both sums without wrap-around."""
   lk = k_causal.shape[-1]
   pad = [(0, 0)] * (k_causal.ndim - 1) + [(0, n - lk)]
-  kern = jnp.pad(k_causal.astype(jnp.float32), pad)
+  kern = jnp.pad(k_causal.astype(dtype), pad)
   if k_anticausal is None:
     return kern
-  ka = k_anticausal.astype(jnp.float32)
+  ka = k_anticausal.astype(dtype)
   return kern + jnp.concatenate(
-      [ka[..., :1], jnp.zeros(ka.shape[:-1] + (n - lk,), jnp.float32), ka[..., :0:-1]], axis=-1)
+      [ka[..., :1], jnp.zeros(ka.shape[:-1] + (n - lk,), dtype), ka[..., :0:-1]], axis=-1)
 
 
-def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
+# -- the bank's transforms: forward FFTs only --------------------------------------------
+#
+# XLA lowers irfft on GPU to cuFFT's c2r plus two more passes over the spectrum: a copy
+# (c2r overwrites its input) and cuBLAS's scaling kernel for the 1/n; in the ListOps S4D
+# step profile (results/lra_step_profile_h100.txt) those two took 14% of the step, as much
+# as the c2r itself. The bank below never calls irfft: a real inverse of size n is one
+# forward complex FFT of size n/2 of the packed half spectrum (even samples in the real
+# part, odd ones in the imaginary part), unscaled, and the 1/n rides on the kernel's
+# spectrum, which is (c, h, n/2+1) and computed once per call.
+
+def _real_inverse_unscaled(y_f, n: int):
+  """n * irfft(y_f, n) along the last axis with one forward FFT of size n/2.
+
+  Args:
+    y_f: (..., n // 2 + 1) complex half spectrum of a real length-n signal; n even.
+
+  Returns:
+    (..., n) real: y[t] = sum_{k < n} Y[k] exp(2 pi i k t / n), Y Hermitian-extended.
+
+  With m = n/2, E[k] = Y[k] + conj(Y[m - k]) and O[k] = (Y[k] - conj(Y[m - k]))
+  exp(2 pi i k / n) are 2x the length-m spectra of y's even and odd samples, so
+  sum_k (E + i O)[k] exp(2 pi i k j / m) = n (y[2j] + i y[2j + 1]); that inverse sum is
+  conj(fft(conj(E + i O))).
+  """
+  m = n // 2
+  real = jnp.finfo(y_f.dtype).dtype
+  lo, hi = y_f[..., :m], jnp.conj(y_f[..., m:0:-1])             # Y[k], conj(Y[m - k])
+  twiddle = jnp.asarray(np.exp(2j * np.pi * np.arange(m) / n), y_f.dtype)
+  z = jnp.fft.fft(jnp.conj((lo + hi) + 1j * (lo - hi) * twiddle), axis=-1)
+  return jnp.stack([z.real, -z.imag], axis=-1).reshape(*y_f.shape[:-1], n).astype(real)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bank_conv(u_t, kern, seq_len: int):
+  """u_t (b, h, l) zero-padded to n inside, kern (c, h, n) circular -> (b, c, h, seq_len)."""
+  return _bank_conv_fwd(u_t, kern, seq_len)[0]
+
+
+def _bank_conv_fwd(u_t, kern, seq_len):
+  n = kern.shape[-1]
+  u_f = jnp.fft.rfft(u_t, n=n, axis=-1)                            # (b, h, n/2+1)
+  k_f = jnp.fft.rfft(kern, axis=-1) / n                            # (c, h, n/2+1), 1/n here
+  y = _real_inverse_unscaled(u_f[:, None] * k_f[None], n)[..., :seq_len]
+  return y, (u_f, k_f)
+
+
+def _bank_conv_bwd(seq_len, res, g):
+  """Correlations, by the same transforms: du = sum_c g (*) k, dk = sum_b g (*) u (the
+  spectra conjugated); k_f already carries 1/n, dk's inverse takes it at the end."""
+  u_f, k_f = res
+  n = 2 * (k_f.shape[-1] - 1)
+  g_f = jnp.fft.rfft(g, n=n, axis=-1)                              # (b, c, h, n/2+1)
+  du = _real_inverse_unscaled(jnp.sum(g_f * jnp.conj(k_f)[None], axis=1), n)[..., :seq_len]
+  dk = _real_inverse_unscaled(jnp.sum(g_f * jnp.conj(u_f)[:, None], axis=0), n) / n
+  return du, dk
+
+
+_bank_conv.defvjp(_bank_conv_fwd, _bank_conv_bwd)
+
+
+def _bank_reference(u, kern, seq_len):
+  """The bank by jnp.fft.rfft / irfft and autodiff (method="irfft"): (b, l, c, h)."""
+  n = kern.shape[-1]
+  u_f = jnp.fft.rfft(u, n=n, axis=1)                               # (b, nf, h)
+  k_f = jnp.moveaxis(jnp.fft.rfft(kern, axis=-1), -1, 0)           # (nf, c, h)
+  return jnp.fft.irfft(u_f[:, :, None, :] * k_f[None], n=n, axis=1)[:, :seq_len]
+
+
+# The bank's default method: a module constant so that a benchmark or profile can time
+# both methods of a whole model in one process (scripts/gpu/profile_train_step.py
+# --bank_method); set it before the model's functions are traced.
+BANK_METHOD = "fft"
+
+
+def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = None):
   """A bank of c kernels per channel, causal plus optional anti-causal, in one FFT pair.
 
       y[b, t, i, h] = sum_{s < lk} k_causal[i, h, s] u[b, t - s, h]
@@ -75,9 +152,12 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
 
   Args:
     u: (b, l, h); k_causal: (c, h, lk); k_anticausal: None or (c, h, lk); lk <= l.
+    method: None (BANK_METHOD, "fft"), "fft": forward FFTs only (`_real_inverse_unscaled`), channels last
+      in the transforms, a custom VJP whose backward is the same three transforms;
+      "irfft": jnp.fft.rfft / irfft along the time axis and autodiff (the reference).
 
   Returns:
-    (b, l, c, h) float32.
+    (b, l, c, h), float32 (float64 for float64 inputs).
   """
   check_float("fft_conv_bank_xla", u=u, k_causal=k_causal, k_anticausal=k_anticausal)
   if u.ndim != 3 or k_causal.ndim != 3 or k_causal.shape[1] != u.shape[2]:
@@ -86,14 +166,19 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None):
   if k_anticausal is not None and k_anticausal.shape != k_causal.shape:
     raise ValueError(f"fft_conv_bank_xla: anti-causal kernels {k_anticausal.shape} must match "
                      f"the causal ones {k_causal.shape}")
+  method = BANK_METHOD if method is None else method
+  if method not in ("fft", "irfft"):
+    raise ValueError(f"fft_conv_bank_xla: method must be 'fft' or 'irfft', got {method!r}")
   seq_len, lk = u.shape[1], k_causal.shape[2]
   if not 1 <= lk <= seq_len:
     raise ValueError(f"fft_conv_bank_xla: kernel length {lk} must be in [1, {seq_len}]")
-  n = _fft_size(seq_len + lk - 1)
-  kern = two_sided_kernel(k_causal, k_anticausal, n)
-  u_f = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)              # (b, nf, h)
-  k_f = jnp.moveaxis(jnp.fft.rfft(kern, axis=-1), -1, 0)              # (nf, c, h)
-  return jnp.fft.irfft(u_f[:, :, None, :] * k_f[None], n=n, axis=1)[:, :seq_len]
+  n = max(2, _fft_size(seq_len + lk - 1))                          # even, for the packing
+  dtype = jnp.float64 if jnp.float64 in (u.dtype, k_causal.dtype) else jnp.float32
+  kern = two_sided_kernel(k_causal, k_anticausal, n, dtype)        # (c, h, n)
+  if method == "irfft":
+    return _bank_reference(u.astype(dtype), kern, seq_len)
+  y = _bank_conv(jnp.swapaxes(u.astype(dtype), 1, 2), kern, seq_len)  # (b, c, h, l)
+  return jnp.moveaxis(y, 3, 1)
 
 
 def fft_conv(u: jax.Array, k: jax.Array, *, D: jax.Array | None = None,
