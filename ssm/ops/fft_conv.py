@@ -9,6 +9,10 @@ whatever the input dtype; the output has u's dtype. The Pallas path (impl="palla
 the Monarch-FFT kernel in ssm/ops/fft_conv_pallas.py; "auto" takes it on a Hopper GPU
 only at the (device kind, dtype, FFT size) where it measured faster than jnp.fft
 (ssm/ops/fft_conv_auto.json), else XLA.
+
+`fft_conv_bank_xla` is the LTI layers' path: every channel and both directions of a layer
+from one transform of u, with no inverse FFT (each real inverse is a forward complex FFT
+of half size; see the comment above `_real_inverse_unscaled`) and a custom VJP.
 """
 
 import functools
