@@ -24,9 +24,9 @@ each row as one JSON line when it lands (a timeout loses nothing); --make-auto t
 such rows into the table that fft_conv(impl="auto") reads (ssm/ops/fft_conv_auto.json:
 the FFT sizes where the kernel beat jnp.fft forward AND forward+backward, per device
 kind and dtype). --bank: the LTI layers' bank (fft_conv_bank_xla) at the ListOps and
-Text S4D shapes, method "fft" (forward transforms only) against "irfft". Last, S4D layers (models.build_mixer("s4d", ...)) forward+backward
-with impl "xla" vs "pallas": a causal B16 L4096 H256 one and the ListOps recipe's
-bidirectional B50 L2000 H128 N64 one.
+Text S4D shapes, method "fft" (forward transforms only) against "irfft". Last, S4D
+layers (models.build_mixer("s4d", ...)) forward+backward with impl "xla" vs "pallas":
+a causal B16 L4096 H256 one and the ListOps recipe's bidirectional B50 L2000 H128 N64 one.
 Targets on the H200 at B=8, H=1024: every L, fwd and fwd+bwd >= 1.5x faster than
 jnp.fft; L=8192 f32: fwd <= 1.0 ms, fwd+bwd <= 2.0 ms.
 """
@@ -183,6 +183,7 @@ def bench_bank(name, b, seq_len, h, warmup, iters) -> list[dict]:
   for method in ("irfft", "fft"):
     f = functools.partial(fft_conv_bank_xla, method=method)
     fwd = jax.jit(f)
+
     @jax.jit
     def fwd_bwd(u, kc, ka, dy, f=f):  # the output too, as a training step needs it
       y, vjp = jax.vjp(f, u, kc, ka)

@@ -156,9 +156,10 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = No
 
   Args:
     u: (b, l, h); k_causal: (c, h, lk); k_anticausal: None or (c, h, lk); lk <= l.
-    method: None (BANK_METHOD, "fft"), "fft": forward FFTs only (`_real_inverse_unscaled`), channels last
-      in the transforms, a custom VJP whose backward is the same three transforms;
-      "irfft": jnp.fft.rfft / irfft along the time axis and autodiff (the reference).
+    method: None takes BANK_METHOD ("fft"). "fft": forward FFTs only
+      (`_real_inverse_unscaled`), time as the transforms' last axis, a custom VJP whose
+      backward is the same transforms; "irfft": jnp.fft.rfft / irfft along axis 1 and
+      autodiff (the reference).
 
   Returns:
     (b, l, c, h), float32 (float64 for float64 inputs).
@@ -177,7 +178,8 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = No
   if not 1 <= lk <= seq_len:
     raise ValueError(f"fft_conv_bank_xla: kernel length {lk} must be in [1, {seq_len}]")
   n = max(2, _fft_size(seq_len + lk - 1))                          # even, for the packing
-  dtype = jnp.float64 if jnp.float64 in (u.dtype, k_causal.dtype) else jnp.float32
+  kernels = (k_causal,) if k_anticausal is None else (k_causal, k_anticausal)
+  dtype = jnp.promote_types(jnp.result_type(u, *kernels), jnp.float32)  # f32, or f64
   kern = two_sided_kernel(k_causal, k_anticausal, n, dtype)        # (c, h, n)
   if method == "irfft":
     return _bank_reference(u.astype(dtype), kern, seq_len)
