@@ -170,6 +170,19 @@ def hlo_op_summaries(hlo_text: str, names) -> dict[str, str]:
   return out
 
 
+def optimized_hlo(dump_dir: str | None) -> str | None:
+  """The newest train step's optimized HLO text in an XLA dump folder (None if absent): run
+  with XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_module_re=.*train_step.*"."""
+  if not dump_dir:
+    return None
+  paths = glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt"))
+  if not paths:
+    print(f"no *train_step*after_optimizations.txt under {dump_dir}")
+    return None
+  with open(max(paths, key=os.path.getmtime)) as f:
+    return f.read()
+
+
 def summarise_trace(trace_dir: str, steps: int, top: int = 25, hlo_text: str | None = None) -> None:
   """Print the device time per op name of the newest Perfetto trace under trace_dir
   (written by jax.profiler.trace(..., create_perfetto_trace=True) around `steps` steps):

@@ -3,6 +3,7 @@
     python -m benchmarks.lti_layers              # full sizes (a GPU; via the device tool)
     python -m benchmarks.lti_layers --quick      # tiny sizes, a CPU smoke run
     python -m benchmarks.lti_layers --layers s4d,sgconv --batch 8
+    python -m benchmarks.lti_layers --layers s4d --s4d_vandermonde plain   # the old kernel
 
 For each layer and (H, N, L), all jit-compiled with the parameters passed as
 arguments (never closed over, so XLA cannot constant-fold the kernel), on the
@@ -97,7 +98,12 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated subset")
   parser.add_argument("--batch", type=int, default=None, help="batch size (8; 2 with --quick)")
   parser.add_argument("--iters", type=int, default=None, help="timed calls (20; 3 with --quick)")
+  parser.add_argument("--s4d_vandermonde", choices=("blocked", "plain"), default=None,
+                      help="how S4D generates its kernel (ssm.s4d.VANDERMONDE)")
   args = parser.parse_args(argv)
+  if args.s4d_vandermonde:
+    from ssm import s4d  # noqa: PLC0415
+    s4d.VANDERMONDE = args.s4d_vandermonde
   layers = [s.strip() for s in args.layers.split(",") if s.strip()]
   unknown = sorted(set(layers) - set(LAYERS))
   if unknown:
@@ -106,7 +112,8 @@ def main(argv=None) -> list[dict]:
   iters = args.iters or (3 if args.quick else 20)
   warmup = 1 if args.quick else 3
 
-  print(f"jax {jax.__version__} on {device_name()}; batch {batch}, median of {iters} calls")
+  vander = f"; S4D kernel {args.s4d_vandermonde}" if args.s4d_vandermonde else ""
+  print(f"jax {jax.__version__} on {device_name()}; batch {batch}, median of {iters} calls{vander}")
   rows, notes, broken = [], [], {}
   for layer, h, n, seq_len in configs(args.quick, layers):
     if layer in broken:

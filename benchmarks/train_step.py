@@ -45,20 +45,6 @@ def _load(path_arg: str):
   return mod.get_config(arg) if arg else mod.get_config()
 
 
-def _optimized_hlo(dump_dir: str | None) -> str | None:
-  """The newest train step's optimized HLO text in an XLA dump folder (None if absent)."""
-  import glob  # noqa: PLC0415
-  import os  # noqa: PLC0415
-  if not dump_dir:
-    return None
-  paths = glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt"))
-  if not paths:
-    print(f"no *train_step*after_optimizations.txt under {dump_dir}")
-    return None
-  with open(max(paths, key=os.path.getmtime)) as f:
-    return f.read()
-
-
 def apply_overrides(config, overrides):
   """config with each "a.b=value" applied (value parsed as a Python literal when it is
   one, else kept as a string); a key the config lacks is a KeyError."""
@@ -131,10 +117,10 @@ def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | 
     out = run(steps)
     best = min(best, (time.perf_counter() - t) / steps)
   if trace_dir:
-    from benchmarks.common import summarise_trace  # noqa: PLC0415
+    from benchmarks.common import optimized_hlo, summarise_trace  # noqa: PLC0415
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run(3)
-    summarise_trace(trace_dir, 3, top, hlo_text=_optimized_hlo(hlo_dump))
+    summarise_trace(trace_dir, 3, top, hlo_text=optimized_hlo(hlo_dump))
   tokens_per_s = b * seq_len / best
   mfu = flops_lib.mfu(tokens_per_s, trainer.flops_per_token, dtype=dtype)
   return dict(step_ms=1e3 * best, tokens_per_s=tokens_per_s, compile_s=compile_s,

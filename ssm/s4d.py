@@ -15,6 +15,9 @@ Vandermonde product, Ab^l computed as exp(l log Ab) (= exp(l dt A) for ZOH):
 
     K[c, h, l] = 2 Re sum_n C[c, h, n] Bb[h, n] Ab[h, n]^l,
 
+generated blocked (`vandermonde_kernel`: l = aT + t, two (h, n, ~sqrt L) power tables and
+one small matrix product per feature), never as the (h, n, L) matrix.
+
 and the recurrent mode is x_t = Ab x_{t-1} + Bb u_t,  y_t = 2 Re(C x_t).
 
 Parameters. Complex ones are stored as float32 (..., 2) real/imaginary pairs, so
@@ -49,6 +52,11 @@ INITS = ("legs", "lin", "inv", "real")
 DISCS = ("zoh", "bilinear")
 REAL_TRANSFORMS = ("exp", "relu")
 _RELU_FLOOR = 1e-4  # keeps Re A < 0 strictly under the relu transform
+# How S4DKernel generates its kernel: "blocked" (`vandermonde_kernel`) or "plain"
+# (`vandermonde_kernel_reference`, the materialised product), module-wide so that a
+# profile can A/B a whole model (scripts/gpu/profile_train_step.py --s4d_vandermonde).
+VANDERMONDE_METHODS = ("blocked", "plain")
+VANDERMONDE = "blocked"
 
 
 # -- initialisation (NumPy, float64) ------------------------------------------
@@ -127,17 +135,51 @@ def discretize_diag(dt_h, a_hn, b_hn, disc: str = "zoh"):
   return ab, bb, (dt_h[:, None] * a_hn if disc == "zoh" else jnp.log(ab))
 
 
-def vandermonde_kernel(c_chn, bb_hn, log_ab_hn, seq_len: int):
+def vandermonde_block(seq_len: int) -> int:
+  """The block T of `vandermonde_kernel`: the power of two nearest above sqrt(seq_len)."""
+  return 1 << max(0, math.ceil(math.log2(max(seq_len, 1)) / 2))
+
+
+def vandermonde_kernel(c_chn, bb_hn, log_ab_hn, seq_len: int, *, block: int | None = None):
   """K[c, h, l] = 2 Re sum_n C[c,h,n] Bb[h,n] exp(l log Ab[h,n]), l = 0..seq_len-1.
 
-  Materialises the (h, n, l) Vandermonde matrix: O(h n L) time and memory.
+  Blocked: writing l = a T + t (T = `block`, t < T), Ab^l = Ab^(aT) Ab^t, so
+
+      K[c, h, aT + t] = 2 Re sum_n (CB[c,h,n] Ab[h,n]^(aT)) Ab[h,n]^t,
+
+  one small real matrix product per feature (contracting n and the real/imaginary
+  pair) between two (h, n, ~sqrt L) power tables. Nothing of size (h, n, L) is formed:
+  the exps are O(h n sqrt L), and autodiff's backward is two more such products, where
+  the plain Vandermonde product (`vandermonde_kernel_reference`) writes and reads the
+  (h, n, L) complex matrix forward and backward (268 MB per layer at LRA Text). Each
+  power is one exp of l log Ab, as in the plain product, so precision matches it.
+
   Returns (c, h, seq_len), real dtype of the inputs.
   """
+  real_dtype = jnp.real(log_ab_hn).dtype
+  t_len = block or vandermonde_block(seq_len)
+  a_len = -(-seq_len // t_len)
+  pow_t_hnt = jnp.exp(log_ab_hn[..., None] * jnp.arange(t_len, dtype=real_dtype))
+  pow_a_hna = jnp.exp(log_ab_hn[..., None] * (jnp.arange(a_len, dtype=real_dtype) * t_len))
+  x_chna = (c_chn * bb_hn[None])[..., None] * pow_a_hna[None]
+  # Re(x w) = x.re w.re - x.im w.im: one real contraction over (pair r, mode n).
+  x_chrna = jnp.stack([jnp.real(x_chna), -jnp.imag(x_chna)], axis=2)
+  w_hrnt = jnp.stack([jnp.real(pow_t_hnt), jnp.imag(pow_t_hnt)], axis=1)
+  k_chat = jnp.einsum("chrna,hrnt->chat", x_chrna, w_hrnt,
+                      precision=jax.lax.Precision.HIGHEST)
+  c_dim, h_dim = k_chat.shape[:2]
+  return 2 * k_chat.reshape(c_dim, h_dim, a_len * t_len)[..., :seq_len]
+
+
+def vandermonde_kernel_reference(c_chn, bb_hn, log_ab_hn, seq_len: int):
+  """The plain Vandermonde product: the (h, n, seq_len) matrix exp(l log Ab) materialised,
+  O(h n L) time and memory. `vandermonde_kernel`'s reference. Returns (c, h, seq_len)."""
   real_dtype = jnp.real(log_ab_hn).dtype
   pos_l = jnp.arange(seq_len, dtype=real_dtype)
   vander_hnl = jnp.exp(log_ab_hn[..., None] * pos_l)
   cb_chn = c_chn * bb_hn[None]
-  return 2 * jnp.einsum("chn,hnl->chl", cb_chn, vander_hnl).real
+  return 2 * jnp.einsum("chn,hnl->chl", cb_chn, vander_hnl,
+                        precision=jax.lax.Precision.HIGHEST).real
 
 
 def s4d_kernel(a_re, a_im, log_dt, b_hn, c_chn, seq_len: int, *, disc: str = "zoh",
@@ -242,8 +284,12 @@ class S4DKernel(nnx.Module):
     """The kernel (c, h, seq_len) float32, for any seq_len >= 1."""
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
       raise ValueError(f"S4D: seq_len must be a positive int, got {seq_len!r}")
+    if VANDERMONDE not in VANDERMONDE_METHODS:
+      raise ValueError(f"S4D: ssm.s4d.VANDERMONDE must be one of {VANDERMONDE_METHODS}, "
+                       f"got {VANDERMONDE!r}")
     _, bb, log_ab, c = self.discretized()
-    return vandermonde_kernel(c, bb, log_ab, int(seq_len)).astype(jnp.float32)
+    generate = vandermonde_kernel if VANDERMONDE == "blocked" else vandermonde_kernel_reference
+    return generate(c, bb, log_ab, int(seq_len)).astype(jnp.float32)
 
   def init_state(self, batch_size: int) -> jax.Array:
     """Zero state (batch_size, h, n) complex64."""

@@ -127,12 +127,83 @@ def test_vandermonde_kernel_matches_matrix_powers(init, disc):
   np.testing.assert_allclose(k, ref, rtol=1e-9, atol=1e-11 * np.abs(ref).max())
 
 
+def _random_modes(rng, c_out, h_dim, n, dtype=np.complex128):
+  """CB (c, h, n) and log Ab (h, n) = dt A with S4D-Lin eigenvalues and random step sizes."""
+  a, _ = s4d.init_diag("lin", 2 * n)
+  dt_h = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), h_dim))
+  log_ab = dt_h[:, None] * a[None]
+  cb = rng.standard_normal((c_out, h_dim, n)) + 1j * rng.standard_normal((c_out, h_dim, n))
+  return cb.astype(dtype), log_ab.astype(dtype)
+
+
+# Lengths around the block: 1, shorter than one block, not a multiple, a multiple, an
+# explicit block of 1 (every power from the coarse table) and one block covering all.
+@pytest.mark.parametrize("seq_len,block", [(1, None), (7, None), (40, None), (64, None),
+                                           (23, 1), (23, 32)])
+def test_blocked_vandermonde_equals_plain_product(seq_len, block):
+  rng = np.random.default_rng(seq_len * 31 + (block or 0))
+  cb, log_ab = _random_modes(rng, 2, 3, 4)
+  ones = np.ones_like(log_ab)
+  w = rng.standard_normal((2, 3, seq_len))
+  with jax.enable_x64(True):
+    cb, log_ab, ones, w = (jnp.asarray(v) for v in (cb, log_ab, ones, w))
+    fast = lambda cb, la: s4d.vandermonde_kernel(cb, ones, la, seq_len, block=block)
+    plain = lambda cb, la: s4d.vandermonde_kernel_reference(cb, ones, la, seq_len)
+    k, ref = fast(cb, log_ab), plain(cb, log_ab)
+    assert k.dtype == jnp.float64 and k.shape == (2, 3, seq_len)
+    np.testing.assert_allclose(k, ref, rtol=1e-12, atol=1e-13 * np.abs(ref).max())
+    loss = lambda f: lambda cb, la: jnp.sum(w * f(cb, la))
+    g = jax.grad(loss(fast), argnums=(0, 1))(cb, log_ab)
+    g_ref = jax.grad(loss(plain), argnums=(0, 1))(cb, log_ab)
+    for a, b in zip(g, g_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12 * np.abs(b).max())
+    check_grads(fast, (cb, log_ab), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_blocked_vandermonde_float32_as_accurate_as_plain_product():
+  rng = np.random.default_rng(5)
+  cb, log_ab = _random_modes(rng, 2, 4, 16)
+  ones = np.ones_like(log_ab)
+  with jax.enable_x64(True):
+    exact = np.asarray(s4d.vandermonde_kernel_reference(
+        *(jnp.asarray(v) for v in (cb, ones, log_ab)), 1000))
+  f32 = [jnp.asarray(v, jnp.complex64) for v in (cb, ones, log_ab)]
+  k = s4d.vandermonde_kernel(*f32, 1000)
+  assert k.dtype == jnp.float32
+  err = np.abs(np.asarray(k, np.float64) - exact).max() / np.abs(exact).max()
+  err_plain = np.abs(np.asarray(s4d.vandermonde_kernel_reference(*f32, 1000), np.float64)
+                     - exact).max() / np.abs(exact).max()
+  assert err < max(2 * err_plain, 1e-6), (err, err_plain)
+
+
+def test_blocked_vandermonde_forms_no_length_by_state_array():
+  """Forward and backward: no intermediate as large as the (h, n, L) Vandermonde matrix."""
+  c_out, h_dim, n, seq_len = 1, 4, 8, 1024
+  cb, log_ab = (jnp.asarray(v) for v in
+                 _random_modes(np.random.default_rng(0), c_out, h_dim, n, np.complex64))
+  ones = jnp.ones(log_ab.shape, log_ab.dtype)
+  loss = lambda cb, la: jnp.sum(s4d.vandermonde_kernel(cb, ones, la, seq_len) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(cb, log_ab).jaxpr
+  sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars]
+  assert max(sizes) < h_dim * n * seq_len // 4, max(sizes)
+
+
 def test_kernel_any_length_and_prefix_consistent():
   k = s4d.S4DKernel(4, d_state=8, channels=2, init="inv", rngs=nnx.Rngs(3))
   long = k(300)
   assert long.shape == (2, 4, 300) and long.dtype == jnp.float32
   np.testing.assert_allclose(k(7), long[..., :7], rtol=1e-5, atol=1e-6)
   assert k(1).shape == (2, 4, 1)
+
+
+def test_module_kernel_same_on_both_generators(monkeypatch):
+  k = s4d.S4DKernel(4, d_state=8, channels=2, init="inv", rngs=nnx.Rngs(3))
+  blocked = k(300)
+  monkeypatch.setattr(s4d, "VANDERMONDE", "plain")
+  np.testing.assert_allclose(k(300), blocked, rtol=1e-5, atol=1e-6 * np.abs(blocked).max())
+  monkeypatch.setattr(s4d, "VANDERMONDE", "fast")
+  with pytest.raises(ValueError, match="VANDERMONDE must be one of"):
+    k(300)
 
 
 @pytest.mark.parametrize("disc,real_transform", [("zoh", "exp"), ("bilinear", "relu")])

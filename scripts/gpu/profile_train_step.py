@@ -2,13 +2,15 @@ r"""Time one config's train step and list where the device time goes (run on a G
 
     python scripts/gpu/profile_train_step.py --config=configs/lra/listops.py:s4d \
         --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25] \
-        [--bank_method=fft|irfft]
+        [--bank_method=fft|irfft] [--s4d_vandermonde=blocked|plain] [--hlo_dump=DIR]
 
 Builds the trainer exactly as `python -m train` does (same model, optimizer, jitted
 step), takes one batch from the training loader, and reports:
   * the train step, pipelined (`--steps` steps queued, waited once), and the eval step;
   * with --trace_dir: a jax.profiler trace of 5 steps, whose Perfetto export is summed
-    per device op name (ms per step, share of the device time), the top `--top` printed.
+    per device op name (ms per step, share of the device time), the top `--top` printed;
+    with --hlo_dump as well (and XLA_FLAGS="--xla_dump_to=DIR
+    --xla_dump_hlo_module_re=.*train_step.*"), each op's shapes and source line.
 """
 
 import time
@@ -16,7 +18,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks.common import summarise_trace
+from benchmarks.common import optimized_hlo, summarise_trace
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]",
                                           lock_config=True)
@@ -25,6 +27,11 @@ _TRACE = flags.DEFINE_string("trace_dir", None, "write a profiler trace here and
 _TOP = flags.DEFINE_integer("top", 25, "device ops listed from the trace")
 _BANK = flags.DEFINE_enum("bank_method", None, ["fft", "irfft"],
                           "the LTI layers' bank method (ssm.ops.fft_conv.BANK_METHOD)")
+_HLO = flags.DEFINE_string(
+    "hlo_dump", None, "the folder of XLA_FLAGS=--xla_dump_to=... (with "
+    "--xla_dump_hlo_module_re=.*train_step.*): traced ops get shapes and source lines")
+_VANDER = flags.DEFINE_enum("s4d_vandermonde", None, ["blocked", "plain"],
+                            "how S4D generates its kernel (ssm.s4d.VANDERMONDE)")
 
 
 def main(argv):
@@ -40,6 +47,9 @@ def main(argv):
     import importlib  # pylint: disable=import-outside-toplevel
     # the module (ssm.ops re-exports the function fft_conv under the same name)
     importlib.import_module("ssm.ops.fft_conv").BANK_METHOD = _BANK.value
+  if _VANDER.value:
+    from ssm import s4d  # pylint: disable=import-outside-toplevel
+    s4d.VANDERMONDE = _VANDER.value
   config = _CONFIG.value
   validate_config(config)
   mesh = sharding_lib.make_mesh(config.train.mesh)
@@ -79,7 +89,7 @@ def main(argv):
   if _TRACE.value:
     with jax.profiler.trace(_TRACE.value, create_perfetto_trace=True):
       run(5)
-    summarise_trace(_TRACE.value, 5, _TOP.value)
+    summarise_trace(_TRACE.value, 5, _TOP.value, hlo_text=optimized_hlo(_HLO.value))
 
 
 if __name__ == "__main__":
