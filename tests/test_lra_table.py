@@ -295,3 +295,78 @@ def test_runs_on_the_projects_own_data_are_marked(tmp_path):
   curve.write_text(json.dumps(dict(step=10, split="val", accuracy=0.7)) + "\n")
   assert lra_table.run_from_metrics(str(curve), "pathx", "s4d").source is not None
   assert lra_table.run_from_metrics(str(curve), "pathx", "s4d", data_dir="/lra").source is None
+
+
+def test_a_finished_generator_v3_run_outranks_older_generator_versions(tmp_path):
+  """Pathfinder on generated data: a finished run on generator version 3 (the release's
+  construction) is shown over runs on versions 1 and 2 (a config without the field predates
+  version 3), even at a lower validation accuracy; an unfinished v3 run does not displace
+  them, and a run on the release's files still competes by validation accuracy."""
+  def config(version=None, data_dir=None):
+    data = dict(task="pathfinder", data_dir=data_dir)
+    if version is not None:
+      data["generator_version"] = version
+    return dict(name="pathfinder:s4d,short", data=data, model=dict(name="s4d"))
+
+  def halted_v3(workdir, val):
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(config(3)))
+    (workdir / "metrics.jsonl").write_text(
+        json.dumps(dict(step=40_000, split="val", loss=0.2, accuracy=val)) + "\n")
+
+  root = tmp_path / "runs"
+  make_run(root / "v1", "pathfinder:s4d,short", steps=50_000, test=1.0, val=1.0,
+           config=config())
+  make_run(root / "v2", "pathfinder:s4d,short", steps=50_000, test=0.99, val=0.995,
+           config=config(2))
+  make_run(root / "listops", "listops:s4d", steps=80_000, test=0.58, val=0.57)
+  halted_v3(root / "v3_halted", 0.919)
+  runs = {pathlib.Path(r.path).parent.name: r
+          for r in lra_table.collect(str(root), include_unfinished=True)}
+  assert [runs[k].generator_version for k in ("v1", "v2", "v3_halted", "listops")] == [
+      None, 2, 3, None]
+  text = lra_table.table(list(runs.values()))
+  # only an unfinished v3 run: the older versions still compete, by validation accuracy
+  assert cell(rows(text), "S4D (ours, short)", "pathfinder") == "100.00†§"
+  assert "preferred over" not in text and "best of 3 runs" in text
+
+  make_run(root / "v3", "pathfinder:s4d,short", steps=50_000, test=0.915, val=0.92,
+           config=config(3))
+  make_run(root / "release", "pathfinder:s4d,short", steps=50_000, test=0.88, val=0.90,
+           config=config(data_dir="/data/lra_release"))
+  runs = lra_table.collect(str(root), include_unfinished=True)
+  text = lra_table.table(runs)
+  table_rows = rows(text)
+  assert cell(table_rows, "S4D (ours, short)", "pathfinder") == "91.50†§"
+  assert cell(table_rows, "S4D (ours)", "listops") == "58.00"  # other tasks: unchanged
+  (note,) = [line for line in text.splitlines() if "Pathfinder, S4D (short)" in line]
+  assert note.endswith(f"[{root / 'v3' / 'results.json'}]")
+  assert "generator version 3, not the LRA release" in note
+  # the halted v3 curve and the release run still compete; v1 and v2 are named as passed over
+  assert "best of 3 runs by validation accuracy" in note
+  assert str(root / "release" / "results.json") in note.split("preferred over")[0]
+  assert str(root / "v3_halted" / "metrics.jsonl") in note.split("preferred over")[0]
+  passed_over = note.split("preferred over the older versions' runs: ")[1]
+  assert str(root / "v1" / "results.json") in passed_over
+  assert str(root / "v2" / "results.json") in passed_over
+  # a finished v3 run with the best validation accuracy of all: no older run is needed
+  make_run(root / "release_better", "pathfinder:s4d,short", steps=50_000, test=0.93,
+           val=0.95, config=config(data_dir="/data/lra_release"))
+  text = lra_table.table(lra_table.collect(str(root), include_unfinished=True))
+  assert cell(rows(text), "S4D (ours, short)", "pathfinder") == "93.00†"
+
+
+def test_committed_pathfinder_v3_curve_is_read_as_generator_3():
+  """results/lra/pathfinder_s4d_short_v3_h200 (config generator_version 3) is read as
+  version 3; the older committed Pathfinder run's config predates the field."""
+  runs = {pathlib.Path(r.path).parent.name: r
+          for r in lra_table.collect(str(REPO / "results" / "lra"), include_unfinished=True)}
+  v3, v1 = runs["pathfinder_s4d_short_v3_h200"], runs["pathfinder_s4d_short_h100"]
+  assert v3.generator_version == 3 and v3.source is not None
+  assert v1.generator_version is None and v1.source is not None and v1.finished
+  note = [line for line in lra_table.table(list(runs.values())).splitlines()
+          if "Pathfinder, S4D (short)" in line][0]
+  if v3.finished:  # once its results.json is committed the v3 run is the one shown
+    assert note.endswith(f"[{v3.path}]") and "preferred over" in note
+  else:
+    assert "preferred over" not in note

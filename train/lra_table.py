@@ -28,8 +28,12 @@ Test accuracy: of the best-validation checkpoint when `python -m train.evaluate
 state's (results.json).
 
 Several runs of one (task, model, size): the one with the best validation accuracy is
-shown, and a footnote says so and names the others. An unreadable results.json is
-skipped with a warning naming the file; the others are still tabulated.
+shown, and a footnote says so and names the others. Pathfinder and Path-X on generated data:
+once a run on generator version 3 (data/pathfinder_v3.py, the release's construction,
+config.data.generator_version = 3) has finished, the runs on the easier versions 1 and 2
+(a config without that field predates version 3) are left out of that choice, whatever
+their validation accuracy, and the footnote names them (`GENERATOR_TASKS`). An unreadable
+results.json is skipped with a warning naming the file; the others are still tabulated.
 
 API: `collect(runs_dir) -> list[Run]`, `table(runs, fmt) -> str`, `main(argv)`, and
 `run_from_metrics(path, task, model)` for a bare metrics.jsonl (notebooks/04).
@@ -55,6 +59,10 @@ TASK_TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "
 # Other spellings of task names seen in run names and papers.
 _TASK_ALIASES = {"aan": "retrieval", "imdb": "text", "cifar": "image", "path-x": "pathx",
                  "path_x": "pathx", "pathfinder32": "pathfinder"}
+# Tasks whose default source is data/pathfinder.py, where config.data.generator_version
+# says which construction generated the images (3: the release's; 1 and 2 are far easier).
+GENERATOR_TASKS = ("pathfinder", "pathx")
+PREFERRED_GENERATOR = 3
 FAIL = "fail"  # the published model did not beat chance (LRA's "FAIL", the S4 paper's ✗)
 
 PARTIAL_MARK = "†"  # shorter than the published schedule
@@ -139,6 +147,9 @@ class Run:
   final_test_accuracy: float | None = None  # the final state's, when test_accuracy is the
                                             # best-validation checkpoint's (see load_run)
   source: str | None = None       # DEFAULT_SOURCES[task] when the run read that, else None
+  generator_version: int | None = None  # config.data.generator_version of a GENERATOR_TASKS
+                                        # run on generated data; None: not recorded (a config
+                                        # from before version 3: version 1 or 2) or not known
 
   @property
   def partial(self) -> bool:
@@ -240,6 +251,24 @@ def _config_data_dir(config: dict | None) -> str | None:
   return (config.get("data") or {}).get("data_dir")
 
 
+def _generator_version(task: str, config: dict | None) -> int | None:
+  """config.data.generator_version of a Pathfinder / Path-X run on generated data, else None."""
+  if task not in GENERATOR_TASKS or config is None:
+    return None
+  data = config.get("data") or {}
+  v = data.get("generator_version")
+  if data.get("data_dir") is not None or isinstance(v, bool) or not isinstance(v, int):
+    return None
+  return v
+
+
+def _older_generator(run: Run) -> bool:
+  """A run on generated Pathfinder / Path-X data of a version before PREFERRED_GENERATOR
+  (a version not recorded counts: such configs predate version 3)."""
+  return (run.task in GENERATOR_TASKS and run.source is not None
+          and run.generator_version != PREFERRED_GENERATOR)
+
+
 def _number(results: dict, key: str, *, required: bool = False) -> float | None:
   v = results.get(key)
   if v is None:
@@ -281,7 +310,8 @@ def load_run(results_path: str) -> Run:
              best_val_accuracy=_number(results, "best_val_accuracy"),
              best_val_step=best_step, config_name=results.get("config_name", ""),
              final_test_accuracy=None if best_test is None else test,
-             source=data_source(task, _config_data_dir(config)))
+             source=data_source(task, _config_data_dir(config)),
+             generator_version=_generator_version(task, config))
 
 
 def _best_checkpoint_test(workdir: str, best_step: int | None) -> float | None:
@@ -306,12 +336,14 @@ def _best_checkpoint_test(workdir: str, best_step: int | None) -> float | None:
 
 
 def run_from_metrics(path: str, task: str, model: str, *, size: str = "",
-                     schedule: int | None = None, data_dir: str | None = None) -> Run:
+                     schedule: int | None = None, data_dir: str | None = None,
+                     generator_version: int | None = None) -> Run:
   """A Run from a metrics.jsonl alone (train/metrics.py lines): the curves of a run that
   stopped early, or of a committed results file. steps = the last step logged; test
   accuracy if a "test" line exists; schedule defaults to the recipe's num_steps; data_dir
   is the run's config.data.data_dir (None: the project's default source, see
-  DEFAULT_SOURCES)."""
+  DEFAULT_SOURCES); generator_version its config.data.generator_version (Pathfinder and
+  Path-X on generated data; None: not recorded)."""
   task = _canonical_task(task)
   if task not in TASKS:
     raise ValueError(f"unknown LRA task {task!r}; valid: {TASKS}")
@@ -338,7 +370,9 @@ def run_from_metrics(path: str, task: str, model: str, *, size: str = "",
              test_accuracy=test, val_accuracy=val[-1][1] if val else None,
              best_val_accuracy=best[1], best_val_step=best[0],
              config_name=f"{task}:{model}" + (f",{size}" if size else ""), finished=False,
-             source=data_source(task, data_dir))
+             source=data_source(task, data_dir),
+             generator_version=generator_version if task in GENERATOR_TASKS and data_dir is None
+             else None)
 
 
 def _unfinished_run(workdir: str) -> Run | None:
@@ -350,7 +384,8 @@ def _unfinished_run(workdir: str) -> Run | None:
   if task not in TASKS:
     return None
   return run_from_metrics(os.path.join(workdir, "metrics.jsonl"), task, model, size=size,
-                          data_dir=_config_data_dir(config))
+                          data_dir=_config_data_dir(config),
+                          generator_version=_generator_version(task, config))
 
 
 def collect(runs_dir: str, *, include_unfinished: bool = False) -> list[Run]:
@@ -427,7 +462,13 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
   scores_by_key: dict[tuple[str, str], dict[str, float]] = {}
   for (model, size, task), group in sorted(groups.items(), key=lambda kv: (
       _model_order(kv[0][0]), kv[0][1], TASKS.index(kv[0][2]))):
-    best = max(group, key=lambda r: (r.selection_accuracy, r.score or -1.0))
+    # A finished run on the release's construction of Pathfinder / Path-X outranks those on
+    # the easier generator versions, whatever their validation accuracy.
+    v3_finished = any(r.finished and r.task in GENERATOR_TASKS and r.source is not None
+                      and r.generator_version == PREFERRED_GENERATOR for r in group)
+    older = [r for r in group if v3_finished and _older_generator(r)]
+    candidates = [r for r in group if not (v3_finished and _older_generator(r))]
+    best = max(candidates, key=lambda r: (r.selection_accuracy, r.score or -1.0))
     where = f"{TASK_TITLES[task]}, {_row_label(model, size)}"
     cell, marks = "–", ""
     if best.score is not None and math.isfinite(best.score):
@@ -448,10 +489,16 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
       said.append(f"best validation accuracy{step}, no test result")
     if best.source is not None:
       marks += DATA_MARK
-      said.append(f"data {best.source}, not the LRA release")
-    if len(group) > 1:
-      others = ", ".join(r.path for r in group if r is not best)
-      said.append(f"best of {len(group)} runs by validation accuracy (others: {others})")
+      version = (f", generator version {best.generator_version}"
+                 if best.generator_version is not None else "")
+      said.append(f"data {best.source}{version}, not the LRA release")
+    if len(candidates) > 1:
+      others = ", ".join(r.path for r in candidates if r is not best)
+      said.append(f"best of {len(candidates)} runs by validation accuracy (others: {others})")
+    if older:
+      said.append(f"generator version {PREFERRED_GENERATOR} (the release's construction) "
+                  f"preferred over the older versions' runs: "
+                  + ", ".join(r.path for r in older))
     if said:
       notes.append(f"{marks or ' '} {where}: " + "; ".join(said) + f" [{best.path}]")
     rows_by_key.setdefault((model, size), {})[task] = cell + marks
