@@ -1,5 +1,7 @@
 """fft_conv against a direct float64 convolution."""
 
+import importlib
+
 import numpy as np
 import pytest
 import jax
@@ -185,3 +187,16 @@ def test_bank_rejects_unknown_method():
   from ssm.ops.fft_conv import fft_conv_bank_xla  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="method must be"):
     fft_conv_bank_xla(jnp.ones((1, 8, 2)), jnp.ones((1, 2, 8)), method="dft")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 65])  # the slice chain (b <= 64) and the reduction
+def test_bank_dk_batch_sum_both_forms(batch):
+  fc = importlib.import_module("ssm.ops.fft_conv")  # the module (ssm.ops re-exports the function)
+  rng = np.random.default_rng(batch)
+  cplx = lambda *s: rng.standard_normal(s) + 1j * rng.standard_normal(s)
+  g_f, u_f = cplx(batch, 2, 3, 5), cplx(batch, 3, 5)
+  with jax.enable_x64(True):
+    got = fc._batch_sum_conj_product(jnp.asarray(g_f), jnp.asarray(u_f))
+    assert got.dtype == jnp.complex128
+  want = np.einsum("bchf,bhf->chf", g_f, u_f.conj())
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
