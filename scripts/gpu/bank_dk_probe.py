@@ -5,7 +5,7 @@ ListOps and Text S4D shapes (bidirectional, f32), each form patched in before tr
     python scripts/gpu/bank_dk_probe.py        # a GPU; prints one table
 
 Forms: "complex" (one complex reduction over b), "real" (two real reductions),
-"unrolled" (a chain of b slice products added, no reduce op: the default up to b = 64).
+"unrolled" (a chain of b slice products added, no reduce op). "real" is the default.
 """
 
 import functools
@@ -26,12 +26,9 @@ fc = importlib.import_module("ssm.ops.fft_conv")
 _default = fc._batch_sum_conj_product  # pylint: disable=protected-access
 FORMS = {
     "complex": lambda g_f, u_f: jnp.sum(g_f * jnp.conj(u_f)[:, None], axis=0),
-    "real": lambda g_f, u_f: jax.lax.complex(
-        jnp.sum(jnp.real(g_f) * jnp.real(u_f)[:, None] + jnp.imag(g_f) * jnp.imag(u_f)[:, None],
-                axis=0),
-        jnp.sum(jnp.imag(g_f) * jnp.real(u_f)[:, None] - jnp.real(g_f) * jnp.imag(u_f)[:, None],
-                axis=0)),
-    "unrolled": _default,  # the default up to b = 64
+    "real": _default,  # the default
+    "unrolled": lambda g_f, u_f: functools.reduce(
+        jnp.add, [g_f[i] * jnp.conj(u_f[i])[None] for i in range(g_f.shape[0])]),
 }
 SHAPES = {"ListOps B50 L2000 H128": (50, 2000, 128), "Text B16 L4096 H256": (16, 4096, 256)}
 

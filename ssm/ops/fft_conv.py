@@ -129,16 +129,15 @@ def _bank_conv_bwd(seq_len, res, g):
 def _batch_sum_conj_product(g_f, u_f):
   """sum_b g_f[b, c] conj(u_f[b]): g_f (b, c, h, f), u_f (b, h, f) -> (c, h, f) complex.
 
-  XLA:GPU emits a complex reduction over the leading axis as a slow loop fusion at small b.
-  Forms measured against each other on the H200 (scripts/gpu/bank_dk_probe.py, the bank's
-  fwd+bwd, results/lti_bank_h200.txt): at LRA Text (b = 16) a chain of b slice products
-  1.140 ms, two real reductions 1.199, the complex reduction 1.297; at ListOps (b = 50)
-  0.772 / 0.788 / 0.787. So the chain up to b = 64 (the largest measured batch is 50), the
-  complex reduction above (a chain of hundreds of slices only bloats the program).
+  Two real sums. Three forms were timed on the H200 (results/lti_kernel_h200.txt;
+  scripts/gpu/bank_dk_probe.py): on the bank's fwd+bwd at LRA Text (b = 16) a chain of
+  b slice products took 1.140 ms, two real sums 1.199, one complex sum 1.297; in the Text
+  S4D train step the real sums gave 13.83 ms and the chain 13.96 (the plain-kernel rows
+  of the two calls 19.41 and 19.43), so the real sums, which also keep the program small.
   """
-  if g_f.shape[0] > 64:
-    return jnp.sum(g_f * jnp.conj(u_f)[:, None], axis=0)
-  return functools.reduce(jnp.add, [g_f[i] * jnp.conj(u_f[i])[None] for i in range(g_f.shape[0])])
+  gr, gi = jnp.real(g_f), jnp.imag(g_f)
+  ur, ui = jnp.real(u_f)[:, None], jnp.imag(u_f)[:, None]
+  return jax.lax.complex(jnp.sum(gr * ur + gi * ui, axis=0), jnp.sum(gi * ur - gr * ui, axis=0))
 
 
 _bank_conv.defvjp(_bank_conv_fwd, _bank_conv_bwd)
