@@ -160,6 +160,13 @@ def test_blocked_vandermonde_equals_plain_product(seq_len, block):
     check_grads(fast, (cb, log_ab), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
+def test_blocked_vandermonde_bad_block():
+  cb, log_ab = (jnp.asarray(v) for v in _random_modes(np.random.default_rng(0), 1, 2, 2,
+                                                       np.complex64))
+  with pytest.raises(ValueError, match="block must be a positive int"):
+    s4d.vandermonde_kernel(cb, jnp.ones_like(log_ab), log_ab, 8, block=0)
+
+
 def test_blocked_vandermonde_float32_as_accurate_as_plain_product():
   rng = np.random.default_rng(5)
   cb, log_ab = _random_modes(rng, 2, 4, 16)

@@ -9,14 +9,10 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/lra_task_args.sh
 export PYTHONUNBUFFERED=1 SSMLAB_CACHE=/tmp/ssmlab_cache JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 for task in ${1:-text listops image}; do
-  case $task in
-    listops) extra="--config.data.num_train=2000" ;;
-    text) extra="--config.data.data_dir=.lra_data/aclImdb.tar.gz" ;;
-    image) extra="--config.data.data_dir=.lra_data/cifar10-jpeg.tar.gz" ;;
-    pathfinder) extra="--config.data.num_examples=4000" ;;
-  esac
+  extra=$(lra_task_args $task)
   runs=("plain float32" "blocked float32 trace" "blocked bfloat16")
   [ $task = image ] && runs=("plain float32" "blocked float32")
   for run in "${runs[@]}"; do  # ~40 s each
