@@ -119,13 +119,15 @@ def _bank_direct(u, kc, ka):
                    for i in range(kc.shape[0])], axis=2)
 
 
-@pytest.mark.parametrize("seq_len,k_len,two_sided", [(1, 1, False), (33, 33, True), (40, 7, False)])
-def test_bank_forward_ffts_match_direct_sums_float64(seq_len, k_len, two_sided):
-  """Both methods against the direct sums in float64 (so the packing's algebra, not float32
-  noise, is what is checked), and their gradients equal; odd, tiny and short kernels."""
-  from ssm.ops.fft_conv import fft_conv_bank_xla  # pylint: disable=import-outside-toplevel
+@pytest.mark.parametrize("batch,seq_len,k_len,two_sided",
+                         [(2, 1, 1, False), (1, 5, 3, True), (2, 33, 33, True), (3, 40, 7, False)])
+def test_bank_forward_ffts_match_direct_sums_float64(batch, seq_len, k_len, two_sided):
+  """Every method against the direct sums in float64 (so the packing's algebra, not float32
+  noise, is what is checked), and their gradients equal the reference's; odd, tiny and
+  short kernels, odd batches (the pairs method completes the last pair with zeros)."""
+  from ssm.ops.fft_conv import BANK_METHODS, fft_conv_bank_xla  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(7 * seq_len + k_len)
-  u = rng.standard_normal((2, seq_len, 3))
+  u = rng.standard_normal((batch, seq_len, 3))
   kc, ka = rng.standard_normal((2, 2, 3, k_len))
   ka = ka if two_sided else None
   ref = _bank_direct(u, kc, ka)
@@ -133,27 +135,30 @@ def test_bank_forward_ffts_match_direct_sums_float64(seq_len, k_len, two_sided):
   with jax.enable_x64(True):
     args = tuple(jnp.asarray(x) for x in (u, kc, ka if two_sided else kc))
     grads = {}
-    for method in ("fft", "irfft"):
+    for method in BANK_METHODS:
       f = lambda u, kc, ka, m=method: fft_conv_bank_xla(u, kc, ka if two_sided else None, method=m)
       y, vjp = jax.jit(lambda *a, f=f: jax.vjp(f, *a))(*args)  # one compile, not eager ops
       assert y.dtype == jnp.float64 and y.shape == ref.shape
       np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
       grads[method] = vjp(jnp.asarray(w))
-    for a, b in zip(grads["fft"], grads["irfft"]):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12,
-                                 atol=1e-12 * float(jnp.abs(b).max()) + 1e-300)
+    for method in BANK_METHODS:
+      for a, b in zip(grads[method], grads["irfft"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12,
+                                   atol=1e-12 * float(jnp.abs(b).max()) + 1e-300)
 
 
-def test_bank_custom_vjp_passes_numerical_gradient_check():
-  """The hand-written backward (correlations by the same transforms) against finite
+@pytest.mark.parametrize("method,batch", [("fft", 2), ("pairs", 3)])
+def test_bank_custom_vjp_passes_numerical_gradient_check(method, batch):
+  """The hand-written backwards (correlations by the same transforms) against finite
   differences in float64."""
   from jax.test_util import check_grads  # pylint: disable=import-outside-toplevel
   from ssm.ops.fft_conv import fft_conv_bank_xla  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(3)
   with jax.enable_x64(True):
-    u, kc, ka = (jnp.asarray(rng.standard_normal(s)) for s in ((2, 11, 2), (1, 2, 5), (1, 2, 5)))
-    check_grads(lambda u, kc, ka: fft_conv_bank_xla(u, kc, ka), (u, kc, ka), order=1,
-                modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-7)
+    u, kc, ka = (jnp.asarray(rng.standard_normal(s))
+                 for s in ((batch, 11, 2), (1, 2, 5), (1, 2, 5)))
+    check_grads(lambda u, kc, ka: fft_conv_bank_xla(u, kc, ka, method=method), (u, kc, ka),
+                order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-6)])
@@ -164,20 +169,23 @@ def test_bank_low_precision_inputs_compute_in_float32(dtype, tol):
   rng = np.random.default_rng(5)
   u = jnp.asarray(rng.standard_normal((2, 300, 4)), dtype)
   kc, ka = (jnp.asarray(rng.standard_normal((2, 4, 300)), dtype) for _ in range(2))
-  a, b = (fft_conv_bank_xla(u, kc, ka, method=m) for m in ("fft", "irfft"))
-  assert a.dtype == jnp.float32
+  b = fft_conv_bank_xla(u, kc, ka, method="irfft")
   scale = float(jnp.abs(b).max())
-  assert float(jnp.abs(a - b).max()) <= tol * scale * np.log2(1024)
+  for method in ("fft", "pairs"):
+    a = fft_conv_bank_xla(u, kc, ka, method=method)
+    assert a.dtype == jnp.float32
+    assert float(jnp.abs(a - b).max()) <= tol * scale * np.log2(1024), method
 
 
-def test_bank_never_lowers_an_inverse_fft():
-  """The point of method="fft": no IRFFT/IFFT (cuFFT c2r, its input copy and cuBLAS's 1/n
-  scaling pass) in the forward or the backward."""
+@pytest.mark.parametrize("method,transform", [("fft", "RFFT"), ("pairs", "FFT")])
+def test_bank_never_lowers_an_inverse_fft(method, transform):
+  """The point of methods "fft" and "pairs": no IRFFT/IFFT (cuFFT c2r, its input copy and
+  cuBLAS's 1/n scaling pass) in the forward or the backward."""
   from ssm.ops.fft_conv import fft_conv_bank_xla  # pylint: disable=import-outside-toplevel
   u, kc = jnp.ones((2, 16, 3)), jnp.ones((1, 3, 16))
-  loss = lambda u, kc: jnp.sum(fft_conv_bank_xla(u, kc, kc) ** 2)
+  loss = lambda u, kc: jnp.sum(fft_conv_bank_xla(u, kc, kc, method=method) ** 2)
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(u, kc).as_text()
-  assert "fft_type=RFFT" in hlo or "RFFT" in hlo
+  assert f"fft_type={transform}" in hlo or transform in hlo
   assert "IRFFT" not in hlo and "IFFT" not in hlo
   hlo_ref = jax.jit(lambda u, kc: fft_conv_bank_xla(u, kc, method="irfft")).lower(u, kc).as_text()
   assert "IRFFT" in hlo_ref  # the check can see one

@@ -17,8 +17,7 @@
 #       fftconv_rows.jsonl, fft_conv_auto.json, fftconv_profile.txt.
 # Phase budgets (seconds) can be overridden: T_CHECK, T_F32, T_BF16, T_PROFILE.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache   # phases share the f32 XLA compiles
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

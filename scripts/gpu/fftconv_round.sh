@@ -5,8 +5,7 @@
 #   usage (GPU machine, repo root): [PROFILE=1] bash scripts/gpu/fftconv_round.sh [BENCH_ARGS...]
 #   e.g. bash scripts/gpu/fftconv_round.sh --lengths 256,512,1024,2048,4096 --check-len 0
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -4,7 +4,7 @@
 #   usage (on the GPU machine, repo root): bash scripts/gpu/listops_mqar.sh SECONDS
 set -u
 secs=${1:-480}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 SSMLAB_CACHE=/tmp/ssmlab_cache
 nvidia-smi -L; python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 mkdir -p /tmp/runs

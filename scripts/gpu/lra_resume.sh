@@ -14,8 +14,7 @@
 set -u
 config=$1 name=$2 halt=$3 secs=$4
 shift 4
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 SSMLAB_CACHE=/tmp/ssmlab_cache
 # a warm machine's next call reuses the compiled step (and the data cache above)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}

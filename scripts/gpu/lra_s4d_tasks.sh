@@ -7,7 +7,7 @@
 set -u
 secs=${1:-420}
 pf_n=${2:-20000}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 SSMLAB_CACHE=/tmp/ssmlab_cache
 nvidia-smi -L
 common="--config.train.checkpoint_every=0 --config.train.log_every=250"

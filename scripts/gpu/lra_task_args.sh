@@ -1,10 +1,11 @@
 # Sourced by the LRA step-profiling rounds: lra_task_args TASK prints the config overrides
 # that let profile_train_step.py build TASK's data on the GPU machine quickly (a small
-# generated ListOps / Pathfinder; Text and Image from .lra_data, copies of ../shared/data).
+# generated ListOps / Pathfinder; Text and Image from .lra_data, copies of ../shared/data;
+# TEXT_DATA another aclImdb tarball, e.g. a subset small enough to carry beside a run).
 lra_task_args() {
   case $1 in
     listops) echo "--config.data.num_train=2000" ;;
-    text) echo "--config.data.data_dir=.lra_data/aclImdb.tar.gz" ;;
+    text) echo "--config.data.data_dir=${TEXT_DATA:-.lra_data/aclImdb.tar.gz}" ;;
     image) echo "--config.data.data_dir=.lra_data/cifar10-jpeg.tar.gz" ;;
     pathfinder) echo "--config.data.num_examples=4000" ;;
   esac

@@ -5,7 +5,7 @@
 #   usage (on the GPU machine, repo root): bash scripts/gpu/multi_gpu_steptime.sh STEPS
 set -u
 steps=${1:-400}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 SSMLAB_CACHE=/tmp/ssmlab_cache NCCL_NVLS_ENABLE=0
 nvidia-smi -L
 common="--config=configs/lra/listops.py:s4d --config.data.num_train=10000 --config.train.num_steps=$steps --config.optim.warmup_steps=100

@@ -6,8 +6,7 @@
 #   usage (GPU machine, repo root, .whl carried): bash scripts/gpu/notebooks_live.sh [SECONDS]
 set -u
 secs=${1:-480}  # notebook 02 alone took 200 s on an H100, mostly compilation
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONWARNINGS=ignore::DeprecationWarning
 nvidia-smi -L
 t0=$(date +%s)

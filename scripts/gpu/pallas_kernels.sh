@@ -1,6 +1,6 @@
 #!/bin/bash
 # The Pallas kernels on a GPU: compile, check at full size, time (one device call).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -2,7 +2,7 @@ r"""Time one config's train step and list where the device time goes (run on a G
 
     python scripts/gpu/profile_train_step.py --config=configs/lra/listops.py:s4d \
         --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25] \
-        [--bank_method=fft|irfft] [--s4d_vandermonde=blocked|plain] [--hlo_dump=DIR]
+        [--bank_method=pairs|fft|irfft] [--s4d_vandermonde=blocked|plain] [--hlo_dump=DIR]
 
 Builds the trainer exactly as `python -m train` does (same model, optimizer, jitted
 step), takes one batch from the training loader, and reports:
@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]",
 _STEPS = flags.DEFINE_integer("steps", 20, "steps per timing")
 _TRACE = flags.DEFINE_string("trace_dir", None, "write a profiler trace here and summarise it")
 _TOP = flags.DEFINE_integer("top", 25, "device ops listed from the trace")
-_BANK = flags.DEFINE_enum("bank_method", None, ["fft", "irfft"],
+_BANK = flags.DEFINE_enum("bank_method", None, ["pairs", "fft", "irfft"],
                           "the LTI layers' bank method (ssm.ops.fft_conv.BANK_METHOD)")
 _HLO = flags.DEFINE_string(
     "hlo_dump", None, "the folder of XLA_FLAGS=--xla_dump_to=... (with "

@@ -5,7 +5,7 @@
 # source: mamba_ssm/ops/triton/*.py and mamba_ssm/utils/{torch,determinism}.py, with empty
 # package __init__ files; its SSD path is pure Triton).
 #   SSD_ARGS="--sections main,sweep" bash scripts/gpu/ssd_round.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+source scripts/gpu/site.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.peers PYTHONUNBUFFERED=1
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

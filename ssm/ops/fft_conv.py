@@ -143,6 +143,58 @@ def _batch_sum_conj_product(g_f, u_f):
 _bank_conv.defvjp(_bank_conv_fwd, _bank_conv_bwd)
 
 
+# -- the bank by pairs: two real sequences per complex FFT -------------------------------
+#
+# The packing above reads each half spectrum twice, once reversed (Y[m - k]); on the H200
+# those fusions ran at about a third of the bandwidth (results/lti_kernel_h200.txt). The
+# pairs method needs no Hermitian symmetry at all: sequences b and b + B/2 ride as the real
+# and imaginary parts of one complex sequence, whose full length-n spectrum is
+# U = U_b + i U_{b+B/2}. Every kernel is real, so multiplying by its spectrum and
+# inverting keeps the two convolutions apart (the real and imaginary parts of the result),
+# and for dk, sum over pairs of G conj(U) = sum_b G_b conj(U_b) + i (a real signal's
+# spectrum): its inverse's real part is the batch sum itself. Each inverse is a forward
+# FFT of the conjugate (n ifft(Z) = conj(fft(conj(Z)))), the 1/n again on the kernel's
+# spectrum; the FFTs are complex of size n over half the batch.
+
+def _pack(x):
+  """(B, ...) real, B even -> (B/2, ...) complex: x[p] + i x[p + B/2]."""
+  half = x.shape[0] // 2
+  return jax.lax.complex(x[:half], x[half:])
+
+
+def _unpack_conj(v):
+  """v = fft(conj(Z)) with n ifft(Z) = a + i b -> (B, ...) real: concat(a, b) = (v.re, -v.im)."""
+  return jnp.concatenate([jnp.real(v), -jnp.imag(v)], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pair_conv(u_t, kern, seq_len: int):
+  """u_t (B, h, l), B even, kern (c, h, n) circular -> (B, c, h, seq_len)."""
+  return _pair_conv_fwd(u_t, kern, seq_len)[0]
+
+
+def _pair_conv_fwd(u_t, kern, seq_len):
+  n = kern.shape[-1]
+  u_f = jnp.fft.fft(_pack(u_t), n=n, axis=-1)                      # (B/2, h, n), zero-padded
+  k_f = jnp.fft.fft(kern.astype(u_f.dtype), axis=-1) / n           # (c, h, n), 1/n here
+  v = jnp.fft.fft(jnp.conj(u_f[:, None] * k_f[None]), axis=-1)[..., :seq_len]
+  return _unpack_conj(v), (u_f, k_f)
+
+
+def _pair_conv_bwd(seq_len, res, g):
+  """du_b = sum_c g_b (*) k_c and dk_c = sum_b g_b (*) u_b (correlations), by pairs."""
+  u_f, k_f = res
+  n = k_f.shape[-1]
+  g_f = jnp.fft.fft(_pack(g), n=n, axis=-1)                        # (B/2, c, h, n)
+  du = _unpack_conj(jnp.fft.fft(jnp.sum(jnp.conj(g_f) * k_f[None], axis=1), axis=-1))
+  # dk = Re ifft(S) = Re fft(conj(S)) / n, S = sum_p G_p conj(U_p)
+  dk = jnp.real(jnp.fft.fft(jnp.conj(_batch_sum_conj_product(g_f, u_f)), axis=-1)) / n
+  return du[..., :seq_len], dk
+
+
+_pair_conv.defvjp(_pair_conv_fwd, _pair_conv_bwd)
+
+
 def _bank_reference(u, kern, seq_len):
   """The bank by jnp.fft.rfft / irfft and autodiff (method="irfft"): (b, l, c, h)."""
   n = kern.shape[-1]
@@ -154,6 +206,7 @@ def _bank_reference(u, kern, seq_len):
 # The bank's default method: a module constant so that a benchmark or profile can time
 # both methods of a whole model in one process (scripts/gpu/profile_train_step.py
 # --bank_method); set it before the model's functions are traced.
+BANK_METHODS = ("pairs", "fft", "irfft")
 BANK_METHOD = "fft"
 
 
@@ -170,10 +223,11 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = No
 
   Args:
     u: (b, l, h); k_causal: (c, h, lk); k_anticausal: None or (c, h, lk); lk <= l.
-    method: None takes BANK_METHOD ("fft"). "fft": forward FFTs only
-      (`_real_inverse_unscaled`), time as the transforms' last axis, a custom VJP whose
-      backward is the same transforms; "irfft": jnp.fft.rfft / irfft along axis 1 and
-      autodiff (the reference).
+    method: None takes BANK_METHOD ("fft"). "pairs": two sequences of the batch per
+      complex FFT of size n (`_pair_conv`), forward FFTs only, a custom VJP; "fft":
+      real FFTs, each inverse a forward FFT of the packed half spectrum
+      (`_real_inverse_unscaled`), a custom VJP; both put time on the transforms' last
+      axis. "irfft": jnp.fft.rfft / irfft along axis 1 and autodiff (the reference).
 
   Returns:
     (b, l, c, h), float32 (float64 for float64 inputs).
@@ -186,8 +240,8 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = No
     raise ValueError(f"fft_conv_bank_xla: anti-causal kernels {k_anticausal.shape} must match "
                      f"the causal ones {k_causal.shape}")
   method = BANK_METHOD if method is None else method
-  if method not in ("fft", "irfft"):
-    raise ValueError(f"fft_conv_bank_xla: method must be 'fft' or 'irfft', got {method!r}")
+  if method not in BANK_METHODS:
+    raise ValueError(f"fft_conv_bank_xla: method must be one of {BANK_METHODS}, got {method!r}")
   seq_len, lk = u.shape[1], k_causal.shape[2]
   if not 1 <= lk <= seq_len:
     raise ValueError(f"fft_conv_bank_xla: kernel length {lk} must be in [1, {seq_len}]")
@@ -197,7 +251,14 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = No
   kern = two_sided_kernel(k_causal, k_anticausal, n, dtype)        # (c, h, n)
   if method == "irfft":
     return _bank_reference(u.astype(dtype), kern, seq_len)
-  y = _bank_conv(jnp.swapaxes(u.astype(dtype), 1, 2), kern, seq_len)  # (b, c, h, l)
+  u_t = jnp.swapaxes(u.astype(dtype), 1, 2)                       # (b, h, l)
+  if method == "fft":
+    y = _bank_conv(u_t, kern, seq_len)                             # (b, c, h, l)
+  else:
+    b = u.shape[0]
+    if b % 2:  # a zero sequence completes the last pair
+      u_t = jnp.concatenate([u_t, jnp.zeros_like(u_t[:1])], axis=0)
+    y = _pair_conv(u_t, kern, seq_len)[:b]
   return jnp.moveaxis(y, 3, 1)
 
 
