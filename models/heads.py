@@ -16,6 +16,56 @@ from flax import nnx
 
 POOLINGS = ("mean", "last", "first", "none")
 
+# Up to this vocabulary the embedding's backward is a one-hot matrix product instead of
+# XLA's scatter-add: with 257 byte ids and 65,536 tokens (LRA Text) the scatter's atomics
+# collide on few rows and it took 0.25-0.48 ms of an H200 train step
+# (results/lti_pairs_h200.txt); the product moves (tokens x vocab) bf16 one-hots once.
+ONE_HOT_GRAD_MAX_VOCAB = 1024
+
+
+def _split_bf16(x):
+  """float32 x -> (3, ...) bf16 pieces summing to x to float32 rounding (8 + 8 + 8 bits)."""
+  hi = x.astype(jnp.bfloat16)
+  rest = x - hi.astype(x.dtype)
+  mid = rest.astype(jnp.bfloat16)
+  return jnp.stack([hi, mid, (rest - mid.astype(x.dtype)).astype(jnp.bfloat16)])
+
+
+@jax.custom_vjp
+def embedding_lookup(table, ids):
+  """table (V, h), ids (...) int -> table[ids] (..., h); differentiable in table.
+
+  The gradient sum_{t: ids[t] = v} g[t] is one_hot(ids)^T g for V <= ONE_HOT_GRAD_MAX_VOCAB
+  (a one-hot is exact in bf16; float32 g rides as three bf16 pieces in one product with
+  float32 accumulation, so the sum is float32-accurate; float64 stays float64) and XLA's
+  scatter-add above it.
+  """
+  return jnp.take(table, ids, axis=0)
+
+
+def _lookup_fwd(table, ids):
+  return jnp.take(table, ids, axis=0), (ids, table)  # the table: a parameter, alive anyway
+
+
+def _lookup_bwd(res, g):
+  ids, table = res
+  shape, dtype = table.shape, table.dtype
+  vocab, h = shape
+  ids, g = ids.reshape(-1), g.reshape(-1, h)
+  if vocab > ONE_HOT_GRAD_MAX_VOCAB:
+    d_table = jnp.zeros(shape, g.dtype).at[ids].add(g)
+  elif g.dtype == jnp.float64:
+    d_table = jnp.einsum("nv,nh->vh", jax.nn.one_hot(ids, vocab, dtype=g.dtype), g,
+                         precision=jax.lax.Precision.HIGHEST)
+  else:
+    pieces = _split_bf16(g.astype(jnp.float32))                    # (3, n, h)
+    d_table = jnp.einsum("nv,pnh->vh", jax.nn.one_hot(ids, vocab, dtype=jnp.bfloat16),
+                         pieces, preferred_element_type=jnp.float32)
+  return d_table.astype(dtype), None
+
+
+embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
 
 class TokenEncoder(nnx.Module):
   """Embedding table E (vocab_size, h): ids (...) int -> E[ids] (..., h). Id 0 (padding)
@@ -34,7 +84,7 @@ class TokenEncoder(nnx.Module):
   def __call__(self, ids):
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"token inputs must be integer ids, got dtype {ids.dtype}")
-    x = jnp.take(self.embedding[...], ids, axis=0)
+    x = embedding_lookup(self.embedding[...], ids)
     x = x.astype(jnp.result_type(jnp.float32, x))
     return jnp.where((ids != 0)[..., None], x, 0.0)
 

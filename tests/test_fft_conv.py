@@ -111,7 +111,7 @@ def test_kernel_bank_matches_direct_convolutions(seq_len, k_len, two_sided):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
-# -- the bank's forward-FFT-only path (method="fft", the default) -------------------------
+# -- the bank's forward-FFT-only paths (methods "pairs", the default, and "fft") ---------
 
 def _bank_direct(u, kc, ka):
   """The bank's sums in float64 numpy: (b, l, c, h)."""

@@ -2,7 +2,8 @@ r"""Time one config's train step and list where the device time goes (run on a G
 
     python scripts/gpu/profile_train_step.py --config=configs/lra/listops.py:s4d \
         --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25] \
-        [--bank_method=pairs|fft|irfft] [--s4d_vandermonde=blocked|plain] [--hlo_dump=DIR]
+        [--bank_method=pairs|fft|irfft] [--s4d_vandermonde=blocked|plain] [--hlo_dump=DIR] \
+        [--set=models.heads.ONE_HOT_GRAD_MAX_VOCAB=0,ssm.lti_mixer.GLU_SPLIT=True]
 
 Builds the trainer exactly as `python -m train` does (same model, optimizer, jitted
 step), takes one batch from the training loader, and reports:
@@ -32,6 +33,29 @@ _HLO = flags.DEFINE_string(
     "--xla_dump_hlo_module_re=.*train_step.*): traced ops get shapes and source lines")
 _VANDER = flags.DEFINE_enum("s4d_vandermonde", None, ["blocked", "plain"],
                             "how S4D generates its kernel (ssm.s4d.VANDERMONDE)")
+_SET = flags.DEFINE_list(
+    "set", [], "module constants to set before tracing, for A/B runs: MODULE.NAME=VALUE,... "
+    "(VALUE a Python literal, else a string); the constant must exist")
+
+
+def set_constants(assignments) -> None:
+  """Applies --set: each 'pkg.module.NAME=VALUE' sets an existing module constant."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  for item in assignments:
+    target, sep, text = item.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not sep or not module_name:
+      raise ValueError(f"--set: expected MODULE.NAME=VALUE, got {item!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+      raise ValueError(f"--set: {module_name} has no constant {name}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    setattr(module, name, value)
+    print(f"set {module_name}.{name} = {value!r}")
 
 
 def main(argv):
@@ -50,6 +74,7 @@ def main(argv):
   if _VANDER.value:
     from ssm import s4d  # pylint: disable=import-outside-toplevel
     s4d.VANDERMONDE = _VANDER.value
+  set_constants(_SET.value)
   config = _CONFIG.value
   validate_config(config)
   mesh = sharding_lib.make_mesh(config.train.mesh)

@@ -11,8 +11,10 @@ only at the (device kind, dtype, FFT size) where it measured faster than jnp.fft
 (ssm/ops/fft_conv_auto.json), else XLA.
 
 `fft_conv_bank_xla` is the LTI layers' path: every channel and both directions of a layer
-from one transform of u, with no inverse FFT (each real inverse is a forward complex FFT
-of half size; see the comment above `_real_inverse_unscaled`) and a custom VJP.
+from one transform of u, with no inverse FFT and a custom VJP. Its default method,
+"pairs", carries two sequences of the batch in one complex FFT (the comment above
+`_pack`); "fft" keeps real FFTs and packs each inverse into a half-size forward FFT (the
+comment above `_real_inverse_unscaled`).
 """
 
 import functools
@@ -204,10 +206,14 @@ def _bank_reference(u, kern, seq_len):
 
 
 # The bank's default method: a module constant so that a benchmark or profile can time
-# both methods of a whole model in one process (scripts/gpu/profile_train_step.py
-# --bank_method); set it before the model's functions are traced.
+# the methods of a whole model in one process (scripts/gpu/profile_train_step.py
+# --bank_method); set it before the model's functions are traced. "pairs" measured
+# fastest in both LRA S4D train steps (H200, f32, one call; results/lti_pairs_h200.txt):
+# Text 14.10 -> 12.81 ms against "fft", ListOps 14.69 -> 14.40. On the bank op alone it
+# wins at Text (fwd+bwd 1.189 -> 1.026 ms) but not at ListOps (0.749 -> 0.831), where
+# the step still gained: its packing and unpacking fuse with the layer's neighbours.
 BANK_METHODS = ("pairs", "fft", "irfft")
-BANK_METHOD = "fft"
+BANK_METHOD = "pairs"
 
 
 def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = None):
@@ -223,7 +229,7 @@ def fft_conv_bank_xla(u, k_causal, k_anticausal=None, *, method: str | None = No
 
   Args:
     u: (b, l, h); k_causal: (c, h, lk); k_anticausal: None or (c, h, lk); lk <= l.
-    method: None takes BANK_METHOD ("fft"). "pairs": two sequences of the batch per
+    method: None takes BANK_METHOD ("pairs"). "pairs": two sequences of the batch per
       complex FFT of size n (`_pair_conv`), forward FFTs only, a custom VJP; "fft":
       real FFTs, each inverse a forward FFT of the packed half spectrum
       (`_real_inverse_unscaled`), a custom VJP; both put time on the transforms' last
