@@ -41,12 +41,6 @@ from ssm.ops._impl import check_impl
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 POSTACTS = ("glu", "linear", "none")
 
-# The GLU's two halves as two products with the halves of one weight (the parameters
-# unchanged), so that the backward adds two input gradients instead of concatenating the
-# halves' cotangents; a module constant for A/B runs (scripts/gpu/profile_train_step.py
-# --set=ssm.lti_mixer.GLU_SPLIT=True), read when the layer is traced.
-GLU_SPLIT = False
-
 
 def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> None:
   """ValueError listing the valid choices (and for a d_model that is not a positive int);
@@ -100,14 +94,6 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
   kern = two_sided_kernel(kernel_chl[:c], kernel_chl[c:], n)               # (c, h, n)
   return jnp.stack([fft_conv(x_pad, kern[i], impl="pallas", circular=True)[:, :l]
                     for i in range(c)], axis=2)
-
-
-def _split_glu(proj: nnx.Linear, y, h: int):
-  """jax.nn.glu(proj(y)) as a * sigmoid(g), a and g from the two halves of proj's kernel."""
-  w, b = proj.kernel[...], proj.bias[...]
-  dt = jnp.result_type(y, w) if proj.dtype is None else proj.dtype
-  y, w, b = y.astype(dt), w.astype(dt), b.astype(dt)
-  return (y @ w[:, :h] + b[:h]) * jax.nn.sigmoid(y @ w[:, h:] + b[h:])
 
 
 class LTIMixer(Mixer):
@@ -165,9 +151,7 @@ class LTIMixer(Mixer):
     y = _activation(self.activation)(y)
     y = y.reshape(*y.shape[:-2], self.channels * self.d_model)
     y = self.dropout(y, deterministic=deterministic)
-    if self.postact == "glu" and GLU_SPLIT:
-      y = _split_glu(self.out_proj, self.compute(y), self.d_model)
-    elif self.postact == "glu":
+    if self.postact == "glu":
       y = jax.nn.glu(self.out_proj(self.compute(y)), axis=-1)
     elif self.postact == "linear":
       y = self.out_proj(self.compute(y))

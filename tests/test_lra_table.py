@@ -183,8 +183,9 @@ def test_committed_runs(tmp_path):
   assert not tx.partial and tx.test_accuracy == pytest.approx(0.85568)
   assert cell(rows(lra_table.table([tx])), "S4D (ours)", "text") == "85.57"
   pf = runs["pathfinder", "s4d", "short"]
-  assert (pf.steps, pf.schedule_steps, pf.best_val_step) == (50_000, 500_000, 42_500)
-  assert pf.partial and pf.test_accuracy == 1.0 and "data/pathfinder.py" in pf.source
+  assert (pf.steps, pf.schedule_steps, pf.best_val_step) == (50_000, 500_000, 45_000)
+  assert pf.partial and pf.generator_version == 3 and "data/pathfinder.py" in pf.source
+  assert pf.test_accuracy == pytest.approx(0.9226)  # the final state's (no best-val test)
   s4 = runs["listops", "s4", ""]
   assert (s4.task, s4.steps, s4.schedule_steps, s4.best_val_step) == ("listops", 120_000,
                                                                       120_000, 109_000)
@@ -344,9 +345,9 @@ def test_a_finished_generator_v3_run_outranks_older_generator_versions(tmp_path)
   assert "generator version 3, not the LRA release" in note
   # the halted v3 curve and the release run still compete; v1 and v2 are named as passed over
   assert "best of 3 runs by validation accuracy" in note
-  assert str(root / "release" / "results.json") in note.split("preferred over")[0]
-  assert str(root / "v3_halted" / "metrics.jsonl") in note.split("preferred over")[0]
-  passed_over = note.split("preferred over the older versions' runs: ")[1]
+  assert str(root / "release" / "results.json") in note.split("preferred (the release")[0]
+  assert str(root / "v3_halted" / "metrics.jsonl") in note.split("preferred (the release")[0]
+  passed_over = note.split("over the older versions' runs: ")[1]
   assert str(root / "v1" / "results.json") in passed_over
   assert str(root / "v2" / "results.json") in passed_over
   # a finished v3 run with the best validation accuracy of all: no older run is needed
@@ -367,6 +368,6 @@ def test_committed_pathfinder_v3_curve_is_read_as_generator_3():
   note = [line for line in lra_table.table(list(runs.values())).splitlines()
           if "Pathfinder, S4D (short)" in line][0]
   if v3.finished:  # once its results.json is committed the v3 run is the one shown
-    assert note.endswith(f"[{v3.path}]") and "preferred over" in note
+    assert note.endswith(f"[{v3.path}]") and "over the older versions' runs" in note
   else:
     assert "preferred over" not in note

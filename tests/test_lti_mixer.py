@@ -126,23 +126,3 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="bidirectional"):
     bidir.step(None, jnp.zeros((1, 3)))
 
-
-@pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_split_glu_equals_the_fused_one(monkeypatch, dtype):
-  """GLU_SPLIT (two products with the kernel's halves) gives the fused GLU's output and
-  parameter gradients: same parameters, a different program."""
-  import ssm.lti_mixer as lti  # pylint: disable=import-outside-toplevel
-  mixer = make(2, bidirectional=True, dtype=dtype)
-  x = inputs((2, 20, 3))
-  graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
-
-  def loss(p):
-    return jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x).astype(jnp.float32)))
-
-  fused = jax.value_and_grad(loss)(params)
-  monkeypatch.setattr(lti, "GLU_SPLIT", True)
-  split = jax.value_and_grad(loss)(params)
-  tol = 1e-6 if dtype is None else 2e-2
-  for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(fused)):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
-                               atol=tol * float(jnp.abs(b.astype(jnp.float32)).max()))

@@ -496,8 +496,7 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
       others = ", ".join(r.path for r in candidates if r is not best)
       said.append(f"best of {len(candidates)} runs by validation accuracy (others: {others})")
     if older:
-      said.append(f"generator version {PREFERRED_GENERATOR} (the release's construction) "
-                  f"preferred over the older versions' runs: "
+      said.append(f"preferred (the release's construction) over the older versions' runs: "
                   + ", ".join(r.path for r in older))
     if said:
       notes.append(f"{marks or ' '} {where}: " + "; ".join(said) + f" [{best.path}]")

@@ -3,7 +3,7 @@ r"""Time one config's train step and list where the device time goes (run on a G
     python scripts/gpu/profile_train_step.py --config=configs/lra/listops.py:s4d \
         --config.data.num_train=2000 [--steps=20] [--trace_dir=/tmp/trace] [--top=25] \
         [--bank_method=pairs|fft|irfft] [--s4d_vandermonde=blocked|plain] [--hlo_dump=DIR] \
-        [--set=models.heads.ONE_HOT_GRAD_MAX_VOCAB=0,ssm.lti_mixer.GLU_SPLIT=True]
+        [--set=models.heads.ONE_HOT_GRAD_MAX_VOCAB=0,ssm.ops.fft_conv.BANK_METHOD=fft]
 
 Builds the trainer exactly as `python -m train` does (same model, optimizer, jitted
 step), takes one batch from the training loader, and reports:
