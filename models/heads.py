@@ -18,7 +18,7 @@ POOLINGS = ("mean", "last", "first", "none")
 
 # Up to this vocabulary the embedding's backward is a one-hot matrix product instead of
 # XLA's scatter-add: with 257 byte ids and 65,536 tokens (LRA Text) the scatter's atomics
-# collide on few rows and it took 0.25-0.48 ms of an H200 train step
+# collide on few rows and it took 0.23-0.48 ms of an H200 train step
 # (results/lti_pairs_h200.txt); the product moves (tokens x vocab) bf16 one-hots once.
 ONE_HOT_GRAD_MAX_VOCAB = 1024
 

@@ -211,7 +211,8 @@ def _bank_reference(u, kern, seq_len):
 # fastest in both LRA S4D train steps (H200, f32, one call; results/lti_pairs_h200.txt):
 # Text 14.10 -> 12.81 ms against "fft", ListOps 14.69 -> 14.40. On the bank op alone it
 # wins at Text (fwd+bwd 1.189 -> 1.026 ms) but not at ListOps (0.749 -> 0.831), where
-# the step still gained: its packing and unpacking fuse with the layer's neighbours.
+# the step still gained (presumably its packing and unpacking fuse with the layer's
+# neighbours; not checked in the trace).
 BANK_METHODS = ("pairs", "fft", "irfft")
 BANK_METHOD = "pairs"
 
