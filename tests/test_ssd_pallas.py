@@ -119,3 +119,11 @@ def test_segments_fill_one_wave_of_ctas():
   a = inputs(0, 1, 128, 2, 1, 64, 64, jnp.float32)
   with pytest.raises(ValueError, match="segments=3 must be a positive int dividing the 2"):
     ssd_pallas.ssd_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], segments=3)
+
+
+def test_chain_ring_leaves_room_for_two_ctas_per_sm():
+  """The chain kernel's SMEM ring fits its share of an SM (two CTAs interleave there)."""
+  assert ssd_pallas.CHAIN_CTAS_PER_SM == 2
+  assert ssd_pallas._chain_stages(128) == 3 and ssd_pallas._chain_stages(64) == 4
+  per_stage, fixed = 2 * 64 * (64 + 128) + 2 * 64 * 4, 4 * 64 * 128 + 1024
+  assert 2 * (3 * per_stage + fixed) <= ssd_pallas.SMEM_BUDGET

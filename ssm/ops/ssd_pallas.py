@@ -60,7 +60,8 @@ to bf16 first, as in the lightning kernel); decays, masks and the carried states
 float32, the state rounded to bf16 only as an operand.
 
 SMEM (N = 128, bf16): forward 3 stages x (C, B, X tiles + 9 vectors) 127 KiB, state tiles
-and output staging 80 KiB; backward 2 stages, about 200 KiB each kernel.
+and output staging 80 KiB; backward 2 stages, about 200 KiB each kernel; the chain 3
+stages and its output staging, 105 KiB, so that two of its CTAs share an SM.
 """
 
 from __future__ import annotations
@@ -293,11 +294,11 @@ def _state_update(st, slot, v_s, k_s, vbufs, interpret):
 
 # ----------------------------------------------------------------------------- forward
 
-def _ring_depth(kernel, per_stage, fixed, depths):
+def _ring_depth(kernel, per_stage, fixed, depths, budget=SMEM_BUDGET):
   """The deepest input ring of `depths` whose SMEM (per_stage bytes a block in flight plus
-  `fixed`) fits SMEM_BUDGET; ValueError naming the kernel when none does."""
+  `fixed`) fits `budget`; ValueError naming the kernel when none does."""
   for stages in depths:
-    if stages * per_stage + fixed <= SMEM_BUDGET:
+    if stages * per_stage + fixed <= budget:
       return stages
   raise ValueError(f"ssd {kernel}: {min(depths) * per_stage + fixed} bytes of SMEM do not fit")
 
@@ -641,7 +642,7 @@ def _chain(u, w, coef, qd, cfg: _Cfg, *, reverse):
   h, p = u.shape[2:]
   r = h // g
   n_blocks, interpret = lp // C, cfg.interpret
-  stages = 4
+  stages = _chain_stages(n)
 
   def body(u_ref, w_ref, coef_ref, qd_ref, out_ref, u_s, w_s, c_s, qd_s, out_s, in_bar):
     bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -669,6 +670,20 @@ def _chain(u, w, coef, qd, cfg: _Cfg, *, reverse):
                  in_bar=plgpu.Barrier(num_arrivals=4, num_barriers=stages))
   out_type = jax.ShapeDtypeStruct((b, h, p, n), F32)
   return _kernel(body, cfg, out_type, scratch, (b, h, p // BV))(u, w, coef, qd)
+
+
+# CTAs of the chain kernel that share an SM. Its blocks form one serial chain of wgmmas
+# (each waits for the last), so a lone CTA leaves the SM idle between them; the SMEM ring
+# is sized to let this many interleave. 1 restores the deepest ring.
+CHAIN_CTAS_PER_SM = 2
+
+
+def _chain_stages(n):
+  """Input ring depth of the chain kernel (2 to 4 blocks in flight) within its share of SMEM."""
+  per_stage = 2 * C * (BV + n) + 2 * C * 4
+  fixed = 4 * BV * n + 1024
+  return _ring_depth("chain", per_stage, fixed, (4, 3, 2),
+                     budget=SMEM_BUDGET // CHAIN_CTAS_PER_SM)
 
 
 def auto_segments(b, h, p, lp, sms):
