@@ -215,3 +215,24 @@ def summarise_trace(trace_dir: str, steps: int, top: int = 25, hlo_text: str | N
     print(f"{dur / 1e3 / steps:8.3f} {dur / whole:6.1%} {counts[name] / steps:10.1f}  {name[:110]}")
     if name in notes:
       print(f"{'':27}  {notes[name][:300]}")
+
+
+def set_constants(assignments) -> None:
+  """Sets module constants for A/B runs: each "pkg.module.NAME=VALUE" (VALUE a Python literal,
+  else a string) sets NAME, which must exist already."""
+  import ast  # noqa: PLC0415
+  import importlib  # noqa: PLC0415
+  for item in assignments:
+    target, sep, text = item.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not sep or not module_name:
+      raise ValueError(f"module constant: expected MODULE.NAME=VALUE, got {item!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+      raise ValueError(f"module constant: {module_name} has no constant {name}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    setattr(module, name, value)
+    print(f"set {module_name}.{name} = {value!r}")

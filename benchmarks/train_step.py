@@ -2,7 +2,8 @@ r"""Train-step time, tokens/s and MFU of LM recipes in float32 and bf16 (run on 
 
     python -m benchmarks.train_step --config=configs/lm/imdb.py:mamba \
         --config=configs/lm/imdb.py:transformer [--dtypes=float32,bfloat16] [--steps=10] \
-        [--trace_dir=/tmp/trace --top=25 [--hlo_dump=/tmp/xdump]] [--set=model.num_layers=2]
+        [--trace_dir=/tmp/trace --top=25 [--hlo_dump=/tmp/xdump]] [--set=model.num_layers=2] \
+        [--constant=ssm.lti_mixer.FLAT_TOKENS=False]
 
 Each row builds the trainer as `python -m train` does (model, optimizer, the jitted
 step with its fused update) for the config with model.dtype set, feeds a synthetic batch
@@ -32,6 +33,9 @@ _HLO_DUMP = flags.DEFINE_string(
     "hlo_dump", None, "the folder of XLA_FLAGS=--xla_dump_to=... (set it in the environment, "
     "with --xla_dump_hlo_module_re=.*train_step.*): traced ops get their shapes and source "
     "lines from the step's optimized HLO there")
+_CONSTANTS = flags.DEFINE_multi_string(
+    "constant", [], "module constant MODULE.NAME=VALUE set before building (A/B runs, e.g. "
+    "ssm.lti_mixer.FLAT_TOKENS=False)")
 _SET = flags.DEFINE_multi_string("set", [], "config override key=value (e.g. "
                                  "model.num_layers=2), applied to every config")
 
@@ -132,6 +136,9 @@ def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | 
 def main(argv):
   del argv
   import jax  # noqa: PLC0415
+
+  from benchmarks.common import set_constants  # noqa: PLC0415
+  set_constants(_CONSTANTS.value)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
   print(f"{'config':34} {'dtype':9} {'params':>7} {'batch':>9} {'ms/step':>8} "
         f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'loss':>7} {'compile s':>9}")

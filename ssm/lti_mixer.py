@@ -39,6 +39,12 @@ from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
 from ssm.ops._impl import check_impl
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
+# The output projection takes its input as one (tokens, c h) matrix. The convolution
+# leaves time last, and XLA otherwise kept that layout into the projection: its weight
+# gradient became a per-sequence batched GEMM and a sum over the batch, and the residual
+# stream was transposed back and forth around it. Flat, the one transpose is fused into the
+# convolution's epilogue. A module constant so that profile_train_step.py --set can A/B it.
+FLAT_TOKENS = True
 POSTACTS = ("glu", "linear", "none")
 
 
@@ -149,13 +155,14 @@ class LTIMixer(Mixer):
     """y (..., c, h) conv output, x (..., h) input -> (..., h) layer output."""
     y = y_clh_last + self.D[...] * x[..., None, :].astype(jnp.float32)
     y = _activation(self.activation)(y)
-    y = y.reshape(*y.shape[:-2], self.channels * self.d_model)
+    lead = y.shape[:-2]
+    y = y.reshape(*((-1,) if FLAT_TOKENS else lead), self.channels * self.d_model)
     y = self.dropout(y, deterministic=deterministic)
     if self.postact == "glu":
       y = jax.nn.glu(self.out_proj(self.compute(y)), axis=-1)
     elif self.postact == "linear":
       y = self.out_proj(self.compute(y))
-    return y.astype(x.dtype)
+    return y.reshape(*lead, y.shape[-1]).astype(x.dtype)
 
   def flops_per_token(self, seq_len: int) -> float:
     """The FFT convolution of every (channel, feature) map: the input's transform and the

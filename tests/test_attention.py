@@ -223,3 +223,43 @@ def test_masked_cudnn_path_keeps_no_score_sized_residuals(monkeypatch):
   for eqn in conds:
     shapes = [tuple(v.aval.shape) for v in eqn.outvars]
     assert not [s for s in shapes if s[-2:] == (l, l)], shapes
+
+
+def test_masked_cudnn_path_equals_xla_for_every_mask(monkeypatch):
+  """The masked cuDNN path (the cond on the mask being a prefix) gives
+  XLA attention's output and gradients for prefix and non-prefix masks. Traced on the CPU
+  with cuDNN's call replaced by XLA attention over the first key_value_seq_lengths keys,
+  which is what cuDNN computes."""
+  import models.attention as attention_mod
+  original = jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, *args, implementation=None, key_value_seq_lengths=None, **kw):
+    if implementation == "cudnn":
+      keep = None
+      if key_value_seq_lengths is not None:
+        keep = (jnp.arange(k.shape[1]) < key_value_seq_lengths[:, None])[:, None, None, :]
+      return original(q, k, v, mask=keep, implementation="xla", **kw)
+    return original(q, k, v, *args, implementation=implementation, **kw)
+
+  monkeypatch.setattr(attention_mod.jax.nn, "dot_product_attention", stand_in)
+  b, l, d = 2, 16, 32
+  x = jax.random.normal(jax.random.key(1), (b, l, d), jnp.float32)
+  prefix = jnp.arange(l)[None, :] < jnp.array([[11], [16]])
+  holes = jax.random.bernoulli(jax.random.key(2), 0.7, (b, l)).at[:, 0].set(True)
+  for bidirectional in (False, True):
+    fast = Attention(d, num_heads=2, impl="cudnn", bidirectional=bidirectional,
+                     rngs=nnx.Rngs(0))
+    ref = Attention(d, num_heads=2, impl="xla", bidirectional=bidirectional, rngs=nnx.Rngs(0))
+    for mask in (prefix, holes):
+      def run(model):
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, x):
+          y = nnx.merge(graph, params, rest)(x, mask=mask)
+          return jnp.sum(jnp.where(mask[..., None], y, 0.0) * jnp.cos(jnp.arange(d)))
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+        return [value, *jax.tree.leaves(grads)]
+      got, want = run(fast), run(ref)
+      assert len(got) == len(want) == 5  # value, qkv, out kernel and bias, dx
+      for a, r in zip(got, want):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)

@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks.common import optimized_hlo, summarise_trace
+from benchmarks.common import optimized_hlo, set_constants, summarise_trace
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]",
                                           lock_config=True)
@@ -36,26 +36,6 @@ _VANDER = flags.DEFINE_enum("s4d_vandermonde", None, ["blocked", "plain"],
 _SET = flags.DEFINE_list(
     "set", [], "module constants to set before tracing, for A/B runs: MODULE.NAME=VALUE,... "
     "(VALUE a Python literal, else a string); the constant must exist")
-
-
-def set_constants(assignments) -> None:
-  """Applies --set: each 'pkg.module.NAME=VALUE' sets an existing module constant."""
-  import ast  # pylint: disable=import-outside-toplevel
-  import importlib  # pylint: disable=import-outside-toplevel
-  for item in assignments:
-    target, sep, text = item.partition("=")
-    module_name, _, name = target.rpartition(".")
-    if not sep or not module_name:
-      raise ValueError(f"--set: expected MODULE.NAME=VALUE, got {item!r}")
-    module = importlib.import_module(module_name)
-    if not hasattr(module, name):
-      raise ValueError(f"--set: {module_name} has no constant {name}")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    setattr(module, name, value)
-    print(f"set {module_name}.{name} = {value!r}")
 
 
 def main(argv):
