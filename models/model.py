@@ -250,8 +250,10 @@ class LanguageModel(_Encoded):
     self.head = None if tie_embeddings else LMHead(backbone.d_model, task.num_classes,
                                                    rngs=rngs, **precision)
 
-  def _logits(self, x):
-    """x (..., h) -> float32 logits (..., num_classes)."""
+  def logits(self, x):
+    """Backbone output x (..., h) -> float32 logits (..., num_classes). Public so that a
+    loss needing a few positions only (MQAR's queries) can gather x first: at vocabulary
+    8192 the head is most of a small model's FLOPs."""
     if self.tie_embeddings:
       return tied_logits(x, self.encoder.embedding[...], self.dtype)
     return self.head(x)
@@ -261,7 +263,7 @@ class LanguageModel(_Encoded):
     # batch["segment_ids"] (b, l) marks packed documents for the recurrent mixers.
     x, _ = self.features(_get(batch, "inputs", "lm"), None, deterministic=deterministic,
                          what="lm", segment_ids=batch.get("segment_ids"))
-    return self._logits(x)
+    return self.logits(x)
 
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:
     """Recurrent state for `step`; max_len sizes attention KV caches."""
@@ -274,7 +276,7 @@ class LanguageModel(_Encoded):
       raise ValueError(f"lm.step: expects token ids of shape (batch,), got {tokens_t.shape}")
     x_t = self.encoder(tokens_t)
     state, y_t = self.backbone.step(state, x_t, mask_t=tokens_t != 0)
-    return state, self._logits(y_t)
+    return state, self.logits(y_t)
 
 
 def seq_parallel_kind(kind: str, mixer_options_: Mapping) -> bool:

@@ -32,6 +32,12 @@ a new workdir). WORKDIR/results.jsonl (one row per cell) and results.md (best-lr
 rewritten at the end of every call; `plot_sweep(load_rows(workdir))` draws accuracy vs
 d_model per length and vs state bytes.
 
+The loss applies the LM head at the query positions only (`query_loss_sums`; equal to
+the full-logit loss, tested): at vocabulary 8192 the head is most of a small model's work
+(XLA's cost analysis of one replica's train step at d_model 64, L 256, 16 pairs, batch 256:
+mamba 249.9 -> 52.6 GFLOP, transformer 265.2 -> 67.9). The first GPU cells
+(results/mqar_sweep_h200, 2026-12-04) ran with the full head.
+
 Cost model: time = sum over programs of one compile (tens of seconds on a GPU) + sum over
 cells of num_steps x t_step(program, R) + evaluation (num_test / eval_batch_size forward
 passes). For these small models t_step grows sub-linearly in R until the GPU is busy, so
@@ -42,6 +48,7 @@ the remaining cells of the same program.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -182,11 +189,10 @@ class _Program:
     model = models.build_model(config.model, task, rngs=nnx.Rngs(params=0, dropout=1))
     self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
     self.state_bytes = state_bytes(model, task.seq_len)
-    kind, tx, graphdef = task.kind, self.tx, self.graphdef
+    tx, graphdef = self.tx, self.graphdef
 
     def loss_fn(params, rest, batch):
-      logits = nnx.merge(graphdef, params, rest)(batch, deterministic=True)
-      sums = metrics_lib.loss_sums(logits, batch, kind)
+      sums = query_loss_sums(nnx.merge(graphdef, params, rest), batch)
       return sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9)
 
     def one(params, opt_state, lr, rest, batch):
@@ -204,10 +210,7 @@ class _Program:
       return jax.vmap(one, in_axes=(0, 0, 0, None, None))(params, opt_state, lrs, rest, batch)
 
     def eval_step(params, rest, batch):
-      def sums(p):
-        logits = nnx.merge(graphdef, p, rest)(batch, deterministic=True)
-        return metrics_lib.loss_sums(logits, batch, kind)
-      return jax.vmap(sums)(params)
+      return jax.vmap(lambda p: query_loss_sums(nnx.merge(graphdef, p, rest), batch))(params)
 
     self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
     self.eval_step = jax.jit(eval_step)
@@ -223,6 +226,28 @@ class _Program:
     return params, jax.vmap(self.tx.init)(params)
 
 
+def query_positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """mask (n, l) bool -> (positions (n, q) int32, valid (n, q) bool), q = the most True
+  entries of a row: each row's True positions in order, padded with invalid slots."""
+  mask = np.asarray(mask, bool)
+  q = max(int(mask.sum(axis=1).max(initial=0)), 1)
+  pos = np.argsort(~mask, axis=1, kind="stable")[:, :q]
+  return pos.astype(np.int32), np.take_along_axis(mask, pos, axis=1)
+
+
+def query_loss_sums(model, batch: dict) -> dict:
+  """`metrics.loss_sums` of an MQAR batch with the LM head applied at the query positions
+  only (batch "query_pos", "query_mask": `query_positions` of its loss mask). Equal to the
+  full logits' loss (only masked positions count), at 1 / (l / q) of the head's cost, which
+  at vocabulary 8192 is most of a small model's step."""
+  x, _ = model.features(batch["inputs"], None, deterministic=True, what="lm")
+  pos = batch["query_pos"]
+  logits = model.logits(jnp.take_along_axis(x, pos[..., None], axis=1))
+  query = dict(targets=jnp.take_along_axis(batch["targets"], pos, axis=1),
+               weights=batch["weights"], mask=batch["query_mask"])
+  return metrics_lib.loss_sums(logits, query, "lm")
+
+
 def _mqar_arrays(config, split: str) -> dict:
   from data import mqar as mqar_data
   d = config.data
@@ -231,6 +256,7 @@ def _mqar_arrays(config, split: str) -> dict:
       vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs,
       power_a=d.power_a, random_non_queries=d.random_non_queries)
   arrays["weights"] = np.ones(len(arrays["inputs"]), np.float32)
+  arrays["query_pos"], arrays["query_mask"] = query_positions(arrays["mask"])
   return arrays
 
 
@@ -242,8 +268,16 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
   if per_epoch < 1:
     raise ValueError(f"num_train={n} is smaller than batch_size={batch_size}")
   epoch, i = divmod(step, per_epoch)
+  return _epoch_order(n, seed, epoch)[i * batch_size:(i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  """One epoch's permutation, drawn once per epoch, not per step (0.86 ms of host time
+  for n = 100k on this repo's CPU, against device steps of a few ms)."""
   order = np.random.default_rng([seed, 2, epoch]).permutation(n)
-  return order[i * batch_size:(i + 1) * batch_size]
+  order.flags.writeable = False
+  return order
 
 
 def _save_checkpoint(path: str, step: int, tree) -> None:
@@ -462,33 +496,94 @@ def best_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _variant_parts(variant: str) -> tuple[str, str, int | None]:
+  """(mixer, caching, segment size) of a variant name: "mamba" -> ("mamba", "none", None),
+  "mamba+grm32" -> ("mamba", "grm", 32)."""
+  mixer, _, extra = variant.partition("+")
+  caching = extra.rstrip("0123456789") or "none"
+  digits = extra[len(caching):] if extra else ""
+  return mixer, caching, int(digits) if digits else None
+
+
+def _variant_order(variant: str) -> tuple:
+  """Sort key: the mixers in SWEEP's order (then configs/mqar.py's other mixers, then any
+  other name), each base model first and its caching variants after it."""
+  mixer, caching, seg = _variant_parts(variant)
+  known = list(dict.fromkeys(list(mqar.SWEEP["mixers"]) + list(mqar.MIXERS)))
+  return (known.index(mixer) if mixer in known else len(known), mixer,
+          CACHING.index(caching) if caching in CACHING else len(CACHING), caching,
+          -1 if seg is None else seg)
+
+
+def _variant_style(variant: str, segment_sizes: list[int]) -> dict:
+  """Line style of a variant: the color is its mixer's (the same in every panel and figure),
+  the line dash its caching kind, the marker its segment size."""
+  import matplotlib.pyplot as plt
+  mixer, caching, seg = _variant_parts(variant)
+  known = list(dict.fromkeys(list(mqar.SWEEP["mixers"]) + list(mqar.MIXERS)))
+  colors = plt.get_cmap("tab10").colors
+  color = colors[known.index(mixer) % 9] if mixer in known else colors[9]
+  dash = {"none": "-", "grm": "--", "ssc": ":"}.get(caching, "-.")
+  markers = "s^Dvp*"
+  marker = "o" if seg is None else markers[sorted(segment_sizes).index(seg) % len(markers)]
+  return dict(color=color, linestyle=dash, marker=marker)
+
+
 def plot_sweep(rows: list[dict], *, num_kv_pairs: int | None = None):
   """Figure of best accuracy: one column per seq_len, top row vs d_model, bottom row vs
   state bytes (log x), one line per variant. num_kv_pairs: keep those cells only (default
-  the largest in rows). Returns the matplotlib Figure."""
+  the largest in rows). A variant keeps its style in every panel (color: mixer, dash:
+  caching kind, marker: segment size); one legend for the figure, on its right, lists the
+  variants with each base model before its caching variants. Returns the matplotlib Figure."""
   import matplotlib
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
   if not rows:
     raise ValueError("plot_sweep: no rows")
   kv = num_kv_pairs or max(r["num_kv_pairs"] for r in rows)
   rows = [r for r in rows if r["num_kv_pairs"] == kv]
+  if not rows:
+    raise ValueError(f"plot_sweep: no rows with num_kv_pairs={kv}")
   lengths = sorted({r["seq_len"] for r in rows})
-  fig, axes = plt.subplots(2, len(lengths), figsize=(4.5 * len(lengths), 7), squeeze=False)
+  variants = sorted({r["variant"] for r in rows}, key=_variant_order)
+  segments = sorted({s for v in variants if (s := _variant_parts(v)[2]) is not None})
+  d_models = sorted({r["d_model"] for r in rows})
+  fig, axes = plt.subplots(2, len(lengths), figsize=(4.5 * len(lengths) + 1.8, 7),
+                           squeeze=False, layout="constrained")
+  handles = {}
   for j, length in enumerate(lengths):
     sub = [r for r in rows if r["seq_len"] == length]
-    for variant in sorted({r["variant"] for r in sub}):
+    for variant in [v for v in variants if any(r["variant"] == v for r in sub)]:
       pts = sorted((r["d_model"], r["state_bytes"], r["best_accuracy"]) for r in sub
                    if r["variant"] == variant)
       d, sb, acc = zip(*pts)
-      axes[0, j].plot(d, acc, marker="o", label=variant)
-      axes[1, j].plot(sb, acc, marker="o", label=variant)
-    axes[0, j].set(title=f"L={length}, {kv} pairs", xlabel="d_model", ylabel="accuracy",
-                   xscale="log", ylim=(-0.02, 1.02))
-    axes[1, j].set(xlabel="state bytes", ylabel="accuracy", xscale="log", ylim=(-0.02, 1.02))
-  axes[0, -1].legend(fontsize=7)
-  fig.tight_layout()
+      style = _variant_style(variant, segments)
+      handles[variant], = axes[0, j].plot(d, acc, label=variant, **style)
+      axes[1, j].plot(sb, acc, label=variant, **style)
+    top, bottom = axes[0, j], axes[1, j]
+    top.set(title=f"L={length}, {kv} pairs", xlabel="d_model", ylabel="accuracy",
+            ylim=(-0.02, 1.02), xlim=(d_models[0] / 1.3, d_models[-1] * 1.3))
+    top.set_xscale("log", base=2)
+    top.xaxis.set_major_locator(ticker.FixedLocator(d_models))
+    top.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    top.xaxis.set_minor_locator(ticker.NullLocator())
+    bottom.set(xlabel="recurrent state per sequence", ylabel="accuracy", ylim=(-0.02, 1.02))
+    bottom.set_xscale("log", base=2)
+    bottom.xaxis.set_major_locator(ticker.LogLocator(base=2, numticks=6))
+    bottom.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: _bytes_label(x)))
+    bottom.xaxis.set_minor_locator(ticker.NullLocator())
+    for ax in (top, bottom):
+      ax.grid(alpha=0.3)
+  fig.legend([handles[v] for v in variants], variants, loc="outside right upper", fontsize=8)
   return fig
+
+
+def _bytes_label(x: float) -> str:
+  for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if x >= size:
+      return f"{x / size:g} {unit}"
+  return f"{x:g} B"
 
 
 def sweep_main(argv=None):

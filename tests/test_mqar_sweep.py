@@ -110,3 +110,70 @@ def test_plot_sweep_and_table():
   assert axes[0].get_title() == "L=256, 16 pairs"
   table = mqar_suite.best_table(rows)
   assert table.count("\n") == 1 + len(rows) and "mamba+grm32" in table
+
+
+def test_plot_sweep_styles_follow_the_variant_on_a_partial_grid():
+  """A variant missing from one panel does not shift the others' colors; a caching
+  variant has its base model's color, another dash, and follows it in the one figure
+  legend; the d_model ticks are the widths present; a pair count absent is refused."""
+  def row(v, d, length, acc):
+    return dict(variant=v, d_model=d, seq_len=length, num_kv_pairs=16, best_accuracy=acc,
+                state_bytes=1024 * d)
+  rows = [row("transformer", 64, 256, 1.0), row("mamba+ssc32", 64, 256, 0.3),
+          row("mamba", 64, 256, 0.2), row("mamba", 128, 256, 0.4), row("mamba", 64, 512, 0.1)]
+  fig = mqar_suite.plot_sweep(rows)
+  top_256, top_512 = fig.axes[0], fig.axes[1]
+  style = {ln.get_label(): (ln.get_color(), ln.get_linestyle(), ln.get_marker())
+           for ln in top_256.get_lines()}
+  assert [ln.get_label() for ln in top_512.get_lines()] == ["mamba"]
+  assert top_512.get_lines()[0].get_color() == style["mamba"][0]
+  assert style["mamba+ssc32"][0] == style["mamba"][0] != style["transformer"][0]
+  assert style["mamba+ssc32"][1:] != style["mamba"][1:]
+  (legend,) = fig.legends
+  assert [t.get_text() for t in legend.get_texts()] == ["transformer", "mamba", "mamba+ssc32"]
+  assert list(top_256.get_xticks()) == [64, 128]
+  with pytest.raises(ValueError, match="num_kv_pairs=32"):
+    mqar_suite.plot_sweep(rows, num_kv_pairs=32)
+
+
+def test_query_positions_pad_short_rows():
+  mask = np.array([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+  pos, valid = mqar_suite.query_positions(mask)
+  np.testing.assert_array_equal(pos[0], [1, 3, 4])
+  np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+  assert pos.dtype == np.int32
+
+
+def test_query_loss_equals_the_full_logits_loss():
+  """The head at the query positions only gives the full-logit loss, accuracy and gradients
+  (only masked positions count in either). float32: the loss casts logits to it."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import models
+  from train import metrics as metrics_lib
+
+  cell = mqar_suite.sweep_cells(GRID)[0]
+  config = mqar_suite.cell_config(cell, GRID)
+  task, _ = mqar_suite.load_task_spec(config)
+  arrays = mqar_suite._mqar_arrays(config, "test")
+  assert arrays["query_mask"].all() and arrays["query_pos"].shape[1] == cell.num_kv_pairs
+  batch = {k: jnp.asarray(v[:6]) for k, v in arrays.items()}
+  model = models.build_model(config.model, task, rngs=nnx.Rngs(params=3, dropout=4))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def full(p):
+    logits = nnx.merge(graphdef, p, rest)(batch, deterministic=True)
+    return metrics_lib.loss_sums(logits, batch, "lm")
+
+  def query(p):
+    return mqar_suite.query_loss_sums(nnx.merge(graphdef, p, rest), batch)
+
+  a, b = full(params), query(params)
+  for k in ("loss_sum", "correct", "weight"):
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-6)
+  ga = jax.grad(lambda p: full(p)["loss_sum"])(params)
+  gb = jax.grad(lambda p: query(p)["loss_sum"])(params)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(y, x, rtol=2e-5, atol=1e-6 * float(np.abs(x).max()))
