@@ -177,7 +177,13 @@ def test_committed_runs(tmp_path):
   runs = {(run.task, run.model, run.size): run
           for run in lra_table.collect(str(REPO / "results" / "lra"))}
   assert sorted(runs) == [("listops", "s4", ""), ("listops", "s4d", ""),
-                          ("pathfinder", "s4d", "short"), ("text", "s4d", "")]
+                          ("listops", "transformer", ""), ("pathfinder", "s4d", "short"),
+                          ("text", "s4d", ""), ("text", "sgconv", "")]
+  lt = runs["listops", "transformer", ""]
+  assert (lt.steps, lt.best_val_step, lt.dtype) == (5_000, 1_000, "bfloat16")
+  assert lt.test_accuracy == pytest.approx(0.35) and lt.final_test_accuracy is None
+  sg = runs["text", "sgconv", ""]
+  assert sg.test_accuracy == pytest.approx(0.8776) and sg.provenance.startswith("transcribed")
   tx = runs["text", "s4d", ""]
   assert (tx.steps, tx.schedule_steps, tx.best_val_step) == (50_000, 50_000, 50_000)
   assert not tx.partial and tx.test_accuracy == pytest.approx(0.85568)
@@ -371,3 +377,32 @@ def test_committed_pathfinder_v3_curve_is_read_as_generator_3():
     assert note.endswith(f"[{v3.path}]") and "over the older versions' runs" in note
   else:
     assert "preferred over" not in note
+
+
+def test_notes_say_dtype_provenance_and_an_unevaluated_best_checkpoint(tmp_path):
+  """A bf16 run, a hand-transcribed results.json and a final-state test accuracy whose
+  best validation came earlier are each said in the cell's note; a float32 run, a trainer's
+  own file and a best-at-the-end run say none of it."""
+  make_run(tmp_path / "bf16", "listops:transformer", steps=5_000, test=0.35, val=0.371,
+           config=dict(name="listops:transformer",
+                                            data=dict(task="listops", data_dir="/lra"),
+                                            model=dict(name="transformer", dtype="bfloat16")))
+  make_run(tmp_path / "typed", "text:sgconv", steps=50_000, test=0.8776, val=0.8776,
+           provenance="transcribed by hand: the device files were lost")
+  make_run(tmp_path / "plain", "text:s4d", steps=50_000, test=0.85, val=0.85,
+           config=dict(name="text:s4d", data=dict(task="text", data_dir="/imdb"),
+                       model=dict(name="s4d", dtype="float32")))
+  bf16 = tmp_path / "bf16" / "results.json"
+  bf16.write_text(json.dumps(dict(json.loads(bf16.read_text()), best_val_step=1_000)))
+  runs = {pathlib.Path(r.path).parent.name: r for r in lra_table.collect(str(tmp_path))}
+  assert runs["bf16"].dtype == "bfloat16" and runs["plain"].dtype == "float32"
+  assert runs["typed"].provenance.startswith("transcribed")
+  text = lra_table.table(list(runs.values()))
+  note = {k: [line for line in text.splitlines() if f"{k}/results.json" in line]
+          for k in runs}
+  assert "trained in bfloat16" in note["bf16"][0]
+  assert "test accuracy of the final state (step 5k); the best validation (37.10, step 1k)" in (
+      note["bf16"][0])
+  assert "not written by the trainer (its provenance field: transcribed by hand)" in (
+      note["typed"][0])
+  assert note["plain"] == []

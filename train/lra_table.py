@@ -25,7 +25,9 @@ same tasks). Marks:
 Test accuracy: of the best-validation checkpoint when `python -m train.evaluate
 --workdir=W --step=best` has written W/eval_test_<n>dev.json at the run's best_val_step
 (the papers' protocol; a footnote gives the final state's number too), else the final
-state's (results.json).
+state's (results.json); when that is not the best-validation step, the footnote says so.
+Footnotes also name a run trained in another dtype than float32 (config.model.dtype) and a
+results.json that the trainer did not write (its "provenance" field, e.g. transcribed).
 
 Several runs of one (task, model, size): the one with the best validation accuracy is
 shown, and a footnote says so and names the others. Pathfinder and Path-X on generated data:
@@ -150,6 +152,9 @@ class Run:
   generator_version: int | None = None  # config.data.generator_version of a GENERATOR_TASKS
                                         # run on generated data; None: not recorded (a config
                                         # from before version 3: version 1 or 2) or not known
+  dtype: str | None = None        # config.model.dtype; None: not recorded (float32 then)
+  provenance: str | None = None   # results.json's "provenance": set where the file was not
+                                  # written by the trainer (e.g. transcribed by hand)
 
   @property
   def partial(self) -> bool:
@@ -311,7 +316,10 @@ def load_run(results_path: str) -> Run:
              best_val_step=best_step, config_name=results.get("config_name", ""),
              final_test_accuracy=None if best_test is None else test,
              source=data_source(task, _config_data_dir(config)),
-             generator_version=_generator_version(task, config))
+             generator_version=_generator_version(task, config),
+             dtype=((config or {}).get("model") or {}).get("dtype"),
+             provenance=results.get("provenance") if isinstance(
+                 results.get("provenance"), str) else None)
 
 
 def _best_checkpoint_test(workdir: str, best_step: int | None) -> float | None:
@@ -483,6 +491,11 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
       said.append(f"test accuracy of the best-validation checkpoint (step "
                   f"{_steps_text(best.best_val_step)}); the final state's: "
                   f"{100 * best.final_test_accuracy:.2f}")
+    elif (best.test_accuracy is not None and best.best_val_step is not None
+          and best.best_val_step < best.steps and best.best_val_accuracy is not None):
+      said.append(f"test accuracy of the final state (step {_steps_text(best.steps)}); the "
+                  f"best validation ({100 * best.best_val_accuracy:.2f}, step "
+                  f"{_steps_text(best.best_val_step)}) was not evaluated on the test set")
     if best.test_accuracy is None:
       marks += VAL_MARK
       step = f" (step {best.best_val_step})" if best.best_val_step is not None else ""
@@ -492,6 +505,11 @@ def table(runs: list[Run], fmt: str = "markdown") -> str:
       version = (f", generator version {best.generator_version}"
                  if best.generator_version is not None else "")
       said.append(f"data {best.source}{version}, not the LRA release")
+    if best.dtype not in (None, "float32"):
+      said.append(f"trained in {best.dtype} (the LRA recipes' default is float32)")
+    if best.provenance:
+      said.append("results.json not written by the trainer (its provenance field: "
+                  f"{best.provenance.split(':')[0]})")
     if len(candidates) > 1:
       others = ", ".join(r.path for r in candidates if r is not best)
       said.append(f"best of {len(candidates)} runs by validation accuracy (others: {others})")
