@@ -549,6 +549,10 @@ def plot_sweep(rows: list[dict], *, num_kv_pairs: int | None = None):
   variants = sorted({r["variant"] for r in rows}, key=_variant_order)
   segments = sorted({s for v in variants if (s := _variant_parts(v)[2]) is not None})
   d_models = sorted({r["d_model"] for r in rows})
+  # State axis: whole powers of 2 around every point of the figure, the same in each panel.
+  lo = 2.0 ** math.floor(math.log2(min(r["state_bytes"] for r in rows)) + 1e-3)
+  hi = 2.0 ** math.ceil(math.log2(max(r["state_bytes"] for r in rows)) - 1e-3)
+  lo, hi = (lo / 2, hi * 2) if lo == hi else (lo, hi)
   fig, axes = plt.subplots(2, len(lengths), figsize=(4.5 * len(lengths) + 1.8, 7),
                            squeeze=False, layout="constrained")
   handles = {}
@@ -568,7 +572,8 @@ def plot_sweep(rows: list[dict], *, num_kv_pairs: int | None = None):
     top.xaxis.set_major_locator(ticker.FixedLocator(d_models))
     top.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     top.xaxis.set_minor_locator(ticker.NullLocator())
-    bottom.set(xlabel="recurrent state per sequence", ylabel="accuracy", ylim=(-0.02, 1.02))
+    bottom.set(xlabel="recurrent state per sequence", ylabel="accuracy", ylim=(-0.02, 1.02),
+               xlim=(lo / 1.15, hi * 1.15))
     bottom.set_xscale("log", base=2)
     bottom.xaxis.set_major_locator(ticker.LogLocator(base=2, numticks=6))
     bottom.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: _bytes_label(x)))
