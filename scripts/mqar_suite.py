@@ -550,8 +550,8 @@ def plot_sweep(rows: list[dict], *, num_kv_pairs: int | None = None):
   segments = sorted({s for v in variants if (s := _variant_parts(v)[2]) is not None})
   d_models = sorted({r["d_model"] for r in rows})
   # State axis: whole powers of 2 around every point of the figure, the same in each panel.
-  lo = 2.0 ** math.floor(math.log2(min(r["state_bytes"] for r in rows)) + 1e-3)
-  hi = 2.0 ** math.ceil(math.log2(max(r["state_bytes"] for r in rows)) - 1e-3)
+  lo = 2.0 ** np.floor(np.log2(min(r["state_bytes"] for r in rows)) + 1e-3)
+  hi = 2.0 ** np.ceil(np.log2(max(r["state_bytes"] for r in rows)) - 1e-3)
   lo, hi = (lo / 2, hi * 2) if lo == hi else (lo, hi)
   fig, axes = plt.subplots(2, len(lengths), figsize=(4.5 * len(lengths) + 1.8, 7),
                            squeeze=False, layout="constrained")
