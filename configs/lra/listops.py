@@ -33,7 +33,10 @@ Published recipes (sources; numbers copied into RECIPES below):
           batch 32, 5000 steps, first-position ("CLS") pooling, dropout 0.1, Adam
           (b2 0.98) with wd 0.1 and "constant * linear_warmup * rsqrt_decay" at 0.05 with
           warmup 1000, i.e. a peak of 0.05 / sqrt(1000) = 1.58e-3: our "rsqrt" schedule.
-          Published 36.37.
+          Published 36.37. Our row ran with --config.model.dtype=bfloat16 (cuDNN flash
+          attention): in float32 XLA's attention writes every layer's (b, heads, l, l)
+          scores, 333 ms per step on an H200 (beside another job) against 42 ms in bf16
+          (results/README.md, 2026-12-04).
   mamba, mamba2, lightning, linear_attention: no published ListOps recipe from the
           authors. Our choice, unverified at full scale: the S4D-sized body and budget
           (8 x 128, batch 50, 80k steps) with the LM recipes' optimizer settings of those
