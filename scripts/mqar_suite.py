@@ -20,7 +20,8 @@ replicas are stacked and one `jax.vmap`ped step updates them all on the same bat
 with its own lr (the optimizer is built with peak lr 1 and every replica's update is
 scaled by its lr, exact for AdamW with decoupled decay and any schedule shape). The step is
 compiled once per program (mixer, caching, segment, d_model, seq_len): num_kv_pairs does
-not change shapes, so the cells of one program share it. Training data live on the device
+not change shapes (the query slots are padded to the grid's largest count, below), so the
+cells of one program share it (tested). Training data live on the device
 and batches are gathered there (a step's batch is a function of the step number). Each
 finished cell writes WORKDIR/cells/<cell>.json (accuracy and losses per lr, best lr, step
 time, parameters, recurrent-state bytes for one sequence); a rerun skips finished cells.
@@ -33,10 +34,13 @@ rewritten at the end of every call; `plot_sweep(load_rows(workdir))` draws accur
 d_model per length and vs state bytes.
 
 The loss applies the LM head at the query positions only (`query_loss_sums`; equal to
-the full-logit loss, tested): at vocabulary 8192 the head is most of a small model's work
-(XLA's cost analysis of one replica's train step at d_model 64, L 256, 16 pairs, batch 256:
-mamba 249.9 -> 52.6 GFLOP, transformer 265.2 -> 67.9). The first GPU cells
-(results/mqar_sweep_h200, 2026-12-04) ran with the full head.
+the full-logit loss, tested): at vocabulary 8192 the head is most of a small model's work.
+Every cell gathers the grid's largest pair count of slots (64; the unused ones carry no
+weight), so that the pair counts of a program keep sharing one compiled step. XLA's cost
+analysis of one replica's train step at d_model 64, L 256, 16 pairs, batch 256: mamba
+249.9 -> 92.1 GFLOP, transformer 265.2 -> 107.4 (52.6 and 67.9 with 16 slots, at the price
+of a compilation per pair count). The first GPU cells (results/mqar_sweep_h200,
+2026-12-04) ran with the full head.
 
 Cost model: time = sum over programs of one compile (tens of seconds on a GPU) + sum over
 cells of num_steps x t_step(program, R) + evaluation (num_test / eval_batch_size forward
@@ -226,11 +230,18 @@ class _Program:
     return params, jax.vmap(self.tx.init)(params)
 
 
-def query_positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """mask (n, l) bool -> (positions (n, q) int32, valid (n, q) bool), q = the most True
-  entries of a row: each row's True positions in order, padded with invalid slots."""
+def query_positions(mask: np.ndarray, slots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """mask (n, l) bool -> (positions (n, q) int32, valid (n, q) bool): each row's True
+  positions in order, padded with invalid slots. q = slots (at least a row's count;
+  the sweep passes its largest num_kv_pairs, so that every cell of a program has the same
+  shapes and shares its compiled step), else the most True entries of a row."""
   mask = np.asarray(mask, bool)
-  q = max(int(mask.sum(axis=1).max(initial=0)), 1)
+  most = int(mask.sum(axis=1).max(initial=0))
+  if slots is not None and slots < most:
+    raise ValueError(f"query_positions: {slots} slots < {most} queries in a row")
+  q = max(most, 1) if slots is None else slots
+  if q > mask.shape[1]:
+    raise ValueError(f"query_positions: {q} slots > sequence length {mask.shape[1]}")
   pos = np.argsort(~mask, axis=1, kind="stable")[:, :q]
   return pos.astype(np.int32), np.take_along_axis(mask, pos, axis=1)
 
@@ -248,7 +259,12 @@ def query_loss_sums(model, batch: dict) -> dict:
   return metrics_lib.loss_sums(logits, query, "lm")
 
 
-def _mqar_arrays(config, split: str) -> dict:
+def query_slots(grid: dict) -> int:
+  """Query positions the sweep's loss gathers per sequence: its largest num_kv_pairs."""
+  return max(grid["num_kv_pairs"])
+
+
+def _mqar_arrays(config, split: str, slots: int | None = None) -> dict:
   from data import mqar as mqar_data
   d = config.data
   arrays = mqar_data.generate(
@@ -256,7 +272,7 @@ def _mqar_arrays(config, split: str) -> dict:
       vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs,
       power_a=d.power_a, random_non_queries=d.random_non_queries)
   arrays["weights"] = np.ones(len(arrays["inputs"]), np.float32)
-  arrays["query_pos"], arrays["query_mask"] = query_positions(arrays["mask"])
+  arrays["query_pos"], arrays["query_mask"] = query_positions(arrays["mask"], slots)
   return arrays
 
 
@@ -304,7 +320,7 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
   seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
   params, opt_state = program.init(seeds)
   n_params = _nbytes(jax.tree.map(lambda x: x[0], params)) // 4
-  data = jax.device_put(_mqar_arrays(config, "train"))
+  data = jax.device_put(_mqar_arrays(config, "train", query_slots(grid)))
   n, bs, steps = len(data["inputs"]), config.train.batch_size, config.train.num_steps
   lr_arr = jnp.asarray(lrs, jnp.float32)
   bad = jnp.zeros(len(lrs), jnp.int32)
@@ -334,7 +350,7 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
   t_end = time.time()
   # Steady-state time of one (vmapped) step: this invocation's steps after its first.
   step_time = (t_end - t_first) / max(steps - first - 1, 1)
-  test = _mqar_arrays(config, "test")
+  test = _mqar_arrays(config, "test", query_slots(grid))
   totals = None
   ebs = config.train.eval_batch_size
   for i in range(0, len(test["inputs"]), ebs):

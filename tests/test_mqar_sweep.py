@@ -142,6 +142,23 @@ def test_query_positions_pad_short_rows():
   np.testing.assert_array_equal(pos[0], [1, 3, 4])
   np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
   assert pos.dtype == np.int32
+  pos, valid = mqar_suite.query_positions(mask, 4)
+  np.testing.assert_array_equal(pos[:, :3][valid[:, :3]], [1, 3, 4, 0])
+  assert pos.shape == (3, 4) and valid.sum() == 4
+  with pytest.raises(ValueError, match="2 slots < 3 queries"):
+    mqar_suite.query_positions(mask, 2)
+  with pytest.raises(ValueError, match="6 slots > sequence length 5"):
+    mqar_suite.query_positions(mask, 6)
+
+
+def test_cells_of_one_program_share_one_compiled_step(tmp_path):
+  """num_kv_pairs changes no shapes (the query slots are padded to the grid's largest
+  count), so two pair counts of one program train on one compilation."""
+  grid = dict(GRID, num_kv_pairs=(2, 4), num_steps=2, lrs=(1e-3,))
+  out = mqar_suite.run_sweep(grid, str(tmp_path), log=lambda *_: None)
+  assert len(out["ran"]) == 2
+  (program,) = mqar_suite._LIVE_PROGRAM.values()  # noqa: SLF001
+  assert program.train_step._cache_size() == 1  # noqa: SLF001
 
 
 def test_query_loss_equals_the_full_logits_loss():
@@ -159,7 +176,12 @@ def test_query_loss_equals_the_full_logits_loss():
   task, _ = mqar_suite.load_task_spec(config)
   arrays = mqar_suite._mqar_arrays(config, "test")
   assert arrays["query_mask"].all() and arrays["query_pos"].shape[1] == cell.num_kv_pairs
+  # padded to more slots than queries, as the sweep pads every cell to its largest count
+  padded = mqar_suite._mqar_arrays(config, "test", cell.num_kv_pairs + 3)
+  assert padded["query_pos"].shape[1] == cell.num_kv_pairs + 3
+  assert (padded["query_mask"].sum(axis=1) == cell.num_kv_pairs).all()
   batch = {k: jnp.asarray(v[:6]) for k, v in arrays.items()}
+  batch_padded = {k: jnp.asarray(v[:6]) for k, v in padded.items()}
   model = models.build_model(config.model, task, rngs=nnx.Rngs(params=3, dropout=4))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -171,8 +193,10 @@ def test_query_loss_equals_the_full_logits_loss():
     return mqar_suite.query_loss_sums(nnx.merge(graphdef, p, rest), batch)
 
   a, b = full(params), query(params)
+  c = mqar_suite.query_loss_sums(nnx.merge(graphdef, params, rest), batch_padded)
   for k in ("loss_sum", "correct", "weight"):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-6)
+    np.testing.assert_allclose(c[k], a[k], rtol=1e-6)
   ga = jax.grad(lambda p: full(p)["loss_sum"])(params)
   gb = jax.grad(lambda p: query(p)["loss_sum"])(params)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
