@@ -42,15 +42,20 @@ analysis of one replica's train step at d_model 64, L 256, 16 pairs, batch 256: 
 of a compilation per pair count). The first GPU cells (results/mqar_sweep_h200,
 2026-12-04) ran with the full head.
 
-Cost model: time = sum over programs of one compile (tens of seconds on a GPU) + sum over
+Cost model: time = one compile (tens of seconds on a GPU; 22-32 s measured) + sum over
 cells of num_steps x t_step(program, R) + evaluation (num_test / eval_batch_size forward
-passes). For these small models t_step grows sub-linearly in R until the GPU is busy, so
+passes). The other programs' compiles overlap training: while a program's first cell
+trains, a worker thread builds the next program and compiles its step ahead of time
+(--no_compile_ahead turns it off; not started with under COMPILE_AHEAD_MIN_S left of
+--max_seconds). Whether the overlap is complete on a GPU is not measured yet: the
+worker's tracing needs the GIL that the training loop's dispatch also takes. For these small models t_step grows sub-linearly in R until the GPU is busy, so
 vmapping the lrs costs much less than R separate runs. --plan prints the number of cells,
 programs and steps and, from cells already done, the measured step times extrapolated to
 the remaining cells of the same program.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -218,6 +223,34 @@ class _Program:
 
     self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
     self.eval_step = jax.jit(eval_step)
+    self._compiled: dict = {}  # train_step_shapes(...) -> AOT-compiled train step
+    self.compile_s: float | None = None  # seconds of the last `compile`
+
+  def compile(self, config, grid: dict) -> float:
+    """Compiles the train step ahead of time for the shapes of config's cells (run_cell's
+    arguments, abstract), so that `step_fn` finds it; returns the seconds it took. The
+    sweep calls it for the next program in a worker thread while the current one trains:
+    the compilation is host work that would otherwise leave the GPU idle (tens of seconds
+    per program on an H200)."""
+    t = time.time()
+    key = train_step_shapes(config, grid)
+    n, length, slots, bs = key[:4]
+    seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
+    params, opt_state = jax.eval_shape(lambda: self.init(seeds))
+    spec = jax.ShapeDtypeStruct
+    data = dict(inputs=spec((n, length), jnp.int32), targets=spec((n, length), jnp.int32),
+                mask=spec((n, length), jnp.bool_), weights=spec((n,), jnp.float32),
+                query_pos=spec((n, slots), jnp.int32), query_mask=spec((n, slots), jnp.bool_))
+    lrs = spec((len(seeds),), jnp.float32)
+    self._compiled[key] = self.train_step.lower(params, opt_state, lrs, self.rest, data,
+                                                spec((bs,), jnp.int32)).compile()
+    self.compile_s = time.time() - t
+    return self.compile_s
+
+  def step_fn(self, config, grid: dict):
+    """The train step for config's cells: the ahead-of-time compiled one if `compile`
+    ran for these shapes, else the jitted one (compiled at its first call)."""
+    return self._compiled.get(train_step_shapes(config, grid), self.train_step)
 
   def init(self, seeds: list[int]):
     """Stacked (params, opt_state) of one replica per seed."""
@@ -257,6 +290,13 @@ def query_loss_sums(model, batch: dict) -> dict:
   query = dict(targets=jnp.take_along_axis(batch["targets"], pos, axis=1),
                weights=batch["weights"], mask=batch["query_mask"])
   return metrics_lib.loss_sums(logits, query, "lm")
+
+
+def train_step_shapes(config, grid: dict) -> tuple:
+  """What fixes the train step's argument shapes besides the program: (num_train,
+  seq_len, query slots, batch size, replicas)."""
+  return (int(config.data.num_train), int(config.data.seq_len), query_slots(grid),
+          int(config.train.batch_size), len(grid["lrs"]) * len(grid["seeds"]))
 
 
 def query_slots(grid: dict) -> int:
@@ -329,6 +369,8 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
   if checkpoint and os.path.exists(checkpoint):
     first, (params, opt_state, bad, loss) = _load_checkpoint(
         checkpoint, (params, opt_state, bad, loss))
+  train_step = program.step_fn(config, grid)
+  precompiled = train_step is not program.train_step
   t0 = time.time()
   t_first = t0
   for step in range(first, steps):
@@ -338,8 +380,8 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
         _save_checkpoint(checkpoint, step, (params, opt_state, bad, loss))
       return None
     idx = jnp.asarray(batch_indices(step, n, bs, config.data.seed), jnp.int32)
-    params, opt_state, loss, nonfinite = program.train_step(params, opt_state, lr_arr,
-                                                            program.rest, data, idx)
+    params, opt_state, loss, nonfinite = train_step(params, opt_state, lr_arr, program.rest,
+                                                    data, idx)
     bad = bad + nonfinite
     if step == first:
       jax.block_until_ready(loss)
@@ -371,6 +413,8 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
               best_lr=best_lr, best_accuracy=float(np.mean(by_lr[best_lr])),
               steps=steps, batch_size=bs, replicas=len(lrs), resumed_at_step=first,
               step_time_s=step_time, first_step_s=t_first - t0, train_s=t_end - t0,
+              precompiled=precompiled,
+              compile_s=program.compile_s if precompiled else None,
               params=int(n_params), state_bytes=program.state_bytes,
               device=jax.devices()[0].device_kind)
 
@@ -414,44 +458,81 @@ def load_rows(workdir: str) -> list[dict]:
   return rows
 
 
-_LIVE_PROGRAM: dict = {}
+_LIVE_PROGRAM: dict = {}  # the program in use: key -> _Program
+_NEXT_PROGRAM: dict = {}  # the next one, being built and compiled: key -> Future[_Program]
+_COMPILER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mqar-compile")
+# Compile the next program ahead only with this much time left before the deadline: a
+# compilation under way when the sweep stops holds the process until it ends.
+COMPILE_AHEAD_MIN_S = 120.0
+
+
+def _program_key(cell: Cell, grid: dict) -> tuple:
+  return (cell.program, json.dumps({k: v for k, v in grid.items() if k not in ("lrs", "seeds")},
+                                   sort_keys=True, default=str))
+
+
+def _prepared_program(config, grid: dict) -> _Program:
+  """A program with its train step compiled for config's cells (run in the worker)."""
+  program = _Program(config, load_task_spec(config)[0])
+  program.compile(config, grid)
+  return program
 
 
 def _program(cell: Cell, grid: dict, config) -> _Program:
   """The cell's program, reused while consecutive cells (of this or a later sweep in the
-  same process) share it; one is kept alive at a time (cells come grouped by program).
-  The lrs and seeds only set the replica axis, which jit specialises on by itself."""
-  key = (cell.program, json.dumps({k: v for k, v in grid.items() if k not in ("lrs", "seeds")},
-                                  sort_keys=True, default=str))
+  same process) share it; one is kept alive at a time (cells come grouped by program),
+  besides the next one while it compiles. The lrs and seeds only set the replica axis,
+  which jit specialises on by itself."""
+  key = _program_key(cell, grid)
   if key not in _LIVE_PROGRAM:
+    ahead = _NEXT_PROGRAM.pop(key, None)
     _LIVE_PROGRAM.clear()
-    _LIVE_PROGRAM[key] = _Program(config, load_task_spec(config)[0])
+    _LIVE_PROGRAM[key] = (ahead.result() if ahead is not None
+                          else _Program(config, load_task_spec(config)[0]))
   return _LIVE_PROGRAM[key]
 
 
+def _compile_ahead(cell: Cell, todo: list[Cell], grid: dict) -> None:
+  """Start building and compiling the first program after cell's among todo."""
+  key = _program_key(cell, grid)
+  for nxt in todo:
+    nxt_key = _program_key(nxt, grid)
+    if nxt_key != key:
+      if nxt_key not in _NEXT_PROGRAM and nxt_key not in _LIVE_PROGRAM:
+        _NEXT_PROGRAM.clear()  # a stale one (another grid) is dropped
+        _NEXT_PROGRAM[nxt_key] = _COMPILER.submit(_prepared_program,
+                                                  cell_config(nxt, grid), grid)
+      return
+
+
 def run_sweep(grid: dict, workdir: str, *, log=print, max_seconds: float | None = None,
-              halt_at_step: int | None = None) -> dict:
+              halt_at_step: int | None = None, compile_ahead: bool = True) -> dict:
   """Run the grid's unfinished cells; rewrite results.jsonl and results.md.
 
   max_seconds: stop (checkpointing the cell under way) once this much time has passed;
-  halt_at_step: stop each cell there (tests). Returns {"ran", "skipped", "stopped",
-  "rows"}: cell names finished now, skipped as done, stopped with a checkpoint; every
-  finished row.
+  halt_at_step: stop each cell there (tests). compile_ahead: while a program's first cell
+  trains, build and compile the next program in a worker thread (rows say "precompiled"
+  and its "compile_s"). Returns {"ran", "skipped", "stopped", "rows"}: cell names finished
+  now, skipped as done, stopped with a checkpoint; every finished row.
   """
   deadline = None if max_seconds is None else time.time() + max_seconds
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   _check_protocol(workdir, grid)
   cells = sweep_cells(grid)
+  done = {c.name for c in cells
+          if os.path.exists(os.path.join(workdir, "cells", c.name + ".json"))}
   ran, skipped, stopped = [], [], []
-  for cell in cells:
-    path = os.path.join(workdir, "cells", cell.name + ".json")
-    if os.path.exists(path):
+  for i, cell in enumerate(cells):
+    if cell.name in done:
       skipped.append(cell.name)
       continue
     if stopped:
       continue
+    path = os.path.join(workdir, "cells", cell.name + ".json")
     config = cell_config(cell, grid)
     program = _program(cell, grid, config)
+    if compile_ahead and (deadline is None or deadline - time.time() > COMPILE_AHEAD_MIN_S):
+      _compile_ahead(cell, [c for c in cells[i + 1:] if c.name not in done], grid)
     start = time.time()
     ckpt = os.path.join(workdir, "cells", cell.name + ".ckpt.npz")
     result = run_cell(program, config, grid, checkpoint=ckpt,
@@ -614,6 +695,8 @@ def sweep_main(argv=None):
   parser.add_argument("--plan", action="store_true", help="print counts and estimates only")
   parser.add_argument("--max_seconds", type=float, default=None,
                       help="stop after this long, checkpointing the cell under way")
+  parser.add_argument("--no_compile_ahead", action="store_true",
+                      help="do not compile the next program while the current one trains")
   ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
   strs = lambda s: tuple(s.split(","))  # noqa: E731
   for name, conv in (("mixers", strs), ("caching", strs), ("segment_sizes", ints),
@@ -631,7 +714,8 @@ def sweep_main(argv=None):
   if args.plan:
     print(json.dumps(plan(grid, args.workdir), indent=1))
     return None
-  out = run_sweep(grid, args.workdir, max_seconds=args.max_seconds)
+  out = run_sweep(grid, args.workdir, max_seconds=args.max_seconds,
+                  compile_ahead=not args.no_compile_ahead)
   print(f"ran {len(out['ran'])} cells, skipped {len(out['skipped'])} done, "
         f"stopped {len(out['stopped'])} (checkpointed)")
   print(best_table(out["rows"]))
