@@ -305,14 +305,28 @@ def query_slots(grid: dict) -> int:
 
 
 def _mqar_arrays(config, split: str, slots: int | None = None) -> dict:
-  from data import mqar as mqar_data
+  """One split of a cell's MQAR set (numpy arrays; read-only, shared between calls)."""
   d = config.data
-  arrays = mqar_data.generate(
-      d.num_train if split == "train" else d.num_test, seed=[d.seed, 0 if split == "train" else 1],
-      vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs,
-      power_a=d.power_a, random_non_queries=d.random_non_queries)
+  return dict(_generated(d.num_train if split == "train" else d.num_test, int(d.seed),
+                         0 if split == "train" else 1, int(d.vocab_size), int(d.seq_len),
+                         int(d.num_kv_pairs), float(d.power_a), bool(d.random_non_queries),
+                         slots))
+
+
+# The data depend on (length, pairs) and not on the mixer or width, and the grid cycles
+# through its 6 (length, pairs) sets in every program group: keep them all (about 0.3-0.5 GB
+# of host memory each at the sweep's 100k sequences) rather than regenerate 2-3 s per cell.
+@functools.lru_cache(maxsize=12)
+def _generated(n, seed, split_seed, vocab_size, seq_len, num_kv_pairs, power_a,
+               random_non_queries, slots):
+  from data import mqar as mqar_data
+  arrays = mqar_data.generate(n, seed=[seed, split_seed], vocab_size=vocab_size,
+                              seq_len=seq_len, num_kv_pairs=num_kv_pairs, power_a=power_a,
+                              random_non_queries=random_non_queries)
   arrays["weights"] = np.ones(len(arrays["inputs"]), np.float32)
   arrays["query_pos"], arrays["query_mask"] = query_positions(arrays["mask"], slots)
+  for a in arrays.values():
+    a.flags.writeable = False
   return arrays
 
 
