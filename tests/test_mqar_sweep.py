@@ -192,30 +192,28 @@ def test_query_loss_equals_the_full_logits_loss():
   def query(p):
     return mqar_suite.query_loss_sums(nnx.merge(graphdef, p, rest), batch)
 
-  a, b = full(params), query(params)
-  c = mqar_suite.query_loss_sums(nnx.merge(graphdef, params, rest), batch_padded)
+  a, b = jax.jit(full)(params), jax.jit(query)(params)
+  c = jax.jit(lambda p: mqar_suite.query_loss_sums(nnx.merge(graphdef, p, rest),
+                                                   batch_padded))(params)
   for k in ("loss_sum", "correct", "weight"):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-6)
     np.testing.assert_allclose(c[k], a[k], rtol=1e-6)
-  ga = jax.grad(lambda p: full(p)["loss_sum"])(params)
-  gb = jax.grad(lambda p: query(p)["loss_sum"])(params)
+  ga = jax.jit(jax.grad(lambda p: full(p)["loss_sum"]))(params)
+  gb = jax.jit(jax.grad(lambda p: query(p)["loss_sum"]))(params)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(y, x, rtol=2e-5, atol=1e-6 * float(np.abs(x).max()))
 
 
-def test_the_next_program_compiled_ahead_trains_the_same(tmp_path):
-  """Two programs (two widths): with compile_ahead the second one's step is compiled in a
-  worker thread while the first trains, and its cell's numbers equal those of a sweep
-  that compiles each program at its first step."""
-  grid = dict(GRID, d_models=(8, 16), num_steps=2, lrs=(1e-3,))
-  ahead = mqar_suite.run_sweep(grid, str(tmp_path / "ahead"), log=lambda *_: None)
-  plain = mqar_suite.run_sweep(grid, str(tmp_path / "plain"), log=lambda *_: None,
-                               compile_ahead=False)
-  assert ahead["ran"] == plain["ran"] and len(ahead["ran"]) == 2
+def test_the_next_program_compiled_ahead_trains_the_same(swept, tmp_path):
+  """Two programs (widths 8 and 16): the second one's step is compiled in a worker thread
+  while the first trains, and its cell's numbers equal the fixture's run of the same cell,
+  whose step compiled at its first call."""
+  ahead = mqar_suite.run_sweep(dict(GRID, d_models=(8, 16)), str(tmp_path),
+                               log=lambda *_: None)
   first, second = sorted(ahead["rows"], key=lambda r: r["d_model"])  # the order they ran
   assert first["d_model"] == 8 and not first["precompiled"] and first["compile_s"] is None
   assert second["precompiled"] and second["compile_s"] > 0
-  assert not any(r["precompiled"] for r in plain["rows"])
-  for a, b in zip(ahead["rows"], plain["rows"]):
-    np.testing.assert_allclose(a["final_train_loss"], b["final_train_loss"], rtol=1e-6)
-    np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-7)
+  (plain,) = swept[1]["rows"]
+  assert plain["cell"] == second["cell"] and not plain["precompiled"]
+  np.testing.assert_allclose(second["final_train_loss"], plain["final_train_loss"], rtol=1e-6)
+  np.testing.assert_allclose(second["accuracy"], plain["accuracy"], atol=1e-7)
