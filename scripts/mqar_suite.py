@@ -48,8 +48,9 @@ passes). The other programs' compiles overlap training: while a program's first 
 trains, a worker thread builds the next program and compiles its step ahead of time
 (--no_compile_ahead turns it off; not started with under COMPILE_AHEAD_MIN_S left of
 --max_seconds). Whether the overlap is complete on a GPU is not measured yet: the
-worker's tracing needs the GIL that the training loop's dispatch also takes. For these small models t_step grows sub-linearly in R until the GPU is busy, so
-vmapping the lrs costs much less than R separate runs. --plan prints the number of cells,
+worker's tracing needs the GIL that the training loop's dispatch also takes. For these
+small models t_step grows sub-linearly in R until the GPU is busy, so vmapping the lrs
+costs much less than R separate runs. --plan prints the number of cells,
 programs and steps and, from cells already done, the measured step times extrapolated to
 the remaining cells of the same program.
 """
