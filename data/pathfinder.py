@@ -463,6 +463,16 @@ def _write_chunk(args):
   return int(labels.sum()), int(images.astype(bool).sum())
 
 
+def usable_cpus() -> int:
+  """CPUs this process may run on (its affinity mask, which containers narrow), not the
+  host's count that os.cpu_count() gives: a worker per host CPU oversubscribes a
+  container."""
+  try:
+    return max(len(os.sched_getaffinity(0)), 1)
+  except AttributeError:  # no sched_getaffinity (macOS)
+    return os.cpu_count() or 1
+
+
 def write_dataset(out_dir, *, num_examples: int, seed: int = 0, size: int = 32,
                   contour_length: int = 14, num_workers: int = 0,
                   settings=None, images_per_folder: int = IMAGES_PER_FOLDER,
@@ -491,7 +501,7 @@ def write_dataset(out_dir, *, num_examples: int, seed: int = 0, size: int = 32,
   jobs = []
   for chunk, first in enumerate(range(0, num_examples, images_per_folder)):
     jobs.append((str(folder), seed, chunk, min(images_per_folder, num_examples - first), first, s, version))
-  workers = num_workers or os.cpu_count() or 1
+  workers = num_workers or usable_cpus()
   if workers == 1 or len(jobs) == 1:
     stats = [_write_chunk(j) for j in jobs]
   else:

@@ -397,3 +397,13 @@ def test_v3_dash_windows_are_pils_lines(length, thickness, margin):
                             width=width)
     np.testing.assert_array_equal(ours[i], np.asarray(im) > 0,
                                   err_msg=f"offset ({dx[i]}, {dy[i]})")
+
+
+def test_usable_cpus_follow_the_affinity_mask():
+  """num_workers=0 sizes the pool from the CPUs this process may run on (a container's
+  or a SLURM job's cpuset), never more than the host has."""
+  import os
+  n = pf.usable_cpus()
+  assert 1 <= n <= (os.cpu_count() or n)
+  if hasattr(os, "sched_getaffinity"):
+    assert n == len(os.sched_getaffinity(0))
