@@ -1,0 +1,74 @@
+r"""Time the MQAR sweep's train step per program and replica count (run on a GPU).
+
+    python scripts/gpu/mqar_probe.py [--mixers=transformer,mamba] [--d_models=64,128,256] \
+        [--seq_len=256] [--replicas=4,8,12] [--steps=50]
+
+For each (mixer, d_model) it builds the sweep's program for the first cell of that program
+in configs/mqar.py SWEEP (no caching), compiles the step ahead of time (the compile time is
+printed) and times `--steps` pipelined steps at each replica count R (the lrs repeated
+R / 4 times, as more seeds would). What it decides: if ms per replica falls well as R
+grows, the GPU is idle at the sweep's R = 4 and training a program's pair counts together
+(K x 4 replicas) would pay; if it stays flat, the step is compute-bound and it would not.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import mqar
+from scripts import mqar_suite
+
+
+def probe(mixer: str, d_model: int, seq_len: int, replicas: int, steps: int) -> dict:
+  reps = max(replicas // len(mqar.SWEEP["lrs"]), 1)
+  grid = dict(mqar.SWEEP, mixers=(mixer,), caching=("none",), d_models=(d_model,),
+              seq_lens=(seq_len,), seeds=tuple(range(reps)))
+  cell = mqar_suite.sweep_cells(grid)[0]
+  config = mqar_suite.cell_config(cell, grid)
+  program = mqar_suite._Program(config, mqar_suite.load_task_spec(config)[0])  # noqa: SLF001
+  compile_s = program.compile(config, grid)
+  step = program.step_fn(config, grid)
+  seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
+  params, opt_state = program.init(seeds)
+  data = jax.device_put(mqar_suite._mqar_arrays(config, "train",  # noqa: SLF001
+                                                mqar_suite.query_slots(grid)))
+  lrs = jnp.asarray([float(lr) for lr in grid["lrs"] for _ in grid["seeds"]], jnp.float32)
+  n, bs = len(data["inputs"]), config.train.batch_size
+  idx = [jnp.asarray(mqar_suite.batch_indices(s, n, bs, 0), jnp.int32) for s in range(steps)]
+  params, opt_state, loss, _ = step(params, opt_state, lrs, program.rest, data, idx[0])
+  jax.block_until_ready(loss)
+  best = np.inf
+  for _ in range(3):
+    t = time.perf_counter()
+    for i in idx:
+      params, opt_state, loss, _ = step(params, opt_state, lrs, program.rest, data, i)
+    jax.block_until_ready(loss)
+    best = min(best, (time.perf_counter() - t) / steps)
+  return dict(mixer=mixer, d_model=d_model, seq_len=seq_len, replicas=len(seeds),
+              compile_s=compile_s, ms_per_step=best * 1e3,
+              ms_per_replica=best * 1e3 / len(seeds))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--mixers", default="transformer,mamba")
+  p.add_argument("--d_models", default="64,128,256")
+  p.add_argument("--seq_len", type=int, default=256)
+  p.add_argument("--replicas", default="4,8,12")
+  p.add_argument("--steps", type=int, default=50)
+  args = p.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
+  print(f"{'mixer':<18}{'d':>5}{'L':>6}{'R':>4}{'compile s':>11}{'ms/step':>10}{'ms/replica':>12}")
+  for mixer in args.mixers.split(","):
+    for d in (int(x) for x in args.d_models.split(",")):
+      for r in (int(x) for x in args.replicas.split(",")):
+        row = probe(mixer, d, args.seq_len, r, args.steps)
+        print(f"{mixer:<18}{d:>5}{args.seq_len:>6}{row['replicas']:>4}{row['compile_s']:>11.1f}"
+              f"{row['ms_per_step']:>10.2f}{row['ms_per_replica']:>12.3f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
