@@ -68,8 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       optimizer="adamw",       # "adamw" | "sgd" (momentum b1)
       lr=1e-3,                 # peak learning rate of ordinary parameters
-      ssm_lr=1e-3,             # peak learning rate of ssm.params.SSMParam (no weight decay)
+      ssm_lr=1e-3,             # peak learning rate of ssm.params.SSMParam
       weight_decay=0.0,        # decoupled (AdamW); matrices only, see train/optim.py
+      ssm_weight_decay=0.0,    # decoupled decay of the SSMParam group (0: the S4 papers'
+                               # recipe; SGConv's reference decays its kernels, see
+                               # sgconv_kernel_decay)
       warmup_steps=0,
       schedule="cosine",       # "cosine" | "linear" | "constant" | "rsqrt" (after warmup)
       grad_clip=0.0,           # global-norm clipping; 0 = off
@@ -141,6 +144,16 @@ def set_mixer(config: ml_collections.ConfigDict, model: str, mixer: dict, seq_le
     config.model.mixer[option] = seq_len
 
 
+def sgconv_kernel_decay(config: ml_collections.ConfigDict) -> None:
+  """An SGConv recipe decays the kernels with the main weight decay (their SSMParam group
+  otherwise gets none). SGConv's reference (ctlllll/SGConv train.py) gives its kernels
+  their own lr but keeps the optimizer's weight decay for them (each group is
+  `{**optimizer, **kernel._optim}` with _optim = {"lr": ...}), where S4 registers its
+  SSM parameters with weight_decay 0. Call it after the recipe's optim fields are set."""
+  if config.model.name == "sgconv":
+    config.optim.ssm_weight_decay = config.optim.weight_decay
+
+
 def recipe_config(task: str, model: str, size: str, *, model_fields: dict, optim: dict,
                   train: dict, eval_every: int, eval_batch_size: int | None = None):
   """base_config with a published recipe's model, optim and train fields, named
@@ -150,6 +163,7 @@ def recipe_config(task: str, model: str, size: str, *, model_fields: dict, optim
   config.model.update(model_fields)
   config.model.name = model
   config.optim.update(optim)
+  sgconv_kernel_decay(config)
   config.train.update(train)
   config.train.update(dict(eval_batch_size=eval_batch_size or 2 * config.train.batch_size,
                            eval_every=eval_every, checkpoint_every=eval_every, log_every=100))

@@ -15,7 +15,8 @@ from flax import nnx
 
 
 class SSMParam(nnx.Param):
-  """A state-space parameter: own learning rate (config.optim.ssm_lr), no weight decay."""
+  """A state-space parameter: own learning rate (config.optim.ssm_lr) and weight decay
+  (config.optim.ssm_weight_decay, 0 unless a recipe sets it: SGConv's)."""
 
 
 class NoDecayParam(nnx.Param):

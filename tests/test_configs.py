@@ -173,6 +173,7 @@ def test_locked_config_refuses_new_keys():
     ("optim", "schedule", "step", "optim.schedule"),
     ("optim", "optimizer", "adagrad", "optim.optimizer"),
     ("optim", "b2", 1.0, "optim.b2"),
+    ("optim", "ssm_weight_decay", -0.1, "optim.ssm_weight_decay"),
     ("optim", "warmup_steps", 10**9, "optim.warmup_steps"),
     ("train", "num_steps", 0, "train.num_steps"),
     ("train", "batch_size", -4, "train.batch_size"),
@@ -184,6 +185,25 @@ def test_bad_values_name_the_field(section, key, value, match):
   config[section][key] = value
   with pytest.raises(ValueError, match=match):
     trainer.validate_config(config)
+
+
+def test_sgconv_recipes_decay_their_kernels_as_the_reference_does():
+  """SGConv's reference keeps the optimizer's weight decay on its kernels (their own lr
+  only); the S4 family's SSM parameters get none (configs/common.py sgconv_kernel_decay)."""
+  for task, mod in zip(LRA_TASKS, _LRA):
+    for size in ("", "tiny"):
+      arg = lambda m: f"{m},{size}" if size else m  # noqa: E731
+      g = mod.get_config(arg("sgconv"))
+      assert g.optim.ssm_weight_decay == g.optim.weight_decay > 0, (task, size)
+      for other in ("s4", "s4d", "lssl"):
+        assert mod.get_config(arg(other)).optim.ssm_weight_decay == 0.0, (task, other)
+
+
+def test_a_config_from_before_ssm_weight_decay_still_validates():
+  config = listops.get_config("s4d,tiny")
+  config.unlock()
+  del config.optim["ssm_weight_decay"]
+  trainer.validate_config(config)
 
 
 def test_unknown_key_in_an_unlocked_config_fails():

@@ -65,6 +65,26 @@ def test_first_adamw_update_per_group():
   check("w", lr=0.1, wd=0.5)        # main lr with decoupled weight decay
 
 
+def test_ssm_weight_decay_decays_the_ssm_group_only():
+  """config.optim.ssm_weight_decay (SGConv's recipes) adds -ssm_lr * wd * p to the SSMParam
+  group and leaves the others as they were; 0, or a config without the key (older runs),
+  gives the same optimizer state structure as before the key existed."""
+  params = nnx.state(Toy(), nnx.Param)
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+  plain, _ = optim.make_optimizer(optim_cfg(), num_steps=10)
+  decayed, _ = optim.make_optimizer(optim_cfg(ssm_weight_decay=0.25), num_steps=10)
+  a, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+  b, _ = jax.jit(decayed.update)(grads, decayed.init(params), params)
+  p = np.asarray(params["ssm_A"][...])
+  np.testing.assert_allclose(np.asarray(b["ssm_A"][...]) - np.asarray(a["ssm_A"][...]),
+                             -0.01 * 0.25 * p, rtol=1e-5, atol=1e-7)
+  for name in ("A_log", "bias", "w"):
+    np.testing.assert_array_equal(np.asarray(b[name][...]), np.asarray(a[name][...]))
+  zero, _ = optim.make_optimizer(optim_cfg(ssm_weight_decay=0.0), num_steps=10)
+  assert (jax.tree.structure(zero.init(params)) == jax.tree.structure(plain.init(params)))
+
+
 def test_sgd_with_global_norm_clipping():
   params = nnx.state(Toy(), nnx.Param)
   grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), params)

@@ -100,6 +100,20 @@ def test_harmless_changes_resume_and_are_recorded(finished, data_cache, copy_of,
   assert {s: losses[s] for s in range(1, 17)} == finished[2]  # the first 16 steps kept
 
 
+def test_keys_added_since_a_run_was_saved_are_no_change():
+  """A config.json saved before optim.ssm_weight_decay and train.accum_steps existed
+  compares equal to today's config with their defaults, and unequal to other values."""
+  new = {"optim": {"lr": 0.01, "ssm_weight_decay": 0.0},
+         "train": {"num_steps": 5, "accum_steps": 1}}
+  saved = {"optim": {"lr": 0.01}, "train": {"num_steps": 5}}
+  assert workdir_lib.config_changes(saved, new) == ({}, {})
+  blocking, harmless = workdir_lib.config_changes(
+      saved, {"optim": {"lr": 0.01, "ssm_weight_decay": 0.05},
+              "train": {"num_steps": 5, "accum_steps": 2}})
+  assert blocking == {"optim.ssm_weight_decay": [0.0, 0.05]}
+  assert harmless == {"train.accum_steps": [1, 2]}
+
+
 def test_allow_changes_resumes_with_a_new_lr(finished, data_cache, copy_of, caplog):
   caplog.set_level(logging.INFO, logger="train")
   workdir = copy_of(finished[0])

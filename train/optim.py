@@ -3,8 +3,10 @@
 Groups (one label per parameter, chosen by its nnx.Variable type and shape):
 
   "ssm"       ssm.params.SSMParam (A, B, dt, SSM kernels): peak lr config.optim.ssm_lr,
-              no weight decay -- the papers' recipe (state-spaces/s4 registers them with
-              lr=min(lr, 1e-3), weight_decay=0).
+              weight decay config.optim.ssm_weight_decay, 0 by default -- the papers'
+              recipe (state-spaces/s4 registers them with lr=min(lr, 1e-3),
+              weight_decay=0). SGConv's recipes decay their kernels (configs/common.py
+              recipe_config). A config without the key (older runs) gets 0.
   "no_decay"  ssm.params.NoDecayParam (Mamba's A_log, D) and every other parameter with
               fewer than 2 dimensions (biases, norm scales): lr, no weight decay. This is
               the S4 repo's default grouping (no decay on biases and normalization).
@@ -112,7 +114,7 @@ def make_optimizer(optim_cfg, *, num_steps: int):
   main = make_schedule(cfg.lr, **kw)
   schedules = {"ssm": make_schedule(cfg.ssm_lr, **kw), "no_decay": main, "decay": main}
   transforms = {
-      "ssm": _base(cfg.optimizer, cfg, schedules["ssm"], 0.0),
+      "ssm": _base(cfg.optimizer, cfg, schedules["ssm"], cfg.get("ssm_weight_decay", 0.0)),
       "no_decay": _base(cfg.optimizer, cfg, main, 0.0),
       "decay": _base(cfg.optimizer, cfg, main, cfg.weight_decay),
   }

@@ -139,7 +139,11 @@ def _check(cond: bool, field: str, value, requirement: str) -> None:
 
 
 # Keys a config may leave out (configs written before they existed), with their defaults.
-OPTIONAL_KEYS = {"train": {"accum_steps": 1}}
+# Keys a config may lack (it predates them) and the value that means: workdir.ADDED_KEYS.
+OPTIONAL_KEYS: dict = {}
+for _key, _default in workdir_lib.ADDED_KEYS.items():
+  _section, _name = _key.split(".")
+  OPTIONAL_KEYS.setdefault(_section, {})[_name] = _default
 
 
 def accum_steps(config) -> int:
@@ -172,8 +176,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"must be one of {optim_lib.OPTIMIZERS}")
   _check(o.schedule in optim_lib.SCHEDULES, "optim.schedule", o.schedule,
          f"must be one of {optim_lib.SCHEDULES}")
-  for name in ("lr", "ssm_lr", "weight_decay", "grad_clip", "eps"):
-    v = o[name]
+  for name in ("lr", "ssm_lr", "weight_decay", "ssm_weight_decay", "grad_clip", "eps"):
+    v = o.get(name, OPTIONAL_KEYS["optim"].get(name))
     # The optimizer computes in float32: a value past its range would train with inf.
     _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
            and 0 <= v <= _FLOAT32_MAX, f"optim.{name}", v,

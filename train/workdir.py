@@ -60,6 +60,11 @@ HARMLESS_KEYS = ("name", "train.num_steps", "train.eval_every", "train.eval_batc
                  # devices with its batch accumulated
                  "train.accum_steps")
 HARMLESS_PREFIXES = ("train.mesh.",)
+# Keys added to the config after runs had been saved, with what their absence meant: a
+# config without one (a saved config.json, an old config file) reads as holding that value,
+# so resuming such a run with today's configs is no change (train.trainer.validate_config
+# accepts configs without them too).
+ADDED_KEYS = {"train.accum_steps": 1, "optim.ssm_weight_decay": 0.0}
 # What a run leaves in its workdir; "restart" moves these aside.
 RUN_FILES = ("checkpoints", "best", "corrupt", "tb", "metrics.jsonl", "metrics_superseded.jsonl",
              "results.json", "config.json", "config.py", "config_changes.jsonl")
@@ -211,9 +216,12 @@ def is_harmless(key: str) -> bool:
 def config_changes(saved: dict, new: dict) -> tuple[dict, dict]:
   """(blocking, harmless): {flat key: [saved value, new value]} of the keys that differ.
 
-  A key missing on one side counts as a difference (value None there).
+  A key missing on one side counts as a difference (value None there), except the
+  ADDED_KEYS, which read as their default where missing.
   """
-  old, cur = flatten(saved), flatten(new)
+  old, cur = dict(ADDED_KEYS), dict(ADDED_KEYS)
+  old.update(flatten(saved))
+  cur.update(flatten(new))
   diff = {k: [old.get(k), cur.get(k)] for k in sorted(set(old) | set(cur))
           if old.get(k) != cur.get(k)}
   harmless = {k: v for k, v in diff.items() if is_harmless(k)}

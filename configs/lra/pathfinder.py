@@ -134,6 +134,7 @@ def build(arg: str, *, task: str, size: int, recipe: dict) -> ml_collections.Con
     config.optim.update(optim)
     config.train.update(train)
     config.train.eval_batch_size = 2 * config.train.batch_size
+  common.sgconv_kernel_decay(config)
   seq_len = ml_collections.FieldReference(size * size)
   config.data = ml_collections.ConfigDict(pathfinder_data(task, size, seq_len))
 

@@ -22,7 +22,9 @@ Published recipes (sources; numbers copied into RECIPES below):
   sgconv  ctlllll/SGConv configs/experiment/lra/gconv-lra-imdb.yaml: the S4 body above
           (6 x 256, BatchNorm prenorm, bidirectional, GLU), kernel_dim 2, decay 2, kernel
           lr 1e-3, lr 0.01, wd 0.05, cosine_warmup (warmup 1000) over 50k steps, batch 16.
-          Published 89.20.
+          Published 89.20. The kernels are decayed at wd 0.05 like the reference's
+          (common.sgconv_kernel_decay); our first full run (87.76, 2026-12-04) predates
+          that and trained them without decay.
   lssl    no published Text recipe: the S4 body and budget above (our choice).
   transformer  google-research/long-range-arena lra_benchmarks/text_classification/
           configs/base_tc_config.py: 4 layers, width 256, 4 heads, MLP 1024, batch 32,
