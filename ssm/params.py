@@ -2,7 +2,9 @@
 
 `SSMParam`: the state-space parameters of S4/S4D/LSSL/SGConv (A, B, dt, kernel
 weights). The papers train them with their own, smaller learning rate and no
-weight decay (state-spaces/s4 `register(..., lr=min(lr, 1e-3), weight_decay=0)`).
+weight decay (state-spaces/s4 `register(..., lr=min(lr, 1e-3), weight_decay=0)`), except
+SGConv's, whose kernels keep the main weight decay (config.optim.ssm_weight_decay, set by
+configs/common.py sgconv_kernel_decay).
 
 `NoDecayParam`: trained at the main learning rate but without weight decay
 (Mamba's A_log and D, as in state-spaces/mamba `_no_weight_decay`).
