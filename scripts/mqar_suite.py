@@ -502,8 +502,14 @@ def _program(cell: Cell, grid: dict, config) -> _Program:
   if key not in _LIVE_PROGRAM:
     ahead = _NEXT_PROGRAM.pop(key, None)
     _LIVE_PROGRAM.clear()
-    _LIVE_PROGRAM[key] = (ahead.result() if ahead is not None
-                          else _Program(config, load_task_spec(config)[0]))
+    program = None
+    if ahead is not None:
+      try:
+        program = ahead.result()
+      except Exception as e:  # noqa: BLE001 -- the step compiles again below, in this thread
+        print(f"compiling {cell.program} ahead failed ({type(e).__name__}: {e}); "
+              f"compiling at its first step", file=sys.stderr)
+    _LIVE_PROGRAM[key] = program or _Program(config, load_task_spec(config)[0])
   return _LIVE_PROGRAM[key]
 
 

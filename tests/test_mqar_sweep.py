@@ -217,3 +217,17 @@ def test_the_next_program_compiled_ahead_trains_the_same(swept, tmp_path):
   assert plain["cell"] == second["cell"] and not plain["precompiled"]
   np.testing.assert_allclose(second["final_train_loss"], plain["final_train_loss"], rtol=1e-6)
   np.testing.assert_allclose(second["accuracy"], plain["accuracy"], atol=1e-7)
+
+
+def test_a_failed_compile_ahead_falls_back_to_compiling_in_place(tmp_path, monkeypatch,
+                                                                  capsys):
+  grid = dict(GRID, caching=("none",), d_models=(8, 16), num_steps=1, lrs=(1e-3,))
+
+  def broken(config, grid):
+    raise RuntimeError("out of memory (simulated)")
+
+  monkeypatch.setattr(mqar_suite, "_prepared_program", broken)
+  out = mqar_suite.run_sweep(grid, str(tmp_path), log=lambda *_: None)
+  assert len(out["ran"]) == 2 and not any(r["precompiled"] for r in out["rows"])
+  assert "ahead failed (RuntimeError: out of memory (simulated))" in (
+      capsys.readouterr().err)
