@@ -6,7 +6,8 @@ Groups (one label per parameter, chosen by its nnx.Variable type and shape):
               weight decay config.optim.ssm_weight_decay, 0 by default -- the papers'
               recipe (state-spaces/s4 registers them with lr=min(lr, 1e-3),
               weight_decay=0). SGConv's recipes decay their kernels (configs/common.py
-              recipe_config). A config without the key (older runs) gets 0.
+              sgconv_kernel_decay). A config without the key (older runs) gets 0, as
+              train/workdir.py ADDED_KEYS says.
   "no_decay"  ssm.params.NoDecayParam (Mamba's A_log, D) and every other parameter with
               fewer than 2 dimensions (biases, norm scales): lr, no weight decay. This is
               the S4 repo's default grouping (no decay on biases and normalization).

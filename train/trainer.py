@@ -138,8 +138,8 @@ def _check(cond: bool, field: str, value, requirement: str) -> None:
     raise ValueError(f"config.{field}={value!r}: {requirement}")
 
 
-# Keys a config may leave out (configs written before they existed), with their defaults.
-# Keys a config may lack (it predates them) and the value that means: workdir.ADDED_KEYS.
+# Keys a config may leave out (configs written before they existed), with what their
+# absence means: workdir.ADDED_KEYS, by section.
 OPTIONAL_KEYS: dict = {}
 for _key, _default in workdir_lib.ADDED_KEYS.items():
   _section, _name = _key.split(".")
