@@ -34,6 +34,10 @@ from ssm.mixer import Mixer
 
 ROTARY_BASE = 10000.0
 IMPLS = ("auto", "xla", "cudnn")
+# Whether the masked cuDNN path's lax.cond encloses the qkv projection and rotary (True) or
+# takes q, k, v as operands (False). Exact either way; a module constant so that
+# benchmarks/train_step.py --constant can A/B it.
+COND_OVER_PROJECTION = True
 
 
 def rotary_angles(positions, head_dim: int):
@@ -126,18 +130,19 @@ class Attention(Mixer):
     b, l, _ = x.shape
     if mask is not None and mask.shape != (b, l):
       raise ValueError(f"attention: mask shape {mask.shape} != (batch, length) {(b, l)}")
-    q, k, v = self._project(x, jnp.arange(l))
     causal = not self.bidirectional
+    positions = jnp.arange(l)
 
     def xla(q, k, v):
       key_mask = None if mask is None else mask[:, None, None, :]  # (b, 1, 1, l)
       return jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=causal,
                                           implementation="xla")
 
-    if not self._cudnn(q):
-      return self._output(xla(q, k, v), deterministic)
+    if not self._cudnn(self._q_dtype(x)):
+      return self._output(xla(*self._project(x, positions)), deterministic)
     if mask is None:
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+      o = jax.nn.dot_product_attention(*self._project(x, positions), is_causal=causal,
+                                       implementation="cudnn")
       return self._output(o, deterministic)
     lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
     prefix = jnp.all(mask == (jnp.arange(l) < lengths[:, None]))
@@ -150,13 +155,25 @@ class Attention(Mixer):
     # other's residuals, so the cuDNN branch (the one taken) would otherwise write zeros for
     # XLA's (b, heads, l, l) scores and probabilities, three times per layer (measured:
     # 34% of a bf16 transformer LM step on the H200).
-    return self._output(jax.lax.cond(prefix, cudnn, jax.checkpoint(xla), q, k, v), deterministic)
+    if not COND_OVER_PROJECTION:
+      q, k, v = self._project(x, positions)
+      return self._output(jax.lax.cond(prefix, cudnn, jax.checkpoint(xla), q, k, v),
+                          deterministic)
+    # The branches take x and project it themselves: q, k and v then never cross the cond's
+    # boundary, whose fixed operand layouts made XLA transpose them into cuDNN's and back.
+    with_projection = lambda attend: lambda u: attend(*self._project(u, positions))  # noqa: E731
+    o = jax.lax.cond(prefix, with_projection(cudnn), jax.checkpoint(with_projection(xla)), x)
+    return self._output(o, deterministic)
 
-  def _cudnn(self, q) -> bool:
+  def _q_dtype(self, x):
+    """The dtype the qkv projection gives for input x (nnx.Linear's rule)."""
+    return self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+
+  def _cudnn(self, q_dtype) -> bool:
     """Whether the parallel form runs cuDNN's fused attention (module docstring)."""
     if self.impl != "auto":
       return self.impl == "cudnn"
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (jax.default_backend() == "gpu" and q_dtype in (jnp.bfloat16, jnp.float16)
             and self.head_dim % 8 == 0 and self.head_dim <= 128)
 
   # -- recurrent mode: KV cache ------------------------------------------------------

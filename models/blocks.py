@@ -45,6 +45,14 @@ from ssm.mixer import Mixer
 
 NORMS = ("layer", "rms", "batch")
 FFNS = ("none", "mlp", "glu")
+# The FFN's nonlinearity. "gelu" is the exact (erf) GELU; "gelu_tanh" is GPT-2's tanh
+# approximation, which XLA can fuse into the matmul's epilogue on cuBLASLt.
+FFN_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
 REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
                   "everything_saveable")
 REMATS = ("none", "block") + REMAT_POLICIES
@@ -57,10 +65,6 @@ def remat_policy(name: str):
   if name in ("none", "block"):
     return name == "block", None
   return True, getattr(jax.checkpoint_policies, name)
-
-
-def _gelu(x):
-  return jax.nn.gelu(x, approximate=False)
 
 
 def _residual(x):
@@ -173,18 +177,22 @@ def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
 class FFN(nnx.Module):
   """Position-wise feed-forward, hidden width mult * d_model.
 
-  "mlp": fc2(gelu(fc1(x)));  "glu": fc2(gelu(gate(x)) * fc1(x)) (GEGLU, Shazeer 2020).
+  "mlp": fc2(act(fc1(x)));  "glu": fc2(act(gate(x)) * fc1(x)) (GEGLU with act = gelu,
+  Shazeer 2020); act one of FFN_ACTIVATIONS (default the exact GELU).
   Works on (..., h), so the same module serves the parallel and the step mode.
   """
 
-  def __init__(self, d_model: int, *, kind: str, mult: int, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, *, kind: str, mult: int, activation: str = "gelu",
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in ("mlp", "glu"):
       raise ValueError(f"unknown ffn {kind!r}; valid ffn kinds: {list(FFNS)}")
+    if activation not in FFN_ACTIVATIONS:
+      raise ValueError(f"unknown ffn activation {activation!r}; valid: {list(FFN_ACTIVATIONS)}")
     if not isinstance(mult, int) or mult < 1:
       raise ValueError(f"ffn_mult must be a positive int, got {mult!r}")
     hidden = mult * d_model
     self.kind = kind
+    self.act = FFN_ACTIVATIONS[activation]
     dense = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
     self.fc1 = dense(d_model, hidden)
     self.gate = dense(d_model, hidden) if kind == "glu" else None
@@ -193,9 +201,9 @@ class FFN(nnx.Module):
   def __call__(self, x):
     """x (..., h) -> (..., h) in x's dtype (computed in the dtype given at build)."""
     if self.kind == "glu":
-      y = self.fc2(_gelu(self.gate(x)) * self.fc1(x))
+      y = self.fc2(self.act(self.gate(x)) * self.fc1(x))
     else:
-      y = self.fc2(_gelu(self.fc1(x)))
+      y = self.fc2(self.act(self.fc1(x)))
     return y.astype(x.dtype)
 
 
@@ -210,7 +218,8 @@ class ResidualBlock(nnx.Module):
       `ssm.mixer.Mixer`, which takes mask, deterministic and segment_ids.
     norm: "layer" | "rms" | "batch".
     prenorm: True for x + f(norm(x)), False for norm(x + f(x)).
-    ffn: "none" | "mlp" | "glu"; ffn_mult its hidden width in units of d_model.
+    ffn: "none" | "mlp" | "glu"; ffn_mult its hidden width in units of d_model;
+      ffn_activation its nonlinearity (FFN_ACTIVATIONS).
     dropout: rate on each residual branch's output.
     dtype, param_dtype: the FFN's compute and weight dtypes (the mixer has its own).
     gather_mesh, seq_axis: a jax.sharding.Mesh whose axis seq_axis splits the length, for a
@@ -223,7 +232,8 @@ class ResidualBlock(nnx.Module):
 
   def __init__(self, mixer: nnx.Module, d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, gather_mesh=None,
+               ffn_activation: str = "gelu", dropout: float = 0.0, dtype=None,
+               param_dtype=jnp.float32, gather_mesh=None,
                seq_axis: str = "seq", rngs: nnx.Rngs):
     if not isinstance(mixer, Mixer):
       raise TypeError(f"ResidualBlock: mixer must be an ssm.mixer.Mixer (the mixer contract), "
@@ -242,8 +252,8 @@ class ResidualBlock(nnx.Module):
     if ffn == "none":
       self.ffn, self.ffn_norm = None, None
     else:
-      self.ffn = FFN(d_model, kind=ffn, mult=ffn_mult, dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs)
+      self.ffn = FFN(d_model, kind=ffn, mult=ffn_mult, activation=ffn_activation, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
       self.ffn_norm = make_norm(norm, d_model, rngs=rngs)
 
   def _sublayer(self, x, f, norm, mask, deterministic):
@@ -306,7 +316,8 @@ class Backbone(nnx.Module):
 
   Args:
     mixers: one sequence mixer per layer (distinct modules).
-    d_model, norm, prenorm, ffn, ffn_mult, dropout, dtype, param_dtype: as `ResidualBlock`.
+    d_model, norm, prenorm, ffn, ffn_mult, ffn_activation, dropout, dtype, param_dtype: as
+      `ResidualBlock`.
     remat: "none" | "block" | a REMAT_POLICIES name (module docstring).
     gather_mesh, seq_axis: as `ResidualBlock`, for the blocks whose mixer has no
       seq_mesh of its own (a mixer built with seq_mesh runs sequence-parallel itself).
@@ -314,9 +325,9 @@ class Backbone(nnx.Module):
 
   def __init__(self, mixers: Sequence[nnx.Module], d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32,
-               remat: str = "none", gather_mesh=None, seq_axis: str = "seq",
-               rngs: nnx.Rngs):
+               ffn_activation: str = "gelu", dropout: float = 0.0, dtype=None,
+               param_dtype=jnp.float32, remat: str = "none", gather_mesh=None,
+               seq_axis: str = "seq", rngs: nnx.Rngs):
     if not mixers:
       raise ValueError("Backbone needs at least one mixer (num_layers >= 1)")
     if len({id(m) for m in mixers}) != len(mixers):
@@ -325,7 +336,8 @@ class Backbone(nnx.Module):
     self.remat, self.remat_policy = remat_policy(remat)
     self.blocks = nnx.List([
         ResidualBlock(m, d_model, norm=norm, prenorm=prenorm, ffn=ffn, ffn_mult=ffn_mult,
-                      dropout=dropout, dtype=dtype, param_dtype=param_dtype,
+                      ffn_activation=ffn_activation, dropout=dropout, dtype=dtype,
+                      param_dtype=param_dtype,
                       gather_mesh=(None if getattr(m, "seq_mesh", None) is not None
                                    else gather_mesh), seq_axis=seq_axis, rngs=rngs)
         for m in mixers])

@@ -17,7 +17,8 @@ config.model fields (all but `name` have defaults, see MODEL_DEFAULTS):
   d_model, num_layers
   dropout       residual-branch dropout (a mixer's own dropout goes in `mixer`)
   norm          "layer" | "rms" | "batch";  prenorm (bool)
-  ffn           "none" | "mlp" | "glu";  ffn_mult (hidden = ffn_mult * d_model)
+  ffn           "none" | "mlp" | "glu";  ffn_mult (hidden = ffn_mult * d_model);
+                ffn_activation "gelu" (exact) | "gelu_tanh" (GPT-2's) | "silu" | "relu"
   pooling       "mean" | "last" | "first" | "none" (classification/retrieval need one of
                 the first three; lm ignores it: it predicts at every position)
   bidirectional passed to the mixer only when True; refused for lm
@@ -56,7 +57,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data.task import TaskSpec
-from models.blocks import FFNS, NORMS, REMATS, Backbone
+from models.blocks import FFN_ACTIVATIONS, FFNS, NORMS, REMATS, Backbone
 from ssm._checks import dtype_option
 from ssm.ops.seq_parallel import check_seq_mesh
 from models.heads import (POOLINGS, ClassificationHead, LMHead, PixelEncoder, RetrievalHead,
@@ -74,6 +75,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "prenorm": True,
     "ffn": "none",             # "none" | "mlp" | "glu"
     "ffn_mult": 2,
+    "ffn_activation": "gelu",  # models.blocks.FFN_ACTIVATIONS
     "pooling": "mean",         # "mean" | "last" | "first" | "none"
     "bidirectional": False,
     "tie_embeddings": False,
@@ -111,7 +113,8 @@ def resolve_config(model_cfg) -> dict:
     raise ValueError(f"unknown model name {cfg['name']!r}; valid names: {model_names()}")
   for key in ("dtype", "param_dtype"):
     cfg[key] = dtype_option("model", key, cfg[key]).name
-  for key, valid in (("norm", NORMS), ("ffn", FFNS), ("pooling", POOLINGS), ("remat", REMATS)):
+  for key, valid in (("norm", NORMS), ("ffn", FFNS), ("ffn_activation", FFN_ACTIVATIONS),
+                     ("pooling", POOLINGS), ("remat", REMATS)):
     if cfg[key] not in valid:
       raise ValueError(f"unknown model {key} {cfg[key]!r}; valid: {list(valid)}")
   for key in ("d_model", "num_layers", "ffn_mult", "retrieval_mlp_dim"):
@@ -339,7 +342,8 @@ def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs, seq_mesh=None,
       layer_opts.setdefault("num_layers", cfg["num_layers"])
     mixers.append(build_mixer(kind, cfg["d_model"], rngs=rngs, **layer_opts))
   backbone = Backbone(mixers, cfg["d_model"], norm=cfg["norm"], prenorm=cfg["prenorm"],
-                      ffn=cfg["ffn"], ffn_mult=cfg["ffn_mult"], dropout=float(cfg["dropout"]),
+                      ffn=cfg["ffn"], ffn_mult=cfg["ffn_mult"],
+                      ffn_activation=cfg["ffn_activation"], dropout=float(cfg["dropout"]),
                       remat=cfg["remat"], gather_mesh=gather_mesh, seq_axis=seq_axis,
                       rngs=rngs, **precision)
   if task.kind == "classification":

@@ -225,6 +225,28 @@ def test_residual_block_formula(prenorm):
   np.testing.assert_allclose(block(x, deterministic=True), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("kind", ["mlp", "glu"])
+def test_ffn_formula_per_activation(kind, activation):
+  """fc2(act(fc1 x)) and fc2(act(gate x) * fc1 x), act written out from its definition."""
+  import math  # noqa: PLC0415
+  from models.blocks import FFN  # noqa: PLC0415
+  acts = {
+      "gelu": lambda z: 0.5 * z * (1 + np.vectorize(math.erf)(z / np.sqrt(2))),
+      "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3))),
+      "silu": lambda z: z / (1 + np.exp(-z)),
+      "relu": lambda z: np.maximum(z, 0),
+  }
+  ffn = FFN(D, kind=kind, mult=2, activation=activation, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(1).standard_normal((3, D))
+  lin = lambda layer, z: z @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])  # noqa: E731
+  hidden = acts[activation](lin(ffn.gate if kind == "glu" else ffn.fc1, x))
+  if kind == "glu":
+    hidden = hidden * lin(ffn.fc1, x)
+  np.testing.assert_allclose(ffn(jnp.asarray(x, jnp.float32)), lin(ffn.fc2, hidden),
+                             rtol=1e-4, atol=1e-5)
+
+
 # -- config errors ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override,match", [
@@ -233,6 +255,7 @@ def test_residual_block_formula(prenorm):
     (dict(norm="group"), r"unknown model norm 'group'; valid: \['layer', 'rms', 'batch'\]"),
     (dict(pooling="max"), r"unknown model pooling 'max'; valid: .*'mean'"),
     (dict(ffn="moe"), r"unknown model ffn 'moe'; valid: \['none', 'mlp', 'glu'\]"),
+    (dict(ffn_activation="swish"), r"unknown model ffn_activation 'swish'; valid: \['gelu', "),
     (dict(d_model=0), "d_model must be a positive int"),
     (dict(dropout=1.5), "dropout"),
     (dict(prenorm="yes"), "prenorm must be a bool"),

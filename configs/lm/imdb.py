@@ -23,7 +23,8 @@ Models (the published shapes at d_model 768; with a 258-byte vocabulary the embe
     mamba2       Mamba-2 130M's shape: 24 layers, d_state 128, headdim 64,
                  chunk 256, no FFN                                                91M
     lightning    12 layers, GLU FFN x 2, 12 heads                                78M
-    transformer  GPT-2 small with RoPE: 12 layers, MLP x 4, 12 heads              85M
+    transformer  GPT-2 small with RoPE: 12 layers, MLP x 4 with GPT-2's tanh GELU,
+                 12 heads                                                         85M
 
 RMSNorm prenorm, tied embeddings, no dropout, bf16 compute (model.dtype; parameters,
 optimizer state, SSM states and the loss float32; models/model.py). Optimizer: AdamW
@@ -47,7 +48,8 @@ RECIPES = {
     "mamba": (dict(num_layers=24, ffn="none"), dict(d_state=16)),
     "mamba2": (dict(num_layers=24, ffn="none"), dict(d_state=128, headdim=64, chunk_size=256)),
     "lightning": (dict(num_layers=12, ffn="glu", ffn_mult=2), dict(num_heads=12)),
-    "transformer": (dict(num_layers=12, ffn="mlp", ffn_mult=4), dict(num_heads=12)),
+    "transformer": (dict(num_layers=12, ffn="mlp", ffn_mult=4, ffn_activation="gelu_tanh"),
+                    dict(num_heads=12)),
 }
 TAKES_SEGMENTS = ("mamba2", "lightning")
 

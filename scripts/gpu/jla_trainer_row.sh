@@ -8,6 +8,8 @@
 # wheel: bash scripts/gpu/fetch_wheels.sh jax-linear-attention equinox jaxtyping \
 #   wadler-lindig safetensors; carry .whl.
 #   usage (GPU machine, repo root): bash scripts/gpu/jla_trainer_row.sh [PRESET ...]
+#   JLA_TIMEOUT (s, default 300) bounds each jla run; OURS="" skips our rows (e.g. when
+#   scripts/gpu/lm_step_ab.sh times them in the same call), OURS="transformer" keeps one.
 set -u
 source scripts/gpu/site.sh || exit 1
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
@@ -15,7 +17,7 @@ presets=${*:-mamba2-130m transformer-125m}
 nvidia-smi -L
 for p in $presets; do
   rm -rf /tmp/jla_runs/$p
-  timeout 300 python3 -m jla.cli train --config scripts/gpu/jla_trainer_row.toml \
+  timeout ${JLA_TIMEOUT:-300} python3 -m jla.cli train --config scripts/gpu/jla_trainer_row.toml \
     --set model.preset=$p --set train.output_dir=/tmp/jla_runs/$p > $OUT/jla_$p.log 2>&1
   echo "jla $p exit $?"
   grep -E "parameters|compiled" $OUT/jla_$p.log | tail -2
@@ -33,5 +35,7 @@ print(f"jla {sys.argv[2]}: {ms:.1f} ms/step, {tps:,.0f} tok/s, MFU {mfu:.1f}% (j
 PY
   cp /tmp/jla_runs/$p/metrics.jsonl $OUT/jla_${p}_metrics.jsonl 2>/dev/null
 done
-python3 -m benchmarks.train_step --config=configs/lm/imdb.py:mamba2 \
-  --config=configs/lm/imdb.py:transformer --dtypes=bfloat16 --steps=10 2>&1 | tee $OUT/ours.txt | tail -8
+ours=${OURS-mamba2 transformer}
+[ -n "$ours" ] && python3 -m benchmarks.train_step $(for m in $ours; do
+  echo --config=configs/lm/imdb.py:$m; done) --dtypes=bfloat16 --steps=10 2>&1 \
+  | tee $OUT/ours.txt | tail -8
