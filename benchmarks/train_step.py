@@ -3,7 +3,7 @@ r"""Train-step time, tokens/s and MFU of LM recipes in float32 and bf16 (run on 
     python -m benchmarks.train_step --config=configs/lm/imdb.py:mamba \
         --config=configs/lm/imdb.py:transformer [--dtypes=float32,bfloat16] [--steps=10] \
         [--trace_dir=/tmp/trace --top=25 [--hlo_dump=/tmp/xdump]] [--set=model.num_layers=2] \
-        [--constant=ssm.lti_mixer.FLAT_TOKENS=False]
+        [--constant=ssm.lti_mixer.FLAT_TOKENS=False] [--compile_only]
 
 Each row builds the trainer as `python -m train` does (model, optimizer, the jitted
 step with its fused update) for the config with model.dtype set, feeds a synthetic batch
@@ -11,6 +11,8 @@ of random bytes of the config's shape (step time does not depend on the text), a
 reports the best of 3 x `--steps` pipelined steps: ms per step, tokens/s, model TFLOP/s
 and MFU (train/flops.py: 6 N + the mixers' sequence terms, against the device's dense
 peak for the dtype). Rows of one call are comparable; compare across calls only loosely.
+--compile_only lowers and compiles the step without running it and prints the seconds of
+each (on any backend: e.g. the CPU, to compare model.scan_layers against the unrolled loop).
 With --trace_dir each row also traces 3 steps and prints the device time per op (printed
 before its row); with --hlo_dump (and XLA_FLAGS=--xla_dump_to=that folder
 --xla_dump_hlo_module_re=.*train_step.*) each listed op also gets its shapes and the
@@ -36,6 +38,8 @@ _HLO_DUMP = flags.DEFINE_string(
 _CONSTANTS = flags.DEFINE_multi_string(
     "constant", [], "module constant MODULE.NAME=VALUE set before building (A/B runs, e.g. "
     "ssm.lti_mixer.FLAT_TOKENS=False)")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                   "only lower and compile the step; print the seconds")
 _SET = flags.DEFINE_multi_string("set", [], "config override key=value (e.g. "
                                  "model.num_layers=2), applied to every config")
 
@@ -74,7 +78,7 @@ def apply_overrides(config, overrides):
 
 
 def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | None = None,
-              top: int = 25, hlo_dump: str | None = None) -> dict:
+              top: int = 25, hlo_dump: str | None = None, compile_only: bool = False) -> dict:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
@@ -103,6 +107,14 @@ def time_step(config, dtype: str, batch_size: int, steps: int, trace_dir: str | 
     batch["segment_ids"] = np.cumsum(ids[:, :-1] == 5, axis=1).astype(np.int32)
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
   state, rngs = trainer.init_state()
+  if compile_only:
+    t = time.perf_counter()
+    lowered = trainer._train_step_jit.lower(state, rngs, batch,  # noqa: SLF001
+                                            trainer.stop_flags(False))
+    lower_s = time.perf_counter() - t
+    lowered.compile()
+    return dict(lower_s=lower_s, compile_s=time.perf_counter() - t - lower_s,
+                params=sum(x.size for x in jax.tree.leaves(state.params)))
 
   def run(n):
     nonlocal state
@@ -148,9 +160,13 @@ def main(argv):
       try:
         trace = _TRACE.value and f"{_TRACE.value}/{path.split(':')[-1]}_{dtype}"
         r = time_step(config, dtype, _BATCH.value, _STEPS.value, trace, _TOP.value,
-                      _HLO_DUMP.value)
+                      _HLO_DUMP.value, _COMPILE_ONLY.value)
       except Exception as e:  # noqa: BLE001 (a row that fails says why; the others run)
         print(f"{path:34} {dtype:9} FAILED: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      if _COMPILE_ONLY.value:
+        print(f"{path.split('/')[-1]:34} {dtype:9} {r['params'] / 1e6:6.1f}M  lower "
+              f"{r['lower_s']:6.1f} s  compile {r['compile_s']:6.1f} s", flush=True)
         continue
       mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
       shape = f"{config.train.batch_size if not _BATCH.value else _BATCH.value}x{config.data.seq_len}"

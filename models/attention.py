@@ -35,9 +35,12 @@ from ssm.mixer import Mixer
 ROTARY_BASE = 10000.0
 IMPLS = ("auto", "xla", "cudnn")
 # Whether the masked cuDNN path's lax.cond encloses the qkv projection and rotary (True) or
-# takes q, k, v as operands (False). Exact either way; a module constant so that
-# benchmarks/train_step.py --constant can A/B it.
-COND_OVER_PROJECTION = True
+# takes q, k, v as operands (False, the measured default). Exact either way (tested); a
+# module constant so that benchmarks/train_step.py --constant can A/B it on a GPU: the cond's
+# operand layouts made XLA transpose q, k and v into cuDNN's layout and back (~10% of the bf16
+# GPT-2 LM step on the H200, results/train_step_h200.txt), which projecting inside the
+# branches might avoid. Not yet timed.
+COND_OVER_PROJECTION = False
 
 
 def rotary_angles(positions, head_dim: int):

@@ -28,6 +28,14 @@ Rematerialisation (`remat`): "none" keeps every activation for the backward pass
 `jax.checkpoint_policies` policy (REMAT_POLICIES, e.g. "dots_with_no_batch_dims_saveable":
 keep the matmul outputs, recompute the elementwise work) remats each block with it.
 
+Scanned layers (`scan_layers`): the backbone runs its blocks as one `jax.lax.scan` over
+their states stacked along a new leading axis, so XLA compiles (and a Pallas kernel lowers)
+one block instead of num_layers; the outputs and gradients equal the unrolled loop's
+(tested), and the parameters keep their per-layer layout (checkpoints are the same). It
+needs blocks of one structure (same mixer kind and options: `nnx.graphdef` equal), which
+the registry's mixers give; lightning's per-layer decay is an array, so it scans too.
+Dropout streams are per block (nnx forks them), BatchNorm statistics come back per block.
+
 Recurrent mode (causal mixers only): `init_state(batch_size)` and
 `step(state, x_t) -> (state, y_t)` on one position x_t (b, h); dropout is off and
 BatchNorm uses running statistics, so step mode equals the parallel forward with
@@ -311,6 +319,18 @@ class ResidualBlock(nnx.Module):
     return box["state"], zero_padding(x_t, mask_t)
 
 
+def _updated_in_training(block) -> list[type]:
+  """The variable types a training-mode forward pass of block changes: dropout streams'
+  counts when a dropout rate is nonzero, BatchNorm running statistics when it has them."""
+  kinds = []
+  modules = [m for _, m in nnx.iter_graph(block) if isinstance(m, nnx.Module)]
+  if any(isinstance(m, nnx.Dropout) and m.rate > 0 for m in modules):
+    kinds.append(nnx.RngCount)
+  if nnx.state(block, nnx.BatchStat):
+    kinds.append(nnx.BatchStat)
+  return kinds
+
+
 class Backbone(nnx.Module):
   """num_layers residual blocks (one per mixer), plus a final norm when prenorm.
 
@@ -319,6 +339,8 @@ class Backbone(nnx.Module):
     d_model, norm, prenorm, ffn, ffn_mult, ffn_activation, dropout, dtype, param_dtype: as
       `ResidualBlock`.
     remat: "none" | "block" | a REMAT_POLICIES name (module docstring).
+    scan_layers: run the blocks as one lax.scan (module docstring); ValueError at build
+      when the blocks differ in structure.
     gather_mesh, seq_axis: as `ResidualBlock`, for the blocks whose mixer has no
       seq_mesh of its own (a mixer built with seq_mesh runs sequence-parallel itself).
   """
@@ -326,8 +348,8 @@ class Backbone(nnx.Module):
   def __init__(self, mixers: Sequence[nnx.Module], d_model: int, *, norm: str = "layer",
                prenorm: bool = True, ffn: str = "none", ffn_mult: int = 2,
                ffn_activation: str = "gelu", dropout: float = 0.0, dtype=None,
-               param_dtype=jnp.float32, remat: str = "none", gather_mesh=None,
-               seq_axis: str = "seq", rngs: nnx.Rngs):
+               param_dtype=jnp.float32, remat: str = "none", scan_layers: bool = False,
+               gather_mesh=None, seq_axis: str = "seq", rngs: nnx.Rngs):
     if not mixers:
       raise ValueError("Backbone needs at least one mixer (num_layers >= 1)")
     if len({id(m) for m in mixers}) != len(mixers):
@@ -342,6 +364,14 @@ class Backbone(nnx.Module):
                                    else gather_mesh), seq_axis=seq_axis, rngs=rngs)
         for m in mixers])
     self.final_norm = make_norm(norm, d_model, rngs=rngs) if prenorm else None
+    self.scan_layers = bool(scan_layers)
+    if self.scan_layers:
+      first = nnx.graphdef(self.blocks[0])
+      for i, block in enumerate(self.blocks[1:], 1):
+        if nnx.graphdef(block) != first:
+          raise ValueError(f"Backbone: scan_layers needs blocks of one structure; block {i} "
+                           f"({type(block.mixer).__name__}) differs from block 0 "
+                           f"({type(self.blocks[0].mixer).__name__}): set scan_layers=False")
 
   def _check(self, x, ndim, what):
     check_float("Backbone", **{what: x})
@@ -363,12 +393,38 @@ class Backbone(nnx.Module):
     def apply(block, x, mask, segment_ids):
       return block(x, mask=mask, deterministic=deterministic, segment_ids=segment_ids)
 
-    if self.remat:
-      apply = nnx.remat(apply, policy=self.remat_policy)
-    for block in self.blocks:
-      x = apply(block, x, mask, segment_ids)
+    if self.scan_layers:
+      x = self._scanned(apply, x, mask, segment_ids, deterministic)
+    else:
+      if self.remat:
+        apply = nnx.remat(apply, policy=self.remat_policy)
+      for block in self.blocks:
+        x = apply(block, x, mask, segment_ids)
     if self.final_norm is not None:
       x = zero_padding(self.final_norm(x, mask=mask, deterministic=deterministic), mask)
+    return x
+
+  def _scanned(self, apply, x, mask, segment_ids, deterministic):
+    """The blocks as one lax.scan: each block's parameters and other state stacked on a
+    leading layer axis; the body rebuilds block i from slice i. What a forward pass updates
+    (in training only: dropout streams' counts where a rate is nonzero, BatchNorm running
+    statistics) comes back stacked and is written to each block, as the loop would."""
+    graphdef = nnx.graphdef(self.blocks[0])
+    params, rest = zip(*(nnx.state(b, nnx.Param, ...) for b in self.blocks))
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    mutated = [] if deterministic else _updated_in_training(self.blocks[0])
+
+    def body(x, layer):
+      block = nnx.merge(graphdef, *layer)
+      x = apply(block, x, mask, segment_ids)
+      return x, nnx.state(block, nnx.Any(*mutated)) if mutated else None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=False)
+    x, new = jax.lax.scan(body, x, (stack(params), stack(rest)))
+    if mutated:
+      for i, block in enumerate(self.blocks):
+        nnx.update(block, jax.tree.map(lambda a, i=i: a[i], new))
     return x
 
   def init_state(self, batch_size: int, *, max_len: int | None = None) -> list:

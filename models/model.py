@@ -35,6 +35,8 @@ config.model fields (all but `name` have defaults, see MODEL_DEFAULTS):
                 and SSM parameters are float32 whatever it is); the optimizer state
                 follows the parameters.
   remat         "none" | "block" | a jax.checkpoint_policies name (`models.blocks.REMATS`)
+  scan_layers   run the blocks as one lax.scan (one block compiled, not num_layers;
+                `models.blocks`); same parameters, outputs and gradients
 
 Sequence parallelism (not a config field: a Mesh is no config value; the trainer builds
 it from config.train.mesh): `build_model(..., seq_mesh=mesh)` with a mesh whose axis
@@ -84,6 +86,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",        # "float32" | "bfloat16": activations and matrix products
     "param_dtype": "float32",  # the projections' weights
     "remat": "none",           # "none" | "block" | a jax.checkpoint_policies name
+    "scan_layers": False,      # the blocks as one lax.scan (models.blocks)
 }
 ALIASES = {"transformer": "attention"}
 
@@ -120,7 +123,7 @@ def resolve_config(model_cfg) -> dict:
   for key in ("d_model", "num_layers", "ffn_mult", "retrieval_mlp_dim"):
     if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
       raise ValueError(f"model {key} must be a positive int, got {cfg[key]!r}")
-  for key in ("prenorm", "bidirectional", "tie_embeddings"):
+  for key in ("prenorm", "bidirectional", "tie_embeddings", "scan_layers"):
     if not isinstance(cfg[key], bool):
       raise ValueError(f"model {key} must be a bool, got {cfg[key]!r}")
   if not isinstance(cfg["dropout"], (int, float)) or not 0.0 <= cfg["dropout"] < 1.0:
@@ -344,7 +347,8 @@ def build_model(model_cfg, task: TaskSpec, *, rngs: nnx.Rngs, seq_mesh=None,
   backbone = Backbone(mixers, cfg["d_model"], norm=cfg["norm"], prenorm=cfg["prenorm"],
                       ffn=cfg["ffn"], ffn_mult=cfg["ffn_mult"],
                       ffn_activation=cfg["ffn_activation"], dropout=float(cfg["dropout"]),
-                      remat=cfg["remat"], gather_mesh=gather_mesh, seq_axis=seq_axis,
+                      remat=cfg["remat"], scan_layers=cfg["scan_layers"],
+                      gather_mesh=gather_mesh, seq_axis=seq_axis,
                       rngs=rngs, **precision)
   if task.kind == "classification":
     return Classifier(task, backbone, pooling=cfg["pooling"], rngs=rngs, **precision)

@@ -83,7 +83,8 @@ class Lightning(LinearMemoryMixer):
                        f"got {layer_idx!r}")
     h = self.num_heads
     self.value_dim = self.head_dim
-    self.layer_idx, self.num_layers = layer_idx, num_layers
+    # layer_idx and num_layers live on only in the decay (an array, not a static attribute),
+    # so that the layers of a stack share one structure (models.blocks: scan_layers).
     self.log_decay = FixedDecay(jnp.asarray(lightning_log_decay(h, layer_idx, num_layers),
                                             jnp.float32))
     self.qkvu_proj = self.dense(d_model, 4 * d_model, use_bias=False, rngs=rngs)

@@ -65,7 +65,7 @@ HARMLESS_PREFIXES = ("train.mesh.",)
 # so resuming such a run with today's configs is no change (train.trainer.validate_config
 # accepts configs without them too).
 ADDED_KEYS = {"train.accum_steps": 1, "optim.ssm_weight_decay": 0.0,
-              "model.ffn_activation": "gelu"}
+              "model.ffn_activation": "gelu", "model.scan_layers": False}
 # What a run leaves in its workdir; "restart" moves these aside.
 RUN_FILES = ("checkpoints", "best", "corrupt", "tb", "metrics.jsonl", "metrics_superseded.jsonl",
              "results.json", "config.json", "config.py", "config_changes.jsonl")
