@@ -42,6 +42,12 @@ analysis of one replica's train step at d_model 64, L 256, 16 pairs, batch 256: 
 of a compilation per pair count). The first GPU cells (results/mqar_sweep_h200,
 2026-12-04) ran with the full head.
 
+--pack_pairs trains the cells of a program (its pair counts, 3 at each length) together:
+their K x R replicas in one vmapped step, each group on its own cell's data and all on the
+same rows per step, so every replica computes what it would alone (tested equal). It pays
+where one cell's R replicas leave the GPU idle (scripts/gpu/mqar_probe.py measures the step
+at R = 4, 8, 12); a group checkpoints and resumes as one (WORKDIR/cells/<cells>.ckpt.npz).
+
 Cost model: time = one compile (tens of seconds on a GPU; 22-32 s measured) + sum over
 cells of num_steps x t_step(program, R) + evaluation (num_test / eval_batch_size forward
 passes). The other programs' compiles overlap training: while a program's first cell
@@ -215,9 +221,11 @@ class _Program:
       return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state),
               loss, ~finite)
 
-    def train_step(params, opt_state, lrs, rest, data, idx):
-      batch = {k: v[idx] for k, v in data.items()}
-      return jax.vmap(one, in_axes=(0, 0, 0, None, None))(params, opt_state, lrs, rest, batch)
+    def train_step(params, opt_state, lrs, rest, data, idx, group):
+      # data (K, n, ...): the training sets of the K cells trained together (K = 1 unless
+      # pair counts are packed); replica r trains on set group[r], every set on rows idx.
+      batch = {k: v[:, idx][group] for k, v in data.items()}
+      return jax.vmap(one, in_axes=(0, 0, 0, None, 0))(params, opt_state, lrs, rest, batch)
 
     def eval_step(params, rest, batch):
       return jax.vmap(lambda p: query_loss_sums(nnx.merge(graphdef, p, rest), batch))(params)
@@ -227,31 +235,36 @@ class _Program:
     self._compiled: dict = {}  # train_step_shapes(...) -> AOT-compiled train step
     self.compile_s: float | None = None  # seconds of the last `compile`
 
-  def compile(self, config, grid: dict) -> float:
+  def compile(self, config, grid: dict, packed: int = 1) -> float:
     """Compiles the train step ahead of time for the shapes of config's cells (run_cell's
     arguments, abstract), so that `step_fn` finds it; returns the seconds it took. The
     sweep calls it for the next program in a worker thread while the current one trains:
     the compilation is host work that would otherwise leave the GPU idle (tens of seconds
     per program on an H200)."""
     t = time.time()
-    key = train_step_shapes(config, grid)
+    key = train_step_shapes(config, grid, packed)
     n, length, slots, bs = key[:4]
-    seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
+    seeds = [int(s) for _ in range(packed) for _ in grid["lrs"] for s in grid["seeds"]]
     params, opt_state = jax.eval_shape(lambda: self.init(seeds))
     spec = jax.ShapeDtypeStruct
-    data = dict(inputs=spec((n, length), jnp.int32), targets=spec((n, length), jnp.int32),
-                mask=spec((n, length), jnp.bool_), weights=spec((n,), jnp.float32),
-                query_pos=spec((n, slots), jnp.int32), query_mask=spec((n, slots), jnp.bool_))
+    k = packed
+    data = dict(inputs=spec((k, n, length), jnp.int32),
+                targets=spec((k, n, length), jnp.int32),
+                mask=spec((k, n, length), jnp.bool_), weights=spec((k, n), jnp.float32),
+                query_pos=spec((k, n, slots), jnp.int32),
+                query_mask=spec((k, n, slots), jnp.bool_))
     lrs = spec((len(seeds),), jnp.float32)
-    self._compiled[key] = self.train_step.lower(params, opt_state, lrs, self.rest, data,
-                                                spec((bs,), jnp.int32)).compile()
+    self._compiled[key] = self.train_step.lower(
+        params, opt_state, lrs, self.rest, data, spec((bs,), jnp.int32),
+        spec((len(seeds),), jnp.int32)).compile()
     self.compile_s = time.time() - t
     return self.compile_s
 
-  def step_fn(self, config, grid: dict):
-    """The train step for config's cells: the ahead-of-time compiled one if `compile`
-    ran for these shapes, else the jitted one (compiled at its first call)."""
-    return self._compiled.get(train_step_shapes(config, grid), self.train_step)
+  def step_fn(self, config, grid: dict, packed: int = 1):
+    """The train step for config's cells (`packed` of them trained together): the
+    ahead-of-time compiled one if `compile` ran for these shapes, else the jitted one
+    (compiled at its first call)."""
+    return self._compiled.get(train_step_shapes(config, grid, packed), self.train_step)
 
   def init(self, seeds: list[int]):
     """Stacked (params, opt_state) of one replica per seed."""
@@ -293,11 +306,11 @@ def query_loss_sums(model, batch: dict) -> dict:
   return metrics_lib.loss_sums(logits, query, "lm")
 
 
-def train_step_shapes(config, grid: dict) -> tuple:
+def train_step_shapes(config, grid: dict, packed: int = 1) -> tuple:
   """What fixes the train step's argument shapes besides the program: (num_train,
-  seq_len, query slots, batch size, replicas)."""
+  seq_len, query slots, batch size, replicas per cell, cells trained together)."""
   return (int(config.data.num_train), int(config.data.seq_len), query_slots(grid),
-          int(config.train.batch_size), len(grid["lrs"]) * len(grid["seeds"]))
+          int(config.train.batch_size), len(grid["lrs"]) * len(grid["seeds"]), packed)
 
 
 def query_slots(grid: dict) -> int:
@@ -365,26 +378,41 @@ def _load_checkpoint(path: str, like):
   return step, jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
 
 
-def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = None,
-             deadline: float | None = None, halt_at_step: int | None = None,
-             checkpoint_every: int = 500) -> dict | None:
-  """Train every replica (lrs x seeds) of one cell; returns its result row, or None when
-  stopped early (time past `deadline`, or `halt_at_step` reached) with its state saved
-  to `checkpoint` (every checkpoint_every steps too), from which a rerun continues."""
-  lrs = [float(lr) for lr in grid["lrs"] for _ in grid["seeds"]]
-  seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
+def run_cell(program: _Program, config, grid: dict, **kwargs) -> dict | None:
+  """One cell alone: `run_cells` with a group of one."""
+  rows = run_cells(program, [config], grid, **kwargs)
+  return None if rows is None else rows[0]
+
+
+def run_cells(program: _Program, configs: list, grid: dict, *, checkpoint: str | None = None,
+              deadline: float | None = None, halt_at_step: int | None = None,
+              checkpoint_every: int = 500) -> list[dict] | None:
+  """Train every replica (lrs x seeds) of the cells `configs` (of one program: their
+  pair counts differ, nothing else) together, K = len(configs) groups of replicas in one
+  vmapped step, each group on its cell's data and all on the same rows per step, so a
+  replica computes what it would alone. Returns one result row per cell, or None when
+  stopped early (time past `deadline`, or `halt_at_step` reached) with the state saved to
+  `checkpoint` (every checkpoint_every steps too), from which a rerun continues."""
+  packed = len(configs)
+  base_lrs = [float(lr) for lr in grid["lrs"] for _ in grid["seeds"]]
+  base_seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
+  per = len(base_lrs)
+  lrs, seeds = base_lrs * packed, base_seeds * packed
   params, opt_state = program.init(seeds)
   n_params = _nbytes(jax.tree.map(lambda x: x[0], params)) // 4
-  data = jax.device_put(_mqar_arrays(config, "train", query_slots(grid)))
-  n, bs, steps = len(data["inputs"]), config.train.batch_size, config.train.num_steps
+  sets = [_mqar_arrays(c, "train", query_slots(grid)) for c in configs]
+  data = jax.device_put({k: np.stack([d[k] for d in sets]) for k in sets[0]})
+  config = configs[0]
+  n, bs, steps = sets[0]["inputs"].shape[0], config.train.batch_size, config.train.num_steps
   lr_arr = jnp.asarray(lrs, jnp.float32)
+  group = jnp.repeat(jnp.arange(packed, dtype=jnp.int32), per)
   bad = jnp.zeros(len(lrs), jnp.int32)
   loss = jnp.full(len(lrs), jnp.nan, jnp.float32)
   first = 0
   if checkpoint and os.path.exists(checkpoint):
     first, (params, opt_state, bad, loss) = _load_checkpoint(
         checkpoint, (params, opt_state, bad, loss))
-  train_step = program.step_fn(config, grid)
+  train_step = program.step_fn(config, grid, packed)
   precompiled = train_step is not program.train_step
   t0 = time.time()
   t_first = t0
@@ -396,7 +424,7 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
       return None
     idx = jnp.asarray(batch_indices(step, n, bs, config.data.seed), jnp.int32)
     params, opt_state, loss, nonfinite = train_step(params, opt_state, lr_arr, program.rest,
-                                                    data, idx)
+                                                    data, idx, group)
     bad = bad + nonfinite
     if step == first:
       jax.block_until_ready(loss)
@@ -407,6 +435,30 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
   t_end = time.time()
   # Steady-state time of one (vmapped) step: this invocation's steps after its first.
   step_time = (t_end - t_first) / max(steps - first - 1, 1)
+  rows = []
+  for k, cfg in enumerate(configs):
+    part = slice(k * per, (k + 1) * per)
+    acc, test_loss = _evaluate(program, jax.tree.map(lambda x: x[part], params), cfg, grid)
+    # Best lr by mean accuracy over seeds.
+    by_lr = {}
+    for lr, a in zip(base_lrs, acc):
+      by_lr.setdefault(lr, []).append(a)
+    best_lr = max(by_lr, key=lambda lr: (np.mean(by_lr[lr]), -lr))
+    rows.append(dict(
+        lrs=base_lrs, seeds=base_seeds, accuracy=acc, test_loss=test_loss,
+        final_train_loss=[float(x) for x in jax.device_get(loss[part])],
+        nonfinite_steps=[int(x) for x in jax.device_get(bad[part])],
+        best_lr=best_lr, best_accuracy=float(np.mean(by_lr[best_lr])),
+        steps=steps, batch_size=bs, replicas=per, packed=packed, resumed_at_step=first,
+        step_time_s=step_time, first_step_s=t_first - t0, train_s=t_end - t0,
+        precompiled=precompiled, compile_s=program.compile_s if precompiled else None,
+        params=int(n_params), state_bytes=program.state_bytes,
+        device=jax.devices()[0].device_kind))
+  return rows
+
+
+def _evaluate(program: _Program, params, config, grid: dict) -> tuple[list, list]:
+  """Test accuracy and loss per replica of params on config's test set."""
   test = _mqar_arrays(config, "test", query_slots(grid))
   totals = None
   ebs = config.train.eval_batch_size
@@ -417,21 +469,7 @@ def run_cell(program: _Program, config, grid: dict, *, checkpoint: str | None = 
   totals = jax.device_get(totals)
   acc = [float(x) for x in totals["correct"] / np.maximum(totals["weight"], 1e-9)]
   test_loss = [float(x) for x in totals["loss_sum"] / np.maximum(totals["weight"], 1e-9)]
-  # Best lr by mean accuracy over seeds.
-  by_lr = {}
-  for lr, a in zip(lrs, acc):
-    by_lr.setdefault(lr, []).append(a)
-  best_lr = max(by_lr, key=lambda lr: (np.mean(by_lr[lr]), -lr))
-  return dict(lrs=lrs, seeds=seeds, accuracy=acc, test_loss=test_loss,
-              final_train_loss=[float(x) for x in jax.device_get(loss)],
-              nonfinite_steps=[int(x) for x in jax.device_get(bad)],
-              best_lr=best_lr, best_accuracy=float(np.mean(by_lr[best_lr])),
-              steps=steps, batch_size=bs, replicas=len(lrs), resumed_at_step=first,
-              step_time_s=step_time, first_step_s=t_first - t0, train_s=t_end - t0,
-              precompiled=precompiled,
-              compile_s=program.compile_s if precompiled else None,
-              params=int(n_params), state_bytes=program.state_bytes,
-              device=jax.devices()[0].device_kind)
+  return acc, test_loss
 
 
 PROTOCOL_KEYS = ("lrs", "seeds", "vocab_size", "num_train", "num_test", "num_layers",
@@ -486,10 +524,11 @@ def _program_key(cell: Cell, grid: dict) -> tuple:
                                    sort_keys=True, default=str))
 
 
-def _prepared_program(config, grid: dict) -> _Program:
-  """A program with its train step compiled for config's cells (run in the worker)."""
+def _prepared_program(config, grid: dict, packed: int = 1) -> _Program:
+  """A program with its train step compiled for config's cells, `packed` trained together
+  (run in the worker)."""
   program = _Program(config, load_task_spec(config)[0])
-  program.compile(config, grid)
+  program.compile(config, grid, packed)
   return program
 
 
@@ -514,22 +553,38 @@ def _program(cell: Cell, grid: dict, config) -> _Program:
 
 
 def _compile_ahead(cell: Cell, todo: list[Cell], grid: dict) -> None:
-  """Start building and compiling the first program after cell's among todo."""
+  """Start building and compiling the first program after cell's among todo (for as many
+  of its cells trained together as `_groups` will pack)."""
   key = _program_key(cell, grid)
   for nxt in todo:
     nxt_key = _program_key(nxt, grid)
     if nxt_key != key:
       if nxt_key not in _NEXT_PROGRAM and nxt_key not in _LIVE_PROGRAM:
         _NEXT_PROGRAM.clear()  # a stale one (another grid) is dropped
+        packed = len(_groups([c for c in todo if _program_key(c, grid) == nxt_key],
+                             grid)[0])
         _NEXT_PROGRAM[nxt_key] = _COMPILER.submit(_prepared_program,
-                                                  cell_config(nxt, grid), grid)
+                                                  cell_config(nxt, grid), grid, packed)
       return
+
+
+def _groups(cells: list[Cell], grid: dict) -> list[list[Cell]]:
+  """The cells trained together: with grid["pack_pairs"], the consecutive cells of one
+  program (its pair counts); else one cell each."""
+  groups: list[list[Cell]] = []
+  for cell in cells:
+    if grid.get("pack_pairs") and groups and groups[-1][0].program == cell.program:
+      groups[-1].append(cell)
+    else:
+      groups.append([cell])
+  return groups
 
 
 def run_sweep(grid: dict, workdir: str, *, log=print, max_seconds: float | None = None,
               halt_at_step: int | None = None, compile_ahead: bool = True) -> dict:
   """Run the grid's unfinished cells; rewrite results.jsonl and results.md.
 
+  grid["pack_pairs"] (optional): train each program's cells together (module docstring).
   max_seconds: stop (checkpointing the cell under way) once this much time has passed;
   halt_at_step: stop each cell there (tests). compile_ahead: while a program's first cell
   trains, build and compile the next program in a worker thread (rows say "precompiled"
@@ -542,34 +597,40 @@ def run_sweep(grid: dict, workdir: str, *, log=print, max_seconds: float | None 
   cells = sweep_cells(grid)
   done = {c.name for c in cells
           if os.path.exists(os.path.join(workdir, "cells", c.name + ".json"))}
-  ran, skipped, stopped = [], [], []
-  for i, cell in enumerate(cells):
-    if cell.name in done:
-      skipped.append(cell.name)
-      continue
+  skipped = [c.name for c in cells if c.name in done]
+  todo = [c for c in cells if c.name not in done]
+  ran, stopped = [], []
+  groups = _groups(todo, grid)
+  for i, group in enumerate(groups):
     if stopped:
-      continue
-    path = os.path.join(workdir, "cells", cell.name + ".json")
-    config = cell_config(cell, grid)
-    program = _program(cell, grid, config)
+      break
+    cell = group[0]
+    configs = [cell_config(c, grid) for c in group]
+    program = _program(cell, grid, configs[0])
     if compile_ahead and (deadline is None or deadline - time.time() > COMPILE_AHEAD_MIN_S):
-      _compile_ahead(cell, [c for c in cells[i + 1:] if c.name not in done], grid)
+      _compile_ahead(cell, [c for g in groups[i + 1:] for c in g], grid)
     start = time.time()
-    ckpt = os.path.join(workdir, "cells", cell.name + ".ckpt.npz")
-    result = run_cell(program, config, grid, checkpoint=ckpt,
-                      deadline=deadline, halt_at_step=halt_at_step)
-    if result is None:
-      stopped.append(cell.name)
-      log(f"{cell.name}: stopped, state saved to {ckpt}")
+    # a group's checkpoint names its cells' pair counts, so a rerun packs it alike
+    tag = cell.name if len(group) == 1 else (
+        cell.name.rsplit("_kv", 1)[0] + "_kv" + "-".join(str(c.num_kv_pairs) for c in group))
+    ckpt = os.path.join(workdir, "cells", tag + ".ckpt.npz")
+    results = run_cells(program, configs, grid, checkpoint=ckpt,
+                        deadline=deadline, halt_at_step=halt_at_step)
+    if results is None:
+      stopped.extend(c.name for c in group)
+      log(f"{tag}: stopped, state saved to {ckpt}")
       continue
     if os.path.exists(ckpt):
       os.remove(ckpt)
-    row = dict(dataclasses.asdict(cell), cell=cell.name, variant=cell.variant, **result,
-               seconds=round(time.time() - start, 2))
-    _write_json(path, row)
-    ran.append(cell.name)
-    log(f"{cell.name}: best lr {row['best_lr']:.2g} acc {row['best_accuracy']:.3f} "
-        f"({row['step_time_s'] * 1e3:.1f} ms/step x {row['steps']}, {row['seconds']} s)")
+    seconds = round(time.time() - start, 2)
+    for c, result in zip(group, results):
+      row = dict(dataclasses.asdict(c), cell=c.name, variant=c.variant, **result,
+                 seconds=seconds)
+      _write_json(os.path.join(workdir, "cells", c.name + ".json"), row)
+      ran.append(c.name)
+      log(f"{c.name}: best lr {row['best_lr']:.2g} acc {row['best_accuracy']:.3f} "
+          f"({row['step_time_s'] * 1e3:.1f} ms/step x {row['steps']}"
+          f"{f', {len(group)} cells packed' if len(group) > 1 else ''}, {seconds} s)")
   rows = load_rows(workdir)
   with open(os.path.join(workdir, "results.jsonl"), "w") as f:
     for r in rows:
@@ -592,8 +653,9 @@ def plan(grid: dict, workdir: str | None = None) -> dict:
   cells = sweep_cells(grid)
   done = {r["cell"]: r for r in (load_rows(workdir) if workdir else [])}
   per_program = {}
-  for r in done.values():
-    per_program.setdefault((r["variant"], r["d_model"], r["seq_len"]), []).append(r["step_time_s"])
+  for r in done.values():  # seconds of steps per cell (a packed step serves several cells)
+    per_program.setdefault((r["variant"], r["d_model"], r["seq_len"]), []).append(
+        r["step_time_s"] / r.get("packed", 1))
   todo = [c for c in cells if c.name not in done]
   known = [c for c in todo if c.program in per_program]
   est = sum(np.median(per_program[c.program]) * grid["num_steps"] for c in known)
@@ -718,6 +780,10 @@ def sweep_main(argv=None):
                       help="stop after this long, checkpointing the cell under way")
   parser.add_argument("--no_compile_ahead", action="store_true",
                       help="do not compile the next program while the current one trains")
+  parser.add_argument("--pack_pairs", action="store_true",
+                      help="train the pair counts of a program together (one vmapped step "
+                           "over all their replicas; pays where the GPU is idle at one "
+                           "cell's replicas: scripts/gpu/mqar_probe.py says)")
   ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
   strs = lambda s: tuple(s.split(","))  # noqa: E731
   for name, conv in (("mixers", strs), ("caching", strs), ("segment_sizes", ints),
@@ -732,6 +798,8 @@ def sweep_main(argv=None):
   for k, v in vars(args).items():
     if v is not None and k in grid:
       grid[k] = v
+  if args.pack_pairs:
+    grid["pack_pairs"] = True
   if args.plan:
     print(json.dumps(plan(grid, args.workdir), indent=1))
     return None

@@ -223,7 +223,7 @@ def test_a_failed_compile_ahead_falls_back_to_compiling_in_place(tmp_path, monke
                                                                   capsys):
   grid = dict(GRID, caching=("none",), d_models=(8, 16), num_steps=1, lrs=(1e-3,))
 
-  def broken(config, grid):
+  def broken(config, grid, packed=1):
     raise RuntimeError("out of memory (simulated)")
 
   monkeypatch.setattr(mqar_suite, "_prepared_program", broken)
@@ -231,3 +231,45 @@ def test_a_failed_compile_ahead_falls_back_to_compiling_in_place(tmp_path, monke
   assert len(out["ran"]) == 2 and not any(r["precompiled"] for r in out["rows"])
   assert "ahead failed (RuntimeError: out of memory (simulated))" in (
       capsys.readouterr().err)
+
+
+PAIRS = dict(GRID, num_kv_pairs=(2, 4), num_steps=3)
+
+
+@pytest.fixture(scope="module")
+def pairs_alone(tmp_path_factory):
+  return mqar_suite.run_sweep(PAIRS, str(tmp_path_factory.mktemp("alone")),
+                              log=lambda *_: None)
+
+
+def _same_rows(got, want):
+  assert [r["cell"] for r in got] == [r["cell"] for r in want]
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a["final_train_loss"], b["final_train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-6)
+
+
+def test_packed_pair_counts_train_as_each_cell_alone(pairs_alone, tmp_path):
+  """--pack_pairs: the two pair counts of one program in one vmapped step (2 x 2 replicas)
+  give each cell's rows as trained alone, from one compilation."""
+  packed = mqar_suite.run_sweep(dict(PAIRS, pack_pairs=True), str(tmp_path),
+                                log=lambda *_: None)
+  assert len(packed["ran"]) == 2 and all(r["packed"] == 2 for r in packed["rows"])
+  assert all(r["packed"] == 1 and r["replicas"] == 2 for r in pairs_alone["rows"])
+  (program,) = mqar_suite._LIVE_PROGRAM.values()  # noqa: SLF001
+  assert program.train_step._cache_size() == 1  # noqa: SLF001
+  _same_rows(packed["rows"], pairs_alone["rows"])
+  p = mqar_suite.plan(PAIRS, str(tmp_path))
+  assert (p["done"], p["todo"]) == (2, 0)
+
+
+def test_a_stopped_packed_group_resumes_as_one(pairs_alone, tmp_path):
+  grid = dict(PAIRS, pack_pairs=True)
+  first = mqar_suite.run_sweep(grid, str(tmp_path), halt_at_step=2, log=lambda *_: None)
+  assert first["ran"] == [] and len(first["stopped"]) == 2
+  assert os.listdir(tmp_path / "cells") == ["lightning_grm8_d16_L32_kv2-4.ckpt.npz"]
+  second = mqar_suite.run_sweep(grid, str(tmp_path), log=lambda *_: None)
+  assert sorted(second["ran"]) == sorted(first["stopped"])
+  assert all(r["resumed_at_step"] == 2 for r in second["rows"])
+  _same_rows(second["rows"], pairs_alone["rows"])

@@ -8,7 +8,8 @@ in configs/mqar.py SWEEP (no caching), compiles the step ahead of time (the comp
 printed) and times `--steps` pipelined steps at each replica count R (the lrs repeated
 R / 4 times, as more seeds would). What it decides: if ms per replica falls well as R
 grows, the GPU is idle at the sweep's R = 4 and training a program's pair counts together
-(K x 4 replicas) would pay; if it stays flat, the step is compute-bound and it would not.
+(K x 4 replicas: scripts/mqar_suite.py sweep --pack_pairs) would pay; if it stays flat,
+the step is compute-bound and it would not.
 """
 
 import argparse
@@ -33,18 +34,19 @@ def probe(mixer: str, d_model: int, seq_len: int, replicas: int, steps: int) -> 
   step = program.step_fn(config, grid)
   seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
   params, opt_state = program.init(seeds)
-  data = jax.device_put(mqar_suite._mqar_arrays(config, "train",  # noqa: SLF001
-                                                mqar_suite.query_slots(grid)))
+  one = mqar_suite._mqar_arrays(config, "train", mqar_suite.query_slots(grid))  # noqa: SLF001
+  data = jax.device_put({k: v[None] for k, v in one.items()})  # one cell's set (K = 1)
+  group = jnp.zeros(len(seeds), jnp.int32)
   lrs = jnp.asarray([float(lr) for lr in grid["lrs"] for _ in grid["seeds"]], jnp.float32)
-  n, bs = len(data["inputs"]), config.train.batch_size
+  n, bs = data["inputs"].shape[1], config.train.batch_size
   idx = [jnp.asarray(mqar_suite.batch_indices(s, n, bs, 0), jnp.int32) for s in range(steps)]
-  params, opt_state, loss, _ = step(params, opt_state, lrs, program.rest, data, idx[0])
+  params, opt_state, loss, _ = step(params, opt_state, lrs, program.rest, data, idx[0], group)
   jax.block_until_ready(loss)
   best = np.inf
   for _ in range(3):
     t = time.perf_counter()
     for i in idx:
-      params, opt_state, loss, _ = step(params, opt_state, lrs, program.rest, data, i)
+      params, opt_state, loss, _ = step(params, opt_state, lrs, program.rest, data, i, group)
     jax.block_until_ready(loss)
     best = min(best, (time.perf_counter() - t) / steps)
   return dict(mixer=mixer, d_model=d_model, seq_len=seq_len, replicas=len(seeds),

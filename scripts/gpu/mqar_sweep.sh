@@ -8,6 +8,8 @@
 # not fit what the device tool returns, so keep slices small enough to finish.
 #   usage (GPU machine, repo root): bash scripts/gpu/mqar_sweep.sh SECONDS [--mixers=...]
 #   e.g. bash scripts/gpu/mqar_sweep.sh 480 --caching=none --d_models=64 --seq_lens=256
+#   (add --pack_pairs to train a program's pair counts together where mqar_probe.py shows
+#   the step time per replica falling from R = 4 to 12)
 # Beside another job on the same GPU, set XLA_PYTHON_CLIENT_MEM_FRACTION for both.
 set -u
 secs=$1
