@@ -7,7 +7,8 @@ seq 2 for mamba, seq 8), then every step's loss and the final validation and tes
 one-device run's within float32 noise: mamba, mamba2 and lightning (the last two with
 packed documents, segment_ids, whose boundaries cross the devices' chunks) run their
 scans sequence-parallel; s4d and the transformer (no such path) have the length
-all-gathered around the layer. A run halted at step 2 under the seq mesh (copied) resumes from
+all-gathered around the layer. The same with the blocks as one lax.scan (model.scan_layers; mamba2 on data 2 x seq 4).
+A run halted at step 2 under the seq mesh (copied) resumes from
 its checkpoint to the same losses, under the same mesh and under a data-only one.
 Gradient accumulation (train.accum_steps=2, dropout off) under data 2 x seq 4 equals the
 one-device, one-batch run.
@@ -93,6 +94,11 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
       workdir = os.path.join(root, f"{kind}_{mesh}")
       trainer.run(lm_config(kind, corpus, **meshes[mesh]), workdir)
       out[f"{kind}/{mesh}"] = losses(workdir)
+    # the blocks as one lax.scan (model.scan_layers) around the sequence-parallel SSD
+    scanned = lm_config("mamba2", corpus, **MESHES["data2_seq4"])
+    scanned.model.scan_layers = True
+    trainer.run(scanned, os.path.join(root, "mamba2_scanned"))
+    out["mamba2/data2_seq4/scanned"] = losses(os.path.join(root, "mamba2_scanned"))
 
     # What the trainer built: the mixers' seq_mesh, the batch's length split over "seq".
     config = lm_config("mamba2", corpus, **MESHES["data2_seq4"])
@@ -183,6 +189,11 @@ def assert_same_run(got, want, rtol=RTOL):
 @pytest.mark.parametrize("kind,mesh", RUNS)
 def test_seq_mesh_matches_one_device(references, eight, kind, mesh):
   assert_same_run(eight[f"{kind}/{mesh}"], references[kind])
+
+
+@pytest.mark.slow
+def test_scanned_layers_under_the_seq_mesh_match_one_device(references, eight):
+  assert_same_run(eight["mamba2/data2_seq4/scanned"], references["mamba2"])
 
 
 @pytest.mark.slow
