@@ -34,7 +34,9 @@ one block instead of num_layers; the outputs and gradients equal the unrolled lo
 (tested), and the parameters keep their per-layer layout (checkpoints are the same). It
 needs blocks of one structure (same mixer kind and options: `nnx.graphdef` equal), which
 the registry's mixers give; lightning's per-layer decay is an array, so it scans too.
-Dropout streams are per block (nnx forks them), BatchNorm statistics come back per block.
+Dropout streams are per block (nnx forks them), BatchNorm statistics come back per block;
+a block that updated any other variable in training is refused while tracing (it would be
+lost), so nothing is dropped silently.
 
 Recurrent mode (causal mixers only): `init_state(batch_size)` and
 `step(state, x_t) -> (state, y_t)` on one position x_t (b, h); dropout is off and
@@ -319,6 +321,12 @@ class ResidualBlock(nnx.Module):
     return box["state"], zero_padding(x_t, mask_t)
 
 
+def _leaves_by_path(state) -> dict:
+  """{path string: leaf} of an nnx.State."""
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
 def _updated_in_training(block) -> list[type]:
   """The variable types a training-mode forward pass of block changes: dropout streams'
   counts when a dropout rate is nonzero, BatchNorm running statistics when it has them."""
@@ -416,7 +424,15 @@ class Backbone(nnx.Module):
 
     def body(x, layer):
       block = nnx.merge(graphdef, *layer)
+      before = _leaves_by_path(nnx.state(block, nnx.Not(nnx.Param)))
       x = apply(block, x, mask, segment_ids)
+      after = _leaves_by_path(nnx.state(block, nnx.Not(nnx.Param)))
+      kept = _leaves_by_path(nnx.state(block, nnx.Any(*mutated))) if mutated else {}
+      # Checked while tracing: any other variable the block changed would be lost here.
+      lost = [p for p, v in after.items() if v is not before[p] and p not in kept]
+      if lost:
+        raise ValueError(f"Backbone: scan_layers cannot carry what block updates in {lost}; "
+                         f"set scan_layers=False")
       return x, nnx.state(block, nnx.Any(*mutated)) if mutated else None
 
     if self.remat:

@@ -175,3 +175,37 @@ def test_trainer_with_scanned_layers_matches_unrolled(tmp_path):
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
   np.testing.assert_allclose(got_test, want_test, rtol=1e-5)
+
+
+def test_scan_layers_refuses_to_drop_a_state_update_it_cannot_carry():
+  """A block variable other than dropout counts and BatchNorm statistics that changes in
+  training would be lost by the scan: tracing stops with an error naming it."""
+  from ssm.mixer import Mixer  # noqa: PLC0415
+
+  class Counting(Mixer):
+    name = "counting"
+
+    def __init__(self, d_model):
+      self.d_model = d_model
+      self._precision(None, "float32")
+      self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+    def forward(self, x, *, mask, deterministic, segment_ids):
+      self.calls[...] = self.calls[...] + 1
+      return x
+
+    def _init_state(self, batch_size, max_len):
+      return None
+
+    def _step(self, state, x_t):
+      return state, x_t
+
+  rngs = nnx.Rngs(0)
+  backbone = Backbone([Counting(D), Counting(D)], D, scan_layers=True, rngs=rngs)
+  graph, state = nnx.split(backbone)
+
+  def call(state):
+    m = nnx.merge(graph, jax.tree.map(lambda x: x, state))
+    return m(jnp.ones((1, L, D)), deterministic=False)
+  with pytest.raises(ValueError, match=r"scan_layers cannot carry what block updates in .*calls"):
+    jax.jit(call)(state)
