@@ -282,6 +282,12 @@ class S4DKernel(nnx.Module):
                                      _as_complex(self.B[...]), self.disc)
     return ab, bb, log_ab, _as_complex(self.C[...])
 
+  def diagonal(self) -> tuple[jax.Array, jax.Array]:
+    """(log Ab (h, n), w = C Bb (c, h, n)), complex64: the kernel is
+    K[c, h, l] = 2 Re sum_n w[c, h, n] exp(l log Ab[h, n]) (`ssm.ops.diag_conv`)."""
+    _, bb, log_ab, c = self.discretized()
+    return log_ab, c * bb[None]
+
   # -- kernel protocol ------------------------------------------------------------
   def __call__(self, seq_len: int) -> jax.Array:
     """The kernel (c, h, seq_len) float32, for any seq_len >= 1."""
