@@ -25,7 +25,8 @@ such rows into the table that fft_conv(impl="auto") reads (ssm/ops/fft_conv_auto
 the FFT sizes where the kernel beat jnp.fft forward AND forward+backward, per device
 kind and dtype). --bank: the LTI layers' bank (fft_conv_bank_xla) at the ListOps and
 Text S4D shapes, method "fft" (forward transforms only) against "irfft". Last, S4D
-layers (models.build_mixer("s4d", ...)) forward+backward with impl "xla" vs "pallas":
+layers (models.build_mixer("s4d", ...)) forward+backward on the FFT bank ("xla"), the
+Pallas kernel and the chunked recurrence (ssm/ops/diag_conv.py; full f32 and TF32):
 a causal B16 L4096 H256 one and the ListOps recipe's bidirectional B50 L2000 H128 N64 one.
 Targets on the H200 at B=8, H=1024: every L, fwd and fwd+bwd >= 1.5x faster than
 jnp.fft; L=8192 f32: fwd <= 1.0 ms, fwd+bwd <= 2.0 ms.
@@ -205,28 +206,45 @@ def bench_bank(name, b, seq_len, h, warmup, iters) -> list[dict]:
   return rows
 
 
+# The S4D layer's convolution paths: (row name, LTIMixer impl, ssm.lti_mixer.DIAGONAL_CONV,
+# DIAGONAL_CONV_PRECISION): the FFT bank, the Pallas kernel, the chunked recurrence
+# (ssm/ops/diag_conv.py) at full float32 and at the default (TF32) matmul precision.
+LAYER_PATHS = (("xla", "xla", "fft", "default"), ("pallas", "pallas", "fft", "default"),
+               ("chunked", "xla", "chunked", "highest"),
+               ("chunked-tf32", "xla", "chunked", "default"))
+
+
 def bench_layer(b, seq_len, d_model, warmup, iters, **options) -> list[dict]:
-  """S4D layer (models.build_mixer) forward+backward, impl xla vs pallas (device time)."""
+  """S4D layer (models.build_mixer) forward+backward on each of LAYER_PATHS (device time),
+  with the relative error of dx against the FFT bank's ("xla")."""
   from flax import nnx
   from models import build_mixer
+  from ssm import lti_mixer
   x = jax.random.normal(jax.random.key(3), (b, seq_len, d_model), jnp.float32)
   rows, outs = [], {}
-  for impl in ("xla", "pallas"):
-    mixer = build_mixer("s4d", d_model, rngs=nnx.Rngs(0), impl=impl, **options)
-    graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
+  saved = lti_mixer.DIAGONAL_CONV, lti_mixer.DIAGONAL_CONV_PRECISION
+  try:
+    for name, impl, conv, precision in LAYER_PATHS:
+      # read while tracing: set for this path's first (compiling) call
+      lti_mixer.DIAGONAL_CONV, lti_mixer.DIAGONAL_CONV_PRECISION = conv, precision
+      mixer = build_mixer("s4d", d_model, rngs=nnx.Rngs(0), impl=impl, **options)
+      graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
 
-    @jax.jit
-    def fwd_bwd(params, x, graphdef=graphdef, rest=rest):
-      def loss(params, x):
-        y = nnx.merge(graphdef, params, rest)(x, deterministic=True)
-        return jnp.mean(y.astype(jnp.float32) ** 2)
-      return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+      @jax.jit
+      def fwd_bwd(params, x, graphdef=graphdef, rest=rest):
+        def loss(params, x):
+          y = nnx.merge(graphdef, params, rest)(x, deterministic=True)
+          return jnp.mean(y.astype(jnp.float32) ** 2)
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
-    outs[impl] = fwd_bwd(params, x)
-    ms = 1e3 * time_fn_pipelined(fwd_bwd, params, x, calls=iters, repeats=3, warmup=warmup)
-    rows.append({"layer": "s4d" + ("-bidir" if options.get("bidirectional") else ""),
-                 "B": b, "L": seq_len, "H": d_model, "impl": impl, "fwd+bwd ms": ms})
-  rows[-1]["err dx"] = rel(outs["pallas"][1][1], outs["xla"][1][1])
+      outs[name] = fwd_bwd(params, x)
+      ms = 1e3 * time_fn_pipelined(fwd_bwd, params, x, calls=iters, repeats=3, warmup=warmup)
+      rows.append({"layer": "s4d" + ("-bidir" if options.get("bidirectional") else ""),
+                   "B": b, "L": seq_len, "H": d_model, "impl": name, "fwd+bwd ms": ms,
+                   "err dx": (rel(outs[name][1][1], outs["xla"][1][1]) if name != "xla"
+                              else 0.0)})
+  finally:
+    lti_mixer.DIAGONAL_CONV, lti_mixer.DIAGONAL_CONV_PRECISION = saved
   return rows
 
 
