@@ -236,7 +236,7 @@ class _Program:
     self.compile_s: float | None = None  # seconds of the last `compile`
 
   def compile(self, config, grid: dict, packed: int = 1) -> float:
-    """Compiles the train step ahead of time for the shapes of config's cells (run_cell's
+    """Compiles the train step ahead of time for the shapes of config's cells (run_cells'
     arguments, abstract), so that `step_fn` finds it; returns the seconds it took. The
     sweep calls it for the next program in a worker thread while the current one trains:
     the compilation is host work that would otherwise leave the GPU idle (tens of seconds
@@ -376,12 +376,6 @@ def _load_checkpoint(path: str, like):
     leaves = [f[f"arr_{i}"] for i in range(len(jax.tree.leaves(like)))]
     step = int(f["step"])
   return step, jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
-
-
-def run_cell(program: _Program, config, grid: dict, **kwargs) -> dict | None:
-  """One cell alone: `run_cells` with a group of one."""
-  rows = run_cells(program, [config], grid, **kwargs)
-  return None if rows is None else rows[0]
 
 
 def run_cells(program: _Program, configs: list, grid: dict, *, checkpoint: str | None = None,

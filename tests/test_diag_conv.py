@@ -120,3 +120,18 @@ def test_s4d_diagonal_form_gives_its_kernel():
     want = layer.kernel(40)
     got = vandermonde_kernel_reference(w, jnp.ones_like(log_ab), log_ab, 40)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_s4d_chunked_path_equals_its_step_mode(monkeypatch):
+  """Causal S4D on the chunked recurrence against its own recurrent step, token by token."""
+  with jax.enable_x64(False):
+    monkeypatch.setattr(lti_mixer, "DIAGONAL_CONV", "chunked")
+    monkeypatch.setattr(lti_mixer, "DIAGONAL_CONV_PRECISION", "highest")
+    layer = build_mixer("s4d", 6, d_state=8, rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(5), (2, 19, 6), jnp.float32)
+    parallel = layer(x, deterministic=True)
+    state, ys = layer.init_state(2), []
+    for t in range(x.shape[1]):
+      state, y = layer.step(state, x[:, t])
+      ys.append(y)
+    np.testing.assert_allclose(parallel, jnp.stack(ys, 1), rtol=1e-4, atol=1e-5)
