@@ -50,19 +50,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._activations import ACTIVATIONS as _ACT_FNS
 from ssm._checks import check_float, optional_positive_int, positive_int
 from ssm.mixer import Mixer
 
 NORMS = ("layer", "rms", "batch")
 FFNS = ("none", "mlp", "glu")
-# The FFN's nonlinearity. "gelu" is the exact (erf) GELU; "gelu_tanh" is GPT-2's tanh
-# approximation, which XLA can fuse into the matmul's epilogue on cuBLASLt.
-FFN_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-}
+# The FFN's nonlinearity (the table in ssm._activations: "gelu" exact, "gelu_tanh" GPT-2's).
+FFN_ACTIVATIONS = {name: _ACT_FNS[name] for name in ("gelu", "gelu_tanh", "silu", "relu")}
 REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
                   "everything_saveable")
 REMATS = ("none", "block") + REMAT_POLICIES

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssm._activations import ACTIVATIONS as _ACT_FNS
 from ssm._checks import positive_int
 from ssm.mixer import Mixer
 from ssm.ops import fft_conv
@@ -72,16 +73,6 @@ def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> 
   if postact not in POSTACTS:
     raise ValueError(f"postact must be one of {POSTACTS}, got {postact!r}")
   check_impl("LTI mixer", impl)
-
-
-def _activation(name: str):
-  return {
-      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-      "silu": jax.nn.silu,
-      "relu": jax.nn.relu,
-      "tanh": jnp.tanh,
-      "identity": lambda x: x,
-  }[name]
 
 
 def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
@@ -169,7 +160,7 @@ class LTIMixer(Mixer):
   def _tail(self, y_clh_last, x, deterministic=None):
     """y (..., c, h) conv output, x (..., h) input -> (..., h) layer output."""
     y = y_clh_last + self.D[...] * x[..., None, :].astype(jnp.float32)
-    y = _activation(self.activation)(y)
+    y = _ACT_FNS[self.activation](y)
     lead = y.shape[:-2]
     y = y.reshape(*((-1,) if FLAT_TOKENS else lead), self.channels * self.d_model)
     y = self.dropout(y, deterministic=deterministic)
