@@ -206,12 +206,10 @@ def bench_bank(name, b, seq_len, h, warmup, iters) -> list[dict]:
   return rows
 
 
-# The S4D layer's convolution paths: (row name, LTIMixer impl, ssm.lti_mixer.DIAGONAL_CONV,
-# DIAGONAL_CONV_PRECISION): the FFT bank, the Pallas kernel, the chunked recurrence
-# (ssm/ops/diag_conv.py) at full float32 and at the default (TF32) matmul precision.
-LAYER_PATHS = (("xla", "xla", "fft", "default"), ("pallas", "pallas", "fft", "default"),
-               ("chunked", "xla", "chunked", "highest"),
-               ("chunked-tf32", "xla", "chunked", "default"))
+# The S4D layer's convolution paths: (row name, LTIMixer impl). The chunked recurrence
+# (ssm/ops/diag_conv.py) was a third: 2.2-2.4x slower than the bank in the LRA S4D train
+# steps on an H100 (results/diag_conv_h100.txt), so the layer no longer offers it.
+LAYER_PATHS = (("xla", "xla"), ("pallas", "pallas"))
 
 
 def bench_layer(b, seq_len, d_model, warmup, iters, **options) -> list[dict]:
@@ -219,32 +217,25 @@ def bench_layer(b, seq_len, d_model, warmup, iters, **options) -> list[dict]:
   with the relative error of dx against the FFT bank's ("xla")."""
   from flax import nnx
   from models import build_mixer
-  from ssm import lti_mixer
   x = jax.random.normal(jax.random.key(3), (b, seq_len, d_model), jnp.float32)
   rows, outs = [], {}
-  saved = lti_mixer.DIAGONAL_CONV, lti_mixer.DIAGONAL_CONV_PRECISION
-  try:
-    for name, impl, conv, precision in LAYER_PATHS:
-      # read while tracing: set for this path's first (compiling) call
-      lti_mixer.DIAGONAL_CONV, lti_mixer.DIAGONAL_CONV_PRECISION = conv, precision
-      mixer = build_mixer("s4d", d_model, rngs=nnx.Rngs(0), impl=impl, **options)
-      graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
+  for name, impl in LAYER_PATHS:
+    mixer = build_mixer("s4d", d_model, rngs=nnx.Rngs(0), impl=impl, **options)
+    graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
 
-      @jax.jit
-      def fwd_bwd(params, x, graphdef=graphdef, rest=rest):
-        def loss(params, x):
-          y = nnx.merge(graphdef, params, rest)(x, deterministic=True)
-          return jnp.mean(y.astype(jnp.float32) ** 2)
-        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    @jax.jit
+    def fwd_bwd(params, x, graphdef=graphdef, rest=rest):
+      def loss(params, x):
+        y = nnx.merge(graphdef, params, rest)(x, deterministic=True)
+        return jnp.mean(y.astype(jnp.float32) ** 2)
+      return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
-      outs[name] = fwd_bwd(params, x)
-      ms = 1e3 * time_fn_pipelined(fwd_bwd, params, x, calls=iters, repeats=3, warmup=warmup)
-      rows.append({"layer": "s4d" + ("-bidir" if options.get("bidirectional") else ""),
-                   "B": b, "L": seq_len, "H": d_model, "impl": name, "fwd+bwd ms": ms,
-                   "err dx": (rel(outs[name][1][1], outs["xla"][1][1]) if name != "xla"
-                              else 0.0)})
-  finally:
-    lti_mixer.DIAGONAL_CONV, lti_mixer.DIAGONAL_CONV_PRECISION = saved
+    outs[name] = fwd_bwd(params, x)
+    ms = 1e3 * time_fn_pipelined(fwd_bwd, params, x, calls=iters, repeats=3, warmup=warmup)
+    rows.append({"layer": "s4d" + ("-bidir" if options.get("bidirectional") else ""),
+                 "B": b, "L": seq_len, "H": d_model, "impl": name, "fwd+bwd ms": ms,
+                 "err dx": (rel(outs[name][1][1], outs["xla"][1][1]) if name != "xla"
+                            else 0.0)})
   return rows
 
 

@@ -34,13 +34,6 @@ from ssm.mixer import Mixer
 
 ROTARY_BASE = 10000.0
 IMPLS = ("auto", "xla", "cudnn")
-# Whether the masked cuDNN path's lax.cond encloses the qkv projection and rotary (True) or
-# takes q, k, v as operands (False, the measured default). Exact either way (tested); a
-# module constant so that benchmarks/train_step.py --constant can A/B it on a GPU: the cond's
-# operand layouts made XLA transpose q, k and v into cuDNN's layout and back (~10% of the bf16
-# GPT-2 LM step on the H200, results/train_step_h200.txt), which projecting inside the
-# branches might avoid. Not yet timed.
-COND_OVER_PROJECTION = False
 
 
 def rotary_angles(positions, head_dim: int):
@@ -158,12 +151,10 @@ class Attention(Mixer):
     # other's residuals, so the cuDNN branch (the one taken) would otherwise write zeros for
     # XLA's (b, heads, l, l) scores and probabilities, three times per layer (measured:
     # 34% of a bf16 transformer LM step on the H200).
-    if not COND_OVER_PROJECTION:
-      q, k, v = self._project(x, positions)
-      return self._output(jax.lax.cond(prefix, cudnn, jax.checkpoint(xla), q, k, v),
-                          deterministic)
     # The branches take x and project it themselves: q, k and v then never cross the cond's
-    # boundary, whose fixed operand layouts made XLA transpose them into cuDNN's and back.
+    # boundary, whose fixed operand layouts made XLA transpose them into cuDNN's and back
+    # (projecting before the cond: 70.6 ms against 63.3 for the bf16 GPT-2-small LM step on
+    # an H100, 34.6% against 38.6% MFU, results/lm_step_ab_h100.txt).
     with_projection = lambda attend: lambda u: attend(*self._project(u, positions))  # noqa: E731
     o = jax.lax.cond(prefix, with_projection(cudnn), jax.checkpoint(with_projection(xla)), x)
     return self._output(o, deterministic)

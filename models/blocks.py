@@ -36,7 +36,11 @@ needs blocks of one structure (same mixer kind and options: `nnx.graphdef` equal
 the registry's mixers give; lightning's per-layer decay is an array, so it scans too.
 Dropout streams are per block (nnx forks them), BatchNorm statistics come back per block;
 a block that updated any other variable in training is refused while tracing (it would be
-lost), so nothing is dropped silently.
+lost), so nothing is dropped silently. It trades step time for compile time: the bf16
+GPT-2-small LM step (12 layers, 16 x 2048 tokens) on an H100 took 105.6 ms scanned against
+70.6 ms unrolled and compiled in 9.8 s against 34-41 s (2026-12-06,
+results/lm_step_ab_h100.txt), so it stays off by default: for deep models and quick
+iteration, not for throughput.
 
 Recurrent mode (causal mixers only): `init_state(batch_size)` and
 `step(state, x_t) -> (state, y_t)` on one position x_t (b, h); dropout is off and

@@ -47,6 +47,9 @@ def run(path: pathlib.Path, figures: pathlib.Path | None) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  # Figures left open by whoever ran before (another notebook, a test in the same process) are
+  # not this notebook's: the first show() would save them under its name.
+  plt.close("all")
   saved = []
 
   def show(*args, **kwargs):

@@ -20,9 +20,9 @@ Kernel module protocol (duck-typed):
     kernel.step(state, u_t) -> (state, y_t)   u_t (b, h), y_t (b, c, h); no D term
     kernel.diagonal() -> (log_ab, w)          optional (S4D): K[i, h, l] = 2 Re sum_m
                                               w[i, h, m] exp(l log_ab[h, m]), (h, n) and
-                                              (c, h, n) complex; with DIAGONAL_CONV =
-                                              "chunked" the convolution runs as a chunked
-                                              recurrence (`ssm.ops.diag_conv`), no FFT
+                                              (c, h, n) complex (`ssm.ops.diag_conv`
+                                              convolves with it as a chunked recurrence;
+                                              the layer keeps the FFT bank, faster on GPUs)
 
 Bidirectional mode (non-causal use, e.g. LRA classification): the kernel module is
 built with 2c channels; the first c run forward in time, the last c run on the
@@ -41,7 +41,6 @@ from ssm._activations import ACTIVATIONS as _ACT_FNS
 from ssm._checks import positive_int
 from ssm.mixer import Mixer
 from ssm.ops import fft_conv
-from ssm.ops.diag_conv import diag_conv_chunked
 from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
 from ssm.ops._impl import check_impl
 
@@ -53,15 +52,6 @@ ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 # convolution's epilogue. A module constant so that profile_train_step.py --set can A/B it.
 FLAT_TOKENS = True
 POSTACTS = ("glu", "linear", "none")
-# How a kernel module with a diagonal form (kernel.diagonal(): S4D) convolves: "fft" (the
-# bank, as every LTI layer) or "chunked" (`ssm.ops.diag_conv.diag_conv_chunked`: matrix
-# products and a scan over chunks, no FFT), at DIAGONAL_CONV_PRECISION ("default": TF32 on
-# an NVIDIA GPU; "highest": full float32). Equal to 1e-10 in float64 (tested); which is
-# faster on a GPU is not measured yet, so "fft" stays the default. Module constants, so
-# that scripts/gpu/profile_train_step.py --set can A/B them on the LRA recipes.
-DIAGONAL_CONV = "fft"
-DIAGONAL_CONV_PRECISION = "default"
-DIAGONAL_CONVS = ("fft", "chunked")
 
 
 def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> None:
@@ -182,17 +172,6 @@ class LTIMixer(Mixer):
   def forward(self, x, *, mask, deterministic, segment_ids):
     """x (b, l, h) -> (b, l, h); padded rows of x are zero already (mask unused)."""
     del mask, segment_ids
-    if DIAGONAL_CONV not in DIAGONAL_CONVS:
-      raise ValueError(f"ssm.lti_mixer.DIAGONAL_CONV must be one of {DIAGONAL_CONVS}, got "
-                       f"{DIAGONAL_CONV!r}")
-    if DIAGONAL_CONV == "chunked" and self.impl != "pallas" and hasattr(self.kernel, "diagonal"):
-      log_ab, w = self.kernel.diagonal()
-      c = self.channels
-      precision = {"default": None, "highest": jax.lax.Precision.HIGHEST}[
-          DIAGONAL_CONV_PRECISION]
-      y = diag_conv_chunked(x.astype(jnp.float32), log_ab, w[:c],
-                            w[c:] if self.bidirectional else None, precision=precision)
-      return self._tail(y, x, deterministic)
     k = self.kernel(x.shape[1])
     y = lti_conv(x.astype(jnp.float32), k, bidirectional=self.bidirectional, impl=self.impl)
     return self._tail(y, x, deterministic)

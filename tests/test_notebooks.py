@@ -66,6 +66,10 @@ def test_plain_python_runner(tmp_path, capsys):
                    "plt.plot([0, x]); plt.show()\nplt.plot([1]); plt.figure(); plt.show()\n"
                    "print('cwd', here)")
   figures = tmp_path / "figs"
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  plt.figure()  # left open by an earlier test in this process: not the notebook's figure
   assert runner.main([str(good), f"--figures={figures}"]) == 0
   assert sorted(p.name for p in figures.iterdir()) == [
       "good_fig1.png", "good_fig2.png", "good_fig3.png"]

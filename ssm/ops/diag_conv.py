@@ -17,13 +17,14 @@ matrix products only. With chunks of T steps, t = k T + tau:
 All four are real matrix products (the complex ones split into real and imaginary
 parts, the feature axis leading as their batch axis) except the scan over the L / T chunk
 states (`SCAN`). Work per feature and token: O(T + n) multiply-adds on the matrix units,
-against the FFT path's several passes over (b, h, 2L) complex arrays. Whether it wins is
-the device's to say (`ssm.lti_mixer.DIAGONAL_CONV` selects it for an A/B; the FFT bank
-stays the default). XLA:CPU's cost analysis of one bidirectional LRA-Text S4D layer (b 16,
-L 4096, h 256, n 32, T 64) does not promise it: forward 31.5 GFLOP and 4.3 GB accessed
-against the bank's 22.6 and 2.1, forward + backward 92.9 / 13.6 against 62.0 / 7.1
-(2026-12-04, unfused CPU HLO; the GPU's fusion differs). The same form gives the state
-that enters a chunk, which is what a sequence-parallel S4D would pass between devices.
+against the FFT path's several passes over (b, h, 2L) complex arrays. On a GPU it loses:
+the LRA S4D train steps on an H100 (2026-12-06, results/diag_conv_h100.txt) take 37.5 ms
+(Text, f32) and 35.7 ms (ListOps) on it against 15.7 and 16.9 ms on the FFT bank; the
+profile's largest items are the scan over chunk states (a while loop: its small complex
+adds and reductions run 768 times a step) and 1,560 device-to-device copies. So the S4D
+layer keeps the bank, and this stays an op: the FFT-free form, tested equal to the bank.
+The same form gives the state that enters a chunk, which is what a sequence-parallel S4D
+would pass between devices.
 
 The anti-causal half of a bidirectional layer, sum_{s >= t} K_a[s - t] u[s], is the
 causal recurrence on the time-reversed sequence (S4's bidirectional convention, as
