@@ -380,13 +380,14 @@ def _load_checkpoint(path: str, like):
 
 def run_cells(program: _Program, configs: list, grid: dict, *, checkpoint: str | None = None,
               deadline: float | None = None, halt_at_step: int | None = None,
-              checkpoint_every: int = 500) -> list[dict] | None:
+              checkpoint_every: int = 500, log=None) -> list[dict] | None:
   """Train every replica (lrs x seeds) of the cells `configs` (of one program: their
   pair counts differ, nothing else) together, K = len(configs) groups of replicas in one
   vmapped step, each group on its cell's data and all on the same rows per step, so a
   replica computes what it would alone. Returns one result row per cell, or None when
   stopped early (time past `deadline`, or `halt_at_step` reached) with the state saved to
-  `checkpoint` (every checkpoint_every steps too), from which a rerun continues."""
+  `checkpoint` (every checkpoint_every steps too), from which a rerun continues; then
+  `log` (when given) gets the step reached and the time the rest would take."""
   packed = len(configs)
   base_lrs = [float(lr) for lr in grid["lrs"] for _ in grid["seeds"]]
   base_seeds = [int(s) for _ in grid["lrs"] for s in grid["seeds"]]
@@ -415,6 +416,10 @@ def run_cells(program: _Program, configs: list, grid: dict, *, checkpoint: str |
         deadline is not None and time.time() > deadline):
       if checkpoint:
         _save_checkpoint(checkpoint, step, (params, opt_state, bad, loss))
+      if log is not None:
+        per_step = (time.time() - t_first) / max(step - first - 1, 1)
+        log(f"at step {step} of {steps}, {1e3 * per_step:.1f} ms/step after the first: "
+            f"~{per_step * (steps - step):.0f} s more (first step {t_first - t0:.1f} s)")
       return None
     idx = jnp.asarray(batch_indices(step, n, bs, config.data.seed), jnp.int32)
     params, opt_state, loss, nonfinite = train_step(params, opt_state, lr_arr, program.rest,
@@ -608,11 +613,12 @@ def run_sweep(grid: dict, workdir: str, *, log=print, max_seconds: float | None 
     tag = cell.name if len(group) == 1 else (
         cell.name.rsplit("_kv", 1)[0] + "_kv" + "-".join(str(c.num_kv_pairs) for c in group))
     ckpt = os.path.join(workdir, "cells", tag + ".ckpt.npz")
+    progress = []
     results = run_cells(program, configs, grid, checkpoint=ckpt,
-                        deadline=deadline, halt_at_step=halt_at_step)
+                        deadline=deadline, halt_at_step=halt_at_step, log=progress.append)
     if results is None:
       stopped.extend(c.name for c in group)
-      log(f"{tag}: stopped, state saved to {ckpt}")
+      log(f"{tag}: stopped {progress[0] if progress else ''}, state saved to {ckpt}")
       continue
     if os.path.exists(ckpt):
       os.remove(ckpt)

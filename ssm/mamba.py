@@ -35,7 +35,9 @@ state_init="checkpoint", max_segments=64)`, see `ssm.memory_caching`): the SSM i
 read as a linear memory with one head per channel, q = C_t, k = B_t (shared by all
 channels), v = dt_t x_t (dv = 1) and per-(channel, state) log-decay dt_t A, so
 S_t = h_t; `cached_memory_read` replaces the selective scan and
-`cached_memory_step` the recurrence (the online memory is then the SSM state). The
+`cached_memory_step` the recurrence (the online memory is then the SSM state). The online
+read and the segment states still come from the selective scan, run over the segments as
+one batch (`selective_segment_reads`: the kernel on a GPU, no (b, l, d, N) states). The
 gated variants score segments with a learned gate token u_t = W_u u (d_model -> N)
 against the mean of the segment's B_t. With one segment covering the sequence (and
 state_init="checkpoint") the layer is exactly Mamba.
@@ -196,12 +198,19 @@ class Mamba(Mixer):
     return self.out_proj(y).astype(x.dtype)
 
   def _cached_read(self, x, xc, delta, A, B, C, z):
-    """The SSM as a linear memory read through memory caching (see the module docstring)."""
+    """The SSM as a linear memory read through memory caching (see the module docstring);
+    the online read and the segment states come from the selective scan
+    (`selective_segment_reads`: the kernel where it runs)."""
     f32 = jnp.float32
     dt = jax.nn.softplus(delta.astype(f32) + self.dt_proj.bias[...])        # (b, l, d)
     u = xc.astype(f32)
-    y = self.memory.read(x, C.astype(f32)[:, :, None], B.astype(f32)[:, :, None],
-                         (dt * u)[..., None], dt[..., None] * A)
+    B, C = B.astype(f32), C.astype(f32)
+    config = self.memory.config
+    online = selective_segment_reads(u, dt, A, B, C, segment_size=config.segment_size,
+                                     state_init=config.state_init, impl=self.impl,
+                                     chunk_size=self.chunk_size)
+    y = self.memory.read(x, C[:, :, None], B[:, :, None], (dt * u)[..., None],
+                         dt[..., None] * A, online=online)
     y = (y[..., 0] + self.D[...] * u) * jax.nn.silu(z.astype(f32))
     return y.astype(xc.dtype)
 
@@ -240,6 +249,39 @@ class Mamba(Mixer):
       new_state = MambaState(conv, None, mc_state)
     y = (y + self.D[...] * xc) * jax.nn.silu(z.astype(f32))
     return new_state, self.out_proj(self.compute(y)).astype(x_t.dtype)
+
+
+def selective_segment_reads(u, dt, A, B, C, *, segment_size: int, state_init: str,
+                            impl: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE):
+  """The online read of memory caching for Mamba-1, through `ssm.ops.selective_scan`: the
+  memory's own output at every token (no D term, no gate) and its state at every segment's
+  end, in memory caching's layout (heads = channels, dk = N, dv = 1).
+
+  Memory caching's own path for a per-(channel, state) decay materialises every state,
+  (b, l, d, N); this runs the segments as one batch of the scan (the kernel on a GPU) and
+  keeps only their end states. The padding of the last segment has dt = 0, which neither
+  adds to nor decays the state. "restart": one call from zero states gives both.
+  "checkpoint": that call's end states and each segment's total decay exp(A sum dt) chain
+  the entering states (`ssm.memory_caching.entering_states`), and a second call from them
+  gives the outputs (as `ssm.mamba2.ssd_segment_reads` does for SSD).
+  u, dt (b, l, d) (dt after the softplus), A (d, N), B, C (b, l, N) ->
+  y (b, l, d, 1), states (b, ceil(l / segment_size), d, N, 1), float32.
+  """
+  b, l, d = u.shape
+  S = segment_size
+  n_seg = -(-l // S)
+  pad = n_seg * S - l
+  seg = lambda v: jnp.pad(v, [(0, 0), (0, pad), (0, 0)]).reshape(b * n_seg, S, v.shape[-1])
+  us, dts, Bs, Cs = seg(u), seg(dt), seg(B), seg(C)
+  run = functools.partial(selective_scan, return_state=True, chunk_size=chunk_size, impl=impl)
+  y, ends = run(us, dts, A, Bs, Cs)                          # from zero states
+  if state_init == "checkpoint":
+    decay = jnp.exp(jnp.sum(dts, axis=1)[..., None] * A)    # (b n_seg, d, N)
+    starts = mcache.entering_states(ends.reshape(b, n_seg, d, -1),
+                                    decay.reshape(b, n_seg, d, -1))
+    y, ends = run(us, dts, A, Bs, Cs, h0=starts.reshape(ends.shape))
+  y = y.reshape(b, n_seg * S, d)[:, :l]
+  return y[..., None], ends.reshape(b, n_seg, d, -1)[..., None]
 
 
 # Registry factory for kind "mamba": the class itself, so its options and defaults are

@@ -70,8 +70,8 @@ def ssd_segment_reads(x, dt, A, B, C, *, segment_size: int, state_init: str, imp
   The sequence is cut into segments of `segment_size` tokens run as a batch (the
   padding of the last one has dt = 0: it neither adds to nor decays the state).
   "restart": one call from zero states gives both. "checkpoint": that call's end states
-  R_s and each segment's total decay chain the entering states (a short scan over
-  segments), and a second call from them gives the outputs.
+  R_s and each segment's total decay chain the entering states
+  (`ssm.memory_caching.entering_states`), and a second call from them gives the outputs.
   x (b, l, h, p), dt (b, l, h) > 0, A (h,), B, C (b, l, g, n) ->
   y (b, l, h, p), states (b, ceil(l / segment_size), h, n, p), float32.
   """
@@ -85,16 +85,10 @@ def ssd_segment_reads(x, dt, A, B, C, *, segment_size: int, state_init: str, imp
   run = functools.partial(ssd, return_state=True, chunk_size=min(S, 64), impl=impl)
   y, ends = run(xs, dts, A, Bs, Cs)                          # from zero states
   if state_init == "checkpoint":
-    local = jnp.moveaxis(ends.reshape(b, n_seg, *ends.shape[1:]), 1, 0)
     decay = jnp.exp(jnp.sum(dts.astype(jnp.float32) * A, axis=1)).reshape(b, n_seg, h)
-
-    def chain(entering, seg_in):
-      r, a = seg_in
-      return a[:, :, None, None] * entering + r, entering
-
-    _, starts = jax.lax.scan(chain, jnp.zeros_like(local[0]), (local, jnp.moveaxis(decay, 1, 0)))
-    starts = jnp.moveaxis(starts, 0, 1).reshape(ends.shape)   # the state entering each segment
-    y, ends = run(xs, dts, A, Bs, Cs, h0=starts)
+    starts = mcache.entering_states(ends.reshape(b, n_seg, *ends.shape[1:]),
+                                    decay[..., None, None])
+    y, ends = run(xs, dts, A, Bs, Cs, h0=starts.reshape(ends.shape))
   y = y.reshape(b, n_seg * S, h, p)[:, :l]
   return y, jnp.swapaxes(ends.reshape(b, n_seg, h, p, -1), -1, -2)
 

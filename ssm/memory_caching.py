@@ -320,6 +320,19 @@ def _online_per_key(q, k, v, log_a, reset):
   return y, states
 
 
+def entering_states(local_ends, decay):
+  """The state entering each segment of one continuous recurrence, from each segment's own
+  end state (run from a zero state) and its total decay: E_0 = 0, E_{s+1} = a_s E_s + R_s.
+
+  local_ends R (b, n_seg, ...); decay a (b, n_seg, ...), broadcastable against R past the
+  first two axes -> E (b, n_seg, ...). Kernels that run a layer's segments as one batch
+  (`ssm.mamba.selective_segment_reads`, `ssm.mamba2.ssd_segment_reads`) chain their
+  segments with it for state_init="checkpoint".
+  """
+  after = assoc_scan(decay, local_ends)
+  return jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
+
+
 # -- gates -------------------------------------------------------------------------
 
 def _gate_weights(variant, top_k, scores, valid, score_on):

@@ -76,6 +76,18 @@ def perturbed(module, seed, scale=0.3):
   return nnx.merge(graphdef, params, rest)
 
 
+def kernel_path_error(cls, d_model, x_shape, seed, **kw):
+  """Relative error of mixer cls(d_model, impl="pallas", **kw) against the same weights
+  (perturbed) on impl="xla", on one random input (full-precision matmuls)."""
+  xla = perturbed(cls(d_model, impl="xla", **kw, rngs=nnx.Rngs(seed)), seed)
+  pallas = cls(d_model, impl="pallas", **kw, rngs=nnx.Rngs(seed))
+  nnx.update(pallas, nnx.state(xla))
+  x = jax.random.normal(jax.random.key(seed + 1), x_shape)
+  with jax.default_matmul_precision("highest"):
+    y, y_ref = pallas(x), xla(x)
+  return float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
+
+
 # -- mixer runners -----------------------------------------------------------------------
 
 def _scan_steps(m, x, max_len):

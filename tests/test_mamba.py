@@ -1,5 +1,6 @@
 """The Mamba-1 mixer: paper equations, init, parallel == step, memory caching, bad input."""
 
+import functools
 import math
 
 import numpy as np
@@ -9,9 +10,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.registry import build_mixer
-from ssm.mamba import Mamba, MambaState, causal_depthwise_conv, conv_step
+from ssm import memory_caching as mcache
+from ssm.mamba import (Mamba, MambaState, causal_depthwise_conv, conv_step,
+                       selective_segment_reads)
+from ssm.ops import selective_scan
 from ssm.params import NoDecayParam
-from _testing import perturbed, run_parallel, run_steps
+from _testing import kernel_path_error, perturbed, run_parallel, run_steps
 
 
 
@@ -117,6 +121,70 @@ def test_memory_caching_parallel_equals_step_and_first_segment_is_mamba():
   # Before the first cached segment only the online memory exists: plain Mamba.
   np.testing.assert_allclose(y[:, :4], run_parallel(plain, x)[:, :4], rtol=1e-5, atol=1e-6)
   assert np.abs(y[:, 4:] - run_parallel(plain, x)[:, 4:]).max() > 1e-4
+
+
+def _segment_problem(seed, b=2, l=11, d=3, n=4):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  u = jax.random.normal(ks[0], (b, l, d), jnp.float64)
+  dt = jax.nn.softplus(jax.random.normal(ks[1], (b, l, d), jnp.float64) - 1.0)
+  A = -jnp.exp(jax.random.normal(ks[2], (d, n), jnp.float64))
+  B, C = jax.random.normal(ks[3], (2, b, l, n), jnp.float64)
+  return u, dt, A, B, C
+
+
+@pytest.mark.parametrize("variant,state_init", [("gated", "checkpoint"), ("gated", "restart"),
+                                                ("residual", "checkpoint")])
+def test_segment_reads_equal_memory_cachings_own_online_read(variant, state_init):
+  """The selective scan over the segments as one batch (selective_segment_reads) gives
+  memory caching's read of the per-key-decay memory, which materialises every state: the
+  same output and gradients in float64 (segments of 4 over 11 tokens: a ragged last one)."""
+  with jax.enable_x64(True):
+    args = _segment_problem(0)
+
+    @functools.partial(jax.jit, static_argnums=5)
+    def read(u, dt, A, B, C, fused):
+      online = (selective_segment_reads(u, dt, A, B, C, segment_size=4, state_init=state_init,
+                                        impl="xla", chunk_size=2) if fused else None)
+      y = mcache.cached_memory_read(C[:, :, None], B[:, :, None], (dt * u)[..., None],
+                                    dt[..., None] * A, segment_size=4, variant=variant,
+                                    state_init=state_init, online=online)
+      return y, jnp.sum(jnp.sin(y))
+
+    (y, _), (y_ref, _) = read(*args, True), read(*args, False)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    g, g_ref = (jax.jit(jax.grad(lambda *a, f=f: read(*a, f)[1], argnums=(0, 1, 2, 3, 4)))(
+        *args) for f in (True, False))
+    for a, b in zip(g, g_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_segment_reads_states_are_the_scans():
+  """Checkpoint: the segment states are the plain scan's state at each segment's end, and
+  the output is the plain scan's (no D); restart: each segment's scan from zero."""
+  with jax.enable_x64(True):
+    u, dt, A, B, C = _segment_problem(1, l=12)
+    y, states = selective_segment_reads(u, dt, A, B, C, segment_size=4, state_init="checkpoint",
+                                        impl="xla")
+    for end in (4, 8, 12):
+      y_ref, h = selective_scan(u[:, :end], dt[:, :end], A, B[:, :end], C[:, :end],
+                                return_state=True, impl="xla")
+      np.testing.assert_allclose(states[:, end // 4 - 1, ..., 0], h, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(y[..., 0], y_ref, rtol=1e-12, atol=1e-13)
+    y, states = selective_segment_reads(u, dt, A, B, C, segment_size=4, state_init="restart",
+                                        impl="xla")
+    y_ref, h = selective_scan(u[:, 4:8], dt[:, 4:8], A, B[:, 4:8], C[:, 4:8],
+                              return_state=True, impl="xla")
+    np.testing.assert_allclose(states[:, 1, ..., 0], h, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(y[:, 4:8, :, 0], y_ref, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.slow  # the interpreted kernel, forward only
+def test_memory_caching_on_the_kernel_path_equals_xla():
+  """Memory-cached Mamba whose segments run through the selective-scan kernel (interpreted)
+  gives the XLA path's output."""
+  err = kernel_path_error(Mamba, 64, (1, 40, 64), 10, d_state=16,
+                          memory_caching=dict(segment_size=16, variant="gated"))
+  assert err < 1e-4, err
 
 
 def test_bad_input_fails_clearly():

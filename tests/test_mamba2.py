@@ -9,7 +9,7 @@ from flax import nnx
 from models.registry import build_mixer
 from ssm.mamba2 import Mamba2, gated_rms_norm
 from ssm.params import NoDecayParam
-from _testing import perturbed, run_parallel, run_steps
+from _testing import kernel_path_error, perturbed, run_parallel, run_steps
 
 # One mixer configuration for most tests (shared compilations): 4 heads of 4, 2 groups.
 CONFIG = dict(d_state=4, headdim=4, ngroups=2, chunk_size=4)
@@ -105,12 +105,6 @@ def test_segment_ids_restart_the_state_after_a_boundary_only():
 def test_memory_caching_on_the_kernel_path_equals_xla(mc):
   """Memory-cached Mamba-2 whose online read and segment states come from the SSD kernel
   (interpreted) gives the XLA path's output to bf16 accuracy (the kernel's operands)."""
-  kw = dict(d_state=64, headdim=64, memory_caching=mc)
-  xla = perturbed(Mamba2(32, impl="xla", **kw, rngs=nnx.Rngs(10)), 10)
-  pallas = Mamba2(32, impl="pallas", **kw, rngs=nnx.Rngs(10))
-  nnx.update(pallas, nnx.state(xla))
-  x = jax.random.normal(jax.random.key(11), (1, 40, 32))
-  with jax.default_matmul_precision("highest"):
-    y, y_ref = pallas(x), xla(x)
-  err = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
+  err = kernel_path_error(Mamba2, 32, (1, 40, 32), 10, d_state=64, headdim=64,
+                          memory_caching=mc)
   assert err < 1e-2, err

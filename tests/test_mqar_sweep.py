@@ -77,8 +77,11 @@ def test_a_stopped_cell_resumes_from_its_checkpoint(swept, tmp_path):
   """Stopped after 2 of 3 steps, the cell leaves a checkpoint and no row; the rerun
   continues at step 2 and ends where the uninterrupted run did."""
   workdir = str(tmp_path)
-  first = mqar_suite.run_sweep(GRID, workdir, halt_at_step=2, log=lambda *_: None)
+  lines = []
+  first = mqar_suite.run_sweep(GRID, workdir, halt_at_step=2, log=lines.append)
   assert first["ran"] == [] and first["stopped"] == ["lightning_grm8_d16_L32_kv4"]
+  # the log says how far it got and what the rest would take
+  assert any("stopped at step 2 of 3," in line and "s more" in line for line in lines), lines
   assert os.path.exists(os.path.join(workdir, "cells", "lightning_grm8_d16_L32_kv4.ckpt.npz"))
   second = mqar_suite.run_sweep(GRID, workdir, log=lambda *_: None)
   assert second["ran"] == first["stopped"]
