@@ -440,15 +440,22 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
   seg_of = jnp.arange(l) // S                            # (l,)
   valid = jnp.arange(n_cached)[None, :] < seg_of[:, None]  # (l, n): segment i < s(t)
   cached = seg_states[:, :n_cached]
-  qh = _bcast_heads(q, h)
+
+  def read_states(q_, states, lhs, rhs):
+    """q_ (.., 1 or h, dk) read against states (.., h, dk, dv): with one query head shared
+    by all (Mamba-1: q = C_t) it is one batched GEMM over (h, dv) columns; broadcasting the
+    query to every head first would make it h products with dv (= 1) columns."""
+    if q_.shape[-2] == 1:
+      return jnp.einsum(f"{lhs.replace('h', '')},{rhs}", q_[..., 0, :], states)
+    return jnp.einsum(f"{lhs},{rhs}", q_, states)
 
   if variant == "residual":
     # sum_{i < s} S_i once per segment: O(L dk dv), no per-(token, segment) reads.
     prefix = jnp.cumsum(cached, axis=1)
     prefix = jnp.concatenate([jnp.zeros_like(prefix[:, :1]), prefix], axis=1)
-    qseg = jnp.pad(qh, [(0, 0), (0, n_seg * S - l), (0, 0), (0, 0)]).reshape(
-        (b, n_seg, S, h, qh.shape[-1]))
-    y_c = jnp.einsum("bnshk,bnhkv->bnshv", qseg, prefix).reshape(
+    qseg = jnp.pad(q, [(0, 0), (0, n_seg * S - l), (0, 0), (0, 0)]).reshape(
+        (b, n_seg, S) + q.shape[2:])
+    y_c = read_states(qseg, prefix, "bnshk", "bnhkv->bnshv").reshape(
         (b, n_seg * S, h, v.shape[-1]))[:, :l]
     return (y_on + y_c).astype(out_dtype)
 
@@ -467,8 +474,10 @@ def cached_memory_read(q, k, v, log_a=None, *, segment_size: int, variant: str =
   scores = jnp.einsum("blgd,bngd->blgn", gu_b, _bcast_heads(summaries, g))
   score_on = jnp.sum(gu_b * _bcast_heads(running, g), axis=-1)      # (b, l, g)
   w_c, w_on = _gate_weights(variant, top_k, scores, valid[None, :, None, :], score_on)
-  w_c, w_on = _bcast_heads(w_c, h), _bcast_heads(w_on[..., None], h)[..., 0]
-  y_c = jnp.einsum("blhn,blhk,bnhkv->blhv", w_c, qh, cached)
+  # The reads of every cached memory (b, l, h, n, dv), weighted and summed; the gate
+  # weights (b, l, g, n) broadcast over the heads (g = 1 or h) in the fused product.
+  reads = read_states(q, cached, "blhk", "bnhkv->blhnv")
+  y_c = jnp.sum(w_c[..., None] * reads, axis=3)
   return (w_on[..., None] * y_on + y_c).astype(out_dtype)
 
 
