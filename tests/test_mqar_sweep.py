@@ -276,3 +276,15 @@ def test_a_stopped_packed_group_resumes_as_one(pairs_alone, tmp_path):
   assert sorted(second["ran"]) == sorted(first["stopped"])
   assert all(r["resumed_at_step"] == 2 for r in second["rows"])
   _same_rows(second["rows"], pairs_alone["rows"])
+
+
+def test_probe_times_each_variant_and_skips_what_the_sweep_lacks(capsys):
+  """scripts/gpu/mqar_probe.py on the quick grid: a row per (variant, R), attention with
+  caching skipped (the sweep has no such cell)."""
+  from scripts.gpu import mqar_probe
+  rows = mqar_probe.main(["--quick", "--mixers=transformer,lightning", "--caching=grm",
+                          "--d_models=16", "--seq_len=32", "--replicas=2", "--steps=2",
+                          "--segment_size=8"])
+  assert [r["variant"] for r in rows] == ["lightning+grm8"]
+  assert all(r["ms_per_step"] > 0 and r["replicas"] == 2 for r in rows)
+  assert "transformer+grm: not in the sweep (skipped)" in capsys.readouterr().out
