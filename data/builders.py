@@ -270,6 +270,10 @@ class SsmlabPathfinder(_TaskBuilder):
     if o["data_dir"] is not None:
       folder = pathfinder_lib._find_contour_dir(Path(o["data_dir"]), size, o["contour_length"])  # noqa: SLF001
       images, labels = pathfinder_lib.read_images(folder, size)
+    elif o.get("pack"):  # the same generated set, carried as one file
+      folder = o["pack"]
+      images, labels = pathfinder_lib.read_pack(folder, pathfinder_lib.generator_identity(
+          **_identity_args(o["generator"], o)))
     else:
       with tempfile.TemporaryDirectory(prefix="pathfinder-") as tmp:
         folder = pathfinder_lib.write_dataset(tmp, **o["generator"], size=size,
@@ -404,8 +408,22 @@ def _pathfinder(opts):
   gen = dict(num_examples=opts["num_examples"], seed=opts["seed"], num_workers=opts["num_workers"])
   if version != 2:  # v2 sets keep the options (and cache entries) they had before v3
     gen["version"] = version
-  name = f"gen-n{gen['num_examples']}-v{version}-seed{gen['seed']}-{tail}"
-  return SsmlabPathfinder, name, dict(common, data_dir=None, generator=gen)
+  identity = pathfinder_lib.generator_identity(**_identity_args(gen, opts))
+  # v3's images changed with its revision (data/pathfinder_v3.py REVISION): part of the name
+  rev = f"r{identity['revision']}" if "revision" in identity else ""
+  name = f"gen-n{gen['num_examples']}-v{version}{rev}-seed{gen['seed']}-{tail}"
+  options = dict(common, data_dir=None, generator=gen)
+  if opts.get("generated_pack"):
+    # checked now (a clear error before any compile), read when the cache is built
+    pack = Path(opts["generated_pack"]).expanduser().resolve()
+    pathfinder_lib.read_pack_header(pack, identity)
+    options["pack"] = str(pack)
+  return SsmlabPathfinder, name, options
+
+
+def _identity_args(gen, opts) -> dict:
+  return dict(num_examples=gen["num_examples"], seed=gen["seed"], size=opts["size"],
+              contour_length=opts["contour_length"], generator_version=gen.get("version", 2))
 
 
 def _mqar(opts):

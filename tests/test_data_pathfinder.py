@@ -372,9 +372,43 @@ def test_v3_written_set_and_cache_key(tmp_path):
              num_workers=1, generator_version=3)
   _, splits = data.load_task(cfg)
   assert sum(len(v) for v in splits.values()) == 20
-  assert list((tmp_path / "c").rglob("gen-n20-v3-*"))  # v3 has its own cache entry
+  assert list((tmp_path / "c").rglob(f"gen-n20-v3r{v3.REVISION}-*"))  # v3 (and its revision) keyed
   with pytest.raises(ValueError, match="generator_version"):
     data.load_task(dict(cfg, generator_version=7))
+
+
+def test_a_pack_is_the_generated_set(tmp_path, capsys):
+  """`python -m data.pathfinder pack` of a generated v3 set; a config with generated_pack
+  reads the same splits (through TFDS and the direct reader) without generating; a pack
+  of another set, a damaged one, a foreign file and a missing one fail clearly."""
+  cfg = dict(task="pathfinder", cache_dir=str(tmp_path / "gen"), num_examples=20, seed=3,
+             num_workers=1, generator_version=3)
+  _, want = data.load_task(cfg)
+  pack = tmp_path / "set.pack"
+  pf.main(["pack", str(pack), "--num_examples=20", "--seed=3", "--num_workers=1",
+           f"--cache_dir={tmp_path / 'gen'}"])        # found in the cache, not generated again
+  assert "20 images" in capsys.readouterr().out
+  packed = dict(cfg, cache_dir=str(tmp_path / "fresh"), generated_pack=str(pack))
+  for load in (data.load_task, pf.load_task):
+    _, got = load(packed)
+    for split in want:
+      np.testing.assert_array_equal(got[split]["inputs"], want[split]["inputs"])
+      np.testing.assert_array_equal(got[split]["targets"], want[split]["targets"])
+  assert not list((tmp_path / "fresh").glob("pathfinder32-*"))  # nothing was generated
+  with pytest.raises(pf.DataError, match="was generated with .* asks for"):
+    data.load_task(dict(packed, seed=4, cache_dir=str(tmp_path / "other")))
+  damaged = tmp_path / "damaged.pack"
+  raw = bytearray(pack.read_bytes())
+  raw[-40] ^= 0xFF
+  damaged.write_bytes(bytes(raw))
+  with pytest.raises(pf.DataError, match="damaged"):
+    pf.read_pack(damaged, pf.generator_identity(num_examples=20, seed=3, size=32,
+                                                contour_length=14, generator_version=3))
+  (tmp_path / "foreign").write_bytes(b"PK\x03\x04")
+  with pytest.raises(pf.DataError, match="not a Pathfinder pack"):
+    data.load_task(dict(packed, generated_pack=str(tmp_path / "foreign")))
+  with pytest.raises(FileNotFoundError, match="is not a file"):
+    data.load_task(dict(packed, generated_pack=str(tmp_path / "missing")))
 
 
 @pytest.mark.parametrize("length,thickness,margin", [(2, 0.5, 1), (5, 1.0, 1), (5, 1.5, 2)],
