@@ -36,7 +36,10 @@ def _leaves(tree):
 def _close(got, want):
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(_leaves(got), _leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    # float32: the scan body and the unrolled blocks fuse (and so round) differently; an
+    # absolute floor relative to the leaf's scale (a gradient of max 7.5 differed by 2.9e-6)
+    scale = max(1.0, float(np.max(np.abs(b))) if np.size(b) else 1.0)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * scale)
 
 
 def _batch(task, b=2):
