@@ -18,6 +18,9 @@ CONFIG = "--config=configs/lra/listops.py:s4d,tiny"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -26,7 +29,8 @@ def _free_port() -> int:
 
 def _env(cache, **extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", SSMLAB_CACHE=str(cache), **extra)
-  env.pop("XLA_FLAGS", None)
+  # no device-count flag from the caller; the suite's compile-time flag (conftest) stays
+  env["XLA_FLAGS"] = FAST_COMPILE
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
 
@@ -65,7 +69,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "train", CONFIG, f"--workdir={single}", "--config.train.num_steps=4"],
       cwd=REPO, capture_output=True, text=True, timeout=240,
-      env=dict(_env(cache), XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+      env=dict(_env(cache), XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"))
   assert out.returncode == 0, out.stderr[-3000:]
 
   multi = tmp_path / "multi"
