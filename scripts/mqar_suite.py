@@ -39,7 +39,7 @@ Every cell gathers the grid's largest pair count of slots (64; the unused ones c
 weight), so that the pair counts of a program keep sharing one compiled step. XLA's cost
 analysis of one replica's train step at d_model 64, L 256, 16 pairs, batch 256: mamba
 249.9 -> 92.1 GFLOP, transformer 265.2 -> 107.4 (52.6 and 67.9 with 16 slots, at the price
-of a compilation per pair count). The first GPU cells (results/mqar_sweep_h200,
+of a compilation per pair count). The first GPU cells (results/mqar_sweep,
 2026-12-04) ran with the full head.
 
 --pack_pairs trains the cells of a program (its pair counts, 3 at each length) together:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call of the MQAR sweep (issue 27; scripts/mqar_suite.py sweep), resumed
 # across calls: restores runs/mqar_sweep.tgz when it is there (else starts from the cells
-# committed in results/mqar_sweep_h200; copy new ones there), runs the grid slice named by
+# committed in results/mqar_sweep; copy new ones there), runs the grid slice named by
 # the extra arguments for at most SECONDS, then packs the finished cells, sweep.json and the
 # tables into $OUT/mqar_sweep.tgz (bring it back as runs/mqar_sweep.tgz). A cell cut off by
 # SECONDS is lost: its stacked checkpoint (tens to hundreds of MB at vocabulary 8192) does
@@ -19,10 +19,10 @@ export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:
 work=/tmp/runs/mqar_sweep
 mkdir -p /tmp/runs
 if [ -f runs/mqar_sweep.tgz ]; then tar xzf runs/mqar_sweep.tgz -C /tmp/runs && echo "restored runs/mqar_sweep.tgz"
-elif [ -f results/mqar_sweep_h200/sweep.json ]; then
+elif [ -f results/mqar_sweep/sweep.json ]; then
   # a fresh checkout: start from the committed cells (finished cells only, no checkpoints)
-  mkdir -p $work && cp -r results/mqar_sweep_h200/cells results/mqar_sweep_h200/sweep.json $work/ \
-    && echo "seeded from results/mqar_sweep_h200 ($(ls $work/cells | wc -l) cells)"
+  mkdir -p $work && cp -r results/mqar_sweep/cells results/mqar_sweep/sweep.json $work/ \
+    && echo "seeded from results/mqar_sweep ($(ls $work/cells | wc -l) cells)"
 fi
 t0=$(date +%s)
 python3 scripts/mqar_suite.py sweep --workdir=$work --max_seconds=$secs "$@" > $OUT/mqar_sweep.log 2>&1
