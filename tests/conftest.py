@@ -23,3 +23,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("SSMLAB_CACHE"):
   os.environ["SSMLAB_CACHE"] = os.path.expanduser(
       f"~/.cache/ssmlab/pytest-{os.environ['PYTEST_XDIST_WORKER']}")
+
+# One persistent compilation cache per test run, shared by the xdist workers and every
+# subprocess they start (they inherit the variable the controller sets here, before it
+# starts them): the trainer's programs repeat across tests (the same tiny config run,
+# resumed, rerun under another setting), so only their first compile is paid. Removed at
+# the end of the run; a cache the caller set ($JAX_COMPILATION_CACHE_DIR) is used and kept.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  import tempfile
+  _OWN_CACHE = tempfile.mkdtemp(prefix="ssmlab-pytest-jax-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
