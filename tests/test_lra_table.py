@@ -186,6 +186,8 @@ def test_committed_runs(tmp_path):
   # the rerun with the kernels decayed (trainer-written) wins over the hand-transcribed first run
   assert sg.test_accuracy == pytest.approx(0.8844) and sg.best_val_step == 45_000
   assert not sg.provenance
+  first = lra_table.load_run(str(REPO / "results" / "lra" / "text_sgconv_h200" / "results.json"))
+  assert first.test_accuracy == pytest.approx(0.8776) and first.provenance.startswith("transcribed")
   tx = runs["text", "s4d", ""]
   assert (tx.steps, tx.schedule_steps, tx.best_val_step) == (50_000, 50_000, 50_000)
   assert not tx.partial and tx.test_accuracy == pytest.approx(0.85568)
