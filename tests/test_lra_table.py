@@ -410,3 +410,20 @@ def test_notes_say_dtype_provenance_and_an_unevaluated_best_checkpoint(tmp_path)
   assert "not written by the trainer (its provenance field: transcribed by hand)" in (
       note["typed"][0])
   assert note["plain"] == []
+
+
+def test_a_text_run_validated_on_test_does_not_offer_its_best_validation(tmp_path):
+  """LRA's Text validates on the test split (val_fraction 0): an earlier best "validation"
+  is a choice made on the test set, and the note says so instead of calling it unevaluated;
+  with a held-out validation split (val_fraction > 0) the usual note stays."""
+  for name, frac in (("aliased", 0.0), ("held_out", 0.1)):
+    path = make_run(tmp_path / name, "text:sgconv", steps=50_000, test=0.8844, val=0.8850,
+                    config=dict(name="text:sgconv", model=dict(name="sgconv"),
+                                data=dict(task="text", data_dir="/imdb", val_fraction=frac)))
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), best_val_step=45_000)))
+  runs = {pathlib.Path(r.path).parent.name: r for r in lra_table.collect(str(tmp_path))}
+  assert runs["aliased"].val_is_test and not runs["held_out"].val_is_test
+  notes = {k: lra_table.table([r]) for k, r in runs.items()}
+  assert "a test-set choice, not reported" in notes["aliased"]
+  assert "was not evaluated on the test set" not in notes["aliased"]
+  assert "(88.50, step 45k) was not evaluated on the test set" in notes["held_out"]
