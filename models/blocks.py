@@ -232,11 +232,11 @@ class ResidualBlock(nnx.Module):
     dropout: rate on each residual branch's output.
     dtype, param_dtype: the FFN's compute and weight dtypes (the mixer has its own).
     gather_mesh, seq_axis: a jax.sharding.Mesh whose axis seq_axis splits the length, for a
-      mixer without a sequence-parallel path of its own (attention, the LTI convolutions,
-      memory caching): its input is constrained to the whole length on every device (an
-      all-gather over seq_axis, batch still split over the other axes) and its output split
-      over seq_axis again, so the layer computes exactly as unsplit and the rest of the
-      block stays split. None (default): no constraint.
+      mixer without a sequence-parallel path of its own (attention, memory caching; an LTI
+      mixer built without seq_mesh): its input is constrained to the whole length on every
+      device (an all-gather over seq_axis, batch still split over the other axes) and its
+      output split over seq_axis again, so the layer computes exactly as unsplit and the
+      rest of the block stays split. None (default): no constraint.
   """
 
   def __init__(self, mixer: nnx.Module, d_model: int, *, norm: str = "layer",

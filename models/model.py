@@ -41,11 +41,13 @@ config.model fields (all but `name` have defaults, see MODEL_DEFAULTS):
 Sequence parallelism (not a config field: a Mesh is no config value; the trainer builds
 it from config.train.mesh): `build_model(..., seq_mesh=mesh)` with a mesh whose axis
 `seq_axis` ("seq") splits the length. The mixers with a sequence-parallel path (mamba,
-mamba2, linear_attention, lightning: `seq_mesh` among their options, and no
-memory_caching) get it and run their scan split over the axis
-(`ssm.ops.seq_parallel`). Every other layer runs correctly on a sequence-split input:
-attention, the LTI convolutions (lssl, s4, s4d, sgconv) and memory caching have their
-input all-gathered over the length and their output split again
+mamba2, linear_attention, lightning, and the LTI convolutions lssl, s4, s4d, sgconv:
+`seq_mesh` among their options, and no memory_caching) get it: the first four run their
+scan split over the axis (`ssm.ops.seq_parallel`), the LTI layers their FFT convolution
+(`ssm.ops.fft_conv_seq_parallel`: a distributed FFT, or an all-gather of the length around
+the convolution alone, by the mixer's seq_conv option, "auto" by the bytes each moves).
+Every other layer runs correctly on a sequence-split input: attention and memory caching
+have their input all-gathered over the length and their output split again
 (`models.blocks.ResidualBlock`, gather_mesh), exactly the unsplit computation with no
 memory saving in that layer; norms, FFNs, embedding, heads and the loss are pointwise
 or reductions, partitioned by GSPMD. The length (task.seq_len) must be a multiple of the

@@ -27,8 +27,35 @@ Kernel module protocol (duck-typed):
 Bidirectional mode (non-causal use, e.g. LRA classification): the kernel module is
 built with 2c channels; the first c run forward in time, the last c run on the
 time-reversed sequence, and the two outputs are added (S4's `bidirectional=True`).
+
+Sequence parallelism: `seq_mesh=mesh` (a jax.sharding.Mesh with an axis `seq_axis`, default
+"seq"; the batch split over every other axis) takes the length split over that axis, as
+the recurrent mixers do (`ssm.mamba`), and the block around the layer then does not
+gather it. `seq_conv` picks the convolution's path (`lti_conv`):
+
+    "fft"     the distributed FFT (`ssm.ops.fft_conv_seq_parallel.fft_conv_bank_seq_parallel`):
+              each device transforms its own chunk, two all-to-alls; 2 (1 + c) (P - 1) / P
+              times the local input's bytes per device and direction
+    "gather"  all-gather the length around the convolution only (every device convolves
+              the whole length and keeps its chunk; `fft_conv_bank_seq_gather`):
+              (P - 1) times the local bytes; the only path for impl="pallas"
+    "auto"    (default) "fft" where its all-to-alls move no more bytes than the all-gather,
+              P >= 2 (1 + c) (c = 1: a seq axis of 4 or more), and the chunk fits the
+              decomposition; else "gather"
+
+The default is chosen by those byte counts (read off the compiled programs, equal to the
+formulas: results/seq_conv_cpu8.txt), which are what transfers to a GPU's interconnect.
+The CPU times there (8 fake devices on 2 cores: an indication only, mostly of the FLOPs all
+devices do, which the gather path repeats P times) agree: the distributed FFT was faster at
+P = 8 on every shape (forward 1.4-2.7x), about level at P = 4 on small shapes and 1.5x
+(forward) / 2.9x (forward + backward) faster at b4 l8192, slower forward at P = 2. No GPU
+timing yet. The D skip, the activation and the output projection run on the split tokens
+(GSPMD) either way (not flattened into one token axis there: FLAT_TOKENS); an LTI mixer
+built without seq_mesh under a seq mesh is instead gathered whole by its block
+(models.blocks, gather_mesh), the path before this option.
 """
 
+import functools
 import inspect
 import math
 from typing import Any
@@ -42,7 +69,10 @@ from ssm._checks import positive_int
 from ssm.mixer import Mixer
 from ssm.ops import fft_conv
 from ssm.ops.fft_conv import fft_conv_bank_xla, two_sided_kernel
+from ssm.ops.fft_conv_seq_parallel import (fft_conv_bank_seq_gather, fft_conv_bank_seq_parallel,
+                                           fft_moves_fewer_bytes)
 from ssm.ops._impl import check_impl
+from ssm.ops.seq_parallel import check_seq_mesh
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 # The output projection takes its input as one (tokens, c h) matrix. The convolution
@@ -50,11 +80,16 @@ ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 # gradient became a per-sequence batched GEMM and a sum over the batch, and the residual
 # stream was transposed back and forth around it. Flat, the one transpose is fused into the
 # convolution's epilogue. A module constant so that profile_train_step.py --set can A/B it.
+# Not under a seq mesh: merging the batch and the split length into one axis made GSPMD
+# all-gather the convolution's (b, l, c, h) output over the length (the compiled program).
 FLAT_TOKENS = True
 POSTACTS = ("glu", "linear", "none")
+# The convolution's path under a seq mesh (module docstring).
+SEQ_CONVS = ("auto", "fft", "gather")
 
 
-def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> None:
+def check_mixer_options(activation: str, postact: str, impl: str, d_model=1,
+                        seq_conv: str = "auto") -> None:
   """ValueError listing the valid choices (and for a d_model that is not a positive int);
   factories call it before building parameters."""
   positive_int("LTI mixer", "d_model", d_model)
@@ -63,9 +98,28 @@ def check_mixer_options(activation: str, postact: str, impl: str, d_model=1) -> 
   if postact not in POSTACTS:
     raise ValueError(f"postact must be one of {POSTACTS}, got {postact!r}")
   check_impl("LTI mixer", impl)
+  check_seq_conv("LTI mixer", seq_conv, impl)
 
 
-def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
+def check_seq_conv(who: str, seq_conv: str, impl: str) -> None:
+  if seq_conv not in SEQ_CONVS:
+    raise ValueError(f"{who}: seq_conv must be one of {SEQ_CONVS}, got {seq_conv!r}")
+  if seq_conv == "fft" and impl == "pallas":
+    raise ValueError(f"{who}: seq_conv='fft' (the distributed FFT, jnp.fft) cannot run "
+                     f"impl='pallas'; take seq_conv='gather' for the kernel")
+
+
+def seq_conv_path(seq_conv: str, impl: str, *, n: int, channels: int, chunk: int) -> str:
+  """The path "auto" takes (module docstring): "fft" or "gather"."""
+  if seq_conv != "auto":
+    return seq_conv
+  fits = (2 * chunk) % n == 0
+  return ("fft" if impl != "pallas" and fits and fft_moves_fewer_bytes(n, channels)
+          else "gather")
+
+
+def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto", seq_mesh=None,
+             seq_axis: str = "seq", seq_conv: str = "auto"):
   """Channel-wise causal (or bidirectional) convolution of x with a kernel stack.
 
   Args:
@@ -78,12 +132,26 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
       "auto" stays on the bank even on Hopper, where `fft_conv` alone takes the kernel at
       FFT sizes 2048-4096: end to end the kernel made a ListOps S4 training step no faster
       and added compilation time (results/README.md).
+    seq_mesh, seq_axis: x and the output split over the length on that mesh axis (the
+      batch over the others); None: no split.
+    seq_conv: the path under seq_mesh, "auto" | "fft" | "gather" (module docstring).
 
   Returns:
     (b, l, c, h).
   """
   c = kernel_chl.shape[0] // 2 if bidirectional else kernel_chl.shape[0]
   check_impl("lti_conv", impl)
+  if seq_mesh is not None:
+    check_seq_conv("lti_conv", seq_conv, impl)
+    seq_mesh, seq_axis = check_seq_mesh("lti_conv", seq_mesh, seq_axis)
+    n = seq_mesh.shape[seq_axis]
+    path = seq_conv_path(seq_conv, impl, n=n, channels=c, chunk=x.shape[1] // n)
+    k_causal, k_anti = kernel_chl[:c], (kernel_chl[c:] if bidirectional else None)
+    if path == "fft":
+      return fft_conv_bank_seq_parallel(x, k_causal, k_anti, mesh=seq_mesh, seq_axis=seq_axis)
+    local = functools.partial(_whole_conv, bidirectional=bidirectional, impl=impl)
+    return fft_conv_bank_seq_gather(x, k_causal, k_anti, mesh=seq_mesh, seq_axis=seq_axis,
+                                    conv=local)
   if impl != "pallas":
     return fft_conv_bank_xla(x, kernel_chl[:c], kernel_chl[c:] if bidirectional else None)
   if not bidirectional:
@@ -96,6 +164,12 @@ def lti_conv(x, kernel_chl, *, bidirectional: bool, impl: str = "auto"):
   kern = two_sided_kernel(kernel_chl[:c], kernel_chl[c:], n)               # (c, h, n)
   return jnp.stack([fft_conv(x_pad, kern[i], impl="pallas", circular=True)[:, :l]
                     for i in range(c)], axis=2)
+
+
+def _whole_conv(x, k_causal, k_anti, *, bidirectional, impl):
+  """lti_conv of a whole-length x (the gathered path's per-device convolution)."""
+  kernel_chl = k_causal if k_anti is None else jnp.concatenate([k_causal, k_anti], axis=0)
+  return lti_conv(x, kernel_chl, bidirectional=bidirectional, impl=impl)
 
 
 class LTIMixer(Mixer):
@@ -114,13 +188,18 @@ class LTIMixer(Mixer):
     impl: "auto", "xla" or "pallas" for the convolution (`lti_conv`).
     dtype, param_dtype: of the output projection (`ssm.mixer.Mixer`); the kernel, its
       generation, the convolution and the D skip stay float32.
+    seq_mesh, seq_axis: sequence parallelism (module docstring): a jax.sharding.Mesh with
+      that axis, or None.
+    seq_conv: "auto" | "fft" | "gather", the convolution's path under seq_mesh (module
+      docstring); "fft" with impl="pallas" is refused.
   """
 
   def __init__(self, kernel: nnx.Module, *, bidirectional: bool = False,
                activation: str = "gelu", postact: str = "glu", dropout: float = 0.0,
                impl: str = "auto", dtype: str | None = None, param_dtype: str = "float32",
+               seq_mesh=None, seq_axis: str = "seq", seq_conv: str = "auto",
                rngs: nnx.Rngs):
-    check_mixer_options(activation, postact, impl)
+    check_mixer_options(activation, postact, impl, seq_conv=seq_conv)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     who = f"{type(kernel).__name__} mixer"
@@ -132,6 +211,8 @@ class LTIMixer(Mixer):
     if postact == "none" and c != 1:
       raise ValueError("postact='none' needs one channel per direction")
     self.name = who
+    self.seq_mesh, self.seq_axis = check_seq_mesh(who, seq_mesh, seq_axis)
+    self.seq_conv = seq_conv
     self._precision(dtype, param_dtype)
     self.kernel = kernel
     self.d_model, self.channels = h, c
@@ -152,7 +233,8 @@ class LTIMixer(Mixer):
     y = y_clh_last + self.D[...] * x[..., None, :].astype(jnp.float32)
     y = _ACT_FNS[self.activation](y)
     lead = y.shape[:-2]
-    y = y.reshape(*((-1,) if FLAT_TOKENS else lead), self.channels * self.d_model)
+    flat = FLAT_TOKENS and self.seq_mesh is None
+    y = y.reshape(*((-1,) if flat else lead), self.channels * self.d_model)
     y = self.dropout(y, deterministic=deterministic)
     if self.postact == "glu":
       y = jax.nn.glu(self.out_proj(self.compute(y)), axis=-1)
@@ -173,7 +255,8 @@ class LTIMixer(Mixer):
     """x (b, l, h) -> (b, l, h); padded rows of x are zero already (mask unused)."""
     del mask, segment_ids
     k = self.kernel(x.shape[1])
-    y = lti_conv(x.astype(jnp.float32), k, bidirectional=self.bidirectional, impl=self.impl)
+    y = lti_conv(x.astype(jnp.float32), k, bidirectional=self.bidirectional, impl=self.impl,
+                 seq_mesh=self.seq_mesh, seq_axis=self.seq_axis, seq_conv=self.seq_conv)
     return self._tail(y, x, deterministic)
 
   # -- recurrent mode ----------------------------------------------------------
@@ -216,7 +299,8 @@ def lti_factory(kernel_cls, doc: str, **defaults):
     if unknown:
       raise TypeError(f"{kernel_cls.__name__} mixer: unknown options {unknown}")
     opts.update(options)
-    check_mixer_options(opts["activation"], opts["postact"], opts["impl"], d_model)
+    check_mixer_options(opts["activation"], opts["postact"], opts["impl"], d_model,
+                        opts["seq_conv"])
     kernel_kw = {n: v for n, v in opts.items() if n in kernel_names}
     kernel_kw["channels"] *= 2 if opts["bidirectional"] else 1
     kernel = kernel_cls(d_model, rngs=rngs, **kernel_kw)

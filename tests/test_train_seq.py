@@ -6,10 +6,12 @@ with the length split over "seq" (data 2 x seq 4, data 2 x fsdp 2 x seq 2, data 
 seq 2 for mamba, seq 8), then every step's loss and the final validation and test losses equal the
 one-device run's within float32 noise: mamba, mamba2 and lightning (the last two with
 packed documents, segment_ids, whose boundaries cross the devices' chunks) run their
-scans sequence-parallel; s4d and the transformer (no such path) have the length
-all-gathered around the layer. The same with the blocks as one lax.scan (model.scan_layers; mamba2 on data 2 x seq 4).
-A run halted at step 2 under the seq mesh (copied) resumes from
-its checkpoint to the same losses, under the same mesh and under a data-only one.
+scans sequence-parallel; s4d its FFT convolution (seq_conv "auto": the distributed FFT on
+seq 4, the all-gather around the convolution on fsdp 2 x seq 2); the transformer (no such
+path) has the length all-gathered around the layer. The same with the blocks as one
+lax.scan (model.scan_layers; mamba2 on data 2 x seq 4). A run halted at step 2 under the
+seq mesh (copied) resumes from its checkpoint to the same losses, under the same mesh and
+under a data-only one.
 Gradient accumulation (train.accum_steps=2, dropout off) under data 2 x seq 4 equals the
 one-device, one-batch run.
 
@@ -37,7 +39,8 @@ pytestmark = pytest.mark.xdist_group("train_seq")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KINDS = ("mamba", "mamba2", "lightning")       # sequence-parallel scans
-GATHERED = ("s4d", "transformer")              # all-gathered over the length
+GATHERED = ("transformer",)                    # all-gathered over the length
+LTI = ("s4d",)                                 # split FFT convolution (fft_conv_seq_parallel)
 MESHES = {"data4_seq2": dict(data=4, seq=2), "data2_seq4": dict(data=2, seq=4),
           "data2_fsdp2_seq2": dict(data=2, fsdp=2, seq=2)}
 # Every kind on the seq-4 and the fsdp x seq-2 mesh; the plain seq-2 one (the same split
@@ -82,13 +85,14 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     from jax.sharding import PartitionSpec as P
     import data
     import shutil
-    from tests.test_train_seq import GATHERED, MESHES, RUNS, lm_config, losses
+    from tests.test_train_seq import GATHERED, LTI, MESHES, RUNS, lm_config, losses
     from train import sharding, trainer
     assert jax.device_count() == 8, jax.devices()
     corpus, root = sys.argv[1], sys.argv[2]
     out = {}
     runs = RUNS + [("mamba", "seq8")]
     runs += [(k, "data2_seq4") for k in GATHERED]
+    runs += [(k, m) for k in LTI for m in ("data2_seq4", "data2_fsdp2_seq2")]
     meshes = dict(MESHES, seq8=dict(data=1, seq=8))
     for kind, mesh in runs:
       workdir = os.path.join(root, f"{kind}_{mesh}")
@@ -154,7 +158,7 @@ def references(corpus, tmp_path_factory):
   """One-device runs of every kind: {kind: losses}."""
   root = tmp_path_factory.mktemp("one_device")
   out = {}
-  for kind in KINDS + GATHERED:
+  for kind in KINDS + GATHERED + LTI:
     trainer.run(lm_config(kind, corpus), str(root / kind))
     out[kind] = losses(root / kind)
   return out
@@ -208,13 +212,20 @@ def test_layers_without_a_seq_path_are_gathered_and_match(references, eight, kin
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind,mesh", [(k, m) for k in LTI
+                                       for m in ("data2_seq4", "data2_fsdp2_seq2")])
+def test_lti_layers_split_their_convolution_and_match(references, eight, kind, mesh):
+  assert_same_run(eight[f"{kind}/{mesh}"], references[kind])
+
+
+@pytest.mark.slow
 def test_trainer_splits_the_length_and_gives_the_mixers_the_mesh(eight):
   specs = eight["specs"]
   for key in ("inputs", "targets", "mask", "segment_ids"):
     assert specs[key] == "(('data', 'fsdp'), 'seq')", (key, specs)
   assert specs["weights"] == "(('data', 'fsdp'),)", specs
   assert eight["seq_layers"] == {"mamba2": dict(parallel=1, gathered=0, plain=0),
-                                 "s4d": dict(parallel=0, gathered=1, plain=0)}
+                                 "s4d": dict(parallel=1, gathered=0, plain=0)}
 
 
 @pytest.mark.slow

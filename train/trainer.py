@@ -36,16 +36,17 @@ with a length (inputs, targets, mask, segment_ids; retrieval's (b, 2, l) on its 
 is split along it over "seq" (Trainer.global_batch, and as a constraint inside the
 steps), and the model is built with `seq_mesh=mesh` (models.build_model): the mamba,
 mamba2, linear_attention and lightning mixers (without memory_caching) run their scans
-sequence-parallel (ssm.ops.seq_parallel); the others -- attention, the LTI convolutions
-(lssl, s4, s4d, sgconv) and memory caching -- run correctly under the split input with
-their input all-gathered over the length and their output split again (no memory saved
-in those layers); norms, FFNs, embedding, head and the loss are partitioned by GSPMD. So
-losses and metrics equal the one-device run's within float32 noise
-(tests/test_train_seq.py), checkpoints hold the same arrays (parameters are replicated
-over seq), and a run resumes under another mesh. config.data.seq_len must be a multiple
-of seq (ValueError naming the field, before any data is loaded); on several hosts seq
-must divide each host's device count (a host loads whole sequences). Generation and the
-step mode are unaffected (one token at a time).
+sequence-parallel (ssm.ops.seq_parallel), the LTI convolutions (lssl, s4, s4d, sgconv)
+their FFT convolution (ssm.ops.fft_conv_seq_parallel: a distributed FFT, or an all-gather
+around the convolution alone, by the mixer's seq_conv option); the others -- attention and
+memory caching -- run correctly under the split input with their input all-gathered over
+the length and their output split again (no memory saved in those layers); norms, FFNs,
+embedding, head and the loss are partitioned by GSPMD. So losses and metrics equal the
+one-device run's within float32 noise (tests/test_train_seq.py), checkpoints hold the
+same arrays (parameters are replicated over seq), and a run resumes under another mesh.
+config.data.seq_len must be a multiple of seq (ValueError naming the field, before any
+data is loaded); on several hosts seq must divide each host's device count (a host loads
+whole sequences). Generation and the step mode are unaffected (one token at a time).
 
 Gradient accumulation, config.train.accum_steps = k > 1: each update takes the same global
 batch as k micro-batches of batch_size / k in a lax.scan inside the step (the gradient
@@ -238,9 +239,9 @@ def _tokens_per_example(batch: dict, task) -> int:
 
 def seq_layers(model) -> dict:
   """How the model's mixer layers treat a length split over "seq": {"parallel": layers
-  whose mixer runs its scan sequence-parallel (built with seq_mesh), "gathered": layers
-  that all-gather the length (models.blocks.ResidualBlock's gather_mesh), "plain": the
-  rest (no seq mesh)}."""
+  whose mixer takes the split itself (built with seq_mesh: a split scan, or an LTI
+  convolution by either seq_conv path), "gathered": layers that all-gather the length
+  (models.blocks.ResidualBlock's gather_mesh), "plain": the rest (no seq mesh)}."""
   out = dict(parallel=0, gathered=0, plain=0)
   for block in getattr(getattr(model, "backbone", None), "blocks", ()):
     if getattr(block.mixer, "seq_mesh", None) is not None:

@@ -45,15 +45,17 @@ and then call these variants; Mamba's and Mamba-2's depthwise convolution runs t
 device, one ppermute); their projections stay ordinary XLA ops, partitioned by GSPMD
 under the caller's jit.
 
-Not here: the LTI mixers' FFT convolution (ssm/ops/fft_conv.py) under a sequence-sharded
-input is left to GSPMD, which all-gathers the length around the FFT (the compiled program
-on a (data, seq) mesh holds an all-gather; its output comes back replicated over seq, so
-the layers after it run unsplit until resharded): correct, but no distributed FFT.
+Not here: the LTI mixers' FFT convolution (S4, S4D, LSSL, SGConv) has its own module,
+ssm/ops/fft_conv_seq_parallel.py: a distributed FFT (each device transforms its chunk, two
+all-to-alls carry the spectrum) and, beside it, an explicit all-gather of the length around
+`fft_conv_bank_xla`; `ssm.lti_mixer.LTIMixer(seq_mesh=..., seq_conv=...)` picks one by the
+bytes each moves. A plain `fft_conv` under a sequence-sharded input is still left to GSPMD,
+which all-gathers the length around the FFT: correct, but no distributed FFT.
 Heads are not split over a mesh axis (only batch and length).
 
 The trainer (train/trainer.py, config.train.mesh.seq) builds its model with seq_mesh=its
-mesh: these mixers get it; the layers without a variant here (attention, the LTI
-convolutions, memory caching) get their input all-gathered over the length explicitly
+mesh: these mixers and the LTI mixers get it; the layers without a sequence-parallel path
+(attention, memory caching) get their input all-gathered over the length explicitly
 (models.blocks.ResidualBlock, gather_mesh), so no Pallas or cuDNN custom call sees a
 length-split operand.
 """
