@@ -37,16 +37,17 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
-# Synchronous CPU dispatch. XLA:CPU runs a single-device program asynchronously and lets
-# at most 32 be in flight per device; an interpreted Pallas kernel called eagerly is a long
-# program whose host callbacks run jax ops of their own, so it could deadlock there: the
-# test's next eager ops, queued behind the kernel, held all 32 slots while the kernel's
-# callback waited for one (gdb on a worker stuck for 10+ minutes in
-# test_mamba::test_memory_caching_on_the_kernel_path_equals_xla under `-n 2`: the main
-# thread and the callback thread both in the compute semaphore). Timing-dependent, so it
-# showed only on busy workers. Inline dispatch never queues more than the running program
-# and its callbacks' ops; multi-device programs (collectives) stay asynchronous. Imported
-# after the variables above: JAX reads them when it starts.
+# Synchronous CPU dispatch. XLA:CPU runs a single-device program asynchronously when its
+# inputs are not ready yet, and lets at most 32 be in flight per device; an interpreted
+# Pallas kernel called eagerly is a long program whose host callbacks run jax ops of their
+# own, so it could deadlock there: the test's next eager ops, queued behind the kernel,
+# held all 32 slots while the kernel's callback waited for one (gdb on an xdist worker
+# stuck for 10+ minutes in test_mamba::test_memory_caching_on_the_kernel_path_equals_xla:
+# the main thread and the callback thread both in the compute semaphore; tests/
+# test_conftest.py has the mechanism in a few lines). Timing-dependent, so it showed only
+# on busy workers. Inline dispatch never queues anything behind a running program;
+# multi-device programs (collectives) stay asynchronous. Imported after the variables
+# above: JAX reads them when it starts.
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_enable_async_dispatch", False)
